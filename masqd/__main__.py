@@ -1,0 +1,5 @@
+import sys
+
+from masqd.cli import main
+
+sys.exit(main())

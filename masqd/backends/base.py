@@ -1,0 +1,45 @@
+"""The backend interface: what the reconciler may ask of a backend, and what it gets back.
+
+A backend turns a :class:`~masqd.ruleset.RuleSet` into kernel state. ``render`` is pure (the
+exact text the backend would write to an empty kernel); ``sync`` reads the kernel back, writes
+only what differs, atomically, and says what it wrote. Only the reconciler calls ``sync``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from masqd.ruleset import RuleSet
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """What one ``sync`` did. ``written`` names each part rewritten (e.g. ``("ipv4",)``); empty when
+    the kernel already held the desired rules. ``reasons`` says, per part written, why."""
+
+    written: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A way to program masquerade rules."""
+
+    name: str
+
+    def render(self, ruleset: RuleSet) -> str:
+        """The exact text this backend would apply to a kernel holding none of masqd's rules."""
+        ...
+
+    async def sync(self, ruleset: RuleSet) -> SyncResult:
+        """Make the kernel hold ``ruleset``: read back, write only if it differs, atomically.
+
+        Raises :class:`~masqd.errors.BackendError` when the kernel cannot be read or refuses the
+        write; the kernel then still holds what it held before.
+        """
+        ...

@@ -1,0 +1,41 @@
+"""The dry-run backend: applies nothing, logs the rules it would apply.
+
+It renders exactly what the iptables backend would write to an empty kernel, and treats its own
+memory as "the kernel": a sync with an unchanged rule set writes (logs) nothing. The last text is
+kept in ``last_rendered`` so tests and ``masqd run --backend dry-run`` users can read it.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from masqd.backends.base import SyncResult
+from masqd.backends.iptables import IptablesBackend
+from masqd.ruleset import RuleSet
+
+log = structlog.get_logger("masqd.backend.dry-run")
+
+
+class DryRunBackend:
+    """Logs the iptables-restore input it would apply; touches no kernel state."""
+
+    name = "dry-run"
+
+    def __init__(self) -> None:
+        self._renderer = IptablesBackend(executor=None, random_fully_supported=True)
+        self.applied: RuleSet | None = None
+        self.last_rendered: str | None = None
+        self.writes = 0
+
+    def render(self, ruleset: RuleSet) -> str:
+        return self._renderer.render(ruleset)
+
+    async def sync(self, ruleset: RuleSet) -> SyncResult:
+        if ruleset == self.applied:
+            return SyncResult()
+        self.last_rendered = self.render(ruleset)
+        self.applied = ruleset
+        self.writes += 1
+        log.info("dry-run: would apply", backend=self.name, rules=self.last_rendered)
+        labels = tuple(f.label for f in ruleset.families)
+        return SyncResult(labels, tuple("dry-run" for _ in labels))

@@ -1,0 +1,247 @@
+"""The iptables backend: the upstream ip-masq-agent's rules, written with ``iptables-restore``.
+
+Rendering and planning are pure functions over text; :class:`IptablesExecutor` is the only part
+that runs binaries, and it can be swapped (tests inject a fake, the way httpx swaps transports).
+
+Rules are rendered in ``iptables-save`` canonical form (option order, quoting, and the
+11-decimal probability the kernel stores), so read-back is a plain comparison of lines: a sync
+writes only when the chain or the POSTROUTING jump differs from the desired ones.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Protocol
+
+import anyio
+
+from masqd.backends.base import SyncResult
+from masqd.errors import ApplyError, ReadBackError
+from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
+
+JUMP_COMMENT = "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain"
+NONMASQ_COMMENT = "ip-masq-agent: local traffic is not subject to MASQUERADE"
+MASQ_COMMENT = "ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)"
+
+#: Seconds iptables-restore waits for a held xtables lock before giving up (the reconciler retries).
+LOCK_WAIT_SECONDS = 10
+#: ``--random-fully`` needs iptables >= 1.6.2.
+RANDOM_FULLY_MIN_VERSION = (1, 6, 2)
+
+# --- pure rendering --------------------------------------------------------------------------------
+
+
+def jump_rule(chain: str) -> str:
+    """The POSTROUTING rule sending non-local traffic to ``chain`` (``-A`` line, save form)."""
+    comment = JUMP_COMMENT.format(chain=chain)
+    return f'-A POSTROUTING -m comment --comment "{comment}" -m addrtype ! --dst-type LOCAL -j {chain}'
+
+
+def chain_rules(family: FamilyRules, chain: str, masquerade: Masquerade, random_fully: bool) -> tuple[str, ...]:
+    """The ``-A`` lines of ``chain`` for one family, in order, exactly as ``iptables-save`` prints them."""
+    rules = [f'-A {chain} -d {net} -m comment --comment "{NONMASQ_COMMENT}" -j RETURN' for net in family.nonmasq]
+    suffix = " --random-fully" if random_fully else ""
+    for protocol in PORT_PROTOCOLS if masquerade.to_ports else ():
+        for share in masquerade.port_shares():
+            statistic = "" if share.probability is None else f" -m statistic --mode random --probability {format_probability(share.probability)}"
+            rules.append(
+                f'-A {chain} -p {protocol} -m comment --comment "{MASQ_COMMENT}"{statistic}'
+                f" -j MASQUERADE --to-ports {share.ports}{suffix}"
+            )
+    rules.append(f'-A {chain} -m comment --comment "{MASQ_COMMENT}" -j MASQUERADE{suffix}')
+    return tuple(rules)
+
+
+def format_probability(probability: Fraction) -> str:
+    """The probability as the kernel stores it (fixed point, 2**31 = 1) and iptables-save prints it."""
+    stored = round(probability * 0x80000000)
+    return f"{stored / 0x80000000:.11f}"
+
+
+def render_restore(rules: tuple[str, ...], chain: str, *, jumps_present: int) -> str:
+    """iptables-restore input that replaces ``chain`` with ``rules`` and leaves exactly one jump.
+
+    ``:CHAIN - [0:0]`` flushes only that chain (with ``--noflush``); the jump is appended when
+    missing and extra copies are deleted, so it is never duplicated.
+    """
+    lines = ["*nat", f":{chain} - [0:0]", *rules]
+    jump = jump_rule(chain)
+    if jumps_present == 0:
+        lines.append(jump)
+    lines.extend("-D" + jump[2:] for _ in range(jumps_present - 1))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class NatState:
+    """What ``iptables-save -t nat`` shows of masqd's chain and jump."""
+
+    chain_exists: bool
+    rules: tuple[str, ...]
+    jumps: int
+
+
+def parse_nat_state(save_text: str, chain: str) -> NatState:
+    """Extract ``chain`` and the count of masqd's POSTROUTING jumps from iptables-save output."""
+    jump = jump_rule(chain)
+    prefix = f"-A {chain} "
+    exists = False
+    rules: list[str] = []
+    jumps = 0
+    in_nat = False
+    for line in save_text.splitlines():
+        if line.startswith("*"):
+            in_nat = line == "*nat"
+        elif not in_nat:
+            continue
+        elif line.startswith(f":{chain} "):
+            exists = True
+        elif line.startswith(prefix):
+            rules.append(line)
+        elif line == jump:
+            jumps += 1
+    return NatState(exists, tuple(rules), jumps)
+
+
+def plan(desired: tuple[str, ...], state: NatState, chain: str) -> tuple[str | None, str]:
+    """The restore text to apply (``None`` when the kernel is in sync) and why."""
+    reasons = []
+    if not state.chain_exists:
+        reasons.append(f"chain {chain} missing")
+    elif state.rules != desired:
+        reasons.append(f"chain {chain} differs")
+    if state.jumps != 1:
+        reasons.append(f"POSTROUTING jump count {state.jumps}, want 1")
+    if not reasons:
+        return None, "in sync"
+    return render_restore(desired, chain, jumps_present=state.jumps), "; ".join(reasons)
+
+
+def parse_iptables_version(text: str) -> tuple[int, ...] | None:
+    """``iptables v1.8.9 (nf_tables)`` -> ``(1, 8, 9)``; ``None`` when there is no version."""
+    match = re.search(r"v(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not match:
+        return None
+    return tuple(int(part or 0) for part in match.groups())
+
+
+# --- executor: the only code here that runs binaries -------------------------------------------------
+
+
+class IptablesExecutor(Protocol):
+    """Runs iptables binaries for one family (4 or 6)."""
+
+    async def save(self, family: int) -> str: ...
+
+    async def restore(self, family: int, text: str) -> None: ...
+
+    async def version(self, family: int) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Binaries:
+    """Names of the save/restore/main binaries for one family."""
+
+    save: str
+    restore: str
+    main: str
+
+
+DEFAULT_BINARIES = {
+    4: Binaries("iptables-save", "iptables-restore", "iptables"),
+    6: Binaries("ip6tables-save", "ip6tables-restore", "ip6tables"),
+}
+
+_ERROR_LINE = re.compile(r"(?:Error occurred at line: (\d+)|line (\d+) failed)")
+
+
+class SubprocessExecutor:
+    """Runs the real ``iptables-save`` / ``iptables-restore -w --noflush`` through anyio."""
+
+    def __init__(self, binaries: dict[int, Binaries] | None = None):
+        self.binaries = binaries or DEFAULT_BINARIES
+
+    async def save(self, family: int) -> str:
+        command = [self.binaries[family].save, "-t", "nat"]
+        result = await _run(command, None)
+        if result.returncode != 0:
+            raise ReadBackError(command, result.stderr.decode(errors="replace") or f"exit {result.returncode}")
+        return result.stdout.decode(errors="replace")
+
+    async def restore(self, family: int, text: str) -> None:
+        command = [self.binaries[family].restore, "-w", str(LOCK_WAIT_SECONDS), "--noflush"]
+        result = await _run(command, text.encode())
+        if result.returncode != 0:
+            stderr = result.stderr.decode(errors="replace")
+            raise ApplyError(command, result.returncode, stderr, _failed_line(stderr, text))
+
+    async def version(self, family: int) -> str:
+        command = [self.binaries[family].main, "--version"]
+        result = await _run(command, None)
+        if result.returncode != 0:
+            raise ReadBackError(command, result.stderr.decode(errors="replace"))
+        return result.stdout.decode(errors="replace")
+
+
+async def _run(command: list[str], stdin: bytes | None):
+    try:
+        return await anyio.run_process(command, input=stdin, check=False)
+    except OSError as exc:  # binary missing or not executable
+        raise ReadBackError(command, f"cannot run {command[0]}: {exc.strerror or exc}") from None
+
+
+def _failed_line(stderr: str, text: str) -> str | None:
+    match = _ERROR_LINE.search(stderr)
+    if not match:
+        return None
+    number = int(match.group(1) or match.group(2))
+    lines = text.splitlines()
+    return lines[number - 1] if 0 < number <= len(lines) else None
+
+
+# --- the backend ------------------------------------------------------------------------------------
+
+
+class IptablesBackend:
+    """Programs the upstream agent's nat chain and POSTROUTING jump, IPv4 and (optionally) IPv6."""
+
+    name = "iptables"
+
+    def __init__(self, executor: IptablesExecutor | None = None, *, random_fully_supported: bool | None = None):
+        self.executor: IptablesExecutor = executor or SubprocessExecutor()
+        # None: not probed yet; probed once, lazily, from `iptables --version`.
+        self._random_fully_supported = random_fully_supported
+
+    async def random_fully_supported(self) -> bool:
+        if self._random_fully_supported is None:
+            version = parse_iptables_version(await self.executor.version(4))
+            self._random_fully_supported = version is not None and version >= RANDOM_FULLY_MIN_VERSION
+        return self._random_fully_supported
+
+    def desired_rules(self, ruleset: RuleSet, family: FamilyRules, random_fully_supported: bool = True) -> tuple[str, ...]:
+        random_fully = ruleset.masquerade.random_fully and random_fully_supported
+        return chain_rules(family, ruleset.chain, ruleset.masquerade, random_fully)
+
+    def render(self, ruleset: RuleSet, random_fully_supported: bool = True) -> str:
+        parts = []
+        for family in ruleset.families:
+            rules = self.desired_rules(ruleset, family, random_fully_supported)
+            tool = "iptables-restore" if family.family == 4 else "ip6tables-restore"
+            parts.append(f"# {tool} --noflush\n" + render_restore(rules, ruleset.chain, jumps_present=0))
+        return "".join(parts)
+
+    async def sync(self, ruleset: RuleSet) -> SyncResult:
+        supported = await self.random_fully_supported()
+        written, reasons = [], []
+        for family in ruleset.families:
+            desired = self.desired_rules(ruleset, family, supported)
+            state = parse_nat_state(await self.executor.save(family.family), ruleset.chain)
+            text, reason = plan(desired, state, ruleset.chain)
+            if text is not None:
+                await self.executor.restore(family.family, text)
+                written.append(family.label)
+                reasons.append(reason)
+        return SyncResult(tuple(written), tuple(reasons))

@@ -1,0 +1,209 @@
+"""The command line: ``masqd run|validate|render`` and the ``ip-masq-agent`` alias.
+
+Flags follow the upstream agent and Go's flag package: ``--flag``, ``-flag``, ``--flag=value``,
+``--flag value``, and booleans as ``--flag`` or ``--flag=true|false``.
+
+Exit codes: 0 success; 1 invalid configuration; 2 bad command line; 3 the kernel could not be read
+or refused the rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from masqd import __version__
+from masqd.backends import BACKENDS, make_backend
+from masqd.backends.base import Backend
+from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, ParsedConfig, parse_to_ports, validate_chain_name
+from masqd.duration import format_go_duration
+from masqd.errors import BackendError, ConfigError, FlagError
+from masqd.logs import configure_logging, verbosity_to_level
+from masqd.reconcile import Reconciler, load_config
+from masqd.ruleset import compute_ruleset
+
+EXIT_OK = 0
+EXIT_INVALID_CONFIG = 1
+EXIT_USAGE = 2
+EXIT_BACKEND = 3
+
+_GO_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
+_GO_FALSE = {"0", "f", "F", "false", "FALSE", "False"}
+
+
+def _go_bool(text: str) -> bool:
+    if text in _GO_TRUE:
+        return True
+    if text in _GO_FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}: use true or false")
+
+
+def _flag_type(parse):
+    def convert(text: str):
+        try:
+            return parse(text)
+        except FlagError as exc:
+            raise argparse.ArgumentTypeError(exc.reason) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+    parser.add_argument(f"--{name}", type=_go_bool, nargs="?", const=True, default=default, metavar="BOOL",
+                        help=f"{help} (default {str(default).lower()})")
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    common.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
+                        help=f"config file, YAML or JSON; missing means defaults (default {DEFAULT_CONFIG_PATH})")
+    common.add_argument("--backend", choices=sorted(BACKENDS), default="iptables",
+                        help="how rules are programmed (default iptables)")
+    common.add_argument("--masq-chain", default=DEFAULT_MASQ_CHAIN, type=_flag_type(validate_chain_name),
+                        help=f"name of the nat chain masqd owns (default {DEFAULT_MASQ_CHAIN})")
+    _add_bool(common, "nomasq-all-reserved-ranges", False,
+              "default non-masquerade list also holds every RFC-reserved IPv4 range")
+    _add_bool(common, "enable-ipv6", False, "also program ip6tables and accept IPv6 CIDRs")
+    _add_bool(common, "random-fully", True, "add --random-fully to MASQUERADE when iptables supports it")
+    common.add_argument("--to-ports", default="", type=_flag_type(parse_to_ports), metavar="PORTS",
+                        help="source ports to masquerade to, e.g. 1024-29999,32768-65535, spread evenly")
+    common.add_argument("--v", type=int, default=0, metavar="N", help="klog verbosity; 4 or more logs debug events")
+    _add_bool(common, "logtostderr", True, "accepted for upstream manifests; masqd always logs to stderr")
+    common.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                        help="auto: JSON lines unless stderr is a terminal")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="masqd", allow_abbrev=False,
+        description="IP masquerade agent: a drop-in ip-masq-agent with an event-driven core.",
+        epilog="Exit codes: 0 ok, 1 invalid config, 2 bad command line, 3 kernel read/write failed.",
+    )
+    parser.add_argument("--version", action="version", version=f"masqd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_flags()
+    run = commands.add_parser("run", parents=[common], allow_abbrev=False,
+                              help="run the agent (default command of the ip-masq-agent alias)")
+    run.add_argument("--once", action="store_true", help="apply once and exit: 0 on success")
+    commands.add_parser("validate", parents=[common], allow_abbrev=False,
+                        help="check a config file: exit 0 if valid, 1 with one line per problem")
+    commands.add_parser("render", parents=[common], allow_abbrev=False,
+                        help="print the exact rules the backend would apply, touching nothing")
+    return parser
+
+
+def normalize_go_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Turn Go's single-dash long flags (``-masq-chain=X``, ``-v=2``) into ``--`` form."""
+    known = {opt[2:] for action in _all_actions(parser) for opt in action.option_strings if opt.startswith("--")}
+    out = []
+    for arg in argv:
+        if arg.startswith("-") and not arg.startswith("--") and arg[1:].split("=", 1)[0] in known:
+            arg = "-" + arg
+        out.append(arg)
+    return out
+
+
+def _all_actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from sub._actions
+
+
+def options_from(args: argparse.Namespace) -> AgentOptions:
+    return AgentOptions(
+        masq_chain=args.masq_chain,
+        nomasq_all_reserved_ranges=args.nomasq_all_reserved_ranges,
+        enable_ipv6=args.enable_ipv6,
+        random_fully=args.random_fully,
+        to_ports=args.to_ports,
+    )
+
+
+def _print_problems(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(f"error: {exc.source}: {problem}", file=sys.stderr)
+
+
+def _print_warnings(parsed: ParsedConfig, path: str) -> None:
+    for warning in parsed.warnings:
+        print(f"warning: {path}: {warning}", file=sys.stderr)
+
+
+def _cmd_validate(args: argparse.Namespace, options: AgentOptions) -> int:
+    try:
+        parsed = load_config(args.config, options)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_INVALID_CONFIG
+    _print_warnings(parsed, args.config)
+    config = parsed.config
+    origin = "defaults (no file)" if not os.path.exists(args.config) else args.config
+    print(f"ok: {origin}: {len(config.non_masquerade_cidrs)} non-masquerade CIDRs, "
+          f"resyncInterval {format_go_duration(config.resync_interval_ns)}, cidrLimit {config.cidr_limit}")
+    return EXIT_OK
+
+
+async def _render_text(backend: Backend, ruleset) -> str:
+    probe = getattr(backend, "random_fully_supported", None)
+    if probe is None:
+        return backend.render(ruleset)
+    try:
+        supported = await probe()
+    except BackendError:
+        supported = True  # no iptables binary here: show what a current iptables would get
+    return backend.render(ruleset, random_fully_supported=supported)
+
+
+def _cmd_render(args: argparse.Namespace, options: AgentOptions) -> int:
+    try:
+        parsed = load_config(args.config, options)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_INVALID_CONFIG
+    _print_warnings(parsed, args.config)
+    backend = make_backend(args.backend)
+    sys.stdout.write(anyio.run(_render_text, backend, compute_ruleset(parsed.config, options)))
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, options: AgentOptions) -> int:
+    configure_logging(verbosity_to_level(args.v), args.log_format)
+    backend = make_backend(args.backend)
+    if args.once:
+        reconciler = Reconciler(backend, options, args.config)
+        try:
+            anyio.run(reconciler.reconcile)
+        except ConfigError as exc:
+            _print_problems(exc)
+            return EXIT_INVALID_CONFIG
+        except BackendError as exc:
+            print(f"error: {backend.name}: {exc}", file=sys.stderr)
+            return EXIT_BACKEND
+        return EXIT_OK
+    from masqd.daemon import run_daemon
+
+    anyio.run(run_daemon, backend, options, args.config)
+    return EXIT_OK
+
+
+_COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "render": _cmd_render}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(normalize_go_flags(sys.argv[1:] if argv is None else argv, parser))
+    return _COMMANDS[args.command](args, options_from(args))
+
+
+def ip_masq_agent_main(argv: Sequence[str] | None = None) -> int:
+    """The ``ip-masq-agent`` command: ``masqd run`` with the upstream flags."""
+    return main(["run", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,355 @@
+"""The config file and the command-line options, as frozen, validated values. Pure: no I/O.
+
+The config file is the upstream ``ip-masq-agent`` file (a ConfigMap key mounted at
+``/etc/config/ip-masq-agent``), YAML or JSON, every key optional. :func:`parse_config` turns its
+text into a :class:`MasqConfig` or raises :class:`~masqd.errors.ConfigError` listing *every*
+problem (key, offending value, what would be valid). Keys are matched like Go's ``encoding/json``
+matches them (exactly, else case-insensitively) so a file behaves as it does upstream, but anything
+that is not the canonical spelling, and any unknown key, is reported as a warning.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from masqd.cidrs import CIDRError, Network, duplicates, parse_cidr
+from masqd.duration import format_go_duration, parse_go_duration
+from masqd.errors import ConfigError, FlagError, Problem
+
+DEFAULT_CONFIG_PATH = "/etc/config/ip-masq-agent"
+DEFAULT_MASQ_CHAIN = "IP-MASQ-AGENT"
+
+#: RFC 1918 private ranges: the upstream default non-masquerade list.
+RFC1918_CIDRS: tuple[str, ...] = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+#: Added to the defaults by ``--nomasq-all-reserved-ranges`` (the upstream list, same order).
+RESERVED_CIDRS: tuple[str, ...] = (
+    "100.64.0.0/10",  # RFC 6598 carrier-grade NAT
+    "192.0.0.0/24",  # RFC 6890 IETF protocol assignments
+    "192.0.2.0/24",  # RFC 5737 TEST-NET-1
+    "192.88.99.0/24",  # RFC 7526 6to4 relay anycast
+    "198.18.0.0/15",  # RFC 6815 benchmarking
+    "198.51.100.0/24",  # RFC 5737 TEST-NET-2
+    "203.0.113.0/24",  # RFC 5737 TEST-NET-3
+    "240.0.0.0/4",  # RFC 5735 former class E
+)
+
+_SECOND_NS = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    """An inclusive source-port interval for ``--to-ports`` (``first`` .. ``last``, 1..65535)."""
+
+    first: int
+    last: int
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOptions:
+    """The command-line flags shared with the upstream agent, validated.
+
+    masq_chain: nat chain masqd owns (``--masq-chain``, default ``IP-MASQ-AGENT``).
+    nomasq_all_reserved_ranges: default list also holds every RFC-reserved IPv4 range.
+    enable_ipv6: program ip6tables too, and accept IPv6 CIDRs in the config.
+    random_fully: add ``--random-fully`` to MASQUERADE (when the iptables binary supports it).
+    to_ports: source-port intervals MASQUERADE maps to; empty means the kernel's choice.
+    """
+
+    masq_chain: str = DEFAULT_MASQ_CHAIN
+    nomasq_all_reserved_ranges: bool = False
+    enable_ipv6: bool = False
+    random_fully: bool = True
+    to_ports: tuple[PortRange, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_chain_name(self.masq_chain)
+
+
+@dataclass(frozen=True, slots=True)
+class MasqConfig:
+    """The validated contents of the config file.
+
+    non_masquerade_cidrs: destinations that keep the pod source address, in file order
+        (default: RFC 1918, plus the reserved ranges with ``--nomasq-all-reserved-ranges``).
+    masq_link_local: masquerade 169.254.0.0/16 too (default false: link-local keeps the pod IP).
+    masq_link_local_ipv6: masquerade fe80::/10 too (default false).
+    resync_interval_ns: how often the kernel is re-checked for drift, in nanoseconds (default 60 s).
+    cidr_limit: maximum number of ``nonMasqueradeCIDRs`` (link-local not counted; default 64),
+        a guard against a runaway list.
+    """
+
+    non_masquerade_cidrs: tuple[Network, ...] = tuple(parse_cidr(c) for c in RFC1918_CIDRS)
+    masq_link_local: bool = False
+    masq_link_local_ipv6: bool = False
+    resync_interval_ns: int = 60 * _SECOND_NS
+    cidr_limit: int = 64
+
+    @property
+    def resync_interval(self) -> float:
+        """``resync_interval_ns`` in seconds."""
+        return self.resync_interval_ns / _SECOND_NS
+
+    def to_document(self) -> dict[str, Any]:
+        """The config as the file would spell it (canonical keys, Go duration)."""
+        return {
+            "nonMasqueradeCIDRs": [str(n) for n in self.non_masquerade_cidrs],
+            "masqLinkLocal": self.masq_link_local,
+            "masqLinkLocalIPv6": self.masq_link_local_ipv6,
+            "resyncInterval": format_go_duration(self.resync_interval_ns),
+            "cidrLimit": self.cidr_limit,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedConfig:
+    """A valid config and the warnings found on the way (unknown keys, duplicates, ...)."""
+
+    config: MasqConfig
+    warnings: tuple[Problem, ...] = field(default=())
+
+
+def default_config(options: AgentOptions) -> MasqConfig:
+    """The config used when the file is missing (or a key is absent from it)."""
+    cidrs = RFC1918_CIDRS + (RESERVED_CIDRS if options.nomasq_all_reserved_ranges else ())
+    return MasqConfig(non_masquerade_cidrs=tuple(parse_cidr(c) for c in cidrs))
+
+
+_KEYS = ("nonMasqueradeCIDRs", "masqLinkLocal", "masqLinkLocalIPv6", "resyncInterval", "cidrLimit")
+
+
+def parse_config(text: str | None, options: AgentOptions, source: str = "<config>") -> ParsedConfig:
+    """Parse and validate config file text (YAML or JSON). ``None`` (no file) means defaults.
+
+    Raises :class:`ConfigError` with every problem found; returns the config and its warnings.
+    """
+    defaults = default_config(options)
+    if text is None:
+        return ParsedConfig(defaults)
+    document = _load_document(text, source)
+    if document is None:  # an empty file, like upstream, means defaults
+        return ParsedConfig(defaults)
+    if not isinstance(document, dict):
+        raise ConfigError(
+            source,
+            [Problem("<top level>", _short(document), "expected a mapping of keys such as 'nonMasqueradeCIDRs:'")],
+        )
+
+    problems: list[Problem] = []
+    warnings: list[Problem] = []
+    values: dict[str, Any] = {}
+    for raw_key, value in document.items():
+        key = _canonical_key(raw_key, warnings)
+        if key is not None:
+            values[key] = (raw_key, value)
+
+    ctx = _Context(options, {}, problems, warnings)
+    for key, (raw_key, value) in values.items():
+        if value is None and key != "nonMasqueradeCIDRs":
+            warnings.append(Problem(str(raw_key), None, "null value ignored: the default is kept"))
+            continue
+        _PARSERS[key](str(raw_key), value, ctx)
+
+    config = MasqConfig(**{**_defaults_as_fields(defaults), **ctx.fields})
+    cidr_key, cidr_value = values.get("nonMasqueradeCIDRs", ("nonMasqueradeCIDRs", None))
+    # Count what the file lists, valid or not, so a limit problem is reported next to the others.
+    count = len(cidr_value) if isinstance(cidr_value, list) else len(config.non_masquerade_cidrs)
+    _validate(config, count, str(cidr_key), problems, warnings)
+    if problems:
+        raise ConfigError(source, problems)
+    return ParsedConfig(config, tuple(warnings))
+
+
+def _defaults_as_fields(config: MasqConfig) -> dict[str, Any]:
+    return {
+        "non_masquerade_cidrs": config.non_masquerade_cidrs,
+        "masq_link_local": config.masq_link_local,
+        "masq_link_local_ipv6": config.masq_link_local_ipv6,
+        "resync_interval_ns": config.resync_interval_ns,
+        "cidr_limit": config.cidr_limit,
+    }
+
+
+def _load_document(text: str, source: str) -> Any:
+    # JSON first: it is exact about \u escapes (surrogate pairs included); YAML covers the rest,
+    # exactly as upstream's YAML-to-JSON step accepts both.
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [Problem(f"<{where}>", _first_line(text, mark), f"not valid YAML or JSON: {problem}")]) from None
+
+
+def _first_line(text: str, mark: Any) -> str:
+    lines = text.splitlines()
+    if mark is not None and 0 <= mark.line < len(lines):
+        return lines[mark.line]
+    return lines[0] if lines else ""
+
+
+def _short(value: Any) -> Any:
+    text = repr(value)
+    return value if len(text) <= 80 else text[:77] + "..."
+
+
+def _canonical_key(raw_key: Any, warnings: list[Problem]) -> str | None:
+    if raw_key in _KEYS:
+        return raw_key
+    text = str(raw_key)
+    for key in _KEYS:
+        if text.lower() == key.lower():
+            warnings.append(
+                Problem(text, None, f"key matched '{key}' ignoring case (as the upstream agent does); spell it '{key}'")
+            )
+            return key
+    close = difflib.get_close_matches(text, _KEYS, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(_KEYS)}"
+    warnings.append(Problem(text, None, f"unknown key ignored{hint}"))
+    return None
+
+
+@dataclass(slots=True)
+class _Context:
+    """What the per-key parsers read (options) and fill in (fields, problems, warnings)."""
+
+    options: AgentOptions
+    fields: dict[str, Any]
+    problems: list[Problem]
+    warnings: list[Problem]
+
+
+def _parse_cidrs(key: str, value: Any, ctx: _Context) -> None:
+    if value is None:  # like Go: null sets the list to empty
+        ctx.fields["non_masquerade_cidrs"] = ()
+        return
+    if not isinstance(value, list):
+        ctx.problems.append(Problem(key, _short(value), "expected a list of CIDR strings, e.g. ['10.0.0.0/8']"))
+        return
+    cidrs: list[Network] = []
+    for index, item in enumerate(value):
+        try:
+            net = parse_cidr(item)
+        except CIDRError as exc:
+            ctx.problems.append(Problem(f"{key}[{index}]", _short(item), exc.reason))
+            continue
+        if net.version == 6 and not ctx.options.enable_ipv6:
+            ctx.problems.append(
+                Problem(f"{key}[{index}]", item, "IPv6 CIDR given but IPv6 is not enabled; start masqd with --enable-ipv6")
+            )
+        cidrs.append(net)
+    ctx.fields["non_masquerade_cidrs"] = tuple(cidrs)
+
+
+def _parse_bool(attribute: str):
+    def parse(key: str, value: Any, ctx: _Context) -> None:
+        if isinstance(value, bool):
+            ctx.fields[attribute] = value
+        else:
+            ctx.problems.append(Problem(key, _short(value), "expected true or false"))
+
+    return parse
+
+
+def _parse_resync(key: str, value: Any, ctx: _Context) -> None:
+    if not isinstance(value, str):
+        ctx.problems.append(Problem(key, _short(value), "expected a Go duration string such as '60s', '5m' or '1m30s'"))
+        return
+    try:
+        ns = parse_go_duration(value)
+    except ValueError as exc:
+        ctx.problems.append(Problem(key, value, str(exc)))
+        return
+    if ns <= 0:
+        ctx.problems.append(Problem(key, value, "must be a positive duration, e.g. '60s'"))
+        return
+    ctx.fields["resync_interval_ns"] = ns
+
+
+def _parse_limit(key: str, value: Any, ctx: _Context) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        ctx.problems.append(Problem(key, _short(value), "expected a whole number such as 64"))
+    elif value < 0:
+        ctx.problems.append(Problem(key, value, "must be 0 or more"))
+    else:
+        ctx.fields["cidr_limit"] = value
+
+
+_PARSERS = {
+    "nonMasqueradeCIDRs": _parse_cidrs,
+    "masqLinkLocal": _parse_bool("masq_link_local"),
+    "masqLinkLocalIPv6": _parse_bool("masq_link_local_ipv6"),
+    "resyncInterval": _parse_resync,
+    "cidrLimit": _parse_limit,
+}
+
+
+def _validate(config: MasqConfig, count: int, cidr_key: str, problems: list[Problem], warnings: list[Problem]) -> None:
+    cidrs = config.non_masquerade_cidrs
+    if count > config.cidr_limit:
+        problems.append(
+            Problem(
+                cidr_key,
+                f"{count} CIDRs",
+                f"at most cidrLimit={config.cidr_limit} CIDRs are accepted (link-local not counted); "
+                "remove CIDRs or raise cidrLimit",
+            )
+        )
+    for net in duplicates(cidrs):
+        warnings.append(Problem(cidr_key, str(net), "listed more than once; one entry is enough"))
+
+
+# --- flags ----------------------------------------------------------------------------------------
+
+_CHAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,27}")
+_BUILTIN_CHAINS = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
+_TARGET_NAMES = {"ACCEPT", "DROP", "RETURN", "QUEUE", "MASQUERADE", "SNAT", "DNAT", "REDIRECT", "MARK", "LOG"}
+
+
+def validate_chain_name(name: str) -> str:
+    """Return ``name`` if it can be an iptables chain masqd owns, else raise :class:`FlagError`."""
+    if not isinstance(name, str) or not _CHAIN_NAME.fullmatch(name):
+        raise FlagError(
+            "masq-chain", name, "expected 1-28 characters of letters, digits, '_', '.', '-', not starting with '-' or '.'"
+        )
+    if name.upper() in _BUILTIN_CHAINS | _TARGET_NAMES:
+        raise FlagError("masq-chain", name, "is a built-in chain or target name; choose a name of your own such as IP-MASQ-AGENT")
+    return name
+
+
+def parse_to_ports(text: str) -> tuple[PortRange, ...]:
+    """Parse ``--to-ports`` (``1024-29999,32768-65535`` or ``8000``); empty text means no port mapping."""
+    if text.strip() == "":
+        return ()
+    ranges: list[PortRange] = []
+    for piece in text.split(","):
+        match = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", piece)
+        if not match:
+            raise FlagError("to-ports", text, f"{piece!r} is not a port or a range; expected e.g. '1024-29999,32768-65535'")
+        first = int(match.group(1))
+        last = int(match.group(2) or first)
+        if not 1 <= first <= last <= 65535:
+            raise FlagError("to-ports", text, f"{piece!r}: ports must be 1-65535 with the first not above the last")
+        ranges.append(PortRange(first, last))
+    ordered = sorted(ranges, key=lambda r: r.first)
+    for before, after in zip(ordered, ordered[1:]):
+        if after.first <= before.last:
+            raise FlagError("to-ports", text, f"ranges {before} and {after} overlap; give each port once")
+    return tuple(ranges)

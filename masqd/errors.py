@@ -1,0 +1,81 @@
+"""Every error masqd raises on purpose, in one hierarchy.
+
+    MasqdError                  base: anything masqd reports as a user-facing problem
+    ├── ConfigError             the config file (or a flag) cannot be used; carries every Problem found
+    ├── FlagError               a command-line flag value is invalid (e.g. ``--to-ports 70000``)
+    └── BackendError            the kernel could not be read or written
+        ├── ApplyError          a write (``iptables-restore``) was refused; the kernel kept its old rules
+        └── ReadBackError       the current state could not be read (``iptables-save`` failed)
+
+Every message names the input it is about and says what would be valid, so that a log line
+or the exit message of ``masqd validate`` is enough to fix the problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MasqdError(Exception):
+    """Base class of all errors masqd reports to the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with an input: where (``key``), what (``value``), and what is valid (``reason``)."""
+
+    key: str
+    value: object
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.value!r}: {self.reason}"
+
+
+class ConfigError(MasqdError):
+    """The configuration cannot be used. ``problems`` lists every problem found, not just the first."""
+
+    def __init__(self, source: str, problems: list[Problem] | tuple[Problem, ...]):
+        self.source = source
+        self.problems = tuple(problems)
+        lines = "; ".join(str(p) for p in self.problems)
+        super().__init__(f"invalid config {source}: {lines}")
+
+
+class FlagError(MasqdError):
+    """A command-line flag has a value masqd cannot use."""
+
+    def __init__(self, flag: str, value: object, reason: str):
+        self.flag = flag
+        self.value = value
+        self.reason = reason
+        super().__init__(f"--{flag}={value}: {reason}")
+
+
+class BackendError(MasqdError):
+    """The backend could not talk to the kernel."""
+
+
+class ApplyError(BackendError):
+    """A write was refused by the kernel tool; the kernel kept the rules it had before.
+
+    ``command`` is the argv that failed, ``stderr`` what it printed, ``line`` the input line
+    it complained about when it named one.
+    """
+
+    def __init__(self, command: list[str], returncode: int, stderr: str, line: str | None = None):
+        self.command = list(command)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        self.line = line
+        where = f" (input line: {line})" if line else ""
+        super().__init__(f"{' '.join(self.command)} exited {returncode}: {self.stderr}{where}")
+
+
+class ReadBackError(BackendError):
+    """The current kernel state could not be read."""
+
+    def __init__(self, command: list[str], detail: str):
+        self.command = list(command)
+        self.detail = detail.strip()
+        super().__init__(f"{' '.join(self.command)}: {self.detail}")

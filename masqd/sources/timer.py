@@ -1,0 +1,34 @@
+"""The resync timer: emits ``timer`` events every ``resyncInterval`` so drift is healed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+
+from masqd.events import Emit, Event
+
+
+class TimerSource:
+    """Emits a ``timer`` event every ``interval()`` seconds.
+
+    ``interval`` is read at the start of each wait; :meth:`reschedule` restarts the current wait,
+    so a shorter ``resyncInterval`` takes effect at once instead of after the old one elapses.
+    """
+
+    name = "timer"
+
+    def __init__(self, interval: Callable[[], float]):
+        self._interval = interval
+        self._wake = anyio.Event()
+
+    def reschedule(self) -> None:
+        self._wake.set()
+
+    async def run(self, emit: Emit) -> None:
+        while True:
+            self._wake = anyio.Event()
+            with anyio.move_on_after(self._interval()) as scope:
+                await self._wake.wait()
+            if scope.cancelled_caught:
+                emit(Event(self.name))
