@@ -19,9 +19,9 @@ import anyio
 from masqd import __version__
 from masqd.backends import BACKENDS, make_backend
 from masqd.backends.base import Backend
-from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, ParsedConfig, parse_to_ports, validate_chain_name
+from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, parse_to_ports, validate_chain_name
 from masqd.duration import format_go_duration
-from masqd.errors import BackendError, ConfigError, FlagError
+from masqd.errors import BackendError, ConfigError, FlagError, Problem
 from masqd.logs import configure_logging, verbosity_to_level
 from masqd.reconcile import Reconciler, load_config
 from masqd.ruleset import compute_ruleset
@@ -131,10 +131,11 @@ def options_from(args: argparse.Namespace) -> AgentOptions:
 def _print_problems(exc: ConfigError) -> None:
     for problem in exc.problems:
         print(f"error: {exc.source}: {problem}", file=sys.stderr)
+    _print_warnings(exc.warnings, exc.source)
 
 
-def _print_warnings(parsed: ParsedConfig, path: str) -> None:
-    for warning in parsed.warnings:
+def _print_warnings(warnings: tuple[Problem, ...], path: str) -> None:
+    for warning in warnings:
         print(f"warning: {path}: {warning}", file=sys.stderr)
 
 
@@ -144,7 +145,7 @@ def _cmd_validate(args: argparse.Namespace, options: AgentOptions) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_INVALID_CONFIG
-    _print_warnings(parsed, args.config)
+    _print_warnings(parsed.warnings, args.config)
     config = parsed.config
     origin = "defaults (no file)" if not os.path.exists(args.config) else args.config
     print(f"ok: {origin}: {len(config.non_masquerade_cidrs)} non-masquerade CIDRs, "
@@ -169,7 +170,7 @@ def _cmd_render(args: argparse.Namespace, options: AgentOptions) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_INVALID_CONFIG
-    _print_warnings(parsed, args.config)
+    _print_warnings(parsed.warnings, args.config)
     backend = make_backend(args.backend)
     sys.stdout.write(anyio.run(_render_text, backend, compute_ruleset(parsed.config, options)))
     return EXIT_OK

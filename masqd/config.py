@@ -168,7 +168,7 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
     count = len(cidr_value) if isinstance(cidr_value, list) else len(config.non_masquerade_cidrs)
     _validate(config, count, str(cidr_key), problems, warnings)
     if problems:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, problems, tuple(warnings))
     return ParsedConfig(config, tuple(warnings))
 
 

@@ -25,19 +25,23 @@ class Problem:
     """One thing wrong with an input: where (``key``), what (``value``), and what is valid (``reason``)."""
 
     key: str
-    value: object
+    value: object  # None when the problem is about the key itself (e.g. an unknown key)
     reason: str
 
     def __str__(self) -> str:
+        if self.value is None:
+            return f"{self.key}: {self.reason}"
         return f"{self.key}: {self.value!r}: {self.reason}"
 
 
 class ConfigError(MasqdError):
-    """The configuration cannot be used. ``problems`` lists every problem found, not just the first."""
+    """The configuration cannot be used. ``problems`` lists every problem found, not just the first;
+    ``warnings`` the non-fatal findings (an unknown key often explains a problem)."""
 
-    def __init__(self, source: str, problems: list[Problem] | tuple[Problem, ...]):
+    def __init__(self, source: str, problems: list[Problem] | tuple[Problem, ...], warnings: tuple[Problem, ...] = ()):
         self.source = source
         self.problems = tuple(problems)
+        self.warnings = tuple(warnings)
         lines = "; ".join(str(p) for p in self.problems)
         super().__init__(f"invalid config {source}: {lines}")
 

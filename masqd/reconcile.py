@@ -93,9 +93,9 @@ class Reconciler:
         try:
             parsed = load_config(self.config_path, self.options)
         except ConfigError as exc:
-            self._report(("error",) + tuple(map(str, exc.problems)), lambda: log.error(
+            self._report(("error",) + tuple(map(str, exc.problems + exc.warnings)), lambda: log.error(
                 "config rejected; keeping the rules last applied", path=str(self.config_path),
-                problems=[str(p) for p in exc.problems]))
+                problems=[str(p) for p in exc.problems], warnings=[str(w) for w in exc.warnings]))
             raise
         self._report(("ok",) + tuple(map(str, parsed.warnings)), lambda: [
             log.warning("config warning", path=str(self.config_path), problem=str(w)) for w in parsed.warnings])

@@ -1,0 +1,227 @@
+"""The event-driven daemon, in process, on the dry-run backend: reacts to file changes without
+waiting for the resync, keeps the last good rules on a bad config, coalesces bursts, retries."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from masqd.backends.dryrun import DryRunBackend
+from masqd.config import AgentOptions
+from masqd.daemon import run_daemon
+from masqd.errors import ApplyError
+from masqd.reconcile import Reconciler
+from masqd.ruleset import RuleSet
+
+# A resync far in the future: anything applied during a test came from a file event.
+NO_RESYNC = "resyncInterval: 1h\n"
+WAIT = 10  # seconds before a test gives up waiting for the daemon (a failure, not a timing claim)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` the way kubelet and editors do: write a sibling, rename over."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def swap_configmap(directory: Path, text: str, generation: int) -> None:
+    """Update a ConfigMap-style mount: new timestamped dir, then swap the ..data symlink."""
+    data_dir = directory / f"..2026_11_24_{generation:04d}"
+    data_dir.mkdir()
+    (data_dir / "config").write_text(text)
+    tmp_link = directory / "..data_tmp"
+    tmp_link.symlink_to(data_dir.name)
+    os.replace(tmp_link, directory / "..data")
+
+
+def cidrs_of(ruleset: RuleSet | None) -> list[str]:
+    assert ruleset is not None
+    return [str(n) for n in ruleset.ipv4.nonmasq]
+
+
+async def wait_until(predicate, what: str) -> None:
+    with anyio.fail_after(WAIT):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+class Running:
+    """A daemon running in a task group for the duration of a test."""
+
+    def __init__(self, backend, config: Path, options: AgentOptions = AgentOptions()):
+        self.backend = backend
+        self.reconciler = Reconciler(backend, options, config)
+        self.config = config
+        self.options = options
+
+    async def __aenter__(self):
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(lambda: run_daemon(self.backend, self.options, self.config,
+                                               reconciler=self.reconciler, handle_signals=False))
+        await wait_until(lambda: self.reconciler.generation >= 1, "first sync")
+        return self
+
+    async def __aexit__(self, *exc):
+        self._tg.cancel_scope.cancel()
+        return await self._tg.__aexit__(*exc)
+
+
+async def test_config_change_applied_without_waiting_for_resync(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    backend = DryRunBackend()
+    async with Running(backend, config) as daemon:
+        assert cidrs_of(backend.applied) == ["169.254.0.0/16", "10.0.0.0/8"]
+        write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24]\n")
+        await wait_until(lambda: backend.writes == 2, "the new list")
+        assert cidrs_of(backend.applied) == ["169.254.0.0/16", "10.0.0.0/8", "198.51.100.0/24"]
+        assert "-A IP-MASQ-AGENT -d 198.51.100.0/24" in backend.last_rendered
+        assert daemon.reconciler.last_error is None
+
+
+async def test_configmap_symlink_swap_is_seen(tmp_path: Path) -> None:
+    swap_configmap(tmp_path, NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8]\n", 1)
+    config = tmp_path / "config"
+    config.symlink_to("..data/config")
+    backend = DryRunBackend()
+    async with Running(backend, config):
+        assert cidrs_of(backend.applied)[1:] == ["10.0.0.0/8"]
+        swap_configmap(tmp_path, NO_RESYNC + "nonMasqueradeCIDRs: [203.0.113.0/24]\n", 2)
+        await wait_until(lambda: backend.writes == 2, "the swapped ConfigMap")
+        assert cidrs_of(backend.applied)[1:] == ["203.0.113.0/24"]
+
+
+async def test_missing_file_means_defaults_and_creation_is_seen(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    backend = DryRunBackend()
+    async with Running(backend, config):
+        assert cidrs_of(backend.applied)[1:] == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+        write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [192.0.2.0/24]\n")
+        await wait_until(lambda: backend.writes == 2, "the created file")
+        assert cidrs_of(backend.applied)[1:] == ["192.0.2.0/24"]
+        config.unlink()
+        await wait_until(lambda: backend.writes == 3, "defaults after deletion")
+        assert cidrs_of(backend.applied)[1:] == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+
+
+async def test_bad_config_keeps_last_rules_and_recovers(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    backend = DryRunBackend()
+    async with Running(backend, config) as daemon:
+        good = backend.applied
+        write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.1/8]\n")
+        await wait_until(lambda: daemon.reconciler.errors == 1, "the rejection")
+        assert backend.applied == good and backend.writes == 1
+        assert "10.0.0.0/8" in str(daemon.reconciler.last_error)  # names the aligned form
+        write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/16]\n")
+        await wait_until(lambda: backend.writes == 2, "recovery")
+        assert cidrs_of(backend.applied)[1:] == ["10.0.0.0/16"]
+        assert daemon.reconciler.last_error is None
+
+
+async def test_resync_interval_from_config_drives_the_timer(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC)
+    backend = DryRunBackend()
+    async with Running(backend, config) as daemon:
+        start = daemon.reconciler.generation
+        await anyio.sleep(0.2)
+        assert daemon.reconciler.generation == start  # 1h: no timer ticks
+        write_atomically(config, "resyncInterval: 20ms\n")
+        # the shorter interval takes effect at once, not after the old hour
+        await wait_until(lambda: daemon.reconciler.generation >= start + 6, "timer ticks")
+        assert backend.writes == 1  # ticks re-check but an unchanged state is never rewritten
+
+
+class FlakyBackend(DryRunBackend):
+    """A dry-run backend whose next ``failures`` syncs are refused, like a busy kernel."""
+
+    def __init__(self, failures: int):
+        super().__init__()
+        self.failures = failures
+
+    async def sync(self, ruleset):
+        if self.failures:
+            self.failures -= 1
+            raise ApplyError(["iptables-restore"], 4, "Another app is currently holding the xtables lock")
+        return await super().sync(ruleset)
+
+
+async def test_failed_apply_is_retried_without_an_event(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC)
+    backend = FlakyBackend(failures=2)
+    reconciler = Reconciler(backend, AgentOptions(), config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler, handle_signals=False))
+        await wait_until(lambda: backend.writes == 1, "the retried apply")
+        tg.cancel_scope.cancel()
+    assert reconciler.errors == 2 and reconciler.last_error is None
+
+
+async def test_burst_of_events_is_coalesced(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC)
+    backend = DryRunBackend()
+    reconciler = Reconciler(backend, AgentOptions(), config)
+    send, receive = anyio.create_memory_object_stream(100)
+    from masqd.events import Event
+
+    for i in range(50):
+        send.send_nowait(Event("file", str(i)))
+    send.close()
+    await reconciler.run(receive)  # returns when the stream ends
+    assert reconciler.generation == 1 and backend.writes == 1
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_signal_exits_cleanly(tmp_path: Path, signal_name: str) -> None:
+    """The real command: started, given a signal, exits 0 and says it stopped."""
+    import signal
+    import subprocess
+    import sys
+
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC)
+    masqd = Path(sys.executable).with_name("masqd")
+    proc = subprocess.Popen([str(masqd), "run", "--backend", "dry-run", "--config", str(config),
+                             "--log-format", "json"], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait for the first apply
+        if "would apply" in line:
+            break
+    proc.send_signal(getattr(signal, signal_name))
+    _, rest = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0
+    assert '"masqd stopped"' in rest
+
+
+def test_sighup_triggers_a_sync(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC)
+    masqd = Path(sys.executable).with_name("masqd")
+    proc = subprocess.Popen([str(masqd), "run", "--backend", "dry-run", "--config", str(config),
+                             "--log-format", "json", "--v=4"], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "would apply" in line:
+                break
+        proc.send_signal(signal.SIGHUP)
+        for line in proc.stderr:
+            if '"in sync"' in line:
+                assert '"trigger":"sighup"' in line
+                break
+        else:
+            pytest.fail("no sync after SIGHUP")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=WAIT)
