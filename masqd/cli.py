@@ -48,7 +48,7 @@ def _flag_type(parse):
         try:
             return parse(text)
         except FlagError as exc:
-            raise argparse.ArgumentTypeError(exc.reason) from None
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc.reason}") from None
 
     convert.__name__ = parse.__name__
     return convert
@@ -89,14 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"masqd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_flags()
-    run = commands.add_parser("run", parents=[common], allow_abbrev=False,
-                              help="run the agent (default command of the ip-masq-agent alias)")
-    run.add_argument("--once", action="store_true", help="apply once and exit: 0 on success")
+    _add_run_flags(commands.add_parser("run", parents=[common], allow_abbrev=False,
+                                       help="run the agent (default command of the ip-masq-agent alias)"))
     commands.add_parser("validate", parents=[common], allow_abbrev=False,
                         help="check a config file: exit 0 if valid, 1 with one line per problem")
     commands.add_parser("render", parents=[common], allow_abbrev=False,
                         help="print the exact rules the backend would apply, touching nothing")
     return parser
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--once", action="store_true", help="apply once and exit: 0 on success")
+    parser.set_defaults(command="run")
+    return parser
+
+
+def build_alias_parser() -> argparse.ArgumentParser:
+    """``ip-masq-agent``: the ``run`` command and its flags, no sub-command."""
+    return _add_run_flags(argparse.ArgumentParser(
+        prog="ip-masq-agent", parents=[_common_flags()], allow_abbrev=False,
+        description="masqd run, under the upstream agent's name: same flags, same rules.",
+    ))
 
 
 def normalize_go_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -199,12 +212,15 @@ def _cmd_run(args: argparse.Namespace, options: AgentOptions) -> int:
 _COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "render": _cmd_render}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(normalize_go_flags(sys.argv[1:] if argv is None else argv, parser))
     return _COMMANDS[args.command](args, options_from(args))
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return _dispatch(build_parser(), argv)
+
+
 def ip_masq_agent_main(argv: Sequence[str] | None = None) -> int:
     """The ``ip-masq-agent`` command: ``masqd run`` with the upstream flags."""
-    return main(["run", *(sys.argv[1:] if argv is None else argv)])
+    return _dispatch(build_alias_parser(), argv)

@@ -183,12 +183,15 @@ def _defaults_as_fields(config: MasqConfig) -> dict[str, Any]:
 
 
 def _load_document(text: str, source: str) -> Any:
-    # JSON first: it is exact about \u escapes (surrogate pairs included); YAML covers the rest,
-    # exactly as upstream's YAML-to-JSON step accepts both.
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
+    # Like upstream's YAML-to-JSON step: a document starting with "{" is JSON and only JSON
+    # (exact about \u escapes, strict about syntax); anything else is YAML, which covers JSON too.
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            line = text.splitlines()[exc.lineno - 1] if exc.lineno <= len(text.splitlines()) else ""
+            where = f"<line {exc.lineno}, column {exc.colno}>"
+            raise ConfigError(source, [Problem(where, line, f"not valid JSON: {exc.msg}")]) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -286,8 +289,8 @@ def _parse_resync(key: str, value: Any, ctx: _Context) -> None:
 def _parse_limit(key: str, value: Any, ctx: _Context) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         ctx.problems.append(Problem(key, _short(value), "expected a whole number such as 64"))
-    elif value < 0:
-        ctx.problems.append(Problem(key, value, "must be 0 or more"))
+    elif not 0 <= value < 2**63:
+        ctx.problems.append(Problem(key, value, "must be 0 or more (and fit in 64 bits)"))
     else:
         ctx.fields["cidr_limit"] = value
 
@@ -329,7 +332,7 @@ def validate_chain_name(name: str) -> str:
         raise FlagError(
             "masq-chain", name, "expected 1-28 characters of letters, digits, '_', '.', '-', not starting with '-' or '.'"
         )
-    if name.upper() in _BUILTIN_CHAINS | _TARGET_NAMES:
+    if name in _BUILTIN_CHAINS | _TARGET_NAMES:
         raise FlagError("masq-chain", name, "is a built-in chain or target name; choose a name of your own such as IP-MASQ-AGENT")
     return name
 
@@ -340,7 +343,7 @@ def parse_to_ports(text: str) -> tuple[PortRange, ...]:
         return ()
     ranges: list[PortRange] = []
     for piece in text.split(","):
-        match = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", piece)
+        match = re.fullmatch(r"([0-9]{1,5})(?:-([0-9]{1,5}))?", piece)
         if not match:
             raise FlagError("to-ports", text, f"{piece!r} is not a port or a range; expected e.g. '1024-29999,32768-65535'")
         first = int(match.group(1))

@@ -20,8 +20,8 @@ _UNIT_NS = {
     "m": 60 * 1_000_000_000,
     "h": 3600 * 1_000_000_000,
 }
-_COMPONENT = re.compile(r"(\d*)(?:\.(\d*))?([a-zµμ]+)")
-_MAX_NS = 2**63 - 1  # Go's time.Duration is an int64
+_COMPONENT = re.compile(r"([0-9]*)(?:\.([0-9]*))?([a-zµμ]+)")  # ASCII digits only, as Go
+_MAX_NS = 2**63 - 1  # Go's time.Duration is an int64: -2**63 .. 2**63-1
 
 
 def parse_go_duration(text: str) -> int:
@@ -57,7 +57,7 @@ def parse_go_duration(text: str) -> int:
             # exact: frac digits / 10**len(frac) * scale, truncated like Go does
             value += int(frac) * scale // 10 ** len(frac)
         total += value
-        if total > _MAX_NS:
+        if total > _MAX_NS + (sign < 0):
             raise ValueError(f"invalid duration {original!r}: out of range (max ~2562047h)")
         pos = match.end()
     return sign * total

@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 
 #: Seconds any single helper command may take before it is treated as hung.
 COMMAND_TIMEOUT = 20
@@ -49,7 +48,7 @@ class CommandError(RuntimeError):
 
 
 def unique_name(role: str) -> str:
-    """``mq-<6 hex>-<role>``: short (fits IFNAMSIZ-free limits of netns names) and unique."""
+    """``mq-<6 random hex digits>-<role>``: unique per call, recognisable as a test's."""
     return f"mq-{secrets.token_hex(3)}-{role}"
 
 
@@ -131,7 +130,7 @@ while True:
         print("timeout", flush=True)
         sys.exit(1)
     if data == token:
-        print("from " + peer[0], flush=True)
+        print("from %s %d" % (peer[0], peer[1]), flush=True)
         sys.exit(0)
 """
 
@@ -212,10 +211,11 @@ class Topology:
         run(self.pod, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "vpod", "netns", self.node)
         run(self.node, "ip", "link", "add", "vdst", "type", "veth", "peer", "name", "eth0", "netns", self.dest)
         run(self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
-        for ns, links in ((self.pod, ("eth0",)), (self.node, ("vpod", "vdst")), (self.dest, ("eth0",))):
-            for link in links:
-                # no duplicate address detection: link-local and global v6 addresses usable at once
-                run(ns, "sysctl", "-qw", f"net.ipv6.conf.{link}.accept_dad=0")
+        for ns, link in self._links():
+            # no duplicate address detection: link-local and global v6 addresses usable at once
+            run(ns, "sysctl", "-qw", f"net.ipv6.conf.{link}.accept_dad=0")
+        for ns, link in self._links():
+            run(ns, "ip", "link", "set", link, "up")  # early: the carrier comes up while we configure
         self._address(self.pod, "eth0", f"{POD_V4}/24", f"{POD_V6}/64")
         self._address(self.node, "vpod", f"{NODE_POD_SIDE_V4}/24", f"{NODE_POD_SIDE_V6}/64")
         self._address(self.node, "vdst", f"{NODE_V4}/24", f"{NODE_V6}/64")
@@ -224,8 +224,6 @@ class Topology:
             run(self.dest, "ip", "addr", "add", f"{addr}/32", "dev", "lo")
         for addr in DEST_V6:
             run(self.dest, "ip", "-6", "addr", "add", f"{addr}/128", "dev", "lo", "nodad")
-        for ns, link in ((self.pod, "eth0"), (self.node, "vpod"), (self.node, "vdst"), (self.dest, "eth0")):
-            run(ns, "ip", "link", "set", link, "up")
         run(self.pod, "ip", "route", "add", "default", "via", NODE_POD_SIDE_V4)
         run(self.pod, "ip", "-6", "route", "add", "default", "via", NODE_POD_SIDE_V6)
         for prefix in DEST_ROUTES_V4:
@@ -234,15 +232,44 @@ class Topology:
             run(self.node, "ip", "-6", "route", "add", prefix, "via", DEST_LINK_V6)
         run(self.dest, "ip", "route", "add", "default", "via", NODE_V4)
         run(self.dest, "ip", "-6", "route", "add", "default", "via", NODE_V6)
+        self._wait_operational()
+
+    def _links(self) -> tuple[tuple[str, str], ...]:
+        return ((self.pod, "eth0"), (self.node, "vpod"), (self.node, "vdst"), (self.dest, "eth0"))
+
+    def _wait_operational(self, timeout: float = 10.0) -> None:
+        """Wait until every veth is operationally up and has a usable IPv6 link-local address.
+
+        The kernel reports a veth's carrier through linkwatch, which is rate-limited (up to a
+        second, shared by all namespaces); until then IPv6 has no link-local address on it and
+        the first neighbour solicitation is lost, delaying the first IPv6 packet by a second.
+        """
+        def ready() -> bool:
+            for ns, link in self._links():
+                state = run(ns, "ip", "-o", "link", "show", "dev", link).stdout
+                if "state UP" not in state or "NO-CARRIER" in state:
+                    return False
+                addrs = run(ns, "ip", "-o", "-6", "addr", "show", "dev", link).stdout
+                if "scope link" not in addrs or "tentative" in addrs:
+                    return False
+            return True
+
+        if not wait_for(ready, timeout):
+            raise CommandError(f"veth links of {self.namespaces} not operational after {timeout} s")
 
     @staticmethod
     def _address(ns: str, link: str, v4: str, v6: str) -> None:
         run(ns, "ip", "addr", "add", v4, "dev", link)
         run(ns, "ip", "-6", "addr", "add", v6, "dev", link, "nodad")
 
-    def source_seen(self, dest_addr: str, family: int | None = None, *, attempts: int = 3) -> str | None:
+    def source_seen(self, dest_addr: str, family: int | None = None) -> str | None:
         """Send one UDP datagram from the pod to ``dest_addr`` and return the source address the
-        receiver in the dest namespace saw (``None`` if nothing arrived).
+        receiver in the dest namespace saw (``None`` if nothing arrived)."""
+        seen = self.datagram_seen(dest_addr, family)
+        return None if seen is None else seen[0]
+
+    def datagram_seen(self, dest_addr: str, family: int | None = None, *, attempts: int = 3) -> tuple[str, int] | None:
+        """Like :meth:`source_seen`, but returns ``(source address, source port)``.
 
         Every call uses a fresh destination port, so a conntrack entry left by an earlier call
         (created before the rules changed) can never decide this packet's fate. The datagram is
@@ -268,7 +295,10 @@ class Topology:
                 run(self.pod, sys.executable, "-c", _SENDER, dest_addr, str(family), port, token)
                 line = lines.readline(2.0)
                 if line is not None:
-                    return line.removeprefix("from ") if line.startswith("from ") else None
+                    if not line.startswith("from "):
+                        return None
+                    source, source_port = line.split()[1:]
+                    return source, int(source_port)
             return None
         finally:
             receiver.kill()
@@ -286,8 +316,3 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
         if value or time.monotonic() >= deadline:
             return bool(value)
         time.sleep(interval)
-
-
-def command_available(*names: str) -> Sequence[str]:
-    """The ``names`` that are not on PATH."""
-    return [name for name in names if shutil.which(name) is None]

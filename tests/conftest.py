@@ -1,0 +1,84 @@
+"""Shared fixtures. Kernel-facing ones (``topology``, ``node_ns``, ``masqd``) create their own
+network namespaces and always delete them; they skip, with the reason, where namespaces cannot be
+created (not root, no ``ip netns``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+try:  # tests/ is a plain directory (pytest puts it on sys.path) or a package
+    from tests import netns
+except ImportError:  # pragma: no cover - depends on how pytest was started
+    import netns
+
+#: The console scripts installed next to the interpreter running the tests.
+MASQD = Path(sys.executable).parent / "masqd"
+IP_MASQ_AGENT = Path(sys.executable).parent / "ip-masq-agent"
+
+
+@pytest.fixture(scope="session")
+def netns_supported() -> None:
+    """Skip the requesting test when network namespaces cannot be created here."""
+    reason = netns.netns_available()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def topology(netns_supported) -> Iterator[netns.Topology]:
+    """pod -> node -> dest namespaces (see ``tests/netns.py``), deleted after the test."""
+    topo = netns.Topology()
+    try:
+        yield topo
+    finally:
+        topo.close()
+
+
+@pytest.fixture
+def node_ns(netns_supported) -> Iterator[str]:
+    """One empty namespace (loopback up) for tests that only program rules, deleted after the test."""
+    name = netns.unique_name("solo")
+    try:
+        netns.create_namespace(name)
+        yield name
+    finally:
+        netns.delete_namespace(name)
+
+
+class MasqdRunner:
+    """Runs ``masqd run --once --backend iptables`` (or the ``ip-masq-agent`` alias) in a namespace.
+
+    ``config``: ``None`` means no config file (the path given does not exist: defaults); a string
+    is written to the config file first. Returns the finished process; never raises on exit codes.
+    """
+
+    def __init__(self, config_path: Path):
+        self.config_path = config_path
+
+    def __call__(self, ns: str, *flags: str, config: str | None = None, alias: bool = False,
+                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        if config is None:
+            self.config_path.unlink(missing_ok=True)
+        else:
+            self.config_path.write_text(config)
+        command = [str(IP_MASQ_AGENT)] if alias else [str(MASQD), "run"]
+        command += ["--once", "--backend", "iptables", "--config", str(self.config_path), *flags]
+        return netns.run(ns, *command, check=False, timeout=timeout)
+
+    def ok(self, ns: str, *flags: str, config: str | None = None, alias: bool = False) -> subprocess.CompletedProcess[str]:
+        """Like calling the runner, but fail the test unless it exits 0."""
+        result = self(ns, *flags, config=config, alias=alias)
+        if result.returncode != 0:
+            pytest.fail(f"{' '.join(result.args)} exited {result.returncode}:\n{result.stderr}")
+        return result
+
+
+@pytest.fixture
+def masqd(tmp_path: Path) -> MasqdRunner:
+    """A :class:`MasqdRunner` with its config file in the test's temporary directory."""
+    return MasqdRunner(tmp_path / "ip-masq-agent")

@@ -1,0 +1,293 @@
+"""The command line: ``masqd validate|render|run`` and the ``ip-masq-agent`` alias.
+
+Most tests run ``masqd.cli.main`` in-process; a few run the installed entry points to check the
+console scripts themselves. Only the dry-run backend is used: nothing here touches the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import structlog
+
+from masqd.cli import ip_masq_agent_main, main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "config.yaml"
+GOLDEN = Path(__file__).parent / "golden" / "iptables"
+BIN = Path(sys.executable).parent
+
+
+def golden(name: str) -> str:
+    return (GOLDEN / f"{name}.txt").read_text()
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog():
+    # `run` configures structlog to write to the (captured) stderr; put the global config back.
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.fixture
+def missing(tmp_path) -> str:
+    return str(tmp_path / "no-such-config")
+
+
+@pytest.fixture
+def write(tmp_path):
+    def write(text: str, name: str = "ip-masq-agent") -> str:
+        path = tmp_path / name
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+def exit_code(argv, entry=main) -> int:
+    """The exit code of ``entry(argv)``, whether it returns it or argparse raises SystemExit."""
+    try:
+        return entry(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+
+
+# --- validate -------------------------------------------------------------------------------------
+
+
+def test_validate_valid_file_exits_0(capsys):
+    assert main(["validate", "--config", str(EXAMPLE)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"ok: {EXAMPLE}:")
+    assert err == ""
+
+
+def test_validate_missing_file_is_defaults_and_exits_0(capsys, missing):
+    assert main(["validate", "--config", missing]) == 0
+    assert capsys.readouterr().out.startswith("ok: defaults")
+
+
+def test_validate_invalid_file_exits_1_with_one_line_per_problem(capsys, write):
+    path = write(
+        "nonMasqueradeCIDRs:\n"
+        "  - 10.0.0.1/8\n"
+        "  - \"10.0.0.0/8\\n-A POSTROUTING -j ACCEPT\"\n"
+        "  - fd00::/8\n"
+        "resyncInterval: 60\n"
+    )
+    assert main(["validate", "--config", path]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 4
+    assert all(line.startswith(f"error: {path}: ") for line in lines)
+    assert "nonMasqueradeCIDRs[0]: '10.0.0.1/8'" in lines[0] and "'10.0.0.0/8'" in lines[0]
+    assert "nonMasqueradeCIDRs[1]" in lines[1]  # the value's newline is escaped, not a second line
+    assert "nonMasqueradeCIDRs[2]: 'fd00::/8'" in lines[2] and "--enable-ipv6" in lines[2]
+    assert "resyncInterval: 60" in lines[3]
+
+
+def test_validate_accepts_ipv6_with_enable_ipv6(capsys, write):
+    path = write('nonMasqueradeCIDRs: ["fd00::/8"]\n')
+    assert main(["validate", "--config", path]) == 1
+    assert main(["validate", "--config", path, "--enable-ipv6"]) == 0
+
+
+def test_validate_reports_parse_error_with_line(capsys, write):
+    path = write("nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n - 172.16.0.0/12\n")
+    assert main(["validate", "--config", path]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {path}: <line 3, column ")
+
+
+def test_validate_prints_warnings_but_exits_0(capsys, write):
+    path = write("nonMasqueradeCIRDs: [100.64.0.0/10]\n")
+    assert main(["validate", "--config", path]) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: {path}: nonMasqueradeCIRDs")
+    assert "did you mean 'nonMasqueradeCIDRs'?" in line
+
+
+# --- render ---------------------------------------------------------------------------------------
+
+V6_CONFIG = 'nonMasqueradeCIDRs: [10.0.0.0/8, "fd00::/8", 192.168.0.0/16, "2001:db8::/32"]\n'
+ONLY_10 = "nonMasqueradeCIDRs: [10.0.0.0/8]\n"
+
+
+@pytest.mark.parametrize(
+    ("config_text", "flags", "name"),
+    [
+        pytest.param(None, [], "defaults", id="defaults"),
+        pytest.param(None, ["--nomasq-all-reserved-ranges"], "nomasq_all_reserved_ranges", id="reserved-bare-flag"),
+        pytest.param(None, ["-nomasq-all-reserved-ranges=true"], "nomasq_all_reserved_ranges", id="reserved-go-single-dash"),
+        pytest.param(None, ["-masq-chain=MASQD-EGRESS"], "custom_chain", id="go-single-dash-equals"),
+        pytest.param(None, ["--masq-chain", "MASQD-EGRESS"], "custom_chain", id="masq-chain-space-value"),
+        pytest.param(None, ["--random-fully=false"], "random_fully_false", id="random-fully-equals-false"),
+        pytest.param(None, ["--random-fully", "false"], "random_fully_false", id="random-fully-space-false"),
+        pytest.param(None, ["-random-fully=0"], "random_fully_false", id="random-fully-go-0"),
+        pytest.param(None, ["--random-fully=F"], "random_fully_false", id="random-fully-go-F"),
+        pytest.param(None, ["--random-fully=true"], "defaults", id="random-fully-true"),
+        pytest.param(V6_CONFIG, ["--enable-ipv6", "true"], "ipv6", id="enable-ipv6-space-true"),
+        pytest.param(V6_CONFIG, ["--enable-ipv6"], "ipv6", id="enable-ipv6-bare"),
+        pytest.param(V6_CONFIG, ["-enable-ipv6=T"], "ipv6", id="enable-ipv6-go-T"),
+        pytest.param("masqLinkLocal: true\n", [], "masq_link_local", id="masqLinkLocal"),
+        pytest.param(ONLY_10, ["--to-ports", "1024-29999,32768-65535"], "to_ports_two_ranges", id="to-ports"),
+        pytest.param(ONLY_10, ["--to-ports=8000"], "to_ports_single_port", id="to-ports-single-port"),
+        pytest.param(ONLY_10, ["--to-ports=1024-29999,32768-65535", "--random-fully=false"],
+                     "to_ports_two_ranges_no_random_fully", id="to-ports-no-random-fully"),
+        pytest.param(None, ["--v=2", "--logtostderr"], "defaults", id="klog-flags"),
+        pytest.param(None, ["-v=2", "-logtostderr=true"], "defaults", id="klog-flags-single-dash"),
+        pytest.param(None, ["--v", "4", "--logtostderr=false"], "defaults", id="klog-flags-space"),
+    ],
+)
+def test_render_prints_golden_text(capsys, write, missing, config_text, flags, name):
+    path = missing if config_text is None else write(config_text)
+    assert main(["render", "--backend", "dry-run", "--config", path, *flags]) == 0
+    out, err = capsys.readouterr()
+    assert out == golden(name)
+    assert err == ""
+
+
+def test_render_invalid_config_exits_1_and_prints_no_rules(capsys, write):
+    path = write("nonMasqueradeCIDRs: [10.0.0.0/8 -j ACCEPT]\n")
+    assert main(["render", "--backend", "dry-run", "--config", path]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"error: {path}: nonMasqueradeCIDRs[0]: '10.0.0.0/8 -j ACCEPT': not a CIDR: expected an IPv4 or IPv6 "
+        "address, '/', and a prefix length, e.g. '10.0.0.0/8' or 'fd00::/8'"
+    ]
+
+
+# --- bad command lines ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "mentions"),
+    [
+        pytest.param(["--random-fully=maybe"], "--random-fully", id="bool-word"),
+        pytest.param(["--enable-ipv6=yes"], "--enable-ipv6", id="bool-yes-is-not-go"),
+        pytest.param(["--nomasq-all-reserved-ranges=2"], "--nomasq-all-reserved-ranges", id="bool-number"),
+        pytest.param(["--v=abc"], "--v", id="verbosity-not-int"),
+        pytest.param(["--to-ports=70000"], "--to-ports", id="port-too-big"),
+        pytest.param(["--to-ports", "2000-1000"], "--to-ports", id="reversed-range"),
+        pytest.param(["--to-ports=1000-2000,1500-2500"], "overlap", id="overlapping-ranges"),
+        pytest.param(["--masq-chain=POSTROUTING"], "--masq-chain", id="builtin-chain"),
+        pytest.param(["-masq-chain=bad name"], "--masq-chain", id="chain-with-space"),
+        pytest.param(["--masq-chain="], "--masq-chain", id="empty-chain"),
+        pytest.param(["--backend=nft-legacy"], "--backend", id="unknown-backend"),
+        pytest.param(["--no-such-flag"], "--no-such-flag", id="unknown-flag"),
+        pytest.param(["--masq-ch=X"], "--masq-ch", id="abbreviation-not-accepted"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "render", "run"])
+def test_bad_flag_value_exits_2(capsys, missing, command, flags, mentions):
+    assert exit_code([command, "--config", missing, "--backend", "dry-run", *flags]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert mentions in err
+
+
+def test_no_command_exits_2(capsys):
+    assert exit_code([]) == 2
+
+
+# --- run and the ip-masq-agent alias --------------------------------------------------------------
+
+
+def _json_events(err: str) -> list[dict]:
+    return [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+
+
+def test_run_once_dry_run_exits_0_and_logs_the_rules(capsys):
+    argv = ["run", "--once", "--backend", "dry-run", "--config", str(EXAMPLE), "--log-format", "json"]
+    assert main(argv) == 0
+    events = _json_events(capsys.readouterr().err)
+    (applied,) = [e for e in events if e["event"] == "dry-run: would apply"]
+    assert '-A IP-MASQ-AGENT -d 198.51.100.0/24 -m comment --comment "ip-masq-agent: local traffic is not subject ' \
+           'to MASQUERADE" -j RETURN' in applied["rules"].splitlines()
+
+
+def test_run_once_invalid_config_exits_1_with_problem_on_stderr(capsys, write):
+    path = write("nonMasqueradeCIDRs: [10.0.0.1/8]\n")
+    assert main(["run", "--once", "--backend", "dry-run", "--config", path, "--log-format", "json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        f"error: {path}: nonMasqueradeCIDRs[0]: '10.0.0.1/8': not aligned to a CIDR block: host bits are set; "
+        "did you mean '10.0.0.0/8'?"
+    ) in err.splitlines()
+    assert not [e for e in _json_events(err) if e["event"] == "dry-run: would apply"]
+
+
+def test_ip_masq_agent_help_lists_upstream_flags(capsys):
+    assert exit_code(["--help"], ip_masq_agent_main) == 0
+    out = capsys.readouterr().out
+    for flag in ("--masq-chain", "--nomasq-all-reserved-ranges", "--enable-ipv6", "--random-fully", "--to-ports",
+                 "--v", "--logtostderr"):
+        assert flag in out
+
+
+def test_ip_masq_agent_runs_with_upstream_manifest_flags(capsys):
+    argv = ["--once", "--backend", "dry-run", "--config", str(EXAMPLE),
+            "--masq-chain=IP-MASQ-AGENT", "--nomasq-all-reserved-ranges", "--v=2", "--logtostderr",
+            "--log-format", "json"]
+    assert ip_masq_agent_main(argv) == 0
+
+
+def test_ip_masq_agent_bad_flag_exits_2(capsys):
+    assert exit_code(["--once", "--backend", "dry-run", "--random-fully=perhaps"], ip_masq_agent_main) == 2
+
+
+# --- the installed console scripts ----------------------------------------------------------------
+
+
+def _script(name: str) -> str:
+    path = shutil.which(name, path=str(BIN)) or shutil.which(name)
+    assert path is not None, f"console script {name!r} is not installed"
+    return path
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_installed_masqd_render_and_run(missing):
+    masqd = _script("masqd")
+    rendered = _run(masqd, "render", "--backend", "dry-run", "--config", missing)
+    assert (rendered.returncode, rendered.stdout) == (0, golden("defaults"))
+
+    ran = _run(masqd, "run", "--once", "--backend", "dry-run", "--config", "examples/config.yaml")
+    assert ran.returncode == 0, ran.stderr
+
+
+def test_installed_masqd_run_once_invalid_config(write):
+    path = write("nonMasqueradeCIDRs: [10.0.0.1/8]\nmasqLinkLocal: maybe\n")
+    ran = _run(_script("masqd"), "run", "--once", "--backend", "dry-run", "--config", path)
+    assert ran.returncode == 1
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {path}: nonMasqueradeCIDRs[0]: '10.0.0.1/8': not aligned to a CIDR block: host bits are set; "
+        "did you mean '10.0.0.0/8'?",
+        f"error: {path}: masqLinkLocal: 'maybe': expected true or false",
+    ]
+
+
+def test_installed_ip_masq_agent_help_and_once():
+    agent = _script("ip-masq-agent")
+    helped = _run(agent, "--help")
+    assert helped.returncode == 0
+    assert "--nomasq-all-reserved-ranges" in helped.stdout
+
+    ran = _run(agent, "--once", "--backend", "dry-run", "--config", "examples/config.yaml", "-v=2", "-logtostderr")
+    assert ran.returncode == 0, ran.stderr
+
+    bad = _run(agent, "--once", "--backend", "dry-run", "--to-ports=0")
+    assert bad.returncode == 2
+    assert "--to-ports" in bad.stderr
