@@ -111,29 +111,45 @@ class Reconciler:
             self._reported = key
 
     async def reconcile(self, events: tuple[Event, ...] = (Event("manual"),)) -> SyncResult:
-        """One full pass. Raises :class:`MasqdError` on failure (after recording it)."""
+        """One full pass. Raises :class:`MasqdError` on failure (after recording it).
+
+        With an invalid config the rules last applied are still synced, so drift made by someone
+        else is healed while the config is being fixed; the config error is raised afterwards.
+        """
         started = time.perf_counter()
         trigger = ",".join(dict.fromkeys(e.source for e in events))
+        config_error: ConfigError | None = None
         try:
-            desired = self.desired()
+            try:
+                desired = self.desired()
+            except ConfigError as exc:
+                if self.applied is None:
+                    raise
+                config_error, desired = exc, self.applied
             result = await self.backend.sync(desired)
         except MasqdError as exc:
-            self.errors += 1
-            self.last_error = exc
+            self._record_error(exc)
             if not isinstance(exc, ConfigError):
                 log.error("sync failed; kernel keeps its previous rules", backend=self.backend.name,
                           trigger=trigger, error=str(exc))
             raise
         finally:
             self.generation += 1
-        self.last_error = None
         if result.changed:
             self.writes += 1
             self._log_write(desired, result, trigger, started)
         else:
             log.debug("in sync", backend=self.backend.name, trigger=trigger)
         self.applied = desired
+        if config_error is not None:
+            self._record_error(config_error)
+            raise config_error
+        self.last_error = None
         return result
+
+    def _record_error(self, exc: MasqdError) -> None:
+        self.errors += 1
+        self.last_error = exc
 
     def _log_write(self, desired: RuleSet, result: SyncResult, trigger: str, started: float) -> None:
         before = self.applied.cidrs() if self.applied is not None else frozenset()

@@ -265,16 +265,6 @@ def test_kernel_holds_exactly_the_upstream_rules(node_ns, masqd, config, flags, 
     assert {family: nft_nat(node_ns, family) for family in expected} == handles
 
 
-ZERO_PREFIX_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="masqd bug: iptables-save prints no '-d' for a /0 destination, so the read-back never matches "
-           "the rendered '-d 0.0.0.0/0' rule and every sync rewrites the chain")
-MAPPED_V6_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="masqd bug: ip6tables-save prints IPv4-mapped/compatible addresses in dotted form "
-           "('::ffff:192.0.2.0/120'), masqd renders '::ffff:c000:200/120', so every sync rewrites the chain")
-
-
 @pytest.mark.parametrize(
     "cidr, family",
     [
@@ -282,10 +272,14 @@ MAPPED_V6_BUG = pytest.mark.xfail(
         pytest.param("192.0.2.7/32", 4, id="v4-host"),
         pytest.param("2001:DB8:0:0:1::/80", 6, id="v6-uppercase-uncompressed"),
         pytest.param("2001:db8::1/128", 6, id="v6-host"),
-        pytest.param("0.0.0.0/0", 4, id="v4-everything", marks=ZERO_PREFIX_BUG),
-        pytest.param("::/0", 6, id="v6-everything", marks=ZERO_PREFIX_BUG),
-        pytest.param("::ffff:192.0.2.0/120", 6, id="v6-ipv4-mapped", marks=MAPPED_V6_BUG),
-        pytest.param("::192.0.2.0/120", 6, id="v6-ipv4-compatible", marks=MAPPED_V6_BUG),
+        # iptables-save prints no -d for /0, and inet_ntop's dotted form for embedded IPv4
+        pytest.param("0.0.0.0/0", 4, id="v4-everything"),
+        pytest.param("::/0", 6, id="v6-everything"),
+        pytest.param("::ffff:192.0.2.0/120", 6, id="v6-ipv4-mapped"),
+        pytest.param("::ffff:0.0.0.0/96", 6, id="v6-ipv4-mapped-zero"),
+        pytest.param("::192.0.2.0/120", 6, id="v6-ipv4-compatible"),
+        pytest.param("::0.0.1.0/120", 6, id="v6-low-not-dotted"),
+        pytest.param("1::ffff:c000:200/120", 6, id="v6-ffff-not-mapped"),
     ],
 )
 def test_second_run_writes_nothing_whatever_the_cidr_spelling(node_ns, masqd, cidr, family):

@@ -525,3 +525,24 @@ async def test_dry_run_writes_again_when_the_rules_change():
     result = await backend.sync(ruleset_for("masqLinkLocal: true\n", AgentOptions()))
     assert result.changed
     assert backend.last_rendered == golden("masq_link_local")
+
+
+@pytest.mark.parametrize(
+    ("cidr", "expected"),
+    [
+        pytest.param("10.0.0.0/8", "-d 10.0.0.0/8 ", id="v4"),
+        pytest.param("0.0.0.0/0", "", id="v4-everything-has-no-match"),
+        pytest.param("::/0", "", id="v6-everything-has-no-match"),
+        pytest.param("2001:db8::/32", "-d 2001:db8::/32 ", id="v6"),
+        pytest.param("::ffff:192.0.2.0/120", "-d ::ffff:192.0.2.0/120 ", id="v4-mapped-dotted"),
+        pytest.param("::192.0.2.0/120", "-d ::192.0.2.0/120 ", id="v4-compatible-dotted"),
+        pytest.param("::0.0.1.0/120", "-d ::100/120 ", id="low-bits-stay-hex"),
+        pytest.param("1::ffff:c000:200/120", "-d 1::ffff:c000:200/120 ", id="ffff-elsewhere-stays-hex"),
+    ],
+)
+def test_destination_match_is_iptables_save_canonical(cidr, expected):
+    """Read-back compares text, so the rendered match must be what ip(6)tables-save prints."""
+    from masqd.backends.iptables import destination_match
+    from masqd.cidrs import parse_cidr
+
+    assert destination_match(parse_cidr(cidr)) == expected

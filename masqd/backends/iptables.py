@@ -10,7 +10,9 @@ writes only when the chain or the POSTROUTING jump differs from the desired ones
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol
@@ -18,6 +20,7 @@ from typing import Protocol
 import anyio
 
 from masqd.backends.base import SyncResult
+from masqd.cidrs import Network
 from masqd.errors import ApplyError, ReadBackError
 from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
 
@@ -39,9 +42,27 @@ def jump_rule(chain: str) -> str:
     return f'-A POSTROUTING -m comment --comment "{comment}" -m addrtype ! --dst-type LOCAL -j {chain}'
 
 
+def destination_match(net: Network) -> str:
+    """``-d CIDR `` as iptables-save prints it: nothing for a /0 (it matches everything), and IPv6
+    addresses with an embedded IPv4 (``::ffff:a.b.c.d``, ``::a.b.c.d``) in dotted form, as the C
+    library's inet_ntop writes them; otherwise Python's compressed form, which is the same."""
+    if net.prefixlen == 0:
+        return ""
+    if net.version == 6:
+        packed = net.network_address.packed
+        words = struct.unpack("!8H", packed)
+        if words[:5] == (0,) * 5 and (words[5] == 0xFFFF or (words[5] == 0 and words[6] != 0)):
+            head = "::ffff:" if words[5] == 0xFFFF else "::"
+            return f"-d {head}{ipaddress.IPv4Address(packed[12:])}/{net.prefixlen} "
+    return f"-d {net} "
+
+
 def chain_rules(family: FamilyRules, chain: str, masquerade: Masquerade, random_fully: bool) -> tuple[str, ...]:
     """The ``-A`` lines of ``chain`` for one family, in order, exactly as ``iptables-save`` prints them."""
-    rules = [f'-A {chain} -d {net} -m comment --comment "{NONMASQ_COMMENT}" -j RETURN' for net in family.nonmasq]
+    rules = [
+        f'-A {chain} {destination_match(net)}-m comment --comment "{NONMASQ_COMMENT}" -j RETURN'
+        for net in family.nonmasq
+    ]
     suffix = " --random-fully" if random_fully else ""
     for protocol in PORT_PROTOCOLS if masquerade.to_ports else ():
         for share in masquerade.port_shares():
