@@ -70,11 +70,11 @@ def format_go_duration(ns: int) -> str:
     sign = "-" if ns < 0 else ""
     u = abs(ns)
     if u < 1_000_000_000:
-        for unit, scale in (("ns", 1), ("µs", 1_000), ("ms", 1_000_000)):
+        for unit, scale, digits in (("ns", 1, 0), ("µs", 1_000, 3), ("ms", 1_000_000, 6)):
             if u < scale * 1000:
-                return sign + _fraction(u, scale) + unit
+                return sign + _decimal(u // scale, u % scale, digits) + unit
     seconds, rest = divmod(u, 1_000_000_000)
-    text = _fraction(rest, 1_000_000_000, int_part=seconds % 60) + "s"
+    text = _decimal(seconds % 60, rest, 9) + "s"
     minutes = seconds // 60
     if minutes:
         text = f"{minutes % 60}m" + text
@@ -84,12 +84,8 @@ def format_go_duration(ns: int) -> str:
     return sign + text
 
 
-def _fraction(value: int, scale: int, int_part: int | None = None) -> str:
-    """``value/scale`` as a decimal without trailing zeros (``int_part`` overrides the integer part)."""
-    whole, frac = divmod(value, scale)
-    if int_part is not None:
-        whole, frac = int_part, value
+def _decimal(whole: int, frac: int, digits: int) -> str:
+    """``whole.frac`` where ``frac`` counts units of 10**-digits, without trailing zeros."""
     if not frac:
         return str(whole)
-    digits = str(frac).rjust(len(str(scale)) - 1, "0").rstrip("0")
-    return f"{whole}.{digits}"
+    return f"{whole}." + str(frac).rjust(digits, "0").rstrip("0")

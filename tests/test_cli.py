@@ -291,3 +291,21 @@ def test_installed_ip_masq_agent_help_and_once():
     bad = _run(agent, "--once", "--backend", "dry-run", "--to-ports=0")
     assert bad.returncode == 2
     assert "--to-ports" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("example", "flags", "summary"),
+    [
+        pytest.param("config.yaml", [], "4 non-masquerade CIDRs, resyncInterval 1m0s", id="yaml"),
+        pytest.param("config.json", ["--enable-ipv6"], "4 non-masquerade CIDRs, resyncInterval 1m30s", id="json-ipv6"),
+    ],
+)
+def test_shipped_examples_are_valid(capsys, example, flags, summary):
+    assert main(["validate", "--config", str(ROOT / "examples" / example), *flags]) == 0
+    out = capsys.readouterr()
+    assert summary in out.out and out.err == ""
+
+
+def test_json_example_needs_enable_ipv6(capsys):
+    assert main(["validate", "--config", str(ROOT / "examples" / "config.json")]) == 1
+    assert "nonMasqueradeCIDRs[3]: 'fd00::/8': IPv6 CIDR given but IPv6 is not enabled" in capsys.readouterr().err
