@@ -3,7 +3,7 @@
 
 Runs ``masqd run --backend iptables`` inside a fresh network namespace (needs root), replaces its
 config file N times with ``os.replace`` (as kubelet's ConfigMap swap does), and timestamps the
-moment the kernel reports the new rule through ``nft monitor rules`` (iptables here is the
+moment the kernel reports the new rule through ``nft monitor`` (iptables here is the
 nf_tables variant, so every rule iptables-restore writes is announced). No polling on our side:
 the figure is file replace -> watch event -> reconcile -> iptables-restore -> kernel.
 
@@ -20,6 +20,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,13 +43,20 @@ def _reader(stream, lines: queue.Queue) -> None:
 
 def _wait_for(lines: queue.Queue, needle: str, timeout: float = 10.0) -> float:
     deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"kernel never showed {needle!r}")
-        stamp, line = lines.get(timeout=remaining)
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            stamp, line = lines.get(timeout=remaining)
+        except queue.Empty:
+            break
         if needle in line:
             return stamp
+    raise TimeoutError(f"kernel never showed {needle!r} within {timeout} s")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def config_text(cidr: str) -> str:
@@ -58,10 +66,13 @@ def config_text(cidr: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--changes", type=int, default=20)
+    parser.add_argument("--idle-seconds", type=float, default=20.0, help="how long to measure idle CPU")
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("nft"):
         print("needs root, iproute2 and nftables (it creates its own network namespace)", file=sys.stderr)
         return 2
+    # turn SIGTERM (e.g. from `timeout`) into SystemExit so the namespace is always deleted
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     masqd = Path(sys.executable).with_name("masqd")
     ns = f"mq-bench-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -71,19 +82,25 @@ def main() -> int:
     procs: list[subprocess.Popen] = []
     try:
         lines: queue.Queue = queue.Queue()
-        monitor = _ns(ns, "nft", "monitor", "rules", stdout=subprocess.PIPE, text=True)
+        monitor = _ns(ns, "nft", "monitor", stdout=subprocess.PIPE, text=True)
         procs.append(monitor)
         threading.Thread(target=_reader, args=(monitor.stdout, lines), daemon=True).start()
-        time.sleep(0.3)  # let the monitor subscribe before the first write
+        # the monitor is subscribed once it reports a table we create for that purpose
+        while True:
+            subprocess.run(["ip", "netns", "exec", ns, "nft", "add", "table", "ip", "probe"], check=True)
+            try:
+                _wait_for(lines, "table ip probe", timeout=0.5)
+                break
+            except TimeoutError:
+                subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "ip", "probe"], check=True)
         daemon = _ns(ns, str(masqd), "run", "--backend", "iptables", "--config", str(config),
                      "--log-format", "json", stderr=subprocess.DEVNULL)
         procs.append(daemon)
         _wait_for(lines, "ip daddr 192.0.2.0/24")
-        time.sleep(0.2)
 
         latencies = []
         for i in range(args.changes):
-            cidr = f"198.51.100.{i * 8}/29"
+            cidr = f"10.{100 + i // 256}.{i % 256}.0/24"  # config only: no traffic is sent
             staged = workdir / ".config.tmp"
             staged.write_text(config_text(cidr))
             start = time.perf_counter()
@@ -91,9 +108,11 @@ def main() -> int:
             seen = _wait_for(lines, f"ip daddr {cidr}")
             latencies.append((seen - start) * 1000)
             print(f"change {i + 1:2d}: {latencies[-1]:7.2f} ms")
-            time.sleep(0.05)  # let the write's remaining announcements drain
-            while not lines.empty():
-                lines.get_nowait()
+            _wait_for(lines, "masquerade")  # the rest of that write: the chain's last rule
+        # idle cost: the daemon with nothing to do (file watch armed, resync 1h)
+        before = _cpu_seconds(daemon.pid)
+        time.sleep(args.idle_seconds)
+        idle_cpu = (_cpu_seconds(daemon.pid) - before) / args.idle_seconds
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -112,6 +131,7 @@ def main() -> int:
     print(f"upstream ip-masq-agent waits for its next resync: up to {UPSTREAM_RESYNC_S:.0f} s, "
           f"{UPSTREAM_RESYNC_S / 2:.0f} s on average")
     print(f"ratio (upstream average / masqd median): {UPSTREAM_RESYNC_S / 2 * 1000 / median:,.0f}x")
+    print(f"idle CPU of the daemon over {args.idle_seconds:.0f} s: {idle_cpu * 100:.2f}% of one core")
     return 0
 
 

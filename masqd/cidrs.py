@@ -69,12 +69,6 @@ def split_families(networks: Iterable[Network]) -> tuple[tuple[ipaddress.IPv4Net
     return tuple(v4), tuple(v6)
 
 
-def collapse(networks: Iterable[Network]) -> tuple[Network, ...]:
-    """Merge overlapping and adjacent networks of each family; IPv4 first, each family sorted."""
-    v4, v6 = split_families(networks)
-    return tuple(ipaddress.collapse_addresses(v4)) + tuple(ipaddress.collapse_addresses(v6))
-
-
 def duplicates(networks: Iterable[Network]) -> list[Network]:
     """Networks that appear more than once, each listed once, in order of first repeat."""
     seen: set[Network] = set()

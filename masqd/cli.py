@@ -167,14 +167,11 @@ def _cmd_validate(args: argparse.Namespace, options: AgentOptions) -> int:
 
 
 async def _render_text(backend: Backend, ruleset) -> str:
-    probe = getattr(backend, "random_fully_supported", None)
-    if probe is None:
-        return backend.render(ruleset)
     try:
-        supported = await probe()
+        await backend.probe()
     except BackendError:
-        supported = True  # no iptables binary here: show what a current iptables would get
-    return backend.render(ruleset, random_fully_supported=supported)
+        pass  # tools missing here: show what a current version would get
+    return backend.render(ruleset)
 
 
 def _cmd_render(args: argparse.Namespace, options: AgentOptions) -> int:

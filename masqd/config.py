@@ -40,6 +40,9 @@ RESERVED_CIDRS: tuple[str, ...] = (
 )
 
 _SECOND_NS = 1_000_000_000
+#: Shortest resync honoured. Each resync runs iptables-save; at 1 ms that is a busy loop (over
+#: 100% CPU measured), so shorter values are raised to this, with a warning.
+MIN_RESYNC_INTERVAL_NS = 100_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,16 +104,6 @@ class MasqConfig:
     def resync_interval(self) -> float:
         """``resync_interval_ns`` in seconds."""
         return self.resync_interval_ns / _SECOND_NS
-
-    def to_document(self) -> dict[str, Any]:
-        """The config as the file would spell it (canonical keys, Go duration)."""
-        return {
-            "nonMasqueradeCIDRs": [str(n) for n in self.non_masquerade_cidrs],
-            "masqLinkLocal": self.masq_link_local,
-            "masqLinkLocalIPv6": self.masq_link_local_ipv6,
-            "resyncInterval": format_go_duration(self.resync_interval_ns),
-            "cidrLimit": self.cidr_limit,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +175,17 @@ def _defaults_as_fields(config: MasqConfig) -> dict[str, Any]:
     }
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without timestamp resolution: as upstream, ``2024-01-01`` stays a string
+    (and then fails as a duration with a clear message instead of becoming a date)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def _load_document(text: str, source: str) -> Any:
     # Like upstream's YAML-to-JSON step: a document starting with "{" is JSON and only JSON
     # (exact about \u escapes, strict about syntax); anything else is YAML, which covers JSON too.
@@ -192,13 +196,18 @@ def _load_document(text: str, source: str) -> Any:
             line = text.splitlines()[exc.lineno - 1] if exc.lineno <= len(text.splitlines()) else ""
             where = f"<line {exc.lineno}, column {exc.colno}>"
             raise ConfigError(source, [Problem(where, line, f"not valid JSON: {exc.msg}")]) from None
+        except RecursionError:
+            raise ConfigError(source, [Problem("<document>", None, "not valid JSON: nested too deeply")]) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, [Problem(f"<{where}>", _first_line(text, mark), f"not valid YAML or JSON: {problem}")]) from None
+    except (ValueError, RecursionError) as exc:  # a value YAML cannot construct, or absurd nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConfigError(source, [Problem("<document>", None, f"not valid YAML or JSON: {reason}")]) from None
 
 
 def _first_line(text: str, mark: Any) -> str:
@@ -283,6 +292,10 @@ def _parse_resync(key: str, value: Any, ctx: _Context) -> None:
     if ns <= 0:
         ctx.problems.append(Problem(key, value, "must be a positive duration, e.g. '60s'"))
         return
+    if ns < MIN_RESYNC_INTERVAL_NS:
+        floor = format_go_duration(MIN_RESYNC_INTERVAL_NS)
+        ctx.warnings.append(Problem(key, value, f"shorter than the minimum {floor}; using {floor}"))
+        ns = MIN_RESYNC_INTERVAL_NS
     ctx.fields["resync_interval_ns"] = ns
 
 

@@ -23,6 +23,25 @@ log = structlog.get_logger("masqd.daemon")
 
 #: Pending events beyond this are dropped: a full queue already guarantees a sync.
 EVENT_BUFFER = 64
+#: A source that fails is restarted after this many seconds, doubled per failure up to the max.
+SOURCE_RESTART_SECONDS = 1.0
+SOURCE_RESTART_MAX_SECONDS = 60.0
+
+
+async def _supervise(source: Source, emit: Emit) -> None:
+    """Run a source forever: a failure is logged and the source restarted after a back-off, so a
+    broken watch never stops the reconciler (the resync timer keeps the rules healed meanwhile).
+    An event is emitted on each restart, since changes may have been missed while it was down."""
+    delay = SOURCE_RESTART_SECONDS
+    while True:
+        try:
+            await source.run(emit)
+            return
+        except Exception as exc:
+            log.error("event source failed; restarting it", source=source.name, error=repr(exc), retry_in_s=delay)
+        await anyio.sleep(delay)
+        delay = min(delay * 2, SOURCE_RESTART_MAX_SECONDS)
+        emit(Event(source.name, "restarted"))
 
 
 async def _handle_signals(emit: Emit, scope: anyio.CancelScope) -> None:
@@ -45,6 +64,7 @@ async def run_daemon(
     reconciler: Reconciler | None = None,
     extra_sources: tuple[Source, ...] = (),
     handle_signals: bool = True,
+    file_source: ConfigFileSource | None = None,
 ) -> Reconciler:
     """Run until SIGTERM/SIGINT (or cancellation). Returns the reconciler for inspection."""
     reconciler = reconciler or Reconciler(backend, options, config_path)
@@ -52,13 +72,13 @@ async def run_daemon(
     reconciler.on_resync_interval = timer.reschedule
     send, receive = anyio.create_memory_object_stream[Event](max_buffer_size=EVENT_BUFFER)
     emit = make_emit(send)
-    sources: tuple[Source, ...] = (ConfigFileSource(config_path), timer, *extra_sources)
+    sources: tuple[Source, ...] = (file_source or ConfigFileSource(config_path), timer, *extra_sources)
     log.info("masqd starting", backend=backend.name, config=str(config_path), chain=options.masq_chain,
              ipv6=options.enable_ipv6)
     async with send, anyio.create_task_group() as tg:
         tg.start_soon(reconciler.run, receive)
         for source in sources:
-            tg.start_soon(source.run, emit)
+            tg.start_soon(_supervise, source, emit)
         if handle_signals:
             tg.start_soon(_handle_signals, emit, tg.cancel_scope)
         emit(Event("startup"))

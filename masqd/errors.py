@@ -29,9 +29,12 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
+        # A key from the file is shown quoted when it holds anything unprintable (a newline must
+        # not be able to start a fake line of its own in `masqd validate` output).
+        key = self.key if self.key.isprintable() else repr(self.key)
         if self.value is None:
-            return f"{self.key}: {self.reason}"
-        return f"{self.key}: {self.value!r}: {self.reason}"
+            return f"{key}: {self.reason}"
+        return f"{key}: {self.value!r}: {self.reason}"
 
 
 class ConfigError(MasqdError):
@@ -57,7 +60,13 @@ class FlagError(MasqdError):
 
 
 class BackendError(MasqdError):
-    """The backend could not talk to the kernel."""
+    """The backend could not talk to the kernel, or the kernel refused the rules.
+
+    ``written`` names the parts (e.g. ``("ipv4",)``) that were already written in the same sync
+    before the failure; every other part still holds what it held before.
+    """
+
+    written: tuple[str, ...] = ()
 
 
 class ApplyError(BackendError):

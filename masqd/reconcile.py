@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import anyio
 import structlog
@@ -26,8 +25,11 @@ from masqd.sources.files import read_config_text
 
 log = structlog.get_logger("masqd.reconcile")
 
-#: First retry delay after a failed apply, doubled per failure up to the resync interval.
+#: First retry delay after a failed sync, doubled per failure up to RETRY_MAX_SECONDS.
 RETRY_INITIAL_SECONDS = 0.5
+RETRY_MAX_SECONDS = 30.0
+#: The same sync error is logged at most this often (repeats in between are debug events).
+REPEAT_ERROR_LOG_SECONDS = 60.0
 
 
 def load_config(path: str | os.PathLike[str], options: AgentOptions) -> ParsedConfig:
@@ -41,17 +43,6 @@ def load_config(path: str | os.PathLike[str], options: AgentOptions) -> ParsedCo
     return parse_config(text, options, source=str(path))
 
 
-@dataclass(frozen=True, slots=True)
-class Status:
-    """A snapshot of the reconciler, for logs, health and tests."""
-
-    generation: int
-    writes: int
-    errors: int
-    last_error: str | None
-    applied: RuleSet | None
-
-
 class Reconciler:
     """Turns events into backend syncs. See the module docstring for the failure rules."""
 
@@ -62,6 +53,7 @@ class Reconciler:
         config_path: str | os.PathLike[str],
         *,
         on_resync_interval: Callable[[], None] | None = None,
+        retry_initial_seconds: float = RETRY_INITIAL_SECONDS,
     ):
         self.backend = backend
         self.options = options
@@ -73,16 +65,14 @@ class Reconciler:
         self.generation = 0  # completed reconciles, successful or not
         self.writes = 0
         self.errors = 0
+        self.retry_initial_seconds = retry_initial_seconds
         self._retry_delay: float | None = None
         self._reported: tuple[str, ...] = ()  # the config problems/warnings logged last
+        self._last_sync_error: tuple[str, float] | None = None  # (message, when logged)
 
     @property
     def resync_interval(self) -> float:
         return self.config.resync_interval
-
-    def status(self) -> Status:
-        error = None if self.last_error is None else str(self.last_error)
-        return Status(self.generation, self.writes, self.errors, error, self.applied)
 
     def desired(self) -> RuleSet:
         """Load and validate the config, update the last good config, return the desired rules.
@@ -126,12 +116,14 @@ class Reconciler:
                 if self.applied is None:
                     raise
                 config_error, desired = exc, self.applied
-            result = await self.backend.sync(desired)
+            # A sync started is finished: shutdown waits for it rather than killing iptables-restore
+            # between two families (bounded by the restore's own lock wait).
+            with anyio.CancelScope(shield=True):
+                result = await self.backend.sync(desired)
         except MasqdError as exc:
             self._record_error(exc)
             if not isinstance(exc, ConfigError):
-                log.error("sync failed; kernel keeps its previous rules", backend=self.backend.name,
-                          trigger=trigger, error=str(exc))
+                self._log_sync_error(exc, trigger)
             raise
         finally:
             self.generation += 1
@@ -145,7 +137,20 @@ class Reconciler:
             self._record_error(config_error)
             raise config_error
         self.last_error = None
+        self._last_sync_error = None
         return result
+
+    def _log_sync_error(self, exc: MasqdError, trigger: str) -> None:
+        written = getattr(exc, "written", ())
+        message = (f"sync failed after writing {', '.join(written)}; other parts keep their previous rules"
+                   if written else "sync failed; kernel keeps its previous rules")
+        now = time.monotonic()
+        repeat = self._last_sync_error is not None and self._last_sync_error[0] == str(exc)
+        if repeat and now - self._last_sync_error[1] < REPEAT_ERROR_LOG_SECONDS:
+            log.debug(message, backend=self.backend.name, trigger=trigger, error=str(exc), repeated=True)
+            return
+        log.error(message, backend=self.backend.name, trigger=trigger, error=str(exc), written=list(written))
+        self._last_sync_error = (str(exc), now)
 
     def _record_error(self, exc: MasqdError) -> None:
         self.errors += 1
@@ -193,8 +198,14 @@ class Reconciler:
             await self.reconcile(batch)
         except ConfigError:
             self._retry_delay = None  # wait for the file to change (or the next resync)
+            return
         except MasqdError:
-            delay = RETRY_INITIAL_SECONDS if self._retry_delay is None else self._retry_delay * 2
-            self._retry_delay = min(delay, self.resync_interval)
+            pass
+        except Exception:  # a bug must not take the agent (and the node's egress) down with it
+            self.errors += 1
+            log.exception("internal error during sync; kernel keeps its previous rules", trigger=batch[0].source)
         else:
             self._retry_delay = None
+            return
+        delay = self.retry_initial_seconds if self._retry_delay is None else self._retry_delay * 2
+        self._retry_delay = min(delay, RETRY_MAX_SECONDS)

@@ -77,9 +77,13 @@ def netns_available() -> str | None:
     """``None`` when namespaces can be created here, else the reason they cannot."""
     if os.geteuid() != 0:
         return "needs root to create network namespaces"
-    for tool in ("ip", "iptables-save", "iptables-restore"):
+    for tool in ("ip", "iptables-save", "iptables-restore", "ip6tables-save", "nft"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
+    version = subprocess.run(["iptables", "--version"], capture_output=True, text=True).stdout
+    if "nf_tables" not in version:
+        # the tests read rule handles with `nft` to prove that nothing was rewritten
+        return f"the tests need the nf_tables variant of iptables, found: {version.strip()}"
     try:
         subprocess.run(["ip", "netns", "list"], capture_output=True, check=True, timeout=COMMAND_TIMEOUT)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -142,7 +146,7 @@ sock.sendto(token, (addr, port))
 """
 
 
-class _Lines:
+class LineReader:
     """Read lines from a pipe with a deadline (so a silent child can never hang a test)."""
 
     def __init__(self, pipe):
@@ -286,7 +290,7 @@ class Topology:
              str(COMMAND_TIMEOUT), token],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
-        lines = _Lines(receiver.stdout)
+        lines = LineReader(receiver.stdout)
         try:
             ready = lines.readline(COMMAND_TIMEOUT)
             if ready != "ready":

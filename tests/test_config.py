@@ -604,3 +604,21 @@ def test_invalid_chain_name(name, hint):
     assert hint in caught.value.reason
     with pytest.raises(FlagError):
         AgentOptions(masq_chain=name)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected_ns", "warned"),
+    [
+        pytest.param("1ms", 100_000_000, True, id="1ms-raised-to-floor"),
+        pytest.param("1ns", 100_000_000, True, id="1ns-raised-to-floor"),
+        pytest.param("100ms", 100_000_000, False, id="at-floor"),
+        pytest.param("500ms", 500_000_000, False, id="above-floor"),
+    ],
+)
+def test_resync_interval_has_a_floor_against_busy_loops(value, expected_ns, warned):
+    parsed = parse_config(f"resyncInterval: {value}\n", AgentOptions())
+    assert parsed.config.resync_interval_ns == expected_ns
+    floor_warnings = [w for w in parsed.warnings if w.key == "resyncInterval"]
+    assert bool(floor_warnings) is warned
+    if warned:
+        assert floor_warnings[0].value == value and "minimum 100ms" in floor_warnings[0].reason

@@ -4,16 +4,23 @@ waiting for the resync, keeps the last good rules on a bad config, coalesces bur
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
 import pytest
+import structlog
+
+import netns
 
 from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
 from masqd.daemon import run_daemon
 from masqd.errors import ApplyError
 from masqd.reconcile import Reconciler
+from masqd.sources.files import ConfigFileSource
 from masqd.ruleset import RuleSet
 
 # A resync far in the future: anything applied during a test came from a file event.
@@ -131,10 +138,8 @@ async def test_resync_interval_from_config_drives_the_timer(tmp_path: Path) -> N
     backend = DryRunBackend()
     async with Running(backend, config) as daemon:
         start = daemon.reconciler.generation
-        await anyio.sleep(0.2)
-        assert daemon.reconciler.generation == start  # 1h: no timer ticks
-        write_atomically(config, "resyncInterval: 20ms\n")
-        # the shorter interval takes effect at once, not after the old hour
+        write_atomically(config, "resyncInterval: 100ms\n")
+        # the shorter interval takes effect at once, not after the old hour has passed
         await wait_until(lambda: daemon.reconciler.generation >= start + 6, "timer ticks")
         assert backend.writes == 1  # ticks re-check but an unchanged state is never rewritten
 
@@ -157,7 +162,7 @@ async def test_failed_apply_is_retried_without_an_event(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
     backend = FlakyBackend(failures=2)
-    reconciler = Reconciler(backend, AgentOptions(), config)
+    reconciler = Reconciler(backend, AgentOptions(), config, retry_initial_seconds=0.01)
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler, handle_signals=False))
         await wait_until(lambda: backend.writes == 1, "the retried apply")
@@ -180,48 +185,140 @@ async def test_burst_of_events_is_coalesced(tmp_path: Path) -> None:
     assert reconciler.generation == 1 and backend.writes == 1
 
 
+def start_masqd(config: Path, *flags: str) -> tuple[subprocess.Popen, netns.LineReader]:
+    masqd = Path(sys.executable).with_name("masqd")
+    proc = subprocess.Popen([str(masqd), "run", "--backend", "dry-run", "--config", str(config),
+                             "--log-format", "json", *flags], stderr=subprocess.PIPE)
+    return proc, netns.LineReader(proc.stderr)
+
+
+def read_until(lines: netns.LineReader, needle: str) -> str:
+    """The first log line containing ``needle``; fails the test after WAIT seconds of silence."""
+    while (line := lines.readline(WAIT)) is not None:
+        if needle in line:
+            return line
+    pytest.fail(f"masqd never logged {needle!r}")
+
+
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_signal_exits_cleanly(tmp_path: Path, signal_name: str) -> None:
     """The real command: started, given a signal, exits 0 and says it stopped."""
-    import signal
-    import subprocess
-    import sys
-
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
-    masqd = Path(sys.executable).with_name("masqd")
-    proc = subprocess.Popen([str(masqd), "run", "--backend", "dry-run", "--config", str(config),
-                             "--log-format", "json"], stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:  # wait for the first apply
-        if "would apply" in line:
-            break
-    proc.send_signal(getattr(signal, signal_name))
-    _, rest = proc.communicate(timeout=WAIT)
-    assert proc.returncode == 0
-    assert '"masqd stopped"' in rest
+    proc, lines = start_masqd(config)
+    try:
+        read_until(lines, "would apply")
+        proc.send_signal(getattr(signal, signal_name))
+        read_until(lines, '"masqd stopped"')
+        assert proc.wait(timeout=WAIT) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        lines.close()
 
 
 def test_sighup_triggers_a_sync(tmp_path: Path) -> None:
-    import signal
-    import subprocess
-    import sys
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC)
+    proc, lines = start_masqd(config, "--v=4")
+    try:
+        read_until(lines, "would apply")
+        proc.send_signal(signal.SIGHUP)
+        assert '"trigger":"sighup"' in read_until(lines, '"in sync"')
+    finally:
+        proc.kill()
+        proc.wait()
+        lines.close()
+
+
+class BrokenBackend(DryRunBackend):
+    """A backend with a bug: its next ``failures`` syncs raise something that is not a MasqdError."""
+
+    def __init__(self, failures: int):
+        super().__init__()
+        self.failures = failures
+
+    async def sync(self, ruleset):
+        if self.failures:
+            self.failures -= 1
+            raise KeyError("a bug")
+        return await super().sync(ruleset)
+
+
+async def test_unexpected_error_is_logged_and_retried_not_fatal(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC)
+    backend = BrokenBackend(failures=1)
+    with structlog.testing.capture_logs() as logs:
+        async with Running(backend, config) as daemon:
+            await wait_until(lambda: backend.writes == 1, "the retry after the bug")
+            assert daemon.reconciler.errors == 1
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+        "internal error during sync; kernel keeps its previous rules"]
+
+
+async def test_repeated_identical_sync_errors_are_logged_once(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC)
+    backend = FlakyBackend(failures=4)
+    reconciler = Reconciler(backend, AgentOptions(), config, retry_initial_seconds=0.01)
+    with structlog.testing.capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
+                                             handle_signals=False))
+            await wait_until(lambda: backend.writes == 1, "success after four failures")
+            tg.cancel_scope.cancel()
+    failures = [e for e in logs if e["event"].startswith("sync failed")]
+    assert len(failures) == 4
+    assert [e["log_level"] for e in failures] == ["error", "debug", "debug", "debug"]
+
+
+async def test_inotify_failure_falls_back_to_polling(tmp_path: Path) -> None:
+    """Like a node whose fs.inotify.max_user_instances is exhausted: changes are still seen."""
+    import watchfiles
+
+    def inotify_exhausted(*paths, force_polling=None, **kwargs):
+        if not force_polling:
+            raise OSError(24, "Too many open files")
+        return watchfiles.awatch(*paths, force_polling=force_polling, **kwargs)
 
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
-    masqd = Path(sys.executable).with_name("masqd")
-    proc = subprocess.Popen([str(masqd), "run", "--backend", "dry-run", "--config", str(config),
-                             "--log-format", "json", "--v=4"], stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stderr:
-            if "would apply" in line:
-                break
-        proc.send_signal(signal.SIGHUP)
-        for line in proc.stderr:
-            if '"in sync"' in line:
-                assert '"trigger":"sighup"' in line
-                break
-        else:
-            pytest.fail("no sync after SIGHUP")
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=WAIT)
+    backend = DryRunBackend()
+    reconciler = Reconciler(backend, AgentOptions(), config)
+    source = ConfigFileSource(config, watch=inotify_exhausted)
+    with structlog.testing.capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
+                                             handle_signals=False, file_source=source))
+            await wait_until(lambda: backend.writes == 1, "first sync")
+            await wait_until(lambda: source.force_polling, "the fallback")
+            write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [192.0.2.0/24]\n")
+            await wait_until(lambda: backend.writes == 2, "the change, seen by polling")
+            tg.cancel_scope.cancel()
+    assert cidrs_of(backend.applied)[1:] == ["192.0.2.0/24"]
+    assert any(e["event"].startswith("cannot watch config directory") for e in logs)
+
+
+async def test_failing_source_is_restarted_and_daemon_keeps_running(tmp_path: Path) -> None:
+    class CrashOnce:
+        name = "crashy"
+        runs = 0
+
+        async def run(self, emit):
+            CrashOnce.runs += 1
+            if CrashOnce.runs == 1:
+                raise RuntimeError("lost the watch")
+            await anyio.sleep_forever()
+
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC)
+    backend = DryRunBackend()
+    reconciler = Reconciler(backend, AgentOptions(), config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
+                                         handle_signals=False, extra_sources=(CrashOnce(),)))
+        # the restart emits an event: the reconciler runs again after the crash
+        await wait_until(lambda: CrashOnce.runs == 2 and reconciler.generation >= 2, "the restart")
+        tg.cancel_scope.cancel()
+    assert backend.writes == 1

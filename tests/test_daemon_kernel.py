@@ -34,7 +34,7 @@ class Daemon:
              "--log-format", "json", "--v=4"],
             stderr=subprocess.PIPE, text=True,
         )
-        self.lines = netns._Lines(self.proc.stderr)
+        self.lines = netns.LineReader(self.proc.stderr)
         self.events: list[dict] = []
 
     def next_event(self, predicate, timeout: float = 10.0) -> dict:
@@ -111,15 +111,15 @@ def test_resync_restores_rules_changed_by_someone_else(node_ns, daemon, damage):
     d = daemon("resyncInterval: 200ms\nnonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24]\n")
     good_chain, good_jumps = chain_lines(node_ns), jumps(node_ns)
     assert good_jumps == 1 and len(good_chain) == 4
-    netns.run(node_ns, *damage)
-    assert (chain_lines(node_ns), jumps(node_ns)) != (good_chain, good_jumps)
+    netns.run(node_ns, *damage)  # checked: fails the test if iptables refused it
+    # the restore is logged only when the read-back differed, i.e. the damage was seen
     restored = d.next_event(lambda e: e.get("event") == "rules restored after outside change")
     assert restored["trigger"] == "timer"
     assert chain_lines(node_ns) == good_chain and jumps(node_ns) == 1
 
 
 def test_unchanged_kernel_sees_no_writes(node_ns, daemon):
-    d = daemon("resyncInterval: 50ms\n")
+    d = daemon("resyncInterval: 100ms\n")
     listing = netns.run(node_ns, "nft", "-a", "list", "table", "ip", "nat").stdout
     for _ in range(10):  # ten resync ticks, each one reading the kernel back
         d.next_event(is_tick)

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -469,6 +468,13 @@ print("done", flush=True)
 """
 
 
+def _lock_waiters(lockfile: Path) -> int:
+    """How many processes are blocked waiting for a flock on ``lockfile``."""
+    suffix = f":{os.stat(lockfile).st_ino} "
+    with open("/proc/locks") as locks:
+        return sum(1 for line in locks if " -> FLOCK " in line and suffix in line)
+
+
 def _lock_env(lockfile: Path) -> dict[str, str]:
     return {**os.environ, "XTABLES_LOCKFILE": str(lockfile)}
 
@@ -502,7 +508,8 @@ def test_restore_waits_for_the_xtables_lock(node_ns, held_lock):
     process = _start_restore(node_ns, lockfile)
     try:
         assert process.stdout.readline().strip() == "ready"
-        time.sleep(1.0)  # hold the lock a while after the restore was started
+        # the restore is blocked on our lock: the kernel lists it as a waiter ("->") in /proc/locks
+        assert netns.wait_for(lambda: _lock_waiters(lockfile) > 0, timeout=20), "restore never waited for the lock"
         assert process.poll() is None, process.communicate()
         assert _legacy_chain(node_ns) == [], "the restore went ahead while the lock was held"
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -48,7 +48,7 @@ def ruleset_for(config_text: str | None, options: AgentOptions):
 
 def render(config_text: str | None, options: AgentOptions, *, random_fully_supported: bool = True) -> str:
     backend = IptablesBackend(random_fully_supported=random_fully_supported)
-    return backend.render(ruleset_for(config_text, options), random_fully_supported=random_fully_supported)
+    return backend.render(ruleset_for(config_text, options))
 
 
 # --- golden renders -------------------------------------------------------------------------------
@@ -483,7 +483,8 @@ async def test_random_fully_is_used_only_when_the_binary_supports_it(version, su
     kernel = FakeNatKernel(version)
     backend = IptablesBackend(kernel)
     await backend.sync(ruleset_for(None, AgentOptions()))
-    assert await backend.random_fully_supported() is supported
+    await backend.probe()
+    assert backend.random_fully_supported is supported
     (_, text), = kernel.restores
     expected = golden("defaults" if supported else "random_fully_false")
     assert text == expected.removeprefix("# iptables-restore --noflush\n")
@@ -546,3 +547,42 @@ def test_destination_match_is_iptables_save_canonical(cidr, expected):
     from masqd.cidrs import parse_cidr
 
     assert destination_match(parse_cidr(cidr)) == expected
+
+
+class Ipv6SaveFails(FakeNatKernel):
+    """ip6tables-save fails, as on a node whose kernel has no IPv6 nat table."""
+
+    async def save(self, family: int) -> str:
+        if family == 6:
+            from masqd.errors import ReadBackError
+
+            raise ReadBackError(["ip6tables-save", "-t", "nat"], "can't initialize ip6tables table `nat'")
+        return await super().save(family)
+
+
+async def test_a_failure_after_writing_one_family_says_what_was_written():
+    from masqd.errors import BackendError
+
+    kernel = Ipv6SaveFails()
+    backend = IptablesBackend(kernel)
+    with pytest.raises(BackendError) as caught:
+        await backend.sync(ruleset_for(None, AgentOptions(enable_ipv6=True)))
+    assert caught.value.written == ("ipv4",)  # the reconciler reports IPv4 as changed, IPv6 as kept
+    assert [family for family, _ in kernel.restores] == [4]
+
+
+class StoresRulesDifferently(FakeNatKernel):
+    """A kernel/iptables pair that prints a rule back in another form than masqd rendered it."""
+
+    async def save(self, family: int) -> str:
+        return (await super().save(family)).replace("-d 10.0.0.0/8 ", "-d 10.0.0.0/255.0.0.0 ")
+
+
+async def test_rules_read_back_differently_after_a_write_are_an_error_not_a_loop():
+    from masqd.errors import BackendError
+
+    kernel = StoresRulesDifferently()
+    with pytest.raises(BackendError, match="reads them back differently") as caught:
+        await IptablesBackend(kernel).sync(ruleset_for(None, AgentOptions()))
+    assert "10.0.0.0/255.0.0.0" in str(caught.value)
+    assert len(kernel.restores) == 1  # written once, then verified, not rewritten in a loop

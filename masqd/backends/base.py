@@ -32,6 +32,12 @@ class Backend(Protocol):
 
     name: str
 
+    async def probe(self) -> None:
+        """Learn what the tools on this host support (versions, features) without writing to the
+        kernel. Called by ``sync`` itself; ``masqd render`` calls it so its output matches.
+        Raises :class:`~masqd.errors.BackendError` when the tools cannot be run."""
+        ...
+
     def render(self, ruleset: RuleSet) -> str:
         """The exact text this backend would apply to a kernel holding none of masqd's rules."""
         ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 import structlog
 
 from masqd.backends.base import SyncResult
-from masqd.backends.iptables import IptablesBackend
+from masqd.backends.iptables import render_ruleset
 from masqd.ruleset import RuleSet
 
 log = structlog.get_logger("masqd.backend.dry-run")
@@ -22,13 +22,15 @@ class DryRunBackend:
     name = "dry-run"
 
     def __init__(self) -> None:
-        self._renderer = IptablesBackend(executor=None, random_fully_supported=True)
         self.applied: RuleSet | None = None
         self.last_rendered: str | None = None
         self.writes = 0
 
+    async def probe(self) -> None:
+        """Nothing to learn: the dry-run backend runs no tools."""
+
     def render(self, ruleset: RuleSet) -> str:
-        return self._renderer.render(ruleset)
+        return render_ruleset(ruleset)
 
     async def sync(self, ruleset: RuleSet) -> SyncResult:
         if ruleset == self.applied:

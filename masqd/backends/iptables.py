@@ -21,7 +21,7 @@ import anyio
 
 from masqd.backends.base import SyncResult
 from masqd.cidrs import Network
-from masqd.errors import ApplyError, ReadBackError
+from masqd.errors import ApplyError, BackendError, ReadBackError
 from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
 
 JUMP_COMMENT = "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain"
@@ -226,43 +226,73 @@ def _failed_line(stderr: str, text: str) -> str | None:
 # --- the backend ------------------------------------------------------------------------------------
 
 
+def render_ruleset(ruleset: RuleSet, *, random_fully_supported: bool = True) -> str:
+    """The iptables-restore input for each family, as written to a kernel holding none of it."""
+    parts = []
+    for family in ruleset.families:
+        rules = _family_rules(ruleset, family, random_fully_supported)
+        tool = "iptables-restore" if family.family == 4 else "ip6tables-restore"
+        parts.append(f"# {tool} --noflush\n" + render_restore(rules, ruleset.chain, jumps_present=0))
+    return "".join(parts)
+
+
+def _family_rules(ruleset: RuleSet, family: FamilyRules, random_fully_supported: bool) -> tuple[str, ...]:
+    random_fully = ruleset.masquerade.random_fully and random_fully_supported
+    return chain_rules(family, ruleset.chain, ruleset.masquerade, random_fully)
+
+
 class IptablesBackend:
-    """Programs the upstream agent's nat chain and POSTROUTING jump, IPv4 and (optionally) IPv6."""
+    """Programs the upstream agent's nat chain and POSTROUTING jump, IPv4 and (optionally) IPv6.
+
+    Each family is read back and written on its own; after a write the family is read back again,
+    so a rule the kernel stores differently from how it was rendered is reported as an error
+    instead of being rewritten (and blamed on someone else) on every resync.
+    """
 
     name = "iptables"
 
     def __init__(self, executor: IptablesExecutor | None = None, *, random_fully_supported: bool | None = None):
         self.executor: IptablesExecutor = executor or SubprocessExecutor()
-        # None: not probed yet; probed once, lazily, from `iptables --version`.
-        self._random_fully_supported = random_fully_supported
+        #: Whether the iptables binary knows --random-fully; None until :meth:`probe` ran.
+        self.random_fully_supported = random_fully_supported
 
-    async def random_fully_supported(self) -> bool:
-        if self._random_fully_supported is None:
+    async def probe(self) -> None:
+        """Learn from ``iptables --version`` whether ``--random-fully`` is available (>= 1.6.2)."""
+        if self.random_fully_supported is None:
             version = parse_iptables_version(await self.executor.version(4))
-            self._random_fully_supported = version is not None and version >= RANDOM_FULLY_MIN_VERSION
-        return self._random_fully_supported
+            self.random_fully_supported = version is not None and version >= RANDOM_FULLY_MIN_VERSION
 
-    def desired_rules(self, ruleset: RuleSet, family: FamilyRules, random_fully_supported: bool = True) -> tuple[str, ...]:
-        random_fully = ruleset.masquerade.random_fully and random_fully_supported
-        return chain_rules(family, ruleset.chain, ruleset.masquerade, random_fully)
-
-    def render(self, ruleset: RuleSet, random_fully_supported: bool = True) -> str:
-        parts = []
-        for family in ruleset.families:
-            rules = self.desired_rules(ruleset, family, random_fully_supported)
-            tool = "iptables-restore" if family.family == 4 else "ip6tables-restore"
-            parts.append(f"# {tool} --noflush\n" + render_restore(rules, ruleset.chain, jumps_present=0))
-        return "".join(parts)
+    def render(self, ruleset: RuleSet) -> str:
+        """What a sync would write to an empty kernel (``--random-fully`` assumed when not probed)."""
+        return render_ruleset(ruleset, random_fully_supported=self.random_fully_supported is not False)
 
     async def sync(self, ruleset: RuleSet) -> SyncResult:
-        supported = await self.random_fully_supported()
-        written, reasons = [], []
+        await self.probe()
+        written: list[str] = []
+        reasons: list[str] = []
         for family in ruleset.families:
-            desired = self.desired_rules(ruleset, family, supported)
-            state = parse_nat_state(await self.executor.save(family.family), ruleset.chain)
-            text, reason = plan(desired, state, ruleset.chain)
-            if text is not None:
-                await self.executor.restore(family.family, text)
+            try:
+                reason = await self._sync_family(ruleset, family)
+            except BackendError as exc:
+                exc.written = tuple(written)
+                raise
+            if reason is not None:
                 written.append(family.label)
                 reasons.append(reason)
         return SyncResult(tuple(written), tuple(reasons))
+
+    async def _sync_family(self, ruleset: RuleSet, family: FamilyRules) -> str | None:
+        """Bring one family in line; return why it was written, or None when it was in sync."""
+        desired = _family_rules(ruleset, family, bool(self.random_fully_supported))
+        state = parse_nat_state(await self.executor.save(family.family), ruleset.chain)
+        text, reason = plan(desired, state, ruleset.chain)
+        if text is None:
+            return None
+        await self.executor.restore(family.family, text)
+        after = parse_nat_state(await self.executor.save(family.family), ruleset.chain)
+        if plan(desired, after, ruleset.chain)[0] is not None:
+            raise BackendError(
+                f"{family.label}: iptables accepted the rules but reads them back differently; "
+                f"wrote {list(desired)}, read back {list(after.rules)} with {after.jumps} jump(s)"
+            )
+        return reason

@@ -13,15 +13,24 @@ import os
 from pathlib import Path
 
 import anyio
+import anyio.abc
+import structlog
 import watchfiles
 
 from masqd.events import Emit, Event
 
 #: Milliseconds watchfiles waits for more changes before yielding a batch (its default is 50).
-#: A change is seen 10-20 ms after it happens; idle, the watcher costs about 0.4% of one core.
+#: A change is seen 10-20 ms after it happens; idle, the daemon costs about 0.3% of one core
+#: (benchmarks/reload_latency.py measures both).
 WATCH_STEP_MS = 10
 #: Seconds between checks while the config directory does not exist.
 MISSING_DIR_POLL_SECONDS = 1.0
+#: Seconds after an inotify watch starts before the file is checked once more (see _watch).
+SETTLE_SECONDS = 0.1
+#: Poll period when inotify cannot be used (e.g. fs.inotify.max_user_instances exhausted).
+POLL_DELAY_MS = 300
+
+log = structlog.get_logger("masqd.sources.files")
 
 
 def read_config_text(path: str | os.PathLike[str]) -> str | None:
@@ -51,45 +60,61 @@ class ConfigFileSource:
 
     name = "file"
 
-    def __init__(self, path: str | os.PathLike[str], *, force_polling: bool | None = None):
+    def __init__(self, path: str | os.PathLike[str], *, force_polling: bool | None = None, watch=watchfiles.awatch):
         self.path = Path(path)
         self.force_polling = force_polling
+        self._watch_changes = watch  # watchfiles.awatch, or a stand-in with its signature in tests
 
     async def run(self, emit: Emit) -> None:
         # watchfiles runs its watcher in a thread that only returns on a change, a timeout or its
         # stop event; set that event as soon as this task is cancelled so shutdown is immediate.
         stop = anyio.Event()
+        self._digest = content_digest(self.path)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_set_when_cancelled, stop)
-            await self._watch(emit, stop)
+            await self._watch(emit, stop, tg)
 
-    async def _watch(self, emit: Emit, stop: anyio.Event) -> None:
-        last = content_digest(self.path)
+    async def _watch(self, emit: Emit, stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
         directory = self.path.parent
         while True:
             if not directory.is_dir():
                 await anyio.sleep(MISSING_DIR_POLL_SECONDS)
             else:
-                async for _changes in watchfiles.awatch(
-                    directory,
-                    watch_filter=None,
-                    recursive=False,
-                    step=WATCH_STEP_MS,
-                    stop_event=stop,
-                    force_polling=self.force_polling,
-                    ignore_permission_denied=True,
-                ):
-                    last = self._check(last, emit)
-                    if not directory.is_dir():
-                        break
-            last = self._check(last, emit)
+                # A change made after the last check but before the new watcher took its first
+                # look would go unseen until the next resync: check once more when it has settled.
+                tg.start_soon(self._settle_check, emit)
+                try:
+                    async for _changes in self._watch_changes(
+                        directory,
+                        watch_filter=None,
+                        recursive=False,
+                        step=WATCH_STEP_MS,
+                        stop_event=stop,
+                        force_polling=self.force_polling,
+                        poll_delay_ms=POLL_DELAY_MS,
+                        ignore_permission_denied=True,
+                    ):
+                        self._check(emit)
+                        if not directory.is_dir():
+                            break
+                except (OSError, RuntimeError) as exc:  # watchfiles' errors derive from RuntimeError
+                    if self.force_polling:
+                        raise
+                    log.warning("cannot watch config directory with inotify; polling it instead",
+                                directory=str(directory), error=str(exc), poll_ms=POLL_DELAY_MS)
+                    self.force_polling = True
+            self._check(emit)
             await anyio.sleep(0)  # a checkpoint: after a stop, cancellation is delivered here
 
-    def _check(self, last: str, emit: Emit) -> str:
+    async def _settle_check(self, emit: Emit) -> None:
+        await anyio.sleep(2 * POLL_DELAY_MS / 1000 if self.force_polling else SETTLE_SECONDS)
+        self._check(emit)
+
+    def _check(self, emit: Emit) -> None:
         digest = content_digest(self.path)
-        if digest != last:
+        if digest != self._digest:
+            self._digest = digest
             emit(Event(self.name, str(self.path)))
-        return digest
 
 
 async def _set_when_cancelled(event: anyio.Event) -> None:
