@@ -19,7 +19,7 @@ import anyio
 from masqd import __version__
 from masqd.backends import BACKENDS, make_backend
 from masqd.backends.base import Backend
-from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, parse_to_ports, validate_chain_name
+from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, ParsedConfig, parse_to_ports, validate_chain_name
 from masqd.duration import format_go_duration
 from masqd.errors import BackendError, ConfigError, FlagError, Problem
 from masqd.logs import configure_logging, verbosity_to_level
@@ -152,13 +152,21 @@ def _print_warnings(warnings: tuple[Problem, ...], path: str) -> None:
         print(f"warning: {path}: {warning}", file=sys.stderr)
 
 
-def _cmd_validate(args: argparse.Namespace, options: AgentOptions) -> int:
+def _load_and_report(args: argparse.Namespace, options: AgentOptions) -> ParsedConfig | None:
+    """Load the config; print its problems and warnings. ``None`` when it is invalid."""
     try:
         parsed = load_config(args.config, options)
     except ConfigError as exc:
         _print_problems(exc)
-        return EXIT_INVALID_CONFIG
+        return None
     _print_warnings(parsed.warnings, args.config)
+    return parsed
+
+
+def _cmd_validate(args: argparse.Namespace, options: AgentOptions) -> int:
+    parsed = _load_and_report(args, options)
+    if parsed is None:
+        return EXIT_INVALID_CONFIG
     config = parsed.config
     origin = "defaults (no file)" if not os.path.exists(args.config) else args.config
     print(f"ok: {origin}: {len(config.non_masquerade_cidrs)} non-masquerade CIDRs, "
@@ -175,12 +183,9 @@ async def _render_text(backend: Backend, ruleset) -> str:
 
 
 def _cmd_render(args: argparse.Namespace, options: AgentOptions) -> int:
-    try:
-        parsed = load_config(args.config, options)
-    except ConfigError as exc:
-        _print_problems(exc)
+    parsed = _load_and_report(args, options)
+    if parsed is None:
         return EXIT_INVALID_CONFIG
-    _print_warnings(parsed.warnings, args.config)
     backend = make_backend(args.backend)
     sys.stdout.write(anyio.run(_render_text, backend, compute_ruleset(parsed.config, options)))
     return EXIT_OK

@@ -144,24 +144,30 @@ async def test_resync_interval_from_config_drives_the_timer(tmp_path: Path) -> N
         assert backend.writes == 1  # ticks re-check but an unchanged state is never rewritten
 
 
-class FlakyBackend(DryRunBackend):
-    """A dry-run backend whose next ``failures`` syncs are refused, like a busy kernel."""
+class FailingBackend(DryRunBackend):
+    """A dry-run backend whose next ``failures`` syncs raise ``make_error()``."""
 
-    def __init__(self, failures: int):
+    def __init__(self, failures: int, make_error):
         super().__init__()
         self.failures = failures
+        self.make_error = make_error
 
     async def sync(self, ruleset):
         if self.failures:
             self.failures -= 1
-            raise ApplyError(["iptables-restore"], 4, "Another app is currently holding the xtables lock")
+            raise self.make_error()
         return await super().sync(ruleset)
+
+
+def lock_held() -> ApplyError:
+    """What a busy kernel answers."""
+    return ApplyError(["iptables-restore"], 4, "Another app is currently holding the xtables lock")
 
 
 async def test_failed_apply_is_retried_without_an_event(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
-    backend = FlakyBackend(failures=2)
+    backend = FailingBackend(2, lock_held)
     reconciler = Reconciler(backend, AgentOptions(), config, retry_initial_seconds=0.01)
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler, handle_signals=False))
@@ -231,24 +237,10 @@ def test_sighup_triggers_a_sync(tmp_path: Path) -> None:
         lines.close()
 
 
-class BrokenBackend(DryRunBackend):
-    """A backend with a bug: its next ``failures`` syncs raise something that is not a MasqdError."""
-
-    def __init__(self, failures: int):
-        super().__init__()
-        self.failures = failures
-
-    async def sync(self, ruleset):
-        if self.failures:
-            self.failures -= 1
-            raise KeyError("a bug")
-        return await super().sync(ruleset)
-
-
 async def test_unexpected_error_is_logged_and_retried_not_fatal(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
-    backend = BrokenBackend(failures=1)
+    backend = FailingBackend(1, lambda: KeyError("a bug"))  # not a MasqdError: a bug
     with structlog.testing.capture_logs() as logs:
         async with Running(backend, config) as daemon:
             await wait_until(lambda: backend.writes == 1, "the retry after the bug")
@@ -260,7 +252,7 @@ async def test_unexpected_error_is_logged_and_retried_not_fatal(tmp_path: Path) 
 async def test_repeated_identical_sync_errors_are_logged_once(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
-    backend = FlakyBackend(failures=4)
+    backend = FailingBackend(4, lock_held)
     reconciler = Reconciler(backend, AgentOptions(), config, retry_initial_seconds=0.01)
     with structlog.testing.capture_logs() as logs:
         async with anyio.create_task_group() as tg:
