@@ -67,7 +67,7 @@ class Reconciler:
         self.errors = 0
         self.retry_initial_seconds = retry_initial_seconds
         self._retry_delay: float | None = None
-        self._reported: tuple[str, ...] = ()  # the config problems/warnings logged last
+        self._logged_findings: tuple[str, ...] = ()  # the config problems/warnings logged last
         self._last_sync_error: tuple[str, float] | None = None  # (message, when logged)
 
     @property
@@ -83,22 +83,25 @@ class Reconciler:
         try:
             parsed = load_config(self.config_path, self.options)
         except ConfigError as exc:
-            self._report(("error",) + tuple(map(str, exc.problems + exc.warnings)), lambda: log.error(
-                "config rejected; keeping the rules last applied", path=str(self.config_path),
-                problems=[str(p) for p in exc.problems], warnings=[str(w) for w in exc.warnings]))
+            if self._changed_since_logged(("error", *map(str, exc.problems + exc.warnings))):
+                log.error("config rejected; keeping the rules last applied", path=str(self.config_path),
+                          problems=[str(p) for p in exc.problems], warnings=[str(w) for w in exc.warnings])
             raise
-        self._report(("ok",) + tuple(map(str, parsed.warnings)), lambda: [
-            log.warning("config warning", path=str(self.config_path), problem=str(w)) for w in parsed.warnings])
+        if self._changed_since_logged(("ok", *map(str, parsed.warnings))):
+            for warning in parsed.warnings:
+                log.warning("config warning", path=str(self.config_path), problem=str(warning))
         previous = self.config.resync_interval_ns
         self.config = parsed.config
         if parsed.config.resync_interval_ns != previous and self.on_resync_interval is not None:
             self.on_resync_interval()
         return compute_ruleset(parsed.config, self.options)
 
-    def _report(self, key: tuple[str, ...], emit: Callable[[], object]) -> None:
-        if key != self._reported:
-            emit()
-            self._reported = key
+    def _changed_since_logged(self, findings: tuple[str, ...]) -> bool:
+        """True (and remembered) when these config findings differ from the ones logged last."""
+        if findings == self._logged_findings:
+            return False
+        self._logged_findings = findings
+        return True
 
     async def reconcile(self, events: tuple[Event, ...] = (Event("manual"),)) -> SyncResult:
         """One full pass. Raises :class:`MasqdError` on failure (after recording it).

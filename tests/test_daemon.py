@@ -314,3 +314,17 @@ async def test_failing_source_is_restarted_and_daemon_keeps_running(tmp_path: Pa
         await wait_until(lambda: CrashOnce.runs == 2 and reconciler.generation >= 2, "the restart")
         tg.cancel_scope.cancel()
     assert backend.writes == 1
+
+
+async def test_bad_config_is_logged_once_not_on_every_resync(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text("resyncInterval: 100ms\n")
+    backend = DryRunBackend()
+    with structlog.testing.capture_logs() as logs:
+        async with Running(backend, config) as daemon:
+            write_atomically(config, "resyncInterval: 100ms\nnonMasqueradeCIDRs: [10.0.0.1/8]\n")
+            await wait_until(lambda: daemon.reconciler.errors >= 5, "several resyncs on the bad file")
+    rejected = [e for e in logs if e["event"] == "config rejected; keeping the rules last applied"]
+    assert len(rejected) == 1
+    assert rejected[0]["problems"] == [
+        "nonMasqueradeCIDRs[0]: '10.0.0.1/8': not aligned to a CIDR block: host bits are set; did you mean '10.0.0.0/8'?"]
