@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from collections.abc import Sequence
 
 import anyio
 
 from masqd import __version__
-from masqd.backends import BACKENDS, make_backend
+from masqd.backends import BACKENDS, leftover_backends, make_backend
+from masqd.backends.iptables_mode import MODES
 from masqd.backends.base import Backend
 from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, ParsedConfig, parse_to_ports, validate_chain_name
 from masqd.duration import format_go_duration
@@ -63,8 +65,11 @@ def _common_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
                         help=f"config file, YAML or JSON; missing means defaults (default {DEFAULT_CONFIG_PATH})")
-    common.add_argument("--backend", choices=sorted(BACKENDS), default="iptables",
-                        help="how rules are programmed (default iptables)")
+    common.add_argument("--backend", choices=BACKENDS, default="iptables",
+                        help="how rules are programmed (default iptables, as upstream)")
+    common.add_argument("--iptables-mode", choices=MODES, default="auto",
+                        help="iptables variant for the iptables backend: auto picks the one the host "
+                             "already uses (default auto)")
     common.add_argument("--masq-chain", default=DEFAULT_MASQ_CHAIN, type=_flag_type(validate_chain_name),
                         help=f"name of the nat chain masqd owns (default {DEFAULT_MASQ_CHAIN})")
     _add_bool(common, "nomasq-all-reserved-ranges", False,
@@ -95,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check a config file: exit 0 if valid, 1 with one line per problem")
     commands.add_parser("render", parents=[common], allow_abbrev=False,
                         help="print the exact rules the backend would apply, touching nothing")
+    commands.add_parser("cleanup", parents=[common], allow_abbrev=False,
+                        help="remove everything masqd created with this backend, and nothing else")
     return parser
 
 
@@ -186,16 +193,28 @@ def _cmd_render(args: argparse.Namespace, options: AgentOptions) -> int:
     parsed = _load_and_report(args, options)
     if parsed is None:
         return EXIT_INVALID_CONFIG
-    backend = make_backend(args.backend)
+    backend = make_backend(args.backend, iptables_mode=args.iptables_mode)
     sys.stdout.write(anyio.run(_render_text, backend, compute_ruleset(parsed.config, options)))
+    return EXIT_OK
+
+
+def _cmd_cleanup(args: argparse.Namespace, options: AgentOptions) -> int:
+    configure_logging(verbosity_to_level(args.v), args.log_format)
+    reconciler = Reconciler(make_backend(args.backend, iptables_mode=args.iptables_mode), options, args.config)
+    try:
+        removed = anyio.run(reconciler.cleanup)
+    except BackendError as exc:
+        print(f"error: {args.backend}: {exc}", file=sys.stderr)
+        return EXIT_BACKEND
+    print(f"removed: {', '.join(removed)}" if removed else "nothing to remove")
     return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace, options: AgentOptions) -> int:
     configure_logging(verbosity_to_level(args.v), args.log_format)
-    backend = make_backend(args.backend)
+    backend = make_backend(args.backend, iptables_mode=args.iptables_mode)
     if args.once:
-        reconciler = Reconciler(backend, options, args.config)
+        reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends(args.backend))
         try:
             anyio.run(reconciler.reconcile)
         except ConfigError as exc:
@@ -207,11 +226,12 @@ def _cmd_run(args: argparse.Namespace, options: AgentOptions) -> int:
         return EXIT_OK
     from masqd.daemon import run_daemon
 
-    anyio.run(run_daemon, backend, options, args.config)
+    reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends(args.backend))
+    anyio.run(partial(run_daemon, backend, options, args.config, reconciler=reconciler))
     return EXIT_OK
 
 
-_COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "render": _cmd_render}
+_COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "render": _cmd_render, "cleanup": _cmd_cleanup}
 
 
 def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

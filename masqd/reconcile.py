@@ -54,6 +54,7 @@ class Reconciler:
         *,
         on_resync_interval: Callable[[], None] | None = None,
         retry_initial_seconds: float = RETRY_INITIAL_SECONDS,
+        leftovers: tuple[Backend, ...] = (),
     ):
         self.backend = backend
         self.options = options
@@ -66,6 +67,7 @@ class Reconciler:
         self.writes = 0
         self.errors = 0
         self.retry_initial_seconds = retry_initial_seconds
+        self.leftovers = leftovers  # other backends whose rules a previous masqd may have left
         self._retry_delay: float | None = None
         self._logged_findings: tuple[str, ...] = ()  # the config problems/warnings logged last
         self._last_sync_error: tuple[str, float] | None = None  # (message, when logged)
@@ -123,6 +125,8 @@ class Reconciler:
             # between two families (bounded by the restore's own lock wait).
             with anyio.CancelScope(shield=True):
                 result = await self.backend.sync(desired)
+                if self.leftovers:
+                    await self._remove_leftovers(desired.chain)
         except MasqdError as exc:
             self._record_error(exc)
             if not isinstance(exc, ConfigError):
@@ -142,6 +146,23 @@ class Reconciler:
         self.last_error = None
         self._last_sync_error = None
         return result
+
+    async def _remove_leftovers(self, chain: str) -> None:
+        """After the first good sync, remove what another backend of a previous masqd left, so
+        two rule sets never apply at once. Failures are logged; they never undo the sync."""
+        leftovers, self.leftovers = self.leftovers, ()
+        for other in leftovers:
+            try:
+                removed = await other.cleanup(chain)
+            except MasqdError as exc:
+                log.warning("could not remove another backend's leftovers", backend=other.name, error=str(exc))
+                continue
+            if removed:
+                log.info("removed another backend's leftovers", backend=other.name, removed=list(removed))
+
+    async def cleanup(self) -> tuple[str, ...]:
+        """Remove everything the backend created (``masqd cleanup``)."""
+        return await self.backend.cleanup(self.options.masq_chain)
 
     def _log_sync_error(self, exc: MasqdError, trigger: str) -> None:
         written = getattr(exc, "written", ())

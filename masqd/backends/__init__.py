@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
 
 from masqd.backends.base import Backend
 from masqd.backends.dryrun import DryRunBackend
 from masqd.backends.iptables import IptablesBackend
+from masqd.backends.iptables_mode import installed_modes
+from masqd.backends.nftables import NftablesBackend
 
-#: Backend name (as given to ``--backend``) -> factory.
-BACKENDS: dict[str, Callable[[], Backend]] = {
-    "iptables": IptablesBackend,
-    "dry-run": DryRunBackend,
-}
+#: Backend names, as given to ``--backend``.
+BACKENDS = ("iptables", "nftables", "dry-run")
 
 
-def make_backend(name: str) -> Backend:
+def make_backend(name: str, *, iptables_mode: str = "auto") -> Backend:
     """A new backend by ``--backend`` name; raises ``KeyError`` for an unknown name."""
-    return BACKENDS[name]()
+    if name == "iptables":
+        return IptablesBackend(mode=iptables_mode)
+    if name == "nftables":
+        return NftablesBackend()
+    if name == "dry-run":
+        return DryRunBackend()
+    raise KeyError(name)
+
+
+def leftover_backends(name: str) -> tuple[Backend, ...]:
+    """The other real backends whose rules a previous masqd may have left behind, so that
+    switching ``--backend`` never leaves two sets of masquerade rules applying at once."""
+    if name == "nftables":
+        return tuple(IptablesBackend(mode=mode) for mode in installed_modes())
+    if name == "iptables" and shutil.which("nft"):
+        return (NftablesBackend(),)
+    return ()

@@ -42,6 +42,11 @@ class Backend(Protocol):
         """The exact text this backend would apply to a kernel holding none of masqd's rules."""
         ...
 
+    async def cleanup(self, chain: str) -> tuple[str, ...]:
+        """Remove everything this backend creates (``chain``: the iptables chain name) and nothing
+        else. Returns a description of each thing removed; empty when there was nothing."""
+        ...
+
     async def sync(self, ruleset: RuleSet) -> SyncResult:
         """Make the kernel hold ``ruleset``: read back, write only if it differs, atomically.
 

@@ -29,6 +29,12 @@ class DryRunBackend:
     async def probe(self) -> None:
         """Nothing to learn: the dry-run backend runs no tools."""
 
+    async def cleanup(self, chain: str) -> tuple[str, ...]:
+        """Forget the rules it pretended to apply."""
+        removed = ("dry-run rules",) if self.applied is not None else ()
+        self.applied = None
+        return removed
+
     def render(self, ruleset: RuleSet) -> str:
         return render_ruleset(ruleset)
 

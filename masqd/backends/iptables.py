@@ -18,8 +18,10 @@ from fractions import Fraction
 from typing import Protocol
 
 import anyio
+import structlog
 
 from masqd.backends.base import SyncResult
+from masqd.backends.iptables_mode import Binaries, binaries_for, detect_mode
 from masqd.cidrs import Network
 from masqd.errors import ApplyError, BackendError, ReadBackError
 from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
@@ -27,6 +29,8 @@ from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
 JUMP_COMMENT = "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain"
 NONMASQ_COMMENT = "ip-masq-agent: local traffic is not subject to MASQUERADE"
 MASQ_COMMENT = "ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)"
+
+log = structlog.get_logger("masqd.backend.iptables")
 
 #: Seconds iptables-restore waits for a held xtables lock before giving up (the reconciler retries).
 LOCK_WAIT_SECONDS = 10
@@ -162,19 +166,7 @@ class IptablesExecutor(Protocol):
     async def version(self, family: int) -> str: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Binaries:
-    """Names of the save/restore/main binaries for one family."""
-
-    save: str
-    restore: str
-    main: str
-
-
-DEFAULT_BINARIES = {
-    4: Binaries("iptables-save", "iptables-restore", "iptables"),
-    6: Binaries("ip6tables-save", "ip6tables-restore", "ip6tables"),
-}
+DEFAULT_BINARIES = binaries_for("system")
 
 _ERROR_LINE = re.compile(r"(?:Error occurred at line: (\d+)|line (\d+) failed)")
 
@@ -247,17 +239,27 @@ class IptablesBackend:
     Each family is read back and written on its own; after a write the family is read back again,
     so a rule the kernel stores differently from how it was rendered is reported as an error
     instead of being rewritten (and blamed on someone else) on every resync.
+
+    ``mode`` picks the iptables variant: ``legacy``, ``nft``, or ``auto`` (detected on first use,
+    see :mod:`masqd.backends.iptables_mode`). An injected ``executor`` is used as it is.
     """
 
     name = "iptables"
 
-    def __init__(self, executor: IptablesExecutor | None = None, *, random_fully_supported: bool | None = None):
-        self.executor: IptablesExecutor = executor or SubprocessExecutor()
+    def __init__(self, executor: IptablesExecutor | None = None, *, random_fully_supported: bool | None = None,
+                 mode: str = "auto"):
+        self.mode = mode if executor is None else "given"
+        self.executor: IptablesExecutor = executor or SubprocessExecutor(
+            None if mode == "auto" else binaries_for(mode))
         #: Whether the iptables binary knows --random-fully; None until :meth:`probe` ran.
         self.random_fully_supported = random_fully_supported
 
     async def probe(self) -> None:
-        """Learn from ``iptables --version`` whether ``--random-fully`` is available (>= 1.6.2)."""
+        """Pick the iptables variant (``auto``), then learn whether ``--random-fully`` is available."""
+        if self.mode == "auto":
+            self.mode = await detect_mode(_save_or_none)
+            self.executor = SubprocessExecutor(binaries_for(self.mode))
+            log.info("iptables variant chosen", mode=self.mode)
         if self.random_fully_supported is None:
             version = parse_iptables_version(await self.executor.version(4))
             self.random_fully_supported = version is not None and version >= RANDOM_FULLY_MIN_VERSION
@@ -296,3 +298,42 @@ class IptablesBackend:
                 f"wrote {list(desired)}, read back {list(after.rules)} with {after.jumps} jump(s)"
             )
         return reason
+
+    async def cleanup(self, chain: str, families: tuple[int, ...] = (4, 6)) -> tuple[str, ...]:
+        """Remove ``chain`` and masqd's POSTROUTING jumps to it, nothing else. A family whose
+        tables cannot be read (no IPv6 nat on this kernel) has nothing of masqd's and is skipped.
+        Returns what was removed, e.g. ``("ipv4 chain IP-MASQ-AGENT", "ipv4 jump")``."""
+        if self.mode == "auto":
+            await self.probe()
+        removed: list[str] = []
+        for family in families:
+            try:
+                state = parse_nat_state(await self.executor.save(family), chain)
+            except ReadBackError:
+                if family == 4:
+                    raise
+                continue
+            text = render_removal(chain, state)
+            if text is not None:
+                await self.executor.restore(family, text)
+                label = f"ipv{family}"
+                removed += [f"{label} chain {chain}"] * state.chain_exists + [f"{label} jump"] * bool(state.jumps)
+        return tuple(removed)
+
+
+def render_removal(chain: str, state: NatState) -> str | None:
+    """iptables-restore input deleting masqd's jumps and chain (``None``: nothing to remove)."""
+    if not state.chain_exists and not state.jumps:
+        return None
+    lines = ["*nat", *("-D" + jump_rule(chain)[2:] for _ in range(state.jumps))]
+    if state.chain_exists:
+        lines += [f"-F {chain}", f"-X {chain}"]
+    return "\n".join([*lines, "COMMIT"]) + "\n"
+
+
+async def _save_or_none(command: list[str]) -> str | None:
+    try:
+        result = await anyio.run_process(command, check=False)
+    except OSError:
+        return None
+    return result.stdout.decode(errors="replace") if result.returncode == 0 else None

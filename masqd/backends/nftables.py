@@ -1,0 +1,415 @@
+"""The nftables backend: native interval sets, one atomic transaction per apply.
+
+Per family masqd owns one table (``ip masqd``, and ``ip6 masqd`` with IPv6) holding a set of the
+non-masquerade destinations and a ``nat`` chain hooked at postrouting (priority srcnat):
+
+    fib daddr type local return          # like -m addrtype ! --dst-type LOCAL
+    ip daddr @nonmasq4 return            # one O(log n) set lookup, whatever the list size
+    [meta l4proto P numgen random mod M < K masquerade to :A-B]   # --to-ports, spread evenly
+    masquerade [fully-random]
+
+Rendering and reading back are pure: :func:`render_script` writes the nft script and
+:func:`parse_listing` turns ``nft --json list table`` output into the same :class:`TableState`
+model that :func:`desired_state` builds, so drift detection is a comparison of two values.
+
+The set has ``flags interval`` but not ``auto-merge``: masqd collapses the CIDRs itself and always
+rewrites the whole set, so auto-merge would merge nothing, while it makes nft 1.0.6 fetch every
+existing element before a replace (100k elements: 1.0 s instead of 0.6 s per apply).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+
+from masqd.backends.base import SyncResult
+from masqd.cidrs import Network
+from masqd.errors import ApplyError, BackendError, ReadBackError
+from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
+
+TABLE = "masqd"
+CHAIN = "nat"
+SRCNAT_PRIORITY = 100
+TABLE_COMMENT = "masqd: masquerade decisions for traffic leaving this node (managed by masqd, do not edit)"
+CHAIN_COMMENT = "masqd: masquerade traffic that is not local and not in the non-masquerade set"
+SET_COMMENT = "masqd: destinations that keep the pod source address"
+
+_NFT_FAMILY = {4: "ip", 6: "ip6"}
+_ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+
+
+def set_name(family: int) -> str:
+    return f"nonmasq{family}"
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MasqRule:
+    """``[meta l4proto P] [numgen random mod M < K] masquerade [to :A-B] [fully-random]``."""
+
+    protocol: str | None = None
+    modulus: int | None = None  # with ``below``: taken when numgen random mod M < K
+    below: int | None = None
+    ports: tuple[int, int] | None = None
+    fully_random: bool = False
+
+
+#: The two return rules, as model values.
+LOCAL_RETURN = ("return", "fib-daddr-local")
+
+
+def set_return(family: int) -> tuple[str, str]:
+    return ("return", f"@{set_name(family)}")
+
+
+@dataclass(frozen=True, slots=True)
+class TableState:
+    """What matters of one family's table, rendered or read back; ``None`` fields mean missing."""
+
+    family: int
+    chain: tuple[str, str, int, str] | None  # (type, hook, priority, policy)
+    set_type: str | None
+    intervals: tuple[tuple[int, int], ...]  # merged, sorted [first, last] address ranges
+    rules: tuple[object, ...]
+
+
+def intervals_of(networks: list[Network] | tuple[Network, ...]) -> tuple[tuple[int, int], ...]:
+    """Sorted address ranges covering ``networks``, overlapping and adjacent ones merged."""
+    merged: list[list[int]] = []
+    for first, last in sorted((int(n.network_address), int(n.broadcast_address)) for n in networks):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return tuple((a, b) for a, b in merged)
+
+
+def _networks_of(intervals: tuple[tuple[int, int], ...], family: int) -> list[Network]:
+    """The fewest CIDRs covering the intervals (what the set is written with)."""
+    address = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    nets: list[Network] = []
+    for first, last in intervals:
+        nets.extend(ipaddress.summarize_address_range(address(first), address(last)))
+    return nets
+
+
+def _masq_rules(masquerade: Masquerade) -> tuple[MasqRule, ...]:
+    rules = []
+    for protocol in PORT_PROTOCOLS if masquerade.to_ports else ():
+        remaining = sum(r.size for r in masquerade.to_ports)
+        for index, ports in enumerate(masquerade.to_ports):
+            last = index == len(masquerade.to_ports) - 1
+            rules.append(MasqRule(
+                protocol=protocol,
+                modulus=None if last else remaining,
+                below=None if last else ports.size,
+                ports=(ports.first, ports.last),
+                fully_random=masquerade.random_fully,
+            ))
+            remaining -= ports.size
+    rules.append(MasqRule(fully_random=masquerade.random_fully))
+    return tuple(rules)
+
+
+def desired_state(family: FamilyRules, masquerade: Masquerade) -> TableState:
+    """The table masqd wants for one family."""
+    return TableState(
+        family=family.family,
+        chain=("nat", "postrouting", SRCNAT_PRIORITY, "accept"),
+        set_type=_ADDR_TYPE[family.family],
+        intervals=intervals_of(family.nonmasq),
+        rules=(LOCAL_RETURN, set_return(family.family), *_masq_rules(masquerade)),
+    )
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+
+def _render_rule(rule: object, family: int) -> str:
+    if rule == LOCAL_RETURN:
+        return "fib daddr type local return"
+    if rule == set_return(family):
+        return f"{_NFT_FAMILY[family]} daddr @{set_name(family)} return"
+    assert isinstance(rule, MasqRule)
+    words = []
+    if rule.protocol:
+        words.append(f"meta l4proto {rule.protocol}")
+    if rule.modulus is not None:
+        words.append(f"numgen random mod {rule.modulus} < {rule.below}")
+    words.append("masquerade")
+    if rule.ports:
+        first, last = rule.ports
+        words.append(f"to :{first}" if first == last else f"to :{first}-{last}")
+    if rule.fully_random:
+        words.append("fully-random")
+    return " ".join(words)
+
+
+def render_table(state: TableState) -> str:
+    """The ``table ... { }`` block for one family (elements as the fewest CIDRs)."""
+    family = state.family
+    elements = ", ".join(str(n) for n in _networks_of(state.intervals, family))
+    lines = [
+        f"table {_NFT_FAMILY[family]} {TABLE} {{",
+        f'\tcomment "{TABLE_COMMENT}"',
+        f"\tset {set_name(family)} {{",
+        f"\t\ttype {state.set_type}",
+        "\t\tflags interval",
+        f'\t\tcomment "{SET_COMMENT}"',
+    ]
+    if elements:
+        lines.append(f"\t\telements = {{ {elements} }}")
+    lines += [
+        "\t}",
+        f"\tchain {CHAIN} {{",
+        f'\t\tcomment "{CHAIN_COMMENT}"',
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;",
+        *(f"\t\t{_render_rule(rule, family)}" for rule in state.rules),
+        "\t}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_replace(states: list[TableState]) -> str:
+    """One transaction replacing each table whole: ``add`` (so ``delete`` cannot fail), ``delete``,
+    then the new definition. nft applies the script atomically: packets see the old rules or the
+    new ones, never a mix, and a failing script changes nothing."""
+    parts = []
+    for state in states:
+        name = f"{_NFT_FAMILY[state.family]} {TABLE}"
+        parts.append(f"add table {name}\ndelete table {name}\n" + render_table(state))
+    return "".join(parts)
+
+
+def render_delete(families: tuple[int, ...]) -> str:
+    """A transaction removing masqd's tables, whether they exist or not."""
+    return "".join(f"add table {_NFT_FAMILY[f]} {TABLE}\ndelete table {_NFT_FAMILY[f]} {TABLE}\n" for f in families)
+
+
+def render_ruleset(ruleset: RuleSet) -> str:
+    return render_replace([desired_state(family, ruleset.masquerade) for family in ruleset.families])
+
+
+# --- reading back --------------------------------------------------------------------------------------
+
+
+def parse_listing(text: str, family: int) -> TableState | None:
+    """``nft --json list table <family> masqd`` output as a :class:`TableState` (``None``: no table).
+
+    Anything masqd would not have written (an extra rule, an unknown expression) becomes a value
+    that never equals a desired rule, so it is replaced on the next sync.
+    """
+    objects = [next(iter(o.items())) for o in json.loads(text).get("nftables", [])]
+    if not any(kind == "table" for kind, _ in objects):
+        return None
+    chain = None
+    set_type = None
+    intervals: tuple[tuple[int, int], ...] = ()
+    rules = []
+    for kind, body in objects:
+        if kind == "chain" and body.get("name") == CHAIN:
+            chain = (body.get("type"), body.get("hook"), body.get("prio"), body.get("policy"))
+        elif kind == "set" and body.get("name") == set_name(family):
+            set_type = body.get("type") if "interval" in body.get("flags", []) else f"{body.get('type')} (no interval flag)"
+            intervals = _parse_elements(body.get("elem", []), family)
+        elif kind == "rule" and body.get("chain") == CHAIN:
+            rules.append(_parse_rule(body.get("expr", []), family))
+    return TableState(family, chain, set_type, intervals, tuple(rules))
+
+
+def _parse_elements(elements: list[Any], family: int) -> tuple[tuple[int, int], ...]:
+    address = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    nets: list[Network] = []
+    for element in elements:
+        if isinstance(element, dict) and "elem" in element:  # an element with options (comment...)
+            element = element["elem"]["val"]
+        if isinstance(element, str):
+            nets.append(ipaddress.ip_network(element))
+        elif "prefix" in element:
+            nets.append(ipaddress.ip_network(f"{element['prefix']['addr']}/{element['prefix']['len']}"))
+        elif "range" in element:
+            first, last = element["range"]
+            nets.extend(ipaddress.summarize_address_range(address(first), address(last)))
+    return intervals_of(nets)
+
+
+def _parse_rule(expr: list[dict], family: int) -> object:
+    """One rule's JSON expressions as a model value (or an opaque tuple for anything else)."""
+    kinds = [next(iter(e)) for e in expr]
+    if kinds == ["match", "return"]:
+        match = expr[0]["match"]
+        left, right = match.get("left", {}), match.get("right")
+        if match.get("op") == "==" and left.get("fib") == {"result": "type", "flags": ["daddr"]} and right == "local":
+            return LOCAL_RETURN
+        if (match.get("op") == "==" and left.get("payload") == {"protocol": _NFT_FAMILY[family], "field": "daddr"}
+                and right == f"@{set_name(family)}"):
+            return set_return(family)
+    if kinds and kinds[-1] == "masquerade":
+        rule = _parse_masquerade(expr, family)
+        if rule is not None:
+            return rule
+    return ("unrecognised", json.dumps(expr, sort_keys=True))
+
+
+def _parse_masquerade(expr: list[dict], family: int) -> MasqRule | None:
+    protocol = modulus = below = None
+    for item in expr[:-1]:
+        match = item.get("match", {})
+        left = match.get("left", {})
+        if match.get("op") == "==" and left.get("meta") == {"key": "l4proto"} and protocol is None:
+            protocol = match["right"]
+        elif (match.get("op") == "<" and "numgen" in left and left["numgen"].get("mode") == "random"
+              and left["numgen"].get("offset", 0) == 0 and modulus is None):
+            modulus, below = left["numgen"]["mod"], match["right"]
+        else:
+            return None
+    body = expr[-1]["masquerade"] or {}
+    flags = body.get("flags", [])
+    flags = [flags] if isinstance(flags, str) else flags
+    port = body.get("port")
+    ports = None
+    if isinstance(port, int):
+        ports = (port, port)
+    elif isinstance(port, dict) and "range" in port:
+        ports = tuple(port["range"])
+    elif port is not None:
+        return None
+    if set(flags) - {"fully-random"}:
+        return None
+    return MasqRule(protocol, modulus, below, ports, "fully-random" in flags)
+
+
+# --- executor: the only code here that runs nft --------------------------------------------------------
+
+
+class NftExecutor(Protocol):
+    async def list_table(self, family: int) -> str | None: ...  # JSON text, None: no such table
+
+    async def check(self, script: str) -> None: ...
+
+    async def apply(self, script: str) -> None: ...
+
+
+class NftSubprocessExecutor:
+    """Runs the real ``nft`` binary through anyio."""
+
+    def __init__(self, binary: str = "nft"):
+        self.binary = binary
+
+    async def list_table(self, family: int) -> str | None:
+        command = [self.binary, "--json", "list", "table", _NFT_FAMILY[family], TABLE]
+        result = await _run(command, None)
+        if result.returncode != 0:
+            stderr = result.stderr.decode(errors="replace")
+            if "No such file or directory" in stderr:
+                return None
+            raise ReadBackError(command, stderr or f"exit {result.returncode}")
+        return result.stdout.decode()
+
+    async def check(self, script: str) -> None:
+        await self._load([self.binary, "--check", "-f", "-"], script)
+
+    async def apply(self, script: str) -> None:
+        await self._load([self.binary, "-f", "-"], script)
+
+    async def _load(self, command: list[str], script: str) -> None:
+        result = await _run(command, script.encode())
+        if result.returncode != 0:
+            stderr = result.stderr.decode(errors="replace")
+            raise ApplyError(command, result.returncode, _first_error(stderr), _failed_line(stderr, script))
+
+
+async def _run(command: list[str], stdin: bytes | None):
+    try:
+        return await anyio.run_process(command, input=stdin, check=False)
+    except OSError as exc:
+        raise ReadBackError(command, f"cannot run {command[0]}: {exc.strerror or exc}") from None
+
+
+def _first_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return next((line for line in lines if "Error" in line), lines[0] if lines else stderr)
+
+
+def _failed_line(stderr: str, script: str) -> str | None:
+    """nft names errors as ``/dev/stdin:LINE:COL-COL: Error: ...``; return that script line."""
+    import re
+
+    match = re.search(r":(\d+):\d+(?:-\d+)?: Error", stderr)
+    if not match:
+        return None
+    lines = script.splitlines()
+    number = int(match.group(1))
+    line = lines[number - 1] if 0 < number <= len(lines) else None
+    return line if line is None or len(line) <= 200 else line[:200] + "..."
+
+
+# --- the backend ---------------------------------------------------------------------------------------
+
+
+class NftablesBackend:
+    """masqd's own ``ip``/``ip6`` ``masqd`` tables, written with ``nft -f -`` in one transaction."""
+
+    name = "nftables"
+
+    def __init__(self, executor: NftExecutor | None = None):
+        self.executor: NftExecutor = executor or NftSubprocessExecutor()
+
+    async def probe(self) -> None:
+        """Nothing to learn: every nft that has ``fully-random`` and ``fib`` is good enough."""
+
+    def render(self, ruleset: RuleSet) -> str:
+        return render_ruleset(ruleset)
+
+    async def current(self, family: int) -> TableState | None:
+        text = await self.executor.list_table(family)
+        return None if text is None else parse_listing(text, family)
+
+    async def sync(self, ruleset: RuleSet) -> SyncResult:
+        stale: list[TableState] = []
+        reasons: list[str] = []
+        for family in ruleset.families:
+            desired = desired_state(family, ruleset.masquerade)
+            current = await self.current(family.family)
+            if current != desired:
+                stale.append(desired)
+                reasons.append(_why(current, desired))
+        if not stale:
+            return SyncResult()
+        script = render_replace(stale)
+        await self.executor.check(script)
+        await self.executor.apply(script)
+        for desired in stale:
+            if await self.current(desired.family) != desired:
+                raise BackendError(
+                    f"{_NFT_FAMILY[desired.family]} {TABLE}: nft accepted the table but reads it back differently"
+                )
+        return SyncResult(tuple(f"ipv{s.family}" for s in stale), tuple(reasons))
+
+    async def cleanup(self, chain: str = "", families: tuple[int, ...] = (4, 6)) -> tuple[str, ...]:
+        """Delete masqd's tables (``chain`` is the iptables backend's concern and is ignored).
+        Returns what was removed (e.g. ``("ip masqd",)``)."""
+        present = [f for f in families if await self.executor.list_table(f) is not None]
+        if present:
+            await self.executor.apply(render_delete(tuple(present)))
+        return tuple(f"{_NFT_FAMILY[f]} {TABLE}" for f in present)
+
+
+def _why(current: TableState | None, desired: TableState) -> str:
+    name = f"{_NFT_FAMILY[desired.family]} {TABLE}"
+    if current is None:
+        return f"table {name} missing"
+    diffs = [part for part, differs in (
+        ("chain", current.chain != desired.chain),
+        ("set type", current.set_type != desired.set_type),
+        ("set elements", current.intervals != desired.intervals),
+        ("rules", current.rules != desired.rules),
+    ) if differs]
+    return f"table {name}: {', '.join(diffs)} differ"
