@@ -43,13 +43,15 @@ def parse_cidr(value: object) -> Network:
     if not _CIDR_SHAPE.fullmatch(value):
         raise CIDRError(value, "not a CIDR: expected an IPv4 or IPv6 address, '/', and a prefix length, e.g. '10.0.0.0/8' or 'fd00::/8'")
     address, _, prefix = value.partition("/")
+    canonical = f"{address}/{int(prefix)}"  # "/08" -> "/8", as Go reads it
     try:
-        network = ipaddress.ip_network(f"{address}/{int(prefix)}", strict=False)
+        return ipaddress.ip_network(canonical)  # strict: host bits set is an error
     except ValueError as exc:
-        raise CIDRError(value, f"not a CIDR ({exc}); expected e.g. '10.0.0.0/8' or 'fd00::/8'") from None
-    if network.network_address != ipaddress.ip_address(address):
-        raise CIDRError(value, f"not aligned to a CIDR block: host bits are set; did you mean '{network}'?")
-    return network
+        try:
+            aligned = ipaddress.ip_network(canonical, strict=False)
+        except ValueError:
+            raise CIDRError(value, f"not a CIDR ({exc}); expected e.g. '10.0.0.0/8' or 'fd00::/8'") from None
+    raise CIDRError(value, f"not aligned to a CIDR block: host bits are set; did you mean '{aligned}'?")
 
 
 def _type_name(value: object) -> str:

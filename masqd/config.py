@@ -175,7 +175,7 @@ def _defaults_as_fields(config: MasqConfig) -> dict[str, Any]:
     }
 
 
-class _ConfigLoader(yaml.SafeLoader):
+class _ConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: ~20x faster on big lists
     """YAML's safe loader without timestamp resolution: as upstream, ``2024-01-01`` stays a string
     (and then fails as a duration with a clear message instead of becoming a date)."""
 
