@@ -214,7 +214,7 @@ def _cmd_run(args: argparse.Namespace, options: AgentOptions) -> int:
     configure_logging(verbosity_to_level(args.v), args.log_format)
     backend = make_backend(args.backend, iptables_mode=args.iptables_mode)
     if args.once:
-        reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends(args.backend))
+        reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends)
         try:
             anyio.run(reconciler.reconcile)
         except ConfigError as exc:
@@ -226,7 +226,7 @@ def _cmd_run(args: argparse.Namespace, options: AgentOptions) -> int:
         return EXIT_OK
     from masqd.daemon import run_daemon
 
-    reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends(args.backend))
+    reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends)
     anyio.run(partial(run_daemon, backend, options, args.config, reconciler=reconciler))
     return EXIT_OK
 

@@ -54,7 +54,7 @@ class Reconciler:
         *,
         on_resync_interval: Callable[[], None] | None = None,
         retry_initial_seconds: float = RETRY_INITIAL_SECONDS,
-        leftovers: tuple[Backend, ...] = (),
+        leftovers: Callable[[Backend], tuple[Backend, ...]] | None = None,
     ):
         self.backend = backend
         self.options = options
@@ -67,7 +67,7 @@ class Reconciler:
         self.writes = 0
         self.errors = 0
         self.retry_initial_seconds = retry_initial_seconds
-        self.leftovers = leftovers  # other backends whose rules a previous masqd may have left
+        self.leftovers = leftovers  # finds backends whose rules a previous masqd may have left
         self._retry_delay: float | None = None
         self._logged_findings: tuple[str, ...] = ()  # the config problems/warnings logged last
         self._last_sync_error: tuple[str, float] | None = None  # (message, when logged)
@@ -150,8 +150,8 @@ class Reconciler:
     async def _remove_leftovers(self, chain: str) -> None:
         """After the first good sync, remove what another backend of a previous masqd left, so
         two rule sets never apply at once. Failures are logged; they never undo the sync."""
-        leftovers, self.leftovers = self.leftovers, ()
-        for other in leftovers:
+        find, self.leftovers = self.leftovers, None
+        for other in find(self.backend):
             try:
                 removed = await other.cleanup(chain)
             except MasqdError as exc:

@@ -25,11 +25,14 @@ def make_backend(name: str, *, iptables_mode: str = "auto") -> Backend:
     raise KeyError(name)
 
 
-def leftover_backends(name: str) -> tuple[Backend, ...]:
-    """The other real backends whose rules a previous masqd may have left behind, so that
-    switching ``--backend`` never leaves two sets of masquerade rules applying at once."""
-    if name == "nftables":
-        return tuple(IptablesBackend(mode=mode) for mode in installed_modes())
-    if name == "iptables" and shutil.which("nft"):
-        return (NftablesBackend(),)
-    return ()
+def leftover_backends(active: Backend) -> tuple[Backend, ...]:
+    """The other backends whose rules a previous masqd may have left behind (another backend, or
+    the other iptables variant), so that switching never leaves two rule sets applying at once.
+    Asked after the first sync, when an ``auto`` iptables backend knows its variant."""
+    others: list[Backend] = []
+    if active.name in ("iptables", "nftables"):
+        variant = getattr(active, "mode", None)
+        others += [IptablesBackend(mode=mode) for mode in installed_modes() if mode != variant]
+    if active.name == "iptables" and shutil.which("nft"):
+        others.append(NftablesBackend())
+    return tuple(others)

@@ -21,7 +21,7 @@ import anyio
 import structlog
 
 from masqd.backends.base import SyncResult
-from masqd.backends.iptables_mode import Binaries, binaries_for, detect_mode
+from masqd.backends.iptables_mode import Binaries, binaries_for, detect_mode, legacy_tables
 from masqd.cidrs import Network
 from masqd.errors import ApplyError, BackendError, ReadBackError
 from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
@@ -178,7 +178,10 @@ class SubprocessExecutor:
         self.binaries = binaries or DEFAULT_BINARIES
 
     async def save(self, family: int) -> str:
-        command = [self.binaries[family].save, "-t", "nat"]
+        binaries = self.binaries[family]
+        if binaries.legacy and "nat" not in legacy_tables(family):
+            return ""  # no legacy nat table, so nothing of masqd's; reading it would create it
+        command = [binaries.save, "-t", "nat"]
         result = await _run(command, None)
         if result.returncode != 0:
             raise ReadBackError(command, result.stderr.decode(errors="replace") or f"exit {result.returncode}")

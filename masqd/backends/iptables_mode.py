@@ -24,7 +24,13 @@ class Binaries:
     restore: str
     main: str
 
-HINT_CHAIN = "KUBE-IPTABLES-HINT"
+    @property
+    def legacy(self) -> bool:
+        """Legacy tools create a table just by reading it: check /proc before reading."""
+        return "-legacy-" in self.save
+
+#: Chains kubelet creates in the variant it uses (the newer and the older name).
+HINT_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 
 
 def binaries_for(mode: str) -> dict[int, Binaries]:
@@ -47,27 +53,32 @@ def count_rules(save_text: str) -> int:
 
 
 def has_hint(save_text: str) -> bool:
-    """Whether kubelet's mode hint chain is in this (mangle table) output."""
-    return any(line.startswith(f":{HINT_CHAIN} ") for line in save_text.splitlines())
+    """Whether one of kubelet's hint chains is in this iptables-save output."""
+    return any(line.startswith(f":{chain} ") for line in save_text.splitlines() for chain in HINT_CHAINS)
 
 
 def choose_mode(legacy: tuple[bool, int], nft: tuple[bool, int]) -> str:
-    """Pick a variant from (hint present, rule count) of each. Pure."""
-    if legacy[0] != nft[0]:
-        return "legacy" if legacy[0] else "nft"
+    """Pick a variant from (kubelet hint present, rule count) of each. Pure.
+
+    As kube-proxy's iptables wrapper: a hint in nft wins, then a hint in legacy, then the variant
+    with more rules, and nft when nothing tells them apart."""
+    if nft[0]:
+        return "nft"
+    if legacy[0]:
+        return "legacy"
     return "legacy" if legacy[1] > nft[1] else "nft"
 
 
-def legacy_tables_loaded() -> bool:
-    """Whether this network namespace has any x_tables (legacy) table, without creating one."""
-    for names in ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"):
-        try:
-            with open(names) as listing:
-                if listing.read().strip():
-                    return True
-        except OSError:
-            continue
-    return False
+def legacy_tables(family: int) -> frozenset[str]:
+    """The x_tables (legacy) tables that exist for ``family`` in this network namespace.
+
+    Read from /proc, because asking ``iptables-legacy-save -t TABLE`` creates TABLE."""
+    path = "/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names"
+    try:
+        with open(path) as listing:
+            return frozenset(listing.read().split())
+    except OSError:
+        return frozenset()
 
 
 SaveRunner = Callable[[list[str]], Awaitable[str | None]]
@@ -77,6 +88,7 @@ async def detect_mode(run_save: SaveRunner) -> str:
     """``legacy`` or ``nft`` for this host (``system`` when neither variant binary exists).
 
     ``run_save(argv)`` returns the output of an iptables-save command, or ``None`` if it failed.
+    Only plain ``iptables-save`` is run (never ``-t TABLE``), so detection creates no table.
     """
     modes = installed_modes()
     if not modes:
@@ -85,13 +97,13 @@ async def detect_mode(run_save: SaveRunner) -> str:
         return modes[0]
     evidence = {"legacy": (False, 0)}
     for mode in modes:
-        if mode == "legacy" and not legacy_tables_loaded():
-            continue  # nothing there; and iptables-legacy-save would create empty tables
-        hint = rules = 0
-        for family, binaries in binaries_for(mode).items():
-            mangle = await run_save([binaries.save, "-t", "mangle"]) if family == 4 else None
-            hint = hint or (mangle is not None and has_hint(mangle))
-            everything = await run_save([binaries.save])
-            rules += count_rules(everything or "")
-        evidence[mode] = (bool(hint), rules)
+        if mode == "legacy" and not (legacy_tables(4) or legacy_tables(6)):
+            continue  # no legacy table at all: nothing to count
+        hint = False
+        rules = 0
+        for binaries in binaries_for(mode).values():
+            output = await run_save([binaries.save]) or ""
+            hint = hint or has_hint(output)
+            rules += count_rules(output)
+        evidence[mode] = (hint, rules)
     return choose_mode(evidence["legacy"], evidence["nft"])
