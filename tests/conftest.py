@@ -51,28 +51,30 @@ def node_ns(netns_supported) -> Iterator[str]:
 
 
 class MasqdRunner:
-    """Runs ``masqd run --once --backend iptables`` (or the ``ip-masq-agent`` alias) in a namespace.
+    """Runs ``masqd run --once --backend BACKEND`` (or the ``ip-masq-agent`` alias) in a namespace.
 
     ``config``: ``None`` means no config file (the path given does not exist: defaults); a string
-    is written to the config file first. Returns the finished process; never raises on exit codes.
+    is written to the config file first. ``backend`` defaults to ``iptables``. Returns the
+    finished process; never raises on exit codes.
     """
 
     def __init__(self, config_path: Path):
         self.config_path = config_path
 
     def __call__(self, ns: str, *flags: str, config: str | None = None, alias: bool = False,
-                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
+                 backend: str = "iptables", timeout: float = 60) -> subprocess.CompletedProcess[str]:
         if config is None:
             self.config_path.unlink(missing_ok=True)
         else:
             self.config_path.write_text(config)
         command = [str(IP_MASQ_AGENT)] if alias else [str(MASQD), "run"]
-        command += ["--once", "--backend", "iptables", "--config", str(self.config_path), *flags]
+        command += ["--once", "--backend", backend, "--config", str(self.config_path), *flags]
         return netns.run(ns, *command, check=False, timeout=timeout)
 
-    def ok(self, ns: str, *flags: str, config: str | None = None, alias: bool = False) -> subprocess.CompletedProcess[str]:
+    def ok(self, ns: str, *flags: str, config: str | None = None, alias: bool = False,
+           backend: str = "iptables") -> subprocess.CompletedProcess[str]:
         """Like calling the runner, but fail the test unless it exits 0."""
-        result = self(ns, *flags, config=config, alias=alias)
+        result = self(ns, *flags, config=config, alias=alias, backend=backend)
         if result.returncode != 0:
             pytest.fail(f"{' '.join(result.args)} exited {result.returncode}:\n{result.stderr}")
         return result

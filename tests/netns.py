@@ -187,6 +187,7 @@ class Topology:
         self.node = f"mq-{suffix}-node"
         self.dest = f"mq-{suffix}-dest"
         self._ports = itertools.count(40000)
+        self._extra_destinations: list[str] = []
         try:
             self._build()
         except BaseException:
@@ -261,6 +262,13 @@ class Topology:
         if not wait_for(ready, timeout):
             raise CommandError(f"veth links of {self.namespaces} not operational after {timeout} s")
 
+    def add_destination(self, address: str, route: str) -> None:
+        """Give the dest namespace one more IPv4 address (on its loopback) and route ``route`` to
+        it from the node, so :meth:`datagram_seen` may send to it (e.g. a link-local address)."""
+        run(self.dest, "ip", "addr", "add", f"{address}/32", "dev", "lo")
+        run(self.node, "ip", "route", "add", route, "via", DEST_LINK_V4)
+        self._extra_destinations.append(address)
+
     @staticmethod
     def _address(ns: str, link: str, v4: str, v6: str) -> None:
         run(ns, "ip", "addr", "add", v4, "dev", link)
@@ -281,8 +289,9 @@ class Topology:
         """
         if family is None:
             family = 6 if ":" in dest_addr else 4
-        if dest_addr not in (DEST_V4 if family == 4 else DEST_V6):
-            raise ValueError(f"{dest_addr} is not owned by the dest namespace; use one of {DEST_V4 + DEST_V6}")
+        owned = (*DEST_V4, *self._extra_destinations) if family == 4 else DEST_V6
+        if dest_addr not in owned:
+            raise ValueError(f"{dest_addr} is not owned by the dest namespace; use one of {owned}")
         port = str(next(self._ports))
         token = secrets.token_hex(8)
         receiver = subprocess.Popen(

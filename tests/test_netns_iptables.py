@@ -5,6 +5,9 @@ Every test runs ``masqd run --once --backend iptables`` inside a node namespace 
 the source address a destination sees, and what ``iptables-save`` shows. Expected rule texts are
 written out here from the compatibility contract in the design (the upstream agent's rules), not
 taken from masqd's renderer.
+
+The packet tests run against both backends with the same expectations: the same config must
+give the same per-destination decision on iptables and on nftables, packet for packet.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ RFC1918 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
 RESERVED = ("100.64.0.0/10", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "198.18.0.0/15",
             "198.51.100.0/24", "203.0.113.0/24", "240.0.0.0/4")
 LINK_LOCAL = {4: "169.254.0.0/16", 6: "fe80::/10"}
+
+#: Backends whose packet decisions must be identical (the packet tests run against each).
+PACKET_BACKENDS = [pytest.param("iptables", id="iptables"), pytest.param("nftables", id="nftables")]
 
 POD = {4: netns.POD_V4, 6: netns.POD_V6}
 NODE = {4: netns.NODE_V4, 6: netns.NODE_V6}
@@ -153,8 +159,9 @@ def test_without_masqd_the_pod_address_is_kept(topology):
                      id="ipv6-untouched-without-enable-ipv6"),
     ],
 )
-def test_source_address_seen_by_destination(topology, masqd, config, flags, expected):
-    masqd.ok(topology.node, *flags, config=config)
+@pytest.mark.parametrize("backend", PACKET_BACKENDS)
+def test_source_address_seen_by_destination(topology, masqd, backend, config, flags, expected):
+    masqd.ok(topology.node, *flags, config=config, backend=backend)
     seen = {dest: topology.source_seen(dest) for dest in expected}
     want = {dest: (POD if who == "pod" else NODE)[6 if ":" in dest else 4] for dest, who in expected.items()}
     assert seen == want
@@ -167,13 +174,40 @@ def test_source_address_seen_by_destination(topology, masqd, config, flags, expe
         pytest.param("2000-2009,3000-3009", [(2000, 2009), (3000, 3009)], id="two-intervals"),
     ],
 )
-def test_to_ports_maps_the_source_port(topology, masqd, to_ports, intervals):
-    masqd.ok(topology.node, "--to-ports", to_ports)
+@pytest.mark.parametrize("backend", PACKET_BACKENDS)
+def test_to_ports_maps_the_source_port(topology, masqd, backend, to_ports, intervals):
+    masqd.ok(topology.node, "--to-ports", to_ports, backend=backend)
     for _ in range(3):  # fresh flows, so a split over intervals is exercised more than once
         source, port = topology.datagram_seen("192.0.2.2")
         assert source == netns.NODE_V4
         assert any(first <= port <= last for first, last in intervals), port
     assert topology.source_seen("10.99.0.2") == netns.POD_V4  # exempt destinations are still not NATed at all
+
+
+LINK_LOCAL_DEST = "169.254.9.2"  # owned by the dest namespace in the test below
+
+
+@pytest.mark.parametrize("backend", PACKET_BACKENDS)
+@pytest.mark.parametrize(
+    "config, flags, exempt",
+    [
+        pytest.param(None, [], True, id="default-exempt"),
+        pytest.param("masqLinkLocal: false\n", [], True, id="masqLinkLocal-false"),
+        pytest.param("masqLinkLocal: true\n", [], False, id="masqLinkLocal-true"),
+        pytest.param("masqLinkLocal: true\nnonMasqueradeCIDRs: [169.254.9.0/24]\n", [], True,
+                     id="masqLinkLocal-true-but-listed"),
+        pytest.param("masqLinkLocalIPv6: true\n", ["--enable-ipv6"], True, id="masqLinkLocalIPv6-does-not-affect-v4"),
+    ],
+)
+def test_link_local_destination_packets(topology, masqd, backend, config, flags, exempt):
+    """A datagram to a 169.254.0.0/16 address routed through the node keeps the pod address
+    unless masqLinkLocal is true (the IPv6 counterpart, fe80::/10, is never forwarded by a router,
+    so it is checked on the rules instead)."""
+    topology.add_destination(LINK_LOCAL_DEST, "169.254.9.0/24")
+    assert topology.source_seen(LINK_LOCAL_DEST) == netns.POD_V4  # routed, and no NAT without masqd
+    masqd.ok(topology.node, *flags, config=config, backend=backend)
+    assert topology.source_seen(LINK_LOCAL_DEST) == (netns.POD_V4 if exempt else netns.NODE_V4)
+    assert topology.source_seen("192.0.2.2") == netns.NODE_V4  # and everything else is still masqueraded
 
 
 @pytest.mark.parametrize(
