@@ -19,6 +19,7 @@ existing element before a replace (100k elements: 1.0 s instead of 0.6 s per app
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import json
@@ -79,6 +80,9 @@ class TableState:
     set_type: str | None
     intervals: tuple[tuple[int, int], ...]  # merged, sorted [first, last] address ranges
     rules: tuple[object, ...]
+    #: Anything else in the table (another chain, set, map...) and table flags such as dormant:
+    #: masqd's table holds only what masqd writes, so any of these means it must be rewritten.
+    foreign: tuple[str, ...] = ()
 
 
 def intervals_of(networks: list[Network] | tuple[Network, ...]) -> tuple[tuple[int, int], ...]:
@@ -215,27 +219,41 @@ def render_ruleset(ruleset: RuleSet) -> str:
 
 
 def parse_listing(text: str, family: int) -> TableState | None:
-    """``nft --json list table <family> masqd`` output as a :class:`TableState` (``None``: no table).
+    """masqd's table of ``family`` in ``nft --json list ...`` output, as a :class:`TableState`
+    (``None``: no such table). Other tables in the output are ignored; a terse listing (``-t``)
+    has no set elements, so ``intervals`` is then empty.
 
     Anything masqd would not have written (an extra rule, an unknown expression) becomes a value
     that never equals a desired rule, so it is replaced on the next sync.
     """
-    objects = [next(iter(o.items())) for o in json.loads(text).get("nftables", [])]
+    nft_family = _NFT_FAMILY[family]
+    objects = [
+        (kind, body)
+        for kind, body in (next(iter(o.items())) for o in json.loads(text).get("nftables", []))
+        if body.get("family") == nft_family and (body.get("table") or body.get("name")) == TABLE
+        and (kind != "table" or body.get("name") == TABLE)
+    ]
     if not any(kind == "table" for kind, _ in objects):
         return None
     chain = None
     set_type = None
     intervals: tuple[tuple[int, int], ...] = ()
     rules = []
+    foreign = []
     for kind, body in objects:
-        if kind == "chain" and body.get("name") == CHAIN:
+        if kind == "table":
+            if body.get("flags"):  # e.g. dormant (nft 1.0.6 prints it oddly, so any flag counts)
+                foreign.append(f"table flags {body['flags']}")
+        elif kind == "chain" and body.get("name") == CHAIN:
             chain = (body.get("type"), body.get("hook"), body.get("prio"), body.get("policy"))
         elif kind == "set" and body.get("name") == set_name(family):
             set_type = body.get("type") if "interval" in body.get("flags", []) else f"{body.get('type')} (no interval flag)"
             intervals = _parse_elements(body.get("elem", []), family)
         elif kind == "rule" and body.get("chain") == CHAIN:
             rules.append(_parse_rule(body.get("expr", []), family))
-    return TableState(family, chain, set_type, intervals, tuple(rules))
+        elif kind != "rule":  # rules elsewhere come with their (foreign) chain
+            foreign.append(f"{kind} {body.get('name')}")
+    return TableState(family, chain, set_type, intervals, tuple(rules), tuple(sorted(foreign)))
 
 
 def _parse_elements(elements: list[Any], family: int) -> tuple[tuple[int, int], ...]:
@@ -313,6 +331,8 @@ def _parse_masquerade(expr: list[dict], family: int) -> MasqRule | None:
 class NftExecutor(Protocol):
     async def list_table(self, family: int) -> str | None: ...  # JSON text, None: no such table
 
+    async def list_structure(self) -> str: ...  # JSON of every table without set elements (cheap)
+
     async def check(self, script: str) -> None: ...
 
     async def apply(self, script: str) -> None: ...
@@ -332,6 +352,13 @@ class NftSubprocessExecutor:
             if "No such file or directory" in stderr:
                 return None
             raise ReadBackError(command, stderr or f"exit {result.returncode}")
+        return result.stdout.decode()
+
+    async def list_structure(self) -> str:
+        command = [self.binary, "--terse", "--json", "list", "ruleset"]
+        result = await _run(command, None)
+        if result.returncode != 0:
+            raise ReadBackError(command, result.stderr.decode(errors="replace") or f"exit {result.returncode}")
         return result.stdout.decode()
 
     async def check(self, script: str) -> None:
@@ -407,12 +434,21 @@ class NftablesBackend:
         script = render_replace(stale)
         await self.executor.check(script)
         await self.executor.apply(script)
-        for desired in stale:
-            if await self.current(desired.family) != desired:
+        await self._verify(stale)
+        return SyncResult(tuple(f"ipv{s.family}" for s in stale), tuple(reasons))
+
+    async def _verify(self, written: list[TableState]) -> None:
+        """Read the tables just written back, without their elements (a terse listing costs
+        nothing even at 100k elements; a full one as much as the write), so that a table the
+        kernel keeps in another form is an error, not a rewrite on every resync. The elements
+        are compared by the next resync."""
+        structure = await self.executor.list_structure()
+        for desired in written:
+            after = parse_listing(structure, desired.family)
+            if after is None or dataclasses.replace(after, intervals=desired.intervals) != desired:
                 raise BackendError(
                     f"{_NFT_FAMILY[desired.family]} {TABLE}: nft accepted the table but reads it back differently"
                 )
-        return SyncResult(tuple(f"ipv{s.family}" for s in stale), tuple(reasons))
 
     async def cleanup(self, chain: str = "", families: tuple[int, ...] = (4, 6)) -> tuple[str, ...]:
         """Delete masqd's tables (``chain`` is the iptables backend's concern and is ignored).
@@ -432,5 +468,6 @@ def _why(current: TableState | None, desired: TableState) -> str:
         ("set type", current.set_type != desired.set_type),
         ("set elements", current.intervals != desired.intervals),
         ("rules", current.rules != desired.rules),
+        (f"foreign objects ({', '.join(current.foreign)})", current.foreign != desired.foreign),
     ) if differs]
     return f"table {name}: {', '.join(diffs)} differ"

@@ -1,0 +1,647 @@
+"""masqd's nftables backend against the real kernel, inside throw-away network namespaces.
+
+What the kernel holds after ``masqd run --once --backend nftables`` (compared with the listings
+the golden scripts produce, ``tests/golden/nftables/listing_*.json``), that an unchanged kernel
+sees no write (watched with ``nft monitor``, which prints every committed transaction), that drift
+is healed by the next run and by the daemon's resync, that a killed masqd leaves the old or the
+new rule set and never a mix, that nft's refusals reach the user with nft's message and leave
+the kernel untouched, and that switching backends or ``masqd cleanup`` removes masqd's rules and
+nothing else. The packet tests for both backends live in ``tests/test_netns_iptables.py``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    from tests import netns
+except ImportError:  # pragma: no cover - depends on how pytest was started
+    import netns
+
+pytestmark = pytest.mark.netns
+
+MASQD = Path(sys.executable).parent / "masqd"
+GOLDEN = Path(__file__).parent / "golden" / "nftables"
+FAMILY = {4: "ip", 6: "ip6"}
+CHAIN = "IP-MASQ-AGENT"
+BUILTIN_NAT = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n"
+
+
+# --- reading the kernel ------------------------------------------------------------------------------
+
+
+def nft(ns: str, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return netns.run(ns, "nft", *args, input=input, check=check)
+
+
+def table(ns: str, family: int) -> dict | None:
+    """``nft --json list table ip|ip6 masqd`` as parsed JSON; ``None`` when there is no such table."""
+    result = nft(ns, "--json", "list", "table", FAMILY[family], "masqd", check=False)
+    if result.returncode != 0:
+        assert "No such file or directory" in result.stderr, result.stderr
+        return None
+    return json.loads(result.stdout)
+
+
+def normalized(doc: dict | None) -> list[dict] | None:
+    """A listing without what changes on every rewrite (metainfo, handles): equal listings mean the
+    same table, object for object, in the same order."""
+    if doc is None:
+        return None
+    out = []
+    for obj in doc["nftables"]:
+        ((kind, body),) = obj.items()
+        if kind != "metainfo":
+            out.append({kind: {k: v for k, v in body.items() if k != "handle"}})
+    return out
+
+
+def fixture_listing(name: str) -> list[dict]:
+    return normalized(json.loads((GOLDEN / f"listing_{name}.json").read_text()))
+
+
+def tables(ns: str) -> dict[int, list[dict] | None]:
+    return {family: normalized(table(ns, family)) for family in (4, 6)}
+
+
+def ruleset_with_handles(ns: str) -> str:
+    """``nft -a list ruleset``: handles are new whenever something is rewritten."""
+    return nft(ns, "-a", "list", "ruleset").stdout
+
+
+def set_intervals(ns: str, family: int) -> tuple[tuple[int, int], ...] | None:
+    """The address ranges in masqd's set (``None``: no table), read with ``ipaddress``, not masqd."""
+    result = nft(ns, "--json", "list", "set", FAMILY[family], "masqd", f"nonmasq{family}", check=False)
+    if result.returncode != 0:
+        assert "No such file or directory" in result.stderr, result.stderr
+        return None
+    (body,) = [o["set"] for o in json.loads(result.stdout)["nftables"] if "set" in o]
+    ranges = []
+    for element in body.get("elem", []):
+        if isinstance(element, str):
+            net = ipaddress.ip_network(element)
+        elif "prefix" in element:
+            net = ipaddress.ip_network(f"{element['prefix']['addr']}/{element['prefix']['len']}")
+        else:
+            first, last = (int(ipaddress.ip_address(a)) for a in element["range"])
+            ranges.append((first, last))
+            continue
+        ranges.append((int(net.network_address), int(net.broadcast_address)))
+    return tuple(sorted(ranges))
+
+
+def log_events(stderr: str) -> list[dict]:
+    """The JSON log events a run printed on stderr."""
+    events = []
+    for line in stderr.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+def writes_logged(stderr: str) -> list[dict]:
+    """The log events of a run that report a write to the kernel."""
+    return [event for event in log_events(stderr) if "written" in event]
+
+
+class NftMonitor:
+    """``nft monitor`` in a namespace: every transaction committed there, as nft prints it.
+
+    :meth:`transactions` adds and deletes a marker table and returns the transactions committed
+    since the previous call (marker transactions left out), each a list of the lines nft printed
+    for it. The marker makes this exact without sleeping: once it is seen, everything committed
+    before it has been printed.
+    """
+
+    def __init__(self, ns: str):
+        self.ns = ns
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines = netns.LineReader(self.proc.stdout)
+        self.transactions(startup=True)
+
+    def transactions(self, *, startup: bool = False, timeout: float = 15.0) -> list[list[str]]:
+        deadline = time.monotonic() + timeout
+        seen: list[list[str]] = []
+        current: list[str] = []
+        while time.monotonic() < deadline:
+            marker = f"mqmark{secrets.token_hex(4)}"
+            nft(self.ns, "add", "table", "inet", marker)
+            nft(self.ns, "delete", "table", "inet", marker)
+            # until the monitor listens, markers go unseen: then send another (startup only)
+            while (line := self.lines.readline(0.5 if startup else deadline - time.monotonic())) is not None:
+                if line.startswith("# new generation"):
+                    if not any("mqmark" in entry for entry in current):
+                        seen.append(current)
+                    current = []
+                    continue
+                current.append(line)
+                if line == f"delete table inet {marker}":
+                    self.lines.readline(5.0)  # its "# new generation" line
+                    return [] if startup else seen
+        pytest.fail(f"nft monitor in {self.ns} never showed the marker table")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=netns.COMMAND_TIMEOUT)
+        self.lines.close()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def monitor(node_ns):
+    watcher = NftMonitor(node_ns)
+    try:
+        yield watcher
+    finally:
+        watcher.close()
+
+
+# --- the kernel holds the golden tables; a second run writes nothing -------------------------------
+
+ONLY_10 = "nonMasqueradeCIDRs: [10.0.0.0/8]\n"
+IPV6_CONFIG = 'nonMasqueradeCIDRs: [10.0.0.0/8, "fd00::/8", 192.168.0.0/16, "2001:db8::/32"]\n'
+
+KERNEL_CASES = [
+    pytest.param(None, [], {4: "defaults_ip"}, id="defaults"),
+    pytest.param(IPV6_CONFIG, ["--enable-ipv6"], {4: "ipv6_ip", 6: "ipv6_ip6"}, id="ipv4-and-ipv6"),
+    pytest.param("masqLinkLocal: true\n", [], {4: "masq_link_local_ip"}, id="masqLinkLocal"),
+    pytest.param(ONLY_10, ["--to-ports", "1024-29999,32768-65535"], {4: "to_ports_two_ranges_ip"}, id="to-ports"),
+    pytest.param(ONLY_10, ["--to-ports=1024-29999,32768-65535", "--random-fully=false"],
+                 {4: "to_ports_two_ranges_no_random_fully_ip"}, id="to-ports-random-fully-false"),
+    pytest.param(ONLY_10, ["--to-ports", "8000"], {4: "to_ports_single_port_ip"}, id="to-ports-single-port"),
+    pytest.param('nonMasqueradeCIDRs: [0.0.0.0/0, "::/0"]\n', ["--enable-ipv6"],
+                 {4: "everything_ip", 6: "everything_ip6"}, id="everything"),
+    pytest.param("nonMasqueradeCIDRs: [11.0.0.0/8, 12.0.0.0/8, 192.0.2.1/32, 192.0.2.2/32, 192.0.2.3/32, "
+                 "10.1.0.0/16, 10.0.0.0/8]\nmasqLinkLocal: true\n", [], {4: "merged_ip"},
+                 id="merged-and-single-addresses"),
+    pytest.param('nonMasqueradeCIDRs: ["::ffff:192.0.2.0/120", "::ffff:192.0.3.0/120", "::192.0.2.0/120", '
+                 '"2001:db8::1/128"]\nmasqLinkLocalIPv6: true\n', ["--enable-ipv6"], {6: "mapped_ip6"},
+                 id="ipv4-mapped-ipv6"),
+]
+
+
+@pytest.mark.parametrize("config, flags, fixtures", KERNEL_CASES)
+def test_first_run_writes_the_golden_tables_in_one_transaction_and_a_second_run_writes_nothing(
+        node_ns, masqd, monitor, config, flags, fixtures):
+    first = masqd.ok(node_ns, *flags, config=config, backend="nftables")
+    (transaction,) = monitor.transactions()  # one atomic transaction, every family in it
+    families = [4, 6] if "--enable-ipv6" in flags else [4]
+    assert [line for line in transaction if line.startswith(("add table ", "delete table "))] == [
+        line for f in families
+        for line in (f"add table {FAMILY[f]} masqd", f"delete table {FAMILY[f]} masqd", f"add table {FAMILY[f]} masqd")]
+    assert [e["written"] for e in writes_logged(first.stderr)] == [[f"ipv{f}" for f in families]]
+    for family, name in fixtures.items():
+        assert normalized(table(node_ns, family)) == fixture_listing(name)
+    before = ruleset_with_handles(node_ns)
+
+    second = masqd.ok(node_ns, *flags, config=config, backend="nftables")
+    third = masqd.ok(node_ns, *flags, config=config, backend="nftables", alias=True)
+    assert monitor.transactions() == []
+    assert writes_logged(second.stderr) == writes_logged(third.stderr) == []
+    assert ruleset_with_handles(node_ns) == before
+
+
+def test_ipv6_stays_untouched_without_enable_ipv6(node_ns, masqd):
+    masqd.ok(node_ns, backend="nftables")
+    assert table(node_ns, 6) is None
+    assert table(node_ns, 4) is not None
+
+
+# --- drift ------------------------------------------------------------------------------------------
+
+DRIFT_FLAGS = ["--enable-ipv6"]
+DRIFT_CONFIG = 'nonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24, "2001:db8:1::/64"]\n'
+
+
+def _commands(*commands: str):
+    def damage(ns: str) -> None:
+        for command in commands:
+            nft(ns, *command.split())
+    return damage
+
+
+def _replace_masquerade_rule(ns: str) -> None:
+    rules = [o["rule"] for o in table(ns, 4)["nftables"] if "rule" in o]
+    nft(ns, "replace", "rule", "ip", "masqd", "nat", "handle", str(rules[-1]["handle"]), "masquerade")
+
+
+DRIFT = [
+    pytest.param(4, _commands("delete element ip masqd nonmasq4 { 198.51.100.0/24 }"), id="element-deleted"),
+    pytest.param(4, _commands("flush set ip masqd nonmasq4"), id="set-flushed"),
+    pytest.param(4, _commands("add element ip masqd nonmasq4 { 192.0.2.0/24 }"), id="element-added"),
+    pytest.param(4, _commands("add element ip masqd nonmasq4 { 203.0.113.5-203.0.113.9 }"), id="range-element-added"),
+    pytest.param(4, _commands("insert rule ip masqd nat ip saddr 10.244.1.0/24 accept"), id="foreign-rule-inserted"),
+    pytest.param(4, _commands("add rule ip masqd nat counter"), id="rule-appended"),
+    pytest.param(4, _replace_masquerade_rule, id="masquerade-rule-replaced-without-fully-random"),
+    pytest.param(4, _commands("flush chain ip masqd nat"), id="chain-flushed"),
+    pytest.param(4, _commands("delete chain ip masqd nat"), id="chain-deleted"),
+    pytest.param(4, _commands("chain ip masqd nat { policy drop ; }"), id="chain-policy-drop"),
+    pytest.param(4, _commands("delete chain ip masqd nat",
+                              "add chain ip masqd nat { type nat hook postrouting priority srcnat - 1 ; }"),
+                 id="chain-recreated-at-another-priority"),
+    pytest.param(4, _commands("delete table ip masqd"), id="table-deleted"),
+    pytest.param(4, _commands("delete table ip masqd", "add table ip masqd"), id="table-emptied"),
+    pytest.param(6, _commands("delete element ip6 masqd nonmasq6 { 2001:db8:1::/64 }"), id="ipv6-element-deleted"),
+    pytest.param(6, _commands("delete table ip6 masqd"), id="ipv6-table-deleted"),
+    pytest.param(4, _commands("add chain ip masqd sneaky { type nat hook postrouting priority srcnat - 1 ; }",
+                              "add rule ip masqd sneaky masquerade"),
+                 id="extra-base-chain-in-masqds-table"),
+    pytest.param(4, _commands("add table ip masqd { flags dormant ; }"),
+                 id="table-made-dormant"),
+]
+
+
+@pytest.mark.parametrize("family, damage", DRIFT)
+def test_next_run_restores_exactly_the_desired_table(node_ns, masqd, family, damage):
+    masqd.ok(node_ns, *DRIFT_FLAGS, config=DRIFT_CONFIG, backend="nftables")
+    good = tables(node_ns)
+    damage(node_ns)
+    assert tables(node_ns) != good, "the damage changed nothing"
+    healed = masqd.ok(node_ns, *DRIFT_FLAGS, config=DRIFT_CONFIG, backend="nftables")
+    assert tables(node_ns) == good
+    assert [e["written"] for e in writes_logged(healed.stderr)] == [[f"ipv{family}"]]  # the other family left alone
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(_commands("add chain ip masqd sneaky { type nat hook postrouting priority srcnat - 1 ; }",
+                           "add rule ip masqd sneaky masquerade"),
+                 id="extra-chain-masquerading-everything"),
+    pytest.param(_commands("add table ip masqd { flags dormant ; }"),
+                 id="table-made-dormant"),
+    pytest.param(_commands("flush set ip masqd nonmasq4"), id="set-flushed"),
+])
+def test_next_run_restores_the_packet_decisions(topology, masqd, damage):
+    """The drift cases that change what happens to packets, observed on packets."""
+    expected = {"10.99.0.2": netns.POD_V4, "198.51.100.2": netns.POD_V4, "192.0.2.2": netns.NODE_V4}
+    masqd.ok(topology.node, config="nonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24]\n", backend="nftables")
+    assert {dest: topology.source_seen(dest) for dest in expected} == expected
+    damage(topology.node)
+    masqd.ok(topology.node, config="nonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24]\n", backend="nftables")
+    assert {dest: topology.source_seen(dest) for dest in expected} == expected
+
+
+@pytest.mark.parametrize("config, flags, family, exempt", [
+    pytest.param(None, [], 4, True, id="v4-default-169.254-exempt"),
+    pytest.param("masqLinkLocal: true\n", [], 4, False, id="v4-masqLinkLocal-true"),
+    pytest.param(None, ["--enable-ipv6"], 6, True, id="v6-default-fe80-exempt"),
+    pytest.param("masqLinkLocalIPv6: false\n", ["--enable-ipv6"], 6, True, id="v6-masqLinkLocalIPv6-false"),
+    pytest.param("masqLinkLocalIPv6: true\n", ["--enable-ipv6"], 6, False, id="v6-masqLinkLocalIPv6-true"),
+    pytest.param("masqLinkLocal: true\n", ["--enable-ipv6"], 6, True, id="v6-unaffected-by-masqLinkLocal"),
+])
+def test_link_local_in_the_kernel_set(node_ns, masqd, config, flags, family, exempt):
+    """fe80::/10 is never forwarded by a router, so IPv6 link-local is checked on the set (the
+    IPv4 packet test for both backends is in test_netns_iptables.py)."""
+    masqd.ok(node_ns, *flags, config=config, backend="nftables")
+    net = ipaddress.ip_network("169.254.0.0/16" if family == 4 else "fe80::/10")
+    interval = (int(net.network_address), int(net.broadcast_address))
+    assert (interval in set_intervals(node_ns, family)) is exempt
+
+
+# --- the daemon's resync ---------------------------------------------------------------------------
+
+
+class Daemon:
+    """``masqd run`` (no ``--once``) in a namespace, JSON log events read from stderr."""
+
+    def __init__(self, ns: str, config: Path, *flags: str, backend: str = "nftables"):
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, str(MASQD), "run", "--backend", backend, "--config", str(config),
+             "--log-format", "json", "--v=4", *flags],
+            stderr=subprocess.PIPE, text=True,
+        )
+        self.lines = netns.LineReader(self.proc.stderr)
+        self.events: list[dict] = []
+
+    def next_event(self, predicate, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            line = self.lines.readline(remaining)
+            if line is None:
+                break
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            self.events.append(event)
+            if predicate(event):
+                return event
+        pytest.fail(f"no matching log event; saw: {[e.get('event') for e in self.events][-10:]}")
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=10)
+        finally:
+            self.lines.close()
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def daemon(node_ns, tmp_path):
+    started: list[Daemon] = []
+
+    def start(config_text: str, *flags: str) -> Daemon:
+        config = tmp_path / "config"
+        config.write_text(config_text)
+        d = Daemon(node_ns, config, *flags)
+        started.append(d)
+        d.next_event(lambda e: e.get("event") == "rules applied")
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(timeout=10)
+            d.lines.close()
+
+
+def _is_tick(event: dict) -> bool:
+    return event.get("trigger") == "timer" and event.get("event") in ("in sync", "rules restored after outside change")
+
+
+@pytest.mark.parametrize("family, damage", [
+    pytest.param(4, _commands("delete element ip masqd nonmasq4 { 198.51.100.0/24 }"), id="element-deleted"),
+    pytest.param(4, _commands("insert rule ip masqd nat ip saddr 10.244.1.0/24 accept"), id="foreign-rule-inserted"),
+    pytest.param(6, _commands("delete table ip6 masqd"), id="ipv6-table-deleted"),
+])
+def test_daemon_resync_restores_the_table(node_ns, daemon, family, damage):
+    d = daemon("resyncInterval: 200ms\n" + DRIFT_CONFIG, *DRIFT_FLAGS)
+    good = tables(node_ns)
+    damage(node_ns)
+    restored = d.next_event(lambda e: e.get("event") == "rules restored after outside change")
+    assert restored["trigger"] == "timer"
+    assert restored["written"] == [f"ipv{family}"]
+    assert tables(node_ns) == good
+    assert d.stop() == 0
+
+
+def test_daemon_resync_on_an_unchanged_kernel_writes_nothing(node_ns, daemon, monitor):
+    d = daemon("resyncInterval: 100ms\n" + DRIFT_CONFIG, *DRIFT_FLAGS)
+    monitor.transactions()  # forget the first apply
+    before = ruleset_with_handles(node_ns)
+    for _ in range(10):  # ten resync ticks, each one reading both tables back
+        d.next_event(_is_tick)
+    assert monitor.transactions() == []
+    assert [e for e in d.events if "written" in e and e.get("trigger") == "timer"] == []
+    assert ruleset_with_handles(node_ns) == before
+    assert d.stop() == 0
+
+
+# --- atomicity: a killed masqd leaves the old set or the new one -----------------------------------
+
+ATOMIC_CIDRS = 20_000
+ATOMIC_ITERATIONS = 10
+
+
+def _atomic_config(offset: int, v6: str) -> tuple[str, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    """20k /28 blocks 32 addresses apart (none adjacent, so none merge), starting at 10.0.0.0 +
+    ``offset``, and one IPv6 /48: the config text and the intervals each family's set must hold."""
+    base = int(ipaddress.IPv4Address("10.0.0.0")) + offset
+    blocks = [base + 32 * i for i in range(ATOMIC_CIDRS)]
+    lines = ["cidrLimit: 30000", "masqLinkLocal: true", "masqLinkLocalIPv6: true", "nonMasqueradeCIDRs:"]
+    lines += [f"- {ipaddress.IPv4Address(b)}/28" for b in blocks]
+    lines.append(f'- "{v6}"')
+    net6 = ipaddress.ip_network(v6)
+    return ("\n".join(lines) + "\n", tuple((b, b + 15) for b in blocks),
+            ((int(net6.network_address), int(net6.broadcast_address)),))
+
+
+def _wait_for_namespace_to_empty(ns: str, timeout: float = 20.0) -> None:
+    """Wait until no process runs in ``ns``: an nft that a killed masqd had started finishes (or
+    fails) on its own, and only then is the kernel state final."""
+    if not netns.wait_for(lambda: netns.run(None, "ip", "netns", "pids", ns).stdout.strip() == "", timeout):
+        pytest.fail(f"processes still running in {ns}: {netns.run(None, 'ip', 'netns', 'pids', ns).stdout}")
+
+
+def test_killed_masqd_leaves_the_old_or_the_new_set_never_a_mix(node_ns, tmp_path):
+    configs = {"A": _atomic_config(0, "2001:db8:a::/48"), "B": _atomic_config(16, "2001:db8:b::/48")}
+    assert not set(configs["A"][1]) & set(configs["B"][1])
+    paths = {}
+    for name, (text, _, _) in configs.items():
+        paths[name] = tmp_path / f"config-{name}"
+        paths[name].write_text(text)
+    expected = {None: (None, None), **{name: (c[1], c[2]) for name, c in configs.items()}}
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["ip", "netns", "exec", node_ns, str(MASQD), "run", "--once", "--backend", "nftables", "--enable-ipv6",
+             "--config", str(paths[name]), "--log-format", "json"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def observed():
+        state = (set_intervals(node_ns, 4), set_intervals(node_ns, 6))
+        for name, value in expected.items():
+            if state == value:
+                return name
+        return state
+
+    # How long one whole run takes here decides the range of kill moments (not an assertion).
+    started = time.monotonic()
+    calibration = start("A")
+    _, stderr = calibration.communicate(timeout=60)
+    assert calibration.returncode == 0, stderr
+    duration = time.monotonic() - started
+    nft(node_ns, "delete", "table", "ip", "masqd")
+    nft(node_ns, "delete", "table", "ip6", "masqd")
+
+    rng = random.Random(20261124)
+    state = None  # no table yet
+    history = []
+    for iteration in range(ATOMIC_ITERATIONS):
+        target = "AB"[iteration % 2]
+        delay = rng.uniform(0.2, 1.1) * duration
+        process = start(target)
+        try:
+            process.wait(timeout=delay)
+            killed = False
+        except subprocess.TimeoutExpired:
+            process.kill()
+            killed = True
+        finally:
+            if process.poll() is None:  # the test itself failed: leave nothing running
+                process.kill()
+            process.communicate(timeout=60)
+        _wait_for_namespace_to_empty(node_ns)
+        now = observed()
+        history.append((target, round(delay, 3), killed, now if isinstance(now, str | None) else "MIXED"))
+        assert now in (state, target), f"after {history[-1]}: not the old ({state}) or new ({target}) set; {history}"
+        if state is not None:
+            assert now is not None, history
+        state = now
+    # The chain and rules around the set are whole too: an unkilled run of the config the kernel
+    # holds finds nothing to write.
+    final = start(state or "A")
+    _, stderr = final.communicate(timeout=60)
+    assert final.returncode == 0, stderr
+    assert observed() == (state or "A")
+    if state is not None:
+        assert writes_logged(stderr) == [], history
+
+
+# --- nft refusing a transaction ----------------------------------------------------------------------
+
+_EXECUTOR_IN_NAMESPACE = r"""
+import json, sys, anyio
+from masqd.backends.nftables import NftSubprocessExecutor
+from masqd.errors import ApplyError
+script = sys.stdin.read()
+executor = NftSubprocessExecutor()
+for step in sys.argv[1:]:
+    try:
+        anyio.run(getattr(executor, step), script)
+    except ApplyError as exc:
+        print(json.dumps({"step": step, "message": str(exc), "stderr": exc.stderr, "line": exc.line,
+                          "returncode": exc.returncode}), flush=True)
+    else:
+        print(json.dumps({"step": step, "ok": True}), flush=True)
+"""
+
+BAD_TRANSACTION = """\
+add table ip masqd
+delete table ip masqd
+table ip masqd {{
+\tchain nat {{
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tfib daddr type local return
+{bad}
+\t\tmasquerade fully-random
+\t}}
+}}
+"""
+
+
+@pytest.mark.parametrize("bad, error", [
+    pytest.param("\t\tip daddr @nosuchset return", "Error: No such file or directory", id="missing-set"),
+    pytest.param("\t\tip daddr 10.0.0.0/33 return", "Error: Prefix length 33 is invalid", id="bad-prefix"),
+    pytest.param("\t\tjump nosuchchain", "Error: Could not process rule: No such file or directory",
+                 id="missing-chain-refused-by-the-kernel"),
+])
+def test_refused_transaction_reports_nft_message_and_line_and_changes_nothing(node_ns, masqd, bad, error):
+    masqd.ok(node_ns, *DRIFT_FLAGS, config=DRIFT_CONFIG, backend="nftables")
+    before = ruleset_with_handles(node_ns)
+    result = netns.run(node_ns, sys.executable, "-c", _EXECUTOR_IN_NAMESPACE, "check", "apply",
+                       input=BAD_TRANSACTION.format(bad=bad))
+    outcomes = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["step"] for o in outcomes] == ["check", "apply"]
+    for outcome in outcomes:
+        assert "ok" not in outcome, outcome
+        assert outcome["returncode"] == 1
+        assert error in outcome["stderr"]
+        assert outcome["stderr"].startswith("/dev/stdin:7:")  # nft's own "file:line:columns: Error: ..."
+        assert outcome["line"] == bad
+        assert error in outcome["message"] and bad in outcome["message"]
+    # neither the delete nor the new table went through: the same objects, the same handles
+    assert ruleset_with_handles(node_ns) == before
+
+
+# --- switching backends and cleanup ----------------------------------------------------------------
+
+SWITCH_CONFIG = 'nonMasqueradeCIDRs: [198.51.100.0/24, "2001:db8:1::/64"]\n'
+SWITCH_EXPECTED = {"198.51.100.2": netns.POD_V4, "192.0.2.2": netns.NODE_V4,
+                   "2001:db8:1::2": netns.POD_V6, "2001:db8:2::2": netns.NODE_V6}
+
+
+def _iptables_ours(ns: str, family: int, mode: str) -> list[str]:
+    binary = f"{'iptables' if family == 4 else 'ip6tables'}-{mode}-save"
+    save = netns.iptables_save(ns, family, binary=binary)
+    return [line for line in save.splitlines() if CHAIN in line]
+
+
+@pytest.mark.parametrize("mode", ["nft", "legacy"])
+def test_switching_backends_removes_the_other_backends_rules(topology, masqd, mode):
+    ns = topology.node
+    flags = ["--enable-ipv6", f"--iptables-mode={mode}"]
+
+    masqd.ok(ns, *flags, config=SWITCH_CONFIG, backend="iptables")
+    for family in (4, 6):
+        assert len(_iptables_ours(ns, family, mode)) == 5  # chain, jump, link-local, one CIDR, MASQUERADE
+    assert {dest: topology.source_seen(dest) for dest in SWITCH_EXPECTED} == SWITCH_EXPECTED
+
+    to_nft = masqd.ok(ns, *flags, config=SWITCH_CONFIG, backend="nftables")
+    for family in (4, 6):
+        assert _iptables_ours(ns, family, mode) == []
+        assert table(ns, family) is not None
+    removed = [e for e in log_events(to_nft.stderr) if e.get("backend") == "iptables" and "removed" in e]
+    assert removed and all(CHAIN in " ".join(e["removed"]) for e in removed), to_nft.stderr
+    assert {dest: topology.source_seen(dest) for dest in SWITCH_EXPECTED} == SWITCH_EXPECTED
+
+    masqd.ok(ns, *flags, config=SWITCH_CONFIG, backend="iptables")
+    assert table(ns, 4) is None and table(ns, 6) is None
+    assert [line for line in nft(ns, "list", "tables").stdout.splitlines() if "masqd" in line] == []
+    for family in (4, 6):
+        assert len(_iptables_ours(ns, family, mode)) == 5
+    assert {dest: topology.source_seen(dest) for dest in SWITCH_EXPECTED} == SWITCH_EXPECTED
+
+
+FOREIGN_TABLES = """\
+table inet mqforeign {
+\tset allowed {
+\t\ttype ipv4_addr
+\t\tflags interval
+\t\telements = { 192.0.2.0/24, 198.51.100.0/24 }
+\t}
+\tchain forwarded {
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tip daddr @allowed counter accept
+\t}
+}
+table inet masqd {
+\tchain out {
+\t\ttype filter hook output priority filter; policy accept;
+\t\tcounter
+\t}
+}
+table ip mqnat {
+\tchain post {
+\t\ttype nat hook postrouting priority srcnat + 10; policy accept;
+\t\tip saddr 10.244.9.0/24 masquerade
+\t}
+}
+"""
+
+
+def test_cleanup_removes_only_masqds_tables(node_ns, masqd, tmp_path):
+    nft(node_ns, "-f", "-", input=FOREIGN_TABLES)
+    before = ruleset_with_handles(node_ns)
+    masqd.ok(node_ns, "--enable-ipv6", config=DRIFT_CONFIG, backend="nftables")
+    assert table(node_ns, 4) is not None and table(node_ns, 6) is not None
+
+    def cleanup() -> subprocess.CompletedProcess[str]:
+        return netns.run(node_ns, str(MASQD), "cleanup", "--backend", "nftables",
+                         "--config", str(tmp_path / "absent"), check=False)
+
+    first = cleanup()
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "removed: ip masqd, ip6 masqd\n"
+    assert ruleset_with_handles(node_ns) == before  # the foreign tables byte for byte, handles included
+    second = cleanup()
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == "nothing to remove\n"
+    assert ruleset_with_handles(node_ns) == before
+
+
+def test_cleanup_leaves_the_iptables_backends_rules(node_ns, masqd, tmp_path):
+    """``cleanup --backend nftables`` is about nft tables: an iptables masqd chain stays."""
+    masqd.ok(node_ns, *DRIFT_FLAGS, config=DRIFT_CONFIG, backend="iptables")
+    saves = {family: netns.iptables_save(node_ns, family) for family in (4, 6)}
+    result = netns.run(node_ns, str(MASQD), "cleanup", "--backend", "nftables", "--config", str(tmp_path / "absent"),
+                       check=False)
+    assert (result.returncode, result.stdout) == (0, "nothing to remove\n"), result.stderr
+    assert {family: netns.iptables_save(node_ns, family) for family in (4, 6)} == saves
+    assert all(f"-A {CHAIN} " in save for save in saves.values())
