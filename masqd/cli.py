@@ -199,7 +199,6 @@ def _cmd_render(args: argparse.Namespace, options: AgentOptions) -> int:
 
 
 def _cmd_cleanup(args: argparse.Namespace, options: AgentOptions) -> int:
-    configure_logging(verbosity_to_level(args.v), args.log_format)
     reconciler = Reconciler(make_backend(args.backend, iptables_mode=args.iptables_mode), options, args.config)
     try:
         removed = anyio.run(reconciler.cleanup)
@@ -211,7 +210,6 @@ def _cmd_cleanup(args: argparse.Namespace, options: AgentOptions) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, options: AgentOptions) -> int:
-    configure_logging(verbosity_to_level(args.v), args.log_format)
     backend = make_backend(args.backend, iptables_mode=args.iptables_mode)
     if args.once:
         reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends)
@@ -236,6 +234,8 @@ _COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "render": _cmd_render, 
 
 def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(normalize_go_flags(sys.argv[1:] if argv is None else argv, parser))
+    # Logs go to stderr for every command, so `masqd render | iptables-restore` gets only rules.
+    configure_logging(verbosity_to_level(args.v), args.log_format)
     return _COMMANDS[args.command](args, options_from(args))
 
 

@@ -309,3 +309,15 @@ def test_shipped_examples_are_valid(capsys, example, flags, summary):
 def test_json_example_needs_enable_ipv6(capsys):
     assert main(["validate", "--config", str(ROOT / "examples" / "config.json")]) == 1
     assert "nonMasqueradeCIDRs[3]: 'fd00::/8': IPv6 CIDR given but IPv6 is not enabled" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_render_stdout_holds_only_the_rules_so_it_can_be_piped(backend):
+    """`masqd render | iptables-restore` (or `| nft -f -`): logs, even debug ones, go to stderr."""
+    masqd = Path(sys.executable).with_name("masqd")
+    ran = subprocess.run([str(masqd), "render", "--backend", backend, "--config", str(EXAMPLE), "--v=4"],
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    first = ran.stdout.splitlines()[0]
+    assert first == ("# iptables-restore --noflush" if backend == "iptables" else "add table ip masqd")
+    assert not any(line.lstrip().startswith("{") for line in ran.stdout.splitlines())

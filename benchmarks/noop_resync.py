@@ -1,0 +1,408 @@
+#!/usr/bin/env python3
+"""No-op resync at 10k CIDRs: CPU time per resync tick and kernel writes (target: zero writes).
+
+For each backend, in a fresh network namespace (needs root; always deleted, also on SIGTERM or
+SIGINT), the script starts ``nft monitor``, then the daemon:
+
+    masqd run --backend X --config F --log-format json --v=4       (F: 10k CIDRs, resyncInterval 1s)
+
+waits for the initial write and the first "in sync" tick, and then measures N further ticks
+(each tick ends with the daemon's "in sync" debug event, or a "rules ..." event if it wrote).
+
+CPU: utime + stime of the daemon (all its threads) and cutime + cstime (its children, once reaped)
+from /proc/<pid>/stat, sampled right after the window's first and last tick (the daemon is idle
+then: its next tick is up to a second away). Every nft / iptables-save masqd runs is awaited
+(anyio.run_process), so its CPU time lands in the daemon's cutime/cstime; ``ip netns exec`` execs
+masqd in place, so the Popen pid is the daemon itself (checked). No cgroup needed. Resolution is
+one clock tick (10 ms at USER_HZ 100) over the whole window, i.e. 10 ms / N per tick.
+
+Writes: every kernel write shows up in ``nft monitor`` (iptables here is iptables-nft, whose rules
+are nf_tables objects). The window is fenced by two marker tables the script adds (``inet``
+family, which neither backend reads), so the count is exact: the add/delete/replace/flush/insert
+events and "new generation" commits between the markers, excluding the markers themselves.
+A positive control follows: one element (nftables) or one rule (iptables) is deleted by hand and
+the writes of the healing tick are counted the same way, proving the monitor sees masqd's writes.
+
+For scale, the raw read-back tool masqd runs once per tick (``nft --json list table ip masqd`` /
+``iptables-save -t nat``) is timed too (CPU of 5 runs, from the children's rusage). Then, with the
+daemon stopped, a child interpreter in the same namespace drives masqd's Reconciler through 5 more
+no-op passes with masqd's functions wrapped in timers (nothing edited): where a tick's time goes.
+
+    sudo .venv/bin/python benchmarks/noop_resync.py [--cidrs 10000] [--ticks 10] [--interval 1s]
+
+Output: per backend, CPU ms per tick (daemon itself, its children, total), the share of one core
+at the chosen interval, CPU of one raw read for comparison, and the writes counted in the window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BACKENDS = ("nftables", "iptables")
+MASQD = Path(sys.executable).with_name("masqd")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WRITE_VERBS = ("add ", "delete ", "insert ", "replace ", "flush ", "update ", "destroy ", "reset ")
+TICK_EVENTS = ("in sync", "rules applied", "rules updated", "rules restored after outside change")
+TIMEOUT_S = 60.0  # any single wait
+
+_namespaces: list[str] = []
+_procs: list[subprocess.Popen] = []
+
+
+def _on_signal(signum, _frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def sh(ns: str, *argv: str, stdin: str | None = None) -> str:
+    result = subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin, capture_output=True, text=True,
+                            timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip()[-1000:]}")
+    return result.stdout
+
+
+def cidr_list(count: int) -> list[str]:
+    """/28 blocks 32 addresses apart in 10.0.0.0/8: nothing to collapse."""
+    out = []
+    for i in range(count):
+        a = (10 << 24) + 32 * i
+        out.append(f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}/28")
+    return out
+
+
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime + stime, cutime + cstime) of pid, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+class Lines:
+    """A pipe read by a thread into a queue of lines (never blocks the main thread forever)."""
+
+    def __init__(self, stream):
+        self.queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.queue.put(line.rstrip("\n"))
+        self.queue.put(None)
+
+    def next(self, deadline: float) -> str:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        try:
+            line = self.queue.get(timeout=remaining)
+        except queue.Empty:
+            raise TimeoutError("timed out") from None
+        if line is None:
+            raise EOFError("stream closed")
+        return line
+
+
+def wait_event(log: Lines, names: tuple[str, ...], timeout: float = TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        line = log.next(deadline)
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") in names:
+            return event
+        if isinstance(event, dict) and event.get("level") == "error":
+            print(f"    daemon error: {line[:300]}", file=sys.stderr)
+
+
+def add_marker(ns: str, name: str) -> None:
+    sh(ns, "nft", "add", "table", "inet", name)
+
+
+def monitor_between(monitor: Lines, start: str, end: str) -> tuple[int, int, list[str]]:
+    """(write events, commits, sample lines) strictly between the two marker tables' creation."""
+    deadline = time.monotonic() + TIMEOUT_S
+    inside = skip_generation = False
+    writes = commits = 0
+    sample: list[str] = []
+    while True:
+        line = monitor.next(deadline)
+        if line.startswith("add table inet "):
+            name = line.split()[3]
+            if name == start:
+                inside = skip_generation = True  # the marker's own "# new generation" line follows
+                continue
+            if name == end:
+                return writes, commits, sample
+        if not inside:
+            continue
+        if line.startswith("# new generation"):
+            if skip_generation:
+                skip_generation = False
+            else:
+                commits += 1
+        elif line.startswith(WRITE_VERBS):
+            writes += 1
+            if len(sample) < 3:
+                sample.append(line[:160])
+
+
+_BREAKDOWN = r"""
+import inspect, json, logging, sys, time, anyio
+from masqd.logs import configure_logging
+configure_logging(logging.WARNING, "json")  # logs to stderr: stdout carries our JSON
+import masqd.reconcile as rec, masqd.backends.nftables as nft, masqd.backends.iptables as ipt
+from masqd.backends import make_backend
+from masqd.config import AgentOptions
+
+backend_name, config, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+times, depth = {}, [0]
+
+def wrap(owner, name, label):
+    f = getattr(owner, name, None)
+    if f is None:
+        return
+    def timed(call):
+        def record(start, outer):
+            depth[0] -= 1
+            if outer:
+                times[label] = times.get(label, 0.0) + time.perf_counter() - start
+        if inspect.iscoroutinefunction(call):
+            async def w(*a, **k):
+                start, outer = time.perf_counter(), depth[0] == 0
+                depth[0] += 1
+                try:
+                    return await call(*a, **k)
+                finally:
+                    record(start, outer)
+        else:
+            def w(*a, **k):
+                start, outer = time.perf_counter(), depth[0] == 0
+                depth[0] += 1
+                try:
+                    return call(*a, **k)
+                finally:
+                    record(start, outer)
+        return w
+    setattr(owner, name, timed(f))
+
+wrap(rec, "load_config", "config read+parse")
+wrap(rec, "compute_ruleset", "ruleset")
+wrap(nft, "desired_state", "desired model")
+wrap(nft, "parse_listing", "parse nft JSON")
+wrap(nft.NftSubprocessExecutor, "list_table", "nft --json list")
+wrap(ipt, "parse_nat_state", "parse iptables-save")
+wrap(ipt, "plan", "compare (plan)")
+wrap(ipt.SubprocessExecutor, "save", "iptables-save")
+wrap(ipt.SubprocessExecutor, "version", "iptables --version")
+
+async def main():
+    reconciler = rec.Reconciler(make_backend(backend_name), AgentOptions(), config)
+    await reconciler.reconcile()  # first pass: probes, caches; the daemon's ticks come after it
+    times.clear()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        result = await reconciler.reconcile()
+        if result.changed:
+            sys.exit("a no-op reconcile wrote")
+    total = (time.perf_counter() - start) / rounds
+    parts = {k: v / rounds for k, v in times.items()}
+    parts["(rest: reconciler, anyio, logging)"] = total - sum(parts.values())
+    print(json.dumps({"total": total, "parts": parts}))
+
+anyio.run(main)
+"""
+
+
+def tick_breakdown(ns: str, backend: str, config: Path, rounds: int = 5) -> dict | str:
+    """Wall time of one no-op reconcile, split by component (in-process, child interpreter)."""
+    try:
+        return json.loads(sh(ns, sys.executable, "-c", _BREAKDOWN, backend, str(config), str(rounds)))
+    except (RuntimeError, ValueError) as exc:
+        return f"unavailable: {str(exc)[-300:]}"
+
+
+def read_cpu_per_run(ns: str, argv: list[str], runs: int = 5) -> float:
+    """Mean CPU seconds (user + system) of one run of argv inside ns."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _ in range(runs):
+        sh(ns, *argv)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / runs
+
+
+def measure(backend: str, config: Path, ticks: int) -> dict:
+    ns = f"mq-bench-{secrets.token_hex(3)}"
+    _namespaces.append(ns)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        sh(ns, "ip", "link", "set", "lo", "up")
+        monitor_proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor"], stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True)
+        procs.append(monitor_proc)
+        _procs.append(monitor_proc)
+        monitor = Lines(monitor_proc.stdout)
+        # the monitor is subscribed once it reports a table created for that purpose
+        for attempt in range(50):
+            probe = f"mqbench_probe{attempt}"
+            add_marker(ns, probe)
+            try:
+                deadline = time.monotonic() + 0.5
+                while monitor.next(deadline) != f"add table inet {probe}":
+                    pass
+                break
+            except TimeoutError:
+                continue
+        else:
+            raise RuntimeError("nft monitor never reported anything")
+        daemon = subprocess.Popen(
+            ["ip", "netns", "exec", ns, str(MASQD), "run", "--backend", backend, "--config", str(config),
+             "--log-format", "json", "--v=4"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        procs.append(daemon)
+        _procs.append(daemon)
+        log = Lines(daemon.stderr)
+        wait_event(log, ("rules applied",))
+        comm = Path(f"/proc/{daemon.pid}/cmdline").read_bytes().split(b"\0")
+        if not any(b"masqd" in part for part in comm[:2]):
+            raise RuntimeError(f"pid {daemon.pid} is not masqd ({comm[:3]}): ip netns exec did not exec in place")
+        wait_event(log, TICK_EVENTS)  # the first resync: steady state from here
+
+        add_marker(ns, "mqbench_start")
+        cpu0, wall0 = cpu_ticks(daemon.pid), time.monotonic()
+        outcomes = [wait_event(log, TICK_EVENTS)["event"] for _ in range(ticks)]
+        cpu1, wall1 = cpu_ticks(daemon.pid), time.monotonic()
+        add_marker(ns, "mqbench_end")
+        writes, commits, sample = monitor_between(monitor, "mqbench_start", "mqbench_end")
+
+        # positive control: an outside change must be healed, and its writes seen by the monitor
+        add_marker(ns, "mqbench_heal_start")
+        if backend == "nftables":
+            sh(ns, "nft", "delete", "element", "ip", "masqd", "nonmasq4", "{ 10.0.0.0/28 }")
+        else:
+            sh(ns, "iptables", "-w", "-t", "nat", "-D", "IP-MASQ-AGENT", "2")
+        heal = wait_event(log, ("rules restored after outside change",), timeout=10)
+        add_marker(ns, "mqbench_heal_end")
+        heal_writes, heal_commits, _ = monitor_between(monitor, "mqbench_heal_start", "mqbench_heal_end")
+        heal_writes -= 1  # our own hand-made delete, and its commit
+        heal_commits -= 1
+
+        read_argv = (["nft", "--json", "list", "table", "ip", "masqd"] if backend == "nftables"
+                     else ["iptables-save", "-t", "nat"])
+        raw_read = read_cpu_per_run(ns, read_argv)
+        daemon.terminate()  # the breakdown runs alone (the daemon would heal nothing anyway)
+        daemon.wait(timeout=10)
+        parts = tick_breakdown(ns, backend, config)
+        return {
+            "self": (cpu1[0] - cpu0[0]) / CLK_TCK / ticks,
+            "children": (cpu1[1] - cpu0[1]) / CLK_TCK / ticks,
+            "wall_per_tick": (wall1 - wall0) / ticks,
+            "outcomes": outcomes,
+            "writes": writes,
+            "commits": commits,
+            "sample": sample,
+            "heal_writes": heal_writes,
+            "heal_commits": heal_commits,
+            "heal_ms": heal.get("duration_ms"),
+            "raw_read": raw_read,
+            "parts": parts,
+        }
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc in _procs:
+                _procs.remove(proc)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        _namespaces.remove(ns)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cidrs", type=int, default=10000)
+    parser.add_argument("--ticks", type=int, default=10, help="resync ticks measured (default 10)")
+    parser.add_argument("--interval", default="1s", help="resyncInterval, Go duration (default 1s)")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    args = parser.parse_args()
+    if os.geteuid() != 0 or not shutil.which("nft"):
+        print("needs root, iproute2, nftables and iptables (it creates its own network namespaces)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-"))
+    config = workdir / "config.yaml"
+    config.write_text(f"cidrLimit: {args.cidrs + 10}\nresyncInterval: {args.interval}\nnonMasqueradeCIDRs:\n"
+                      + "".join(f"  - {c}\n" for c in cidr_list(args.cidrs)))
+    results = {}
+    try:
+        for backend in args.backends.split(","):
+            print(f"  {backend}: {args.ticks} ticks at resyncInterval {args.interval} ...", flush=True)
+            results[backend] = measure(backend, config, args.ticks)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for proc in _procs:
+            proc.kill()
+        for ns in list(_namespaces):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print()
+    print(f"no-op resync, {args.cidrs} CIDRs, {args.ticks} ticks (CPU per tick, ms; resolution "
+          f"{1000 / CLK_TCK / args.ticks:.1f} ms)")
+    print(f"{'backend':9s} {'masqd':>7s} {'children':>9s} {'total':>7s} {'core %':>7s} {'raw read':>9s} "
+          f"{'total/raw':>9s} {'writes':>7s} {'commits':>8s}  outcome of the ticks")
+    for backend, r in results.items():
+        total = r["self"] + r["children"]
+        kinds = ", ".join(f"{n}x {e}" for e in dict.fromkeys(r["outcomes"]) if (n := r["outcomes"].count(e)))
+        print(f"{backend:9s} {r['self'] * 1000:7.1f} {r['children'] * 1000:9.1f} {total * 1000:7.1f} "
+              f"{total / r['wall_per_tick'] * 100:6.1f}% {r['raw_read'] * 1000:9.1f} {total / r['raw_read']:8.1f}x "
+              f"{r['writes']:7d} {r['commits']:8d}  {kinds}")
+        for line in r["sample"]:
+            print(f"    write seen: {line}")
+    print()
+    for backend, r in results.items():
+        print(f"positive control, {backend}: after one hand-deleted {'element' if backend == 'nftables' else 'rule'} "
+              f"the healing tick wrote {r['heal_writes']} events in {r['heal_commits']} commit(s) "
+              f"(logged duration {r['heal_ms']} ms): the monitor does see masqd's writes")
+    print()
+    print("where a no-op tick's wall time goes (in-process, mean of 5 reconciles, ms)")
+    for backend, r in results.items():
+        p = r["parts"]
+        if isinstance(p, str):
+            print(f"  {backend}: {p}")
+            continue
+        items = sorted(p["parts"].items(), key=lambda kv: -kv[1])
+        print(f"  {backend:8s} total {p['total'] * 1000:.1f} = "
+              + ", ".join(f"{name} {v * 1000:.1f}" for name, v in items if v * 1000 >= 0.05))
+    if len(results) == 2:
+        n, i = results["nftables"], results["iptables"]
+        ratio = (i["self"] + i["children"]) / (n["self"] + n["children"])
+        print(f"ratio CPU per no-op tick iptables / nftables: {ratio:.2f}x")
+    met = all(r["writes"] == 0 and r["commits"] == 0 for r in results.values())
+    print(f"target zero writes during no-op resyncs: {'MET' if met else 'NOT MET'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
