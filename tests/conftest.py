@@ -84,3 +84,27 @@ class MasqdRunner:
 def masqd(tmp_path: Path) -> MasqdRunner:
     """A :class:`MasqdRunner` with its config file in the test's temporary directory."""
     return MasqdRunner(tmp_path / "ip-masq-agent")
+
+
+@pytest.fixture
+def daemon(node_ns, tmp_path):
+    """Start ``masqd run`` in ``node_ns`` on a config text; waits for its first apply. Stopped
+    (killed if need be) at teardown."""
+    from masqd_proc import DaemonProcess
+
+    started: list[DaemonProcess] = []
+
+    def start(config_text: str, *flags: str, backend: str = "iptables") -> DaemonProcess:
+        config = tmp_path / "config"
+        config.write_text(config_text)
+        process = DaemonProcess(node_ns, config, *flags, backend=backend)
+        started.append(process)
+        process.next_event(lambda e: e.get("event") == "rules applied")
+        return process
+
+    yield start
+    for process in started:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait(timeout=10)
+            process.lines.close()

@@ -7,11 +7,7 @@ reaches the kernel without waiting for the resync.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -22,66 +18,6 @@ pytestmark = pytest.mark.netns
 CHAIN = "IP-MASQ-AGENT"
 JUMP = (f'-A POSTROUTING -m comment --comment "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL '
         f'destination traffic to our custom {CHAIN} chain" -m addrtype ! --dst-type LOCAL -j {CHAIN}')
-
-
-class Daemon:
-    """``masqd run`` in a namespace, JSON logs collected from stderr by a reader thread."""
-
-    def __init__(self, ns: str, config: Path):
-        masqd = Path(sys.executable).with_name("masqd")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, str(masqd), "run", "--backend", "iptables", "--config", str(config),
-             "--log-format", "json", "--v=4"],
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.lines = netns.LineReader(self.proc.stderr)
-        self.events: list[dict] = []
-
-    def next_event(self, predicate, timeout: float = 10.0) -> dict:
-        """Read log events until one satisfies ``predicate``; fail the test after ``timeout``."""
-        import time
-
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            line = self.lines.readline(remaining)
-            if line is None:
-                break
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            self.events.append(event)
-            if predicate(event):
-                return event
-        pytest.fail(f"no matching log event; saw: {[e.get('event') for e in self.events][-10:]}")
-
-    def writes(self) -> list[dict]:
-        return [e for e in self.events if "written" in e]
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=10)
-        finally:
-            self.lines.close()
-
-
-@pytest.fixture
-def daemon(node_ns, tmp_path):
-    started: list[Daemon] = []
-
-    def start(config_text: str) -> Daemon:
-        config = tmp_path / "config"
-        config.write_text(config_text)
-        d = Daemon(node_ns, config)
-        started.append(d)
-        d.next_event(lambda e: e.get("event") == "rules applied")
-        return d
-
-    yield start
-    for d in started:
-        if d.proc.poll() is None:
-            d.stop()
 
 
 def chain_lines(ns: str) -> list[str]:

@@ -20,7 +20,6 @@ The tests therefore read legacy state only with plain ``iptables-legacy-save`` (
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -28,13 +27,11 @@ from pathlib import Path
 
 import pytest
 
+import netns
+from masqd_proc import log_events
+
 from masqd import cli
 from masqd.backends.iptables_mode import MODES, Binaries, binaries_for, choose_mode, count_rules, has_hint
-
-try:
-    from tests import netns
-except ImportError:  # pragma: no cover - depends on how pytest was started
-    import netns
 
 MASQD = Path(sys.executable).parent / "masqd"
 CHAIN = "IP-MASQ-AGENT"
@@ -247,21 +244,9 @@ def masqd_command(ns: str, *args: str, config: Path) -> subprocess.CompletedProc
     return netns.run(ns, str(MASQD), *args, "--backend", "iptables", "--config", str(config), check=False)
 
 
-def events(stderr: str) -> list[dict]:
-    found = []
-    for line in stderr.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            found.append(event)
-    return found
-
-
 def variants_logged(stderr: str) -> list[str]:
     """The ``mode`` of every "iptables variant chosen" log event."""
-    return [event.get("mode") for event in events(stderr) if event.get("event") == "iptables variant chosen"]
+    return [event.get("mode") for event in log_events(stderr) if event.get("event") == "iptables variant chosen"]
 
 
 def other(variant: str) -> str:
@@ -387,7 +372,7 @@ def test_log_line_names_the_variant_chosen(ns, masqd, prepare, expected):
     for variant, counts in prepare.items():
         load_rules(ns, variant, counts)
     result = masqd.ok(ns, "--log-format", "json")
-    chosen = [event for event in events(result.stderr) if event.get("event") == "iptables variant chosen"]
+    chosen = [event for event in log_events(result.stderr) if event.get("event") == "iptables variant chosen"]
     assert len(chosen) == 1, result.stderr
     assert chosen[0]["mode"] == expected
     assert chosen[0]["level"] == "info"

@@ -13,7 +13,6 @@ give the same per-destination decision on iptables and on nftables, packet for p
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import subprocess
@@ -23,10 +22,8 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests import netns
-except ImportError:  # pragma: no cover - depends on how pytest was started
-    import netns
+import netns
+from masqd_proc import writes_logged
 
 pytestmark = pytest.mark.netns
 
@@ -98,19 +95,6 @@ def nft_nat(ns: str, family: int) -> str:
     """``nft -a list table ip|ip6 nat``: rule handles change whenever a rule is rewritten, so an
     unchanged listing proves masqd wrote nothing (iptables-save cannot tell a rewrite apart)."""
     return netns.run(ns, "nft", "-a", "list", "table", "ip" if family == 4 else "ip6", "nat").stdout
-
-
-def writes_logged(stderr: str) -> list[dict]:
-    """The log events of a run that report a write to the kernel."""
-    events = []
-    for line in stderr.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and "written" in event:
-            events.append(event)
-    return events
 
 
 def family_flags(family: int) -> list[str]:

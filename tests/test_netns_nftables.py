@@ -22,10 +22,8 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests import netns
-except ImportError:  # pragma: no cover - depends on how pytest was started
-    import netns
+import netns
+from masqd_proc import log_events, writes_logged
 
 pytestmark = pytest.mark.netns
 
@@ -97,24 +95,6 @@ def set_intervals(ns: str, family: int) -> tuple[tuple[int, int], ...] | None:
             continue
         ranges.append((int(net.network_address), int(net.broadcast_address)))
     return tuple(sorted(ranges))
-
-
-def log_events(stderr: str) -> list[dict]:
-    """The JSON log events a run printed on stderr."""
-    events = []
-    for line in stderr.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
-
-
-def writes_logged(stderr: str) -> list[dict]:
-    """The log events of a run that report a write to the kernel."""
-    return [event for event in log_events(stderr) if "written" in event]
 
 
 class NftMonitor:
@@ -315,62 +295,6 @@ def test_link_local_in_the_kernel_set(node_ns, masqd, config, flags, family, exe
 # --- the daemon's resync ---------------------------------------------------------------------------
 
 
-class Daemon:
-    """``masqd run`` (no ``--once``) in a namespace, JSON log events read from stderr."""
-
-    def __init__(self, ns: str, config: Path, *flags: str, backend: str = "nftables"):
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, str(MASQD), "run", "--backend", backend, "--config", str(config),
-             "--log-format", "json", "--v=4", *flags],
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.lines = netns.LineReader(self.proc.stderr)
-        self.events: list[dict] = []
-
-    def next_event(self, predicate, timeout: float = 10.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            line = self.lines.readline(remaining)
-            if line is None:
-                break
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            self.events.append(event)
-            if predicate(event):
-                return event
-        pytest.fail(f"no matching log event; saw: {[e.get('event') for e in self.events][-10:]}")
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=10)
-        finally:
-            self.lines.close()
-            self.proc.stderr.close()
-
-
-@pytest.fixture
-def daemon(node_ns, tmp_path):
-    started: list[Daemon] = []
-
-    def start(config_text: str, *flags: str) -> Daemon:
-        config = tmp_path / "config"
-        config.write_text(config_text)
-        d = Daemon(node_ns, config, *flags)
-        started.append(d)
-        d.next_event(lambda e: e.get("event") == "rules applied")
-        return d
-
-    yield start
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(timeout=10)
-            d.lines.close()
-
-
 def _is_tick(event: dict) -> bool:
     return event.get("trigger") == "timer" and event.get("event") in ("in sync", "rules restored after outside change")
 
@@ -381,7 +305,7 @@ def _is_tick(event: dict) -> bool:
     pytest.param(6, _commands("delete table ip6 masqd"), id="ipv6-table-deleted"),
 ])
 def test_daemon_resync_restores_the_table(node_ns, daemon, family, damage):
-    d = daemon("resyncInterval: 200ms\n" + DRIFT_CONFIG, *DRIFT_FLAGS)
+    d = daemon("resyncInterval: 200ms\n" + DRIFT_CONFIG, *DRIFT_FLAGS, backend="nftables")
     good = tables(node_ns)
     damage(node_ns)
     restored = d.next_event(lambda e: e.get("event") == "rules restored after outside change")
@@ -392,7 +316,7 @@ def test_daemon_resync_restores_the_table(node_ns, daemon, family, damage):
 
 
 def test_daemon_resync_on_an_unchanged_kernel_writes_nothing(node_ns, daemon, monitor):
-    d = daemon("resyncInterval: 100ms\n" + DRIFT_CONFIG, *DRIFT_FLAGS)
+    d = daemon("resyncInterval: 100ms\n" + DRIFT_CONFIG, *DRIFT_FLAGS, backend="nftables")
     monitor.transactions()  # forget the first apply
     before = ruleset_with_handles(node_ns)
     for _ in range(10):  # ten resync ticks, each one reading both tables back
