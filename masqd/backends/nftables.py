@@ -87,7 +87,11 @@ class TableState:
 
 def intervals_of(networks: list[Network] | tuple[Network, ...]) -> tuple[tuple[int, int], ...]:
     """Sorted address ranges covering ``networks``, overlapping and adjacent ones merged."""
-    return _merge((int(n.network_address), int(n.network_address) | int(n.hostmask)) for n in networks)
+    return _merge(
+        (first, first | ((1 << (n.max_prefixlen - n.prefixlen)) - 1))
+        for n in networks
+        for first in (int(n.network_address),)
+    )
 
 
 def _merge(ranges) -> tuple[tuple[int, int], ...]:
