@@ -4,11 +4,11 @@ Per family masqd owns one table (``ip masqd``, and ``ip6 masqd`` with IPv6) hold
 non-masquerade destinations and a ``nat`` chain hooked at postrouting (priority srcnat):
 
     fib daddr type local return          # like -m addrtype ! --dst-type LOCAL
-    ip daddr @nonmasq4 return            # one O(log n) set lookup, whatever the list size
+    ip daddr @nonmasq4 return            # one O(log n) interval-set lookup, not a linear scan
     [meta l4proto P numgen random mod M < K masquerade to :A-B]   # --to-ports, spread evenly
     masquerade [fully-random]
 
-Rendering and reading back are pure: :func:`render_script` writes the nft script and
+Rendering and reading back are pure: :func:`render_replace` writes the nft transaction and
 :func:`parse_listing` turns ``nft --json list table`` output into the same :class:`TableState`
 model that :func:`desired_state` builds, so drift detection is a comparison of two values.
 
@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import ipaddress
 import json
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -392,8 +393,6 @@ def _first_error(stderr: str) -> str:
 
 def _failed_line(stderr: str, script: str) -> str | None:
     """nft names errors as ``/dev/stdin:LINE:COL-COL: Error: ...``; return that script line."""
-    import re
-
     match = re.search(r":(\d+):\d+(?:-\d+)?: Error", stderr)
     if not match:
         return None
