@@ -71,6 +71,7 @@ class Reconciler:
         self.errors = 0
         self.retry_initial_seconds = retry_initial_seconds
         self.leftovers = leftovers  # finds backends whose rules a previous masqd may have left
+        self._leftovers_pending: list[Backend] | None = None  # None: not looked for yet
         self._retry_delay: float | None = None
         self._logged_findings: tuple[str, ...] = ()  # the config problems/warnings logged last
         self._parsed: tuple[str | None, ParsedConfig | ConfigError] | None = None  # (text, result)
@@ -142,7 +143,7 @@ class Reconciler:
             # between two families (bounded by the restore's own lock wait).
             with anyio.CancelScope(shield=True):
                 result = await self.backend.sync(desired)
-                if self.leftovers:
+                if self._leftovers_pending != []:
                     await self._remove_leftovers(desired.chain)
         except MasqdError as exc:
             self._record_error(exc)
@@ -165,15 +166,20 @@ class Reconciler:
         return result
 
     async def _remove_leftovers(self, chain: str) -> None:
-        """After the first good sync, remove what another backend of a previous masqd left, so
-        two rule sets never apply at once. Failures are logged; they never undo the sync."""
-        find, self.leftovers = self.leftovers, None
-        for other in find(self.backend):
+        """After a good sync, remove what another backend (or iptables variant) of a previous
+        masqd left, so two rule sets do not apply at once. A failure is logged and tried again
+        after the next sync; it never undoes the sync."""
+        pending = self._leftovers_pending
+        if pending is None:
+            pending = self._leftovers_pending = list(self.leftovers(self.backend)) if self.leftovers else []
+        for other in list(pending):
             try:
                 removed = await other.cleanup(chain)
             except MasqdError as exc:
-                log.warning("could not remove another backend's leftovers", backend=other.name, error=str(exc))
+                log.warning("could not remove another backend's leftovers; will retry", backend=other.name,
+                            error=str(exc))
                 continue
+            pending.remove(other)
             if removed:
                 log.info("removed another backend's leftovers", backend=other.name, removed=list(removed))
 

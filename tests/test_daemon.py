@@ -328,3 +328,33 @@ async def test_bad_config_is_logged_once_not_on_every_resync(tmp_path: Path) -> 
     assert len(rejected) == 1
     assert rejected[0]["problems"] == [
         "nonMasqueradeCIDRs[0]: '10.0.0.1/8': not aligned to a CIDR block: host bits are set; did you mean '10.0.0.0/8'?"]
+
+
+class CleanupFailsOnce(DryRunBackend):
+    """Another backend whose leftovers cannot be removed the first time (a busy chain, a held lock)."""
+
+    name = "other"
+
+    def __init__(self):
+        super().__init__()
+        self.attempts = 0
+
+    async def cleanup(self, chain: str) -> tuple[str, ...]:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise ApplyError(["iptables-restore"], 1, "CHAIN_DEL failed (Device or resource busy)")
+        return (f"ipv4 chain {chain}",)
+
+
+async def test_leftover_removal_is_retried_until_it_succeeds(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC)
+    other = CleanupFailsOnce()
+    reconciler = Reconciler(DryRunBackend(), AgentOptions(), config, leftovers=lambda active: (other,))
+    with structlog.testing.capture_logs() as logs:
+        await reconciler.reconcile()
+        await reconciler.reconcile()
+        await reconciler.reconcile()
+    assert other.attempts == 2  # failed, retried after the next sync, then never again
+    assert [e["event"] for e in logs if e.get("backend") == "other"] == [
+        "could not remove another backend's leftovers; will retry", "removed another backend's leftovers"]

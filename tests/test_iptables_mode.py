@@ -514,3 +514,15 @@ def test_running_in_one_variant_removes_masqds_chain_from_the_other(ns, masqd):
     masqd.ok(ns, "--enable-ipv6", "--iptables-mode", "legacy")
     assert ours(save(ns, "legacy", 4)) and ours(save(ns, "legacy", 6))
     assert not ours(save(ns, "nft", 4)) and not ours(save(ns, "nft", 6))
+
+
+@pytest.mark.netns
+def test_cleanup_in_auto_mode_removes_masqds_chain_from_every_variant(ns, masqd, tmp_path):
+    masqd.ok(ns, "--iptables-mode", "legacy")
+    load(ns, "nft", rendered_restore_inputs(ns)[4], 4)  # a copy left in the other variant
+    assert ours(save(ns, "legacy", 4)) and ours(save(ns, "nft", 4))
+    result = masqd_command(ns, "cleanup", config=tmp_path / "absent")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (f"removed: ipv4 chain {CHAIN} (legacy), ipv4 jump (legacy), "
+                             f"ipv4 chain {CHAIN} (nft), ipv4 jump (nft)\n")
+    assert not ours(save(ns, "legacy", 4)) and not ours(save(ns, "nft", 4))

@@ -569,3 +569,12 @@ def test_cleanup_leaves_the_iptables_backends_rules(node_ns, masqd, tmp_path):
     assert (result.returncode, result.stdout) == (0, "nothing to remove\n"), result.stderr
     assert {family: netns.iptables_save(node_ns, family) for family in (4, 6)} == saves
     assert all(f"-A {CHAIN} " in save for save in saves.values())
+
+
+def test_turning_ipv6_off_removes_the_ipv6_table(node_ns, masqd):
+    """A family masqd no longer manages must not keep masquerading from an old table."""
+    masqd.ok(node_ns, "--enable-ipv6", config=DRIFT_CONFIG.replace(', "2001:db8:1::/64"', ""), backend="nftables")
+    assert tables(node_ns)[6] is not None
+    off = masqd.ok(node_ns, config=DRIFT_CONFIG.replace(', "2001:db8:1::/64"', ""), backend="nftables")
+    assert tables(node_ns)[6] is None and tables(node_ns)[4] is not None
+    assert [e["written"] for e in writes_logged(off.stderr)] == [["ipv6"]]

@@ -736,7 +736,9 @@ async def test_a_failed_check_means_apply_is_never_called():
     with pytest.raises(ApplyError, match="No such file or directory") as caught:
         await NftablesBackend(nft).sync(ruleset_for(None, AgentOptions()))
     assert caught.value.line == "\t\tip daddr @nosuchset return"
-    assert [kind for kind, _ in nft.calls] == ["list", "check"]
+    # ip masqd read back, ip6 masqd looked for (IPv6 is off: a leftover table would be removed)
+    assert nft.calls[:2] == [("list", 4), ("list", 6)]
+    assert [kind for kind, _ in nft.calls] == ["list", "list", "check"]
     assert nft.tables == {}
 
 
@@ -788,3 +790,18 @@ def test_render_replace_of_several_tables_is_one_script():
     ruleset = ruleset_for(IPV6_CONFIG, AgentOptions(enable_ipv6=True))
     states = [desired_state(f, ruleset.masquerade) for f in ruleset.families]
     assert render_replace(states) == golden("ipv6")
+
+
+def test_single_flags_printed_as_strings_are_understood():
+    """Newer nft versions print a one-element flag set as a plain string ("flags": "daddr"),
+    1.0.6 as a list; both must read back as in sync, or every resync would rewrite the table."""
+    doc = json.loads(listing("defaults_ip"))
+    for item in doc["nftables"]:
+        if "set" in item:
+            item["set"]["flags"] = "interval"
+        if "rule" in item:
+            for expr in item["rule"]["expr"]:
+                fib = expr.get("match", {}).get("left", {}).get("fib")
+                if fib:
+                    fib["flags"] = "daddr"
+    assert parse_listing(json.dumps(doc), 4) == desired(None, AgentOptions())

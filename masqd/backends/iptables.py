@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol
 
-import anyio
 import structlog
 
 from masqd.backends.base import SyncResult
-from masqd.backends.iptables_mode import Binaries, binaries_for, detect_mode, legacy_tables
+from masqd.backends.iptables_mode import Binaries, binaries_for, detect_mode, installed_modes, legacy_tables
+from masqd.backends.tools import run_tool, script_line
 from masqd.cidrs import Network
 from masqd.errors import ApplyError, BackendError, ReadBackError
 from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
@@ -182,40 +182,29 @@ class SubprocessExecutor:
         if binaries.legacy and "nat" not in legacy_tables(family):
             return ""  # no legacy nat table, so nothing of masqd's; reading it would create it
         command = [binaries.save, "-t", "nat"]
-        result = await _run(command, None)
+        result = await run_tool(command, None)
         if result.returncode != 0:
             raise ReadBackError(command, result.stderr.decode(errors="replace") or f"exit {result.returncode}")
         return result.stdout.decode(errors="replace")
 
     async def restore(self, family: int, text: str) -> None:
         command = [self.binaries[family].restore, "-w", str(LOCK_WAIT_SECONDS), "--noflush"]
-        result = await _run(command, text.encode())
+        result = await run_tool(command, text.encode())
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace")
             raise ApplyError(command, result.returncode, stderr, _failed_line(stderr, text))
 
     async def version(self, family: int) -> str:
         command = [self.binaries[family].main, "--version"]
-        result = await _run(command, None)
+        result = await run_tool(command, None)
         if result.returncode != 0:
             raise ReadBackError(command, result.stderr.decode(errors="replace"))
         return result.stdout.decode(errors="replace")
 
 
-async def _run(command: list[str], stdin: bytes | None):
-    try:
-        return await anyio.run_process(command, input=stdin, check=False)
-    except OSError as exc:  # binary missing or not executable
-        raise ReadBackError(command, f"cannot run {command[0]}: {exc.strerror or exc}") from None
-
-
 def _failed_line(stderr: str, text: str) -> str | None:
     match = _ERROR_LINE.search(stderr)
-    if not match:
-        return None
-    number = int(match.group(1) or match.group(2))
-    lines = text.splitlines()
-    return lines[number - 1] if 0 < number <= len(lines) else None
+    return script_line(text, int(match.group(1) or match.group(2))) if match else None
 
 
 # --- the backend ------------------------------------------------------------------------------------
@@ -303,24 +292,28 @@ class IptablesBackend:
         return reason
 
     async def cleanup(self, chain: str, families: tuple[int, ...] = (4, 6)) -> tuple[str, ...]:
-        """Remove ``chain`` and masqd's POSTROUTING jumps to it, nothing else. A family whose
+        """Remove ``chain`` and masqd's POSTROUTING jumps to it, nothing else. With ``auto`` every
+        installed iptables variant is cleaned (masqd may have run in either). A family whose
         tables cannot be read (no IPv6 nat on this kernel) has nothing of masqd's and is skipped.
-        Returns what was removed, e.g. ``("ipv4 chain IP-MASQ-AGENT", "ipv4 jump")``."""
-        if self.mode == "auto":
-            await self.probe()
+        Returns what was removed, e.g. ``("ipv4 chain IP-MASQ-AGENT (nft)", "ipv4 jump (nft)")``."""
+        variants = installed_modes() if self.mode == "auto" else ()
+        targets = [(v, SubprocessExecutor(binaries_for(v))) for v in variants] or [(self.mode, self.executor)]
         removed: list[str] = []
-        for family in families:
-            try:
-                state = parse_nat_state(await self.executor.save(family), chain)
-            except ReadBackError:
-                if family == 4:
-                    raise
-                continue
-            text = render_removal(chain, state)
-            if text is not None:
-                await self.executor.restore(family, text)
-                label = f"ipv{family}"
-                removed += [f"{label} chain {chain}"] * state.chain_exists + [f"{label} jump"] * bool(state.jumps)
+        for variant, executor in targets:
+            for family in families:
+                try:
+                    state = parse_nat_state(await executor.save(family), chain)
+                except ReadBackError:
+                    if family == 4:
+                        raise
+                    continue
+                text = render_removal(chain, state)
+                if text is not None:
+                    await executor.restore(family, text)
+                    where = f" ({variant})" if len(targets) > 1 else ""  # name it when several were looked at
+                    label = f"ipv{family}"
+                    removed += [f"{label} chain {chain}{where}"] * state.chain_exists
+                    removed += [f"{label} jump{where}"] * bool(state.jumps)
         return tuple(removed)
 
 
@@ -336,7 +329,7 @@ def render_removal(chain: str, state: NatState) -> str | None:
 
 async def _save_or_none(command: list[str]) -> str | None:
     try:
-        result = await anyio.run_process(command, check=False)
-    except OSError:
+        result = await run_tool(command)
+    except ReadBackError:
         return None
     return result.stdout.decode(errors="replace") if result.returncode == 0 else None

@@ -28,9 +28,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import anyio
 
 from masqd.backends.base import SyncResult
+from masqd.backends.tools import run_tool, script_line
 from masqd.cidrs import Network
 from masqd.errors import ApplyError, BackendError, ReadBackError
 from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
@@ -247,12 +247,12 @@ def parse_listing(text: str, family: int) -> TableState | None:
     foreign = []
     for kind, body in objects:
         if kind == "table":
-            if body.get("flags"):  # e.g. dormant (nft 1.0.6 prints it oddly, so any flag counts)
+            if _flags(body.get("flags")):  # e.g. dormant (nft 1.0.6 prints it oddly, so any flag counts)
                 foreign.append(f"table flags {body['flags']}")
         elif kind == "chain" and body.get("name") == CHAIN:
             chain = (body.get("type"), body.get("hook"), body.get("prio"), body.get("policy"))
         elif kind == "set" and body.get("name") == set_name(family):
-            set_type = body.get("type") if "interval" in body.get("flags", []) else f"{body.get('type')} (no interval flag)"
+            set_type = body.get("type") if "interval" in _flags(body.get("flags")) else f"{body.get('type')} (no interval flag)"
             intervals = _parse_elements(body.get("elem", []), family)
         elif kind == "rule" and body.get("chain") == CHAIN:
             rules.append(_parse_rule(body.get("expr", []), family))
@@ -290,7 +290,9 @@ def _parse_rule(expr: list[dict], family: int) -> object:
     if kinds == ["match", "return"]:
         match = expr[0]["match"]
         left, right = match.get("left", {}), match.get("right")
-        if match.get("op") == "==" and left.get("fib") == {"result": "type", "flags": ["daddr"]} and right == "local":
+        fib = left.get("fib") or {}
+        if (match.get("op") == "==" and fib.get("result") == "type" and _flags(fib.get("flags")) == ["daddr"]
+                and right == "local"):
             return LOCAL_RETURN
         if (match.get("op") == "==" and left.get("payload") == {"protocol": _NFT_FAMILY[family], "field": "daddr"}
                 and right == f"@{set_name(family)}"):
@@ -300,6 +302,13 @@ def _parse_rule(expr: list[dict], family: int) -> object:
         if rule is not None:
             return rule
     return ("unrecognised", json.dumps(expr, sort_keys=True))
+
+
+def _flags(value: object) -> list:
+    """nft's JSON prints a set of flags as a list, or (newer versions) one flag as a string."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _parse_masquerade(expr: list[dict], family: int) -> MasqRule | None:
@@ -315,8 +324,7 @@ def _parse_masquerade(expr: list[dict], family: int) -> MasqRule | None:
         else:
             return None
     body = expr[-1]["masquerade"] or {}
-    flags = body.get("flags", [])
-    flags = [flags] if isinstance(flags, str) else flags
+    flags = _flags(body.get("flags"))
     port = body.get("port")
     ports = None
     if isinstance(port, int):
@@ -351,17 +359,17 @@ class NftSubprocessExecutor:
 
     async def list_table(self, family: int) -> str | None:
         command = [self.binary, "--json", "list", "table", _NFT_FAMILY[family], TABLE]
-        result = await _run(command, None)
+        result = await run_tool(command, None)
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace")
-            if "No such file or directory" in stderr:
+            if "No such file or directory" in stderr:  # ENOENT (LC_ALL=C)
                 return None
             raise ReadBackError(command, stderr or f"exit {result.returncode}")
         return result.stdout.decode()
 
     async def list_structure(self) -> str:
         command = [self.binary, "--terse", "--json", "list", "ruleset"]
-        result = await _run(command, None)
+        result = await run_tool(command, None)
         if result.returncode != 0:
             raise ReadBackError(command, result.stderr.decode(errors="replace") or f"exit {result.returncode}")
         return result.stdout.decode()
@@ -373,17 +381,10 @@ class NftSubprocessExecutor:
         await self._load([self.binary, "-f", "-"], script)
 
     async def _load(self, command: list[str], script: str) -> None:
-        result = await _run(command, script.encode())
+        result = await run_tool(command, script.encode())
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace")
             raise ApplyError(command, result.returncode, _first_error(stderr), _failed_line(stderr, script))
-
-
-async def _run(command: list[str], stdin: bytes | None):
-    try:
-        return await anyio.run_process(command, input=stdin, check=False)
-    except OSError as exc:
-        raise ReadBackError(command, f"cannot run {command[0]}: {exc.strerror or exc}") from None
 
 
 def _first_error(stderr: str) -> str:
@@ -394,12 +395,7 @@ def _first_error(stderr: str) -> str:
 def _failed_line(stderr: str, script: str) -> str | None:
     """nft names errors as ``/dev/stdin:LINE:COL-COL: Error: ...``; return that script line."""
     match = re.search(r":(\d+):\d+(?:-\d+)?: Error", stderr)
-    if not match:
-        return None
-    lines = script.splitlines()
-    number = int(match.group(1))
-    line = lines[number - 1] if 0 < number <= len(lines) else None
-    return line if line is None or len(line) <= 200 else line[:200] + "..."
+    return script_line(script, int(match.group(1))) if match else None
 
 
 # --- the backend ---------------------------------------------------------------------------------------
@@ -432,13 +428,19 @@ class NftablesBackend:
             if current != desired:
                 stale.append(desired)
                 reasons.append(_why(current, desired))
-        if not stale:
+        # a family no longer managed (IPv6 turned off) must not keep masquerading from an old table
+        managed = {family.family for family in ruleset.families}
+        unmanaged = tuple([f for f in (4, 6) if f not in managed and await self.executor.list_table(f) is not None])
+        if not stale and not unmanaged:
             return SyncResult()
-        script = render_replace(stale)
+        script = render_replace(stale) + render_delete(unmanaged)
         await self.executor.check(script)
         await self.executor.apply(script)
         await self._verify(stale)
-        return SyncResult(tuple(f"ipv{s.family}" for s in stale), tuple(reasons))
+        return SyncResult(
+            tuple(f"ipv{s.family}" for s in stale) + tuple(f"ipv{f}" for f in unmanaged),
+            tuple(reasons) + tuple(f"table {_NFT_FAMILY[f]} {TABLE} removed: that family is not enabled" for f in unmanaged),
+        )
 
     async def _verify(self, written: list[TableState]) -> None:
         """Read the tables just written back, without their elements (a terse listing costs
