@@ -47,13 +47,14 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_common import exit_on_signals, ignore_signals, cidr_blocks
 
 BACKENDS = ("nftables", "iptables")
 TARGET_100K_NFT_S = 0.5
@@ -62,12 +63,6 @@ MASQD = Path(sys.executable).with_name("masqd")
 # --- namespaces and cleanup -------------------------------------------------------------------------
 
 _namespaces: list[str] = []
-
-
-def _on_signal(signum, _frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
 
 
 def new_namespace() -> str:
@@ -104,14 +99,6 @@ def in_ns(ns: str, *argv: str, stdin: bytes | None = None, timeout: float = 300)
 # --- inputs -----------------------------------------------------------------------------------------
 
 
-def cidr_list(count: int, offset: int) -> list[str]:
-    """``count`` /28 blocks, 32 addresses apart, starting ``offset`` addresses into 10.0.0.0/8."""
-    base = 10 << 24
-    out = []
-    for i in range(count):
-        a = base + offset + 32 * i
-        out.append(f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}/28")
-    return out
 
 
 def config_text(cidrs: list[str]) -> str:
@@ -292,8 +279,7 @@ def main() -> int:
     if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("iptables-restore"):
         print("needs root, iproute2, nftables and iptables (it creates its own network namespaces)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    exit_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-"))
     results: dict[tuple[str, int], dict[str, list[float]]] = {}
     raw: dict[tuple[str, int], dict[str, list[float]]] = {}
@@ -313,8 +299,8 @@ def main() -> int:
         print()
         for n in sizes:
             config_a, config_b = workdir / f"a-{n}.yaml", workdir / f"b-{n}.yaml"
-            config_a.write_text(config_text(cidr_list(n, 0)))
-            config_b.write_text(config_text(cidr_list(n, 16)))
+            config_a.write_text(config_text(cidr_blocks(n, 0)))
+            config_b.write_text(config_text(cidr_blocks(n, 16)))
             for backend in backends:
                 ns = new_namespace()
                 try:
@@ -338,8 +324,7 @@ def main() -> int:
                       f"no-op {ms(med(r['run noop'])).strip()} ms  ({time.perf_counter() - started:.0f} s elapsed)",
                       flush=True)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_signals()
         delete_all_namespaces()
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -54,13 +54,14 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_common import exit_on_signals, ignore_signals, cidr_blocks
 
 BACKENDS = ("nftables", "iptables")
 MASQD = Path(sys.executable).with_name("masqd")
@@ -74,12 +75,6 @@ SOURCE_PORTS = 2048
 
 _namespaces: list[str] = []
 _procs: list[subprocess.Popen] = []
-
-
-def _on_signal(signum, _frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
 
 
 def run(ns: str | None, *argv: str, stdin: str | None = None, check: bool = True) -> str:
@@ -285,12 +280,6 @@ def rel_spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values) * 100
 
 
-def cidr_list(count: int) -> list[str]:
-    out = []
-    for i in range(count):
-        a = (10 << 24) + 32 * i
-        out.append(f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}/28")
-    return out
 
 
 def apply_masqd(topo: Topology, backend: str, config: Path) -> None:
@@ -323,14 +312,13 @@ def main() -> int:
     if os.geteuid() != 0 or not shutil.which("nft"):
         print("needs root, iproute2, nftables and iptables (it creates its own network namespaces)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    exit_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-"))
     configs = {}
     for n in sizes:
         configs[n] = workdir / f"config-{n}.yaml"
         configs[n].write_text(f"cidrLimit: {n + 10}\nresyncInterval: 1h\nnonMasqueradeCIDRs:\n"
-                              + "".join(f"  - {c}\n" for c in cidr_list(n)))
+                              + "".join(f"  - {c}\n" for c in cidr_blocks(n)))
     rates: dict[tuple[str, int], list[float]] = {}
     costs: dict[tuple[str, int], list[float]] = {}  # sender CPU microseconds per flow
     shares: dict[tuple[str, int], list[float]] = {}  # sender CPU time / (wall time x senders)
@@ -388,8 +376,7 @@ def main() -> int:
                     if dport > 65535 - 100:
                         raise RuntimeError("destination ports exhausted: fewer repeats or shorter points")
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_signals()
         for proc in _procs:
             proc.kill()
         if topo is not None:

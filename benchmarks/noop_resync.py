@@ -43,13 +43,14 @@ import queue
 import resource
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from bench_common import exit_on_signals, ignore_signals, cidr_blocks, cpu_ticks
 
 BACKENDS = ("nftables", "iptables")
 MASQD = Path(sys.executable).with_name("masqd")
@@ -62,12 +63,6 @@ _namespaces: list[str] = []
 _procs: list[subprocess.Popen] = []
 
 
-def _on_signal(signum, _frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
-
-
 def sh(ns: str, *argv: str, stdin: str | None = None) -> str:
     result = subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin, capture_output=True, text=True,
                             timeout=120)
@@ -76,19 +71,6 @@ def sh(ns: str, *argv: str, stdin: str | None = None) -> str:
     return result.stdout
 
 
-def cidr_list(count: int) -> list[str]:
-    """/28 blocks 32 addresses apart in 10.0.0.0/8: nothing to collapse."""
-    out = []
-    for i in range(count):
-        a = (10 << 24) + 32 * i
-        out.append(f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}/28")
-    return out
-
-
-def cpu_ticks(pid: int) -> tuple[int, int]:
-    """(utime + stime, cutime + cstime) of pid, in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
 
 
 class Lines:
@@ -347,20 +329,18 @@ def main() -> int:
     if os.geteuid() != 0 or not shutil.which("nft"):
         print("needs root, iproute2, nftables and iptables (it creates its own network namespaces)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    exit_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-"))
     config = workdir / "config.yaml"
     config.write_text(f"cidrLimit: {args.cidrs + 10}\nresyncInterval: {args.interval}\nnonMasqueradeCIDRs:\n"
-                      + "".join(f"  - {c}\n" for c in cidr_list(args.cidrs)))
+                      + "".join(f"  - {c}\n" for c in cidr_blocks(args.cidrs)))
     results = {}
     try:
         for backend in args.backends.split(","):
             print(f"  {backend}: {args.ticks} ticks at resyncInterval {args.interval} ...", flush=True)
             results[backend] = measure(backend, config, args.ticks)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_signals()
         for proc in _procs:
             proc.kill()
         for ns in list(_namespaces):

@@ -20,7 +20,6 @@ import os
 import queue
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from bench_common import cpu_ticks, exit_on_signals
 
 UPSTREAM_RESYNC_S = 60.0
 
@@ -55,8 +56,7 @@ def _wait_for(lines: queue.Queue, needle: str, timeout: float = 10.0) -> float:
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_ticks(pid)[0] / os.sysconf("SC_CLK_TCK")
 
 
 def config_text(cidr: str) -> str:
@@ -71,8 +71,7 @@ def main() -> int:
     if os.geteuid() != 0 or not shutil.which("nft"):
         print("needs root, iproute2 and nftables (it creates its own network namespace)", file=sys.stderr)
         return 2
-    # turn SIGTERM (e.g. from `timeout`) into SystemExit so the namespace is always deleted
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_signals()  # so the namespace is always deleted, also under `timeout`
     masqd = Path(sys.executable).with_name("masqd")
     ns = f"mq-bench-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
