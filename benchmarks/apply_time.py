@@ -54,7 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import exit_on_signals, ignore_signals, cidr_blocks
+from bench_common import child_script, cidr_blocks, exit_on_signals, ignore_signals
 
 BACKENDS = ("nftables", "iptables")
 TARGET_100K_NFT_S = 0.5
@@ -118,54 +118,26 @@ def masqd_log_duration(stderr: bytes) -> float | None:
     return None
 
 
-_SCRIPT_LINE_STARTS = ("#", "*", ":", "-", "COMMIT")
-
-
-def rendered(ns: str, backend: str, config: Path) -> tuple[str, int]:
-    """``masqd render`` output, and how many stray lines (log output on stdout) were dropped."""
+def rendered(ns: str, backend: str, config: Path) -> str:
+    """``masqd render`` output: exactly the script (masqd logs to stderr)."""
     _, result = in_ns(ns, str(MASQD), "render", "--backend", backend, "--config", str(config))
-    text = result.stdout.decode()
-    if backend == "nftables":
-        return text, 0
-    kept = [line for line in text.splitlines() if line.startswith(_SCRIPT_LINE_STARTS)]
-    return "\n".join(kept) + "\n", len(text.splitlines()) - len(kept)
+    return result.stdout.decode()
 
 
 # --- in-process breakdown (runs inside a namespace, in a child interpreter) --------------------------
 
 _BREAKDOWN = r"""
-import inspect, json, sys, time
+import json, sys, time
 import masqd.reconcile as rec, masqd.backends.nftables as nft, masqd.backends.iptables as ipt
 
+from bench_common import CallTimer
+
 backend_name, config_a, config_b = sys.argv[1:4]
-times, depth = {}, [0]
+timer = CallTimer()
+wrap, times = timer.wrap, timer.times
 
-def wrap(owner, name, label):
-    f = getattr(owner, name, None)
-    if f is None:
-        return
-    def record(start):
-        if depth[0] == 0:
-            times[label] = times.get(label, 0.0) + time.perf_counter() - start
-    if inspect.iscoroutinefunction(f):
-        async def w(*a, **k):
-            start = time.perf_counter(); outer = depth[0] == 0; depth[0] += 1
-            try:
-                return await f(*a, **k)
-            finally:
-                depth[0] -= 1
-                if outer: record(start)
-    else:
-        def w(*a, **k):
-            start = time.perf_counter(); outer = depth[0] == 0; depth[0] += 1
-            try:
-                return f(*a, **k)
-            finally:
-                depth[0] -= 1
-                if outer: record(start)
-    setattr(owner, name, w)
-
-wrap(rec, "load_config", "config load+parse")
+wrap(rec, "_read", "config read")
+wrap(rec.Reconciler, "_parse_if_changed", "config parse")
 wrap(rec, "compute_ruleset", "ruleset")
 wrap(rec.Reconciler, "_remove_leftovers", "other backend leftovers")
 wrap(nft, "desired_state", "desired model")
@@ -201,7 +173,7 @@ print(json.dumps({"A": one(config_a), "B": one(config_b)}))
 def breakdown(backend: str, config_a: Path, config_b: Path) -> dict | str:
     ns = new_namespace()
     try:
-        _, result = in_ns(ns, sys.executable, "-c", _BREAKDOWN, backend, str(config_a), str(config_b))
+        _, result = in_ns(ns, sys.executable, "-c", child_script(_BREAKDOWN), backend, str(config_a), str(config_b))
         return json.loads(result.stdout)
     except (RuntimeError, ValueError) as exc:
         return f"breakdown unavailable: {exc}"
@@ -284,7 +256,6 @@ def main() -> int:
     results: dict[tuple[str, int], dict[str, list[float]]] = {}
     raw: dict[tuple[str, int], dict[str, list[float]]] = {}
     parts: dict[tuple[str, int], dict | str] = {}
-    stray_lines = 0
     started = time.perf_counter()
     try:
         ns = new_namespace()
@@ -304,9 +275,8 @@ def main() -> int:
             for backend in backends:
                 ns = new_namespace()
                 try:
-                    text_a, dropped = rendered(ns, backend, config_a)
-                    text_b, _ = rendered(ns, backend, config_b)
-                    stray_lines = max(stray_lines, dropped)
+                    text_a = rendered(ns, backend, config_a)
+                    text_b = rendered(ns, backend, config_b)
                 finally:
                     delete_namespace(ns)
                 runs = results.setdefault((backend, n), {})
@@ -346,9 +316,6 @@ def main() -> int:
         check = ms(med(r["check"])) if "check" in r else f"{'-':>9s}"
         print(f"{backend:9s} {size_label(n):>6s} {check} {ms(med(r['write']))} {ms(med(r['replace']))} "
               f"{ms(med(r['read']))} {med(m['run A']) / med(r['write']):11.1f}x {med(m['run B']) / med(r['replace']):11.1f}x")
-    if stray_lines:
-        print(f"  note: `masqd render --backend iptables` printed {stray_lines} non-script line(s) on stdout "
-              f"(a log line); they were dropped before feeding iptables-restore")
 
     if set(backends) >= set(BACKENDS):
         print()

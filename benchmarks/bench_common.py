@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import signal
+import time
 from pathlib import Path
 
 
@@ -37,3 +39,47 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     """(utime + stime, cutime + cstime) of ``pid``, in clock ticks."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+class CallTimer:
+    """Wall time per label of the functions :meth:`wrap` instruments. A timed call made inside
+    another timed call counts only in the outer one, so the parts never add up to more than
+    the whole (used by the in-process breakdowns, which replace masqd functions by timed ones)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._depth = 0
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        """Replace ``owner.name`` (a function or method, sync or async) by a timed version."""
+        call = getattr(owner, name)
+        if inspect.iscoroutinefunction(call):
+            async def timed(*args, **kwargs):
+                start, outer = self._enter()
+                try:
+                    return await call(*args, **kwargs)
+                finally:
+                    self._leave(label, start, outer)
+        else:
+            def timed(*args, **kwargs):
+                start, outer = self._enter()
+                try:
+                    return call(*args, **kwargs)
+                finally:
+                    self._leave(label, start, outer)
+        setattr(owner, name, timed)
+
+    def _enter(self) -> tuple[float, bool]:
+        outer = self._depth == 0
+        self._depth += 1
+        return time.perf_counter(), outer
+
+    def _leave(self, label: str, start: float, outer: bool) -> None:
+        self._depth -= 1
+        if outer:
+            self.times[label] = self.times.get(label, 0.0) + time.perf_counter() - start
+
+
+def child_script(body: str) -> str:
+    """``body`` as a ``python -c`` script that can import this module (and so :class:`CallTimer`)."""
+    return f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n" + body

@@ -50,7 +50,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_common import exit_on_signals, ignore_signals, cidr_blocks, cpu_ticks
+from bench_common import child_script, cidr_blocks, cpu_ticks, exit_on_signals, ignore_signals
 
 BACKENDS = ("nftables", "iptables")
 MASQD = Path(sys.executable).with_name("masqd")
@@ -145,45 +145,21 @@ def monitor_between(monitor: Lines, start: str, end: str) -> tuple[int, int, lis
 
 
 _BREAKDOWN = r"""
-import inspect, json, logging, sys, time, anyio
+import json, logging, sys, time, anyio
 from masqd.logs import configure_logging
 configure_logging(logging.WARNING, "json")  # logs to stderr: stdout carries our JSON
 import masqd.reconcile as rec, masqd.backends.nftables as nft, masqd.backends.iptables as ipt
 from masqd.backends import make_backend
 from masqd.config import AgentOptions
 
+from bench_common import CallTimer
+
 backend_name, config, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-times, depth = {}, [0]
+timer = CallTimer()
+wrap, times = timer.wrap, timer.times
 
-def wrap(owner, name, label):
-    f = getattr(owner, name, None)
-    if f is None:
-        return
-    def timed(call):
-        def record(start, outer):
-            depth[0] -= 1
-            if outer:
-                times[label] = times.get(label, 0.0) + time.perf_counter() - start
-        if inspect.iscoroutinefunction(call):
-            async def w(*a, **k):
-                start, outer = time.perf_counter(), depth[0] == 0
-                depth[0] += 1
-                try:
-                    return await call(*a, **k)
-                finally:
-                    record(start, outer)
-        else:
-            def w(*a, **k):
-                start, outer = time.perf_counter(), depth[0] == 0
-                depth[0] += 1
-                try:
-                    return call(*a, **k)
-                finally:
-                    record(start, outer)
-        return w
-    setattr(owner, name, timed(f))
-
-wrap(rec, "load_config", "config read+parse")
+wrap(rec, "_read", "config read")
+wrap(rec.Reconciler, "_parse_if_changed", "config parse")
 wrap(rec, "compute_ruleset", "ruleset")
 wrap(nft, "desired_state", "desired model")
 wrap(nft, "parse_listing", "parse nft JSON")
@@ -214,7 +190,7 @@ anyio.run(main)
 def tick_breakdown(ns: str, backend: str, config: Path, rounds: int = 5) -> dict | str:
     """Wall time of one no-op reconcile, split by component (in-process, child interpreter)."""
     try:
-        return json.loads(sh(ns, sys.executable, "-c", _BREAKDOWN, backend, str(config), str(rounds)))
+        return json.loads(sh(ns, sys.executable, "-c", child_script(_BREAKDOWN), backend, str(config), str(rounds)))
     except (RuntimeError, ValueError) as exc:
         return f"unavailable: {str(exc)[-300:]}"
 
