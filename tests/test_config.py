@@ -22,6 +22,7 @@ from masqd.config import (
     parse_to_ports,
     validate_chain_name,
 )
+from masqd.cidrs import CIDRError, parse_cidr
 from masqd.duration import format_go_duration, parse_go_duration
 from masqd.errors import ConfigError, FlagError
 from masqd.reconcile import load_config
@@ -622,3 +623,41 @@ def test_resync_interval_has_a_floor_against_busy_loops(value, expected_ns, warn
     assert bool(floor_warnings) is warned
     if warned:
         assert floor_warnings[0].value == value and "minimum 100ms" in floor_warnings[0].reason
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    pytest.param("0.0.0.0/0", "0.0.0.0/0", id="everything"),
+    pytest.param("10.0.0.0/08", "10.0.0.0/8", id="prefix-leading-zero-as-go"),
+    pytest.param("255.255.255.255/32", "255.255.255.255/32", id="all-ones"),
+    pytest.param("10.0.0.00/32", None, id="last-octet-leading-zero"),
+    pytest.param("10.0.0.0.0/8", None, id="five-octets"),
+    pytest.param("10..0.0/8", None, id="empty-octet"),
+    pytest.param("10.0.0.0./8", None, id="trailing-dot"),
+    pytest.param("10.0.0.1/32", "10.0.0.1/32", id="host"),
+    pytest.param("10.0.0.1/31", None, id="host-bits-set"),
+    pytest.param("::ffff:10.0.0.0/104", "::ffff:a00:0/104", id="ipv4-mapped-ipv6"),
+])
+def test_ipv4_cidrs_are_parsed_exactly_as_ipaddress_reads_them(value, expected):
+    """The IPv4 fast path accepts exactly what the general parser accepts."""
+    if expected is None:
+        with pytest.raises(CIDRError):
+            parse_cidr(value)
+    else:
+        assert str(parse_cidr(value)) == expected
+
+
+_OCTET = st.sampled_from(["0", "1", "9", "10", "99", "100", "255", "256", "300", "00", "01", "010", ""])
+
+
+@given(st.lists(_OCTET, min_size=3, max_size=5), st.sampled_from(["0", "8", "24", "31", "32", "33", "08"]))
+def test_ipv4_fast_path_agrees_with_ipaddress(octets, prefix):
+    value = ".".join(octets) + "/" + prefix
+    try:
+        expected = ip_network(f"{'.'.join(octets)}/{int(prefix)}")
+    except ValueError:
+        expected = None
+    try:
+        got = parse_cidr(value)
+    except CIDRError:
+        got = None
+    assert got == expected

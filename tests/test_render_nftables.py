@@ -721,6 +721,26 @@ async def test_config_change_rewrites_the_table(nft):
     assert nft.writes == [golden("defaults"), golden("masq_link_local")]
 
 
+async def test_a_changed_set_is_written_without_reading_its_elements_back_first(nft):
+    """The set changed since this process wrote it, so it is rewritten whatever the kernel
+    holds: the full listing (as slow as the write at 100k elements) is skipped. A table that
+    drifted or vanished meanwhile is replaced by the same write."""
+    backend = NftablesBackend(nft)
+    await backend.sync(ruleset_for(None, AgentOptions()))
+    del nft.tables["ip"]
+    nft.calls.clear()
+    result = await backend.sync(ruleset_for("masqLinkLocal: true\n", AgentOptions()))
+    assert result.reasons == ("table ip masqd: set elements differ",)
+    assert [kind for kind, _ in nft.calls] == ["list", "check", "apply", "list-structure"]  # ("list", 6): IPv6 off
+    assert nft.calls[0] == ("list", 6)
+    assert nft.tables["ip"] == listing("masq_link_local_ip")
+    # unchanged from the last write: read back in full again, so drift is still found
+    nft.calls.clear()
+    assert not (await backend.sync(ruleset_for("masqLinkLocal: true\n", AgentOptions()))).changed
+    assert nft.calls == [("list", 4), ("list", 6)]
+
+
+
 class RejectingNft(FakeNft):
     """``nft --check`` refuses every transaction, with the message nft 1.0.6 prints for a rule
     that references a set that does not exist."""

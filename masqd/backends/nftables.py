@@ -408,6 +408,8 @@ class NftablesBackend:
 
     def __init__(self, executor: NftExecutor | None = None):
         self.executor: NftExecutor = executor or NftSubprocessExecutor()
+        # per family, the set elements of the last table written and verified by this process
+        self._written: dict[int, tuple[tuple[int, int], ...]] = {}
 
     async def probe(self) -> None:
         """Nothing to learn: every nft that has ``fully-random`` and ``fib`` is good enough."""
@@ -424,6 +426,12 @@ class NftablesBackend:
         reasons: list[str] = []
         for family in ruleset.families:
             desired = desired_state(family, ruleset.masquerade)
+            if self._written.get(family.family, desired.intervals) != desired.intervals:
+                # the elements changed since this process wrote them, so the table is rewritten
+                # anyway: reading 100k elements back first would cost as much as the write
+                stale.append(desired)
+                reasons.append(f"table {_NFT_FAMILY[family.family]} {TABLE}: set elements differ")
+                continue
             current = await self.current(family.family)
             if current != desired:
                 stale.append(desired)
@@ -437,6 +445,9 @@ class NftablesBackend:
         await self.executor.check(script)
         await self.executor.apply(script)
         await self._verify(stale)
+        self._written.update((state.family, state.intervals) for state in stale)
+        for family in unmanaged:
+            self._written.pop(family, None)
         return SyncResult(
             tuple(f"ipv{s.family}" for s in stale) + tuple(f"ipv{f}" for f in unmanaged),
             tuple(reasons) + tuple(f"table {_NFT_FAMILY[f]} {TABLE} removed: that family is not enabled" for f in unmanaged),
@@ -461,6 +472,8 @@ class NftablesBackend:
         present = [f for f in families if await self.executor.list_table(f) is not None]
         if present:
             await self.executor.apply(render_delete(tuple(present)))
+        for family in present:
+            self._written.pop(family, None)
         return tuple(f"{_NFT_FAMILY[f]} {TABLE}" for f in present)
 
 
