@@ -172,9 +172,10 @@ def one(config):
 result = {"A": one(config_a), "B": one(config_b)}
 # the same replace in a running daemon, which keeps one backend object between reconciles:
 # reuse the backend of a run with A for the run with B (nothing else differs from `run --once`)
+import masqd.plugins
 kept = {}
-make = cli.make_backend
-cli.make_backend = lambda name, **kw: kept.setdefault(name, make(name, **kw))
+make = masqd.plugins.Plugins.make_backend
+masqd.plugins.Plugins.make_backend = lambda self, name, settings: kept.setdefault(name, make(self, name, settings))
 one(config_a)
 result["B kept"] = one(config_b)
 print(json.dumps(result))

@@ -149,7 +149,8 @@ import json, logging, sys, time, anyio
 from masqd.logs import configure_logging
 configure_logging(logging.WARNING, "json")  # logs to stderr: stdout carries our JSON
 import masqd.reconcile as rec, masqd.backends.nftables as nft, masqd.backends.iptables as ipt
-from masqd.backends import make_backend
+from masqd.backends.base import BackendSettings
+from masqd.plugins import Plugins
 from masqd.config import AgentOptions
 
 from bench_common import CallTimer
@@ -170,7 +171,7 @@ wrap(ipt.SubprocessExecutor, "save", "iptables-save")
 wrap(ipt.SubprocessExecutor, "version", "iptables --version")
 
 async def main():
-    reconciler = rec.Reconciler(make_backend(backend_name), AgentOptions(), config)
+    reconciler = rec.Reconciler(Plugins.load(entry_points=False).make_backend(backend_name, BackendSettings()), AgentOptions(), config)
     await reconciler.reconcile()  # first pass: probes, caches; the daemon's ticks come after it
     times.clear()
     start = time.perf_counter()

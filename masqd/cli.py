@@ -18,15 +18,15 @@ from collections.abc import Sequence
 import anyio
 
 from masqd import __version__
-from masqd.backends import BACKENDS, leftover_backends, make_backend
+from masqd.backends import leftover_backends
 from masqd.backends.iptables_mode import MODES
-from masqd.backends.base import Backend
+from masqd.backends.base import Backend, BackendSettings
 from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, ParsedConfig, parse_to_ports, validate_chain_name
 from masqd.duration import format_go_duration
-from masqd.errors import BackendError, ConfigError, FlagError, Problem
+from masqd.errors import BackendError, ConfigError, FlagError, PluginLoadError, Problem
 from masqd.logs import configure_logging, verbosity_to_level
-from masqd.reconcile import Reconciler, load_config
-from masqd.ruleset import compute_ruleset
+from masqd.plugins import Contribution, Plugins
+from masqd.reconcile import Reconciler, load_config, plan
 
 EXIT_OK = 0
 EXIT_INVALID_CONFIG = 1
@@ -65,8 +65,12 @@ def _common_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
                         help=f"config file, YAML or JSON; missing means defaults (default {DEFAULT_CONFIG_PATH})")
-    common.add_argument("--backend", choices=BACKENDS, default="iptables",
-                        help="how rules are programmed (default iptables, as upstream)")
+    common.add_argument("--backend", default="iptables", metavar="NAME",
+                        help="how rules are programmed: iptables (default, as upstream), nftables, dry-run, "
+                             "or a backend a plugin offers (see `masqd plugins`)")
+    common.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
+                        help="do not load this plugin (repeatable); MASQD_PLUGINS=a,b loads only those "
+                             "entry-point plugins")
     common.add_argument("--iptables-mode", choices=MODES, default="auto",
                         help="iptables variant for the iptables backend: auto picks the one the host "
                              "already uses (default auto)")
@@ -102,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the exact rules the backend would apply, touching nothing")
     commands.add_parser("cleanup", parents=[common], allow_abbrev=False,
                         help="remove everything masqd created with this backend, and nothing else")
+    commands.add_parser("plugins", parents=[common], allow_abbrev=False,
+                        help="list the loaded plugins, their versions and the hooks each implements")
     return parser
 
 
@@ -170,15 +176,37 @@ def _load_and_report(args: argparse.Namespace, options: AgentOptions) -> ParsedC
     return parsed
 
 
-def _cmd_validate(args: argparse.Namespace, options: AgentOptions) -> int:
+def _plan_and_report(args: argparse.Namespace, options: AgentOptions, plugins: Plugins):
+    """The config and the plugins' contributions and vetoes: ``(parsed, ruleset, contributions)``,
+    or ``None`` after printing every problem."""
     parsed = _load_and_report(args, options)
     if parsed is None:
+        return None
+    try:
+        ruleset, contributions = anyio.run(plan, parsed.config, options, plugins)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return None
+    return parsed, ruleset, contributions
+
+
+def _cmd_validate(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
+    planned = _plan_and_report(args, options, plugins)
+    if planned is None:
         return EXIT_INVALID_CONFIG
-    config = parsed.config
+    config, contributions = planned[0].config, planned[2]
     origin = "defaults (no file)" if not os.path.exists(args.config) else args.config
     print(f"ok: {origin}: {len(config.non_masquerade_cidrs)} non-masquerade CIDRs, "
           f"resyncInterval {format_go_duration(config.resync_interval_ns)}, cidrLimit {config.cidr_limit}")
+    _print_contributions(contributions, sys.stdout)
     return EXIT_OK
+
+
+def _print_contributions(contributions: tuple[Contribution, ...], stream) -> None:
+    for contribution in contributions:
+        shown = ", ".join(map(str, contribution.cidrs[:10])) + (", ..." if len(contribution.cidrs) > 10 else "")
+        print(f"plugin {contribution.plugin}: {len(contribution.cidrs)} non-masquerade CIDRs"
+              + (f": {shown}" if shown else ""), file=stream)
 
 
 async def _render_text(backend: Backend, ruleset) -> str:
@@ -189,17 +217,18 @@ async def _render_text(backend: Backend, ruleset) -> str:
     return backend.render(ruleset)
 
 
-def _cmd_render(args: argparse.Namespace, options: AgentOptions) -> int:
-    parsed = _load_and_report(args, options)
-    if parsed is None:
+def _cmd_render(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
+    planned = _plan_and_report(args, options, plugins)
+    if planned is None:
         return EXIT_INVALID_CONFIG
-    backend = make_backend(args.backend, iptables_mode=args.iptables_mode)
-    sys.stdout.write(anyio.run(_render_text, backend, compute_ruleset(parsed.config, options)))
+    backend = _backend(args, options, plugins)
+    _print_contributions(planned[2], sys.stderr)  # stdout is exactly the script
+    sys.stdout.write(anyio.run(_render_text, backend, planned[1]))
     return EXIT_OK
 
 
-def _cmd_cleanup(args: argparse.Namespace, options: AgentOptions) -> int:
-    reconciler = Reconciler(make_backend(args.backend, iptables_mode=args.iptables_mode), options, args.config)
+def _cmd_cleanup(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
+    reconciler = Reconciler(_backend(args, options, plugins), options, args.config)
     try:
         removed = anyio.run(reconciler.cleanup)
     except BackendError as exc:
@@ -209,12 +238,30 @@ def _cmd_cleanup(args: argparse.Namespace, options: AgentOptions) -> int:
     return EXIT_OK
 
 
-def _cmd_run(args: argparse.Namespace, options: AgentOptions) -> int:
-    backend = make_backend(args.backend, iptables_mode=args.iptables_mode)
+def _cmd_plugins(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
+    for info in plugins.describe():
+        origin = "built-in" if info.builtin else (f"{info.distribution} {info.version}" if info.distribution else "-")
+        print(f"{info.name}  ({origin})  hooks: {', '.join(info.hooks) or '-'}")
+    print(f"backends: {', '.join(plugins.backend_names())}")
+    return EXIT_OK
+
+
+async def _reconcile_once(reconciler: Reconciler, plugins: Plugins, audits: list) -> None:
+    try:
+        await reconciler.reconcile()
+    finally:
+        for event in audits:
+            await plugins.audit(event)
+
+
+def _cmd_run(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
+    backend = _backend(args, options, plugins)
     if args.once:
-        reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends)
+        audits: list = []
+        reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends, plugins=plugins,
+                                on_audit=audits.append)
         try:
-            anyio.run(reconciler.reconcile)
+            anyio.run(_reconcile_once, reconciler, plugins, audits)
         except ConfigError as exc:
             _print_problems(exc)
             return EXIT_INVALID_CONFIG
@@ -224,19 +271,32 @@ def _cmd_run(args: argparse.Namespace, options: AgentOptions) -> int:
         return EXIT_OK
     from masqd.daemon import run_daemon
 
-    reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends)
-    anyio.run(partial(run_daemon, backend, options, args.config, reconciler=reconciler))
+    reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends, plugins=plugins)
+    anyio.run(partial(run_daemon, backend, options, args.config, reconciler=reconciler, plugins=plugins))
     return EXIT_OK
 
 
-_COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "render": _cmd_render, "cleanup": _cmd_cleanup}
+def _backend(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> Backend:
+    return plugins.make_backend(args.backend, BackendSettings(options, args.iptables_mode))
+
+
+_COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "render": _cmd_render, "cleanup": _cmd_cleanup,
+             "plugins": _cmd_plugins}
 
 
 def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(normalize_go_flags(sys.argv[1:] if argv is None else argv, parser))
     # Logs go to stderr for every command, so `masqd render | iptables-restore` gets only rules.
     configure_logging(verbosity_to_level(args.v), args.log_format)
-    return _COMMANDS[args.command](args, options_from(args))
+    try:
+        plugins = Plugins.load(disabled=args.disable_plugin)
+        if args.backend not in plugins.backend_names():  # every command: a typo is a usage error
+            raise FlagError("backend", args.backend,
+                            f"unknown backend; available: {', '.join(plugins.backend_names()) or 'none'}")
+        return _COMMANDS[args.command](args, options_from(args), plugins)
+    except (PluginLoadError, FlagError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:

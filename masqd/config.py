@@ -20,7 +20,7 @@ import yaml
 
 from masqd.cidrs import CIDRError, Network, duplicates, parse_cidr
 from masqd.duration import format_go_duration, parse_go_duration
-from masqd.errors import ConfigError, FlagError, Problem
+from masqd.errors import ConfigError, FlagError, Problem, shorten
 
 DEFAULT_CONFIG_PATH = "/etc/config/ip-masq-agent"
 DEFAULT_MASQ_CHAIN = "IP-MASQ-AGENT"
@@ -92,6 +92,8 @@ class MasqConfig:
     resync_interval_ns: how often the kernel is re-checked for drift, in nanoseconds (default 60 s).
     cidr_limit: maximum number of ``nonMasqueradeCIDRs`` (link-local not counted; default 64),
         a guard against a runaway list.
+    cidr_limit_set: the file sets ``cidrLimit``; only then do plugin contributions count toward
+        it (the default 64 is for compatibility, not a limit plugin authors signed up for).
     """
 
     non_masquerade_cidrs: tuple[Network, ...] = tuple(parse_cidr(c) for c in RFC1918_CIDRS)
@@ -99,6 +101,7 @@ class MasqConfig:
     masq_link_local_ipv6: bool = False
     resync_interval_ns: int = 60 * _SECOND_NS
     cidr_limit: int = 64
+    cidr_limit_set: bool = False
 
     @property
     def resync_interval(self) -> float:
@@ -137,7 +140,7 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
     if not isinstance(document, dict):
         raise ConfigError(
             source,
-            [Problem("<top level>", _short(document), "expected a mapping of keys such as 'nonMasqueradeCIDRs:'")],
+            [Problem("<top level>", shorten(document), "expected a mapping of keys such as 'nonMasqueradeCIDRs:'")],
         )
 
     problems: list[Problem] = []
@@ -172,6 +175,7 @@ def _defaults_as_fields(config: MasqConfig) -> dict[str, Any]:
         "masq_link_local_ipv6": config.masq_link_local_ipv6,
         "resync_interval_ns": config.resync_interval_ns,
         "cidr_limit": config.cidr_limit,
+        "cidr_limit_set": config.cidr_limit_set,
     }
 
 
@@ -217,11 +221,6 @@ def _first_line(text: str, mark: Any) -> str:
     return lines[0] if lines else ""
 
 
-def _short(value: Any) -> Any:
-    text = repr(value)
-    return value if len(text) <= 80 else text[:77] + "..."
-
-
 def _canonical_key(raw_key: Any, warnings: list[Problem]) -> str | None:
     if raw_key in _KEYS:
         return raw_key
@@ -253,14 +252,14 @@ def _parse_cidrs(key: str, value: Any, ctx: _Context) -> None:
         ctx.fields["non_masquerade_cidrs"] = ()
         return
     if not isinstance(value, list):
-        ctx.problems.append(Problem(key, _short(value), "expected a list of CIDR strings, e.g. ['10.0.0.0/8']"))
+        ctx.problems.append(Problem(key, shorten(value), "expected a list of CIDR strings, e.g. ['10.0.0.0/8']"))
         return
     cidrs: list[Network] = []
     for index, item in enumerate(value):
         try:
             net = parse_cidr(item)
         except CIDRError as exc:
-            ctx.problems.append(Problem(f"{key}[{index}]", _short(item), exc.reason))
+            ctx.problems.append(Problem(f"{key}[{index}]", shorten(item), exc.reason))
             continue
         if net.version == 6 and not ctx.options.enable_ipv6:
             ctx.problems.append(
@@ -275,14 +274,14 @@ def _parse_bool(attribute: str):
         if isinstance(value, bool):
             ctx.fields[attribute] = value
         else:
-            ctx.problems.append(Problem(key, _short(value), "expected true or false"))
+            ctx.problems.append(Problem(key, shorten(value), "expected true or false"))
 
     return parse
 
 
 def _parse_resync(key: str, value: Any, ctx: _Context) -> None:
     if not isinstance(value, str):
-        ctx.problems.append(Problem(key, _short(value), "expected a Go duration string such as '60s', '5m' or '1m30s'"))
+        ctx.problems.append(Problem(key, shorten(value), "expected a Go duration string such as '60s', '5m' or '1m30s'"))
         return
     try:
         ns = parse_go_duration(value)
@@ -301,11 +300,12 @@ def _parse_resync(key: str, value: Any, ctx: _Context) -> None:
 
 def _parse_limit(key: str, value: Any, ctx: _Context) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        ctx.problems.append(Problem(key, _short(value), "expected a whole number such as 64"))
+        ctx.problems.append(Problem(key, shorten(value), "expected a whole number such as 64"))
     elif not 0 <= value < 2**63:
         ctx.problems.append(Problem(key, value, "must be 0 or more (and fit in 64 bits)"))
     else:
         ctx.fields["cidr_limit"] = value
+        ctx.fields["cidr_limit_set"] = True
 
 
 _PARSERS = {

@@ -8,40 +8,73 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from functools import partial
 
 import anyio
+import anyio.abc
 import structlog
 
+from masqd.audit import AuditEvent
 from masqd.backends.base import Backend
 from masqd.config import AgentOptions
-from masqd.events import Emit, Event, Source, make_emit
+from masqd.events import Emit, Event, make_emit, notifier
+from masqd.plugins import Plugins, RegisteredSource, SourceContext
 from masqd.reconcile import Reconciler
-from masqd.sources.files import ConfigFileSource
-from masqd.sources.timer import TimerSource
 
 log = structlog.get_logger("masqd.daemon")
 
 #: Pending events beyond this are dropped: a full queue already guarantees a sync.
 EVENT_BUFFER = 64
+#: Audit events waiting for slow audit hooks beyond this are dropped (and counted in the log).
+AUDIT_BUFFER = 256
 #: A source that fails is restarted after this many seconds, doubled per failure up to the max.
 SOURCE_RESTART_SECONDS = 1.0
 SOURCE_RESTART_MAX_SECONDS = 60.0
 
 
-async def _supervise(source: Source, emit: Emit) -> None:
+async def _supervise(registered: RegisteredSource, emit: Emit) -> None:
     """Run a source forever: a failure is logged and the source restarted after a back-off, so a
     broken watch never stops the reconciler (the resync timer keeps the rules healed meanwhile).
     An event is emitted on each restart, since changes may have been missed while it was down."""
     delay = SOURCE_RESTART_SECONDS
+    notify = notifier(emit, registered.name)
     while True:
         try:
-            await source.run(emit)
+            await registered.source.run(notify)
             return
         except Exception as exc:
-            log.error("event source failed; restarting it", source=source.name, error=repr(exc), retry_in_s=delay)
+            log.error("event source failed; restarting it", source=registered.name, plugin=registered.plugin,
+                      error=repr(exc), retry_in_s=delay)
         await anyio.sleep(delay)
         delay = min(delay * 2, SOURCE_RESTART_MAX_SECONDS)
-        emit(Event(source.name, "restarted"))
+        emit(Event(registered.name, "restarted"))
+
+
+async def _deliver_audit(plugins: Plugins, events: anyio.abc.ObjectReceiveStream[AuditEvent]) -> None:
+    """Hand each audit event to the audit hooks, in order, away from the reconciler's path."""
+    async with events:
+        async for event in events:
+            await plugins.audit(event)
+
+
+def _audit_sink(send: anyio.abc.ObjectSendStream[AuditEvent]):
+    dropped = 0
+
+    def sink(event: AuditEvent) -> None:
+        nonlocal dropped
+        try:
+            send.send_nowait(event)
+        except anyio.WouldBlock:
+            dropped += 1
+            log.warning("audit hooks are behind; audit event dropped", dropped_total=dropped, result=event.result)
+
+    return sink
+
+
+def _call_each(callbacks: list[Callable[[], None]]) -> None:
+    for callback in callbacks:
+        callback()
 
 
 async def _handle_signals(emit: Emit, scope: anyio.CancelScope) -> None:
@@ -62,23 +95,36 @@ async def run_daemon(
     config_path: str | os.PathLike[str],
     *,
     reconciler: Reconciler | None = None,
-    extra_sources: tuple[Source, ...] = (),
+    plugins: Plugins | None = None,
     handle_signals: bool = True,
-    file_source: ConfigFileSource | None = None,
 ) -> Reconciler:
-    """Run until SIGTERM/SIGINT (or cancellation). Returns the reconciler for inspection."""
-    reconciler = reconciler or Reconciler(backend, options, config_path)
-    timer = TimerSource(lambda: reconciler.resync_interval)
-    reconciler.on_resync_interval = timer.reschedule
+    """Run until SIGTERM/SIGINT (or cancellation). Returns the reconciler for inspection.
+
+    The event sources are those the plugins register (the default plugins: the config file watch
+    and the resync timer); ``plugins`` defaults to the default plugins alone.
+    """
+    plugins = plugins or Plugins.load(entry_points=False)
+    reconciler = reconciler or Reconciler(backend, options, config_path, plugins=plugins)
+    if reconciler.plugins is None:
+        reconciler.plugins = plugins
+    interval_listeners: list[Callable[[], None]] = []
+    reconciler.on_resync_interval = partial(_call_each, interval_listeners)
+    context = SourceContext(str(config_path), options, lambda: reconciler.resync_interval, interval_listeners.append)
+    sources = plugins.sources(context)
     send, receive = anyio.create_memory_object_stream[Event](max_buffer_size=EVENT_BUFFER)
+    audit_send, audit_receive = anyio.create_memory_object_stream[AuditEvent](max_buffer_size=AUDIT_BUFFER)
     emit = make_emit(send)
-    sources: tuple[Source, ...] = (file_source or ConfigFileSource(config_path), timer, *extra_sources)
     log.info("masqd starting", backend=backend.name, config=str(config_path), chain=options.masq_chain,
-             ipv6=options.enable_ipv6)
-    async with send, anyio.create_task_group() as tg:
+             ipv6=options.enable_ipv6, sources=[s.name for s in sources])
+    async with send, audit_send, anyio.create_task_group() as tg:
+        if plugins.implements("audit"):
+            reconciler.on_audit = _audit_sink(audit_send)
+            tg.start_soon(_deliver_audit, plugins, audit_receive)
+        else:
+            audit_receive.close()
         tg.start_soon(reconciler.run, receive)
-        for source in sources:
-            tg.start_soon(_supervise, source, emit)
+        for registered in sources:
+            tg.start_soon(_supervise, registered, emit)
         if handle_signals:
             tg.start_soon(_handle_signals, emit, tg.cancel_scope)
         emit(Event("startup"))

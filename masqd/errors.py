@@ -2,6 +2,9 @@
 
     MasqdError                  base: anything masqd reports as a user-facing problem
     ├── ConfigError             the config file (or a flag) cannot be used; carries every Problem found
+    │   └── PluginError         a plugin raised, hung, returned something unusable, or vetoed the
+    │                           config; each Problem's key is PLUGIN.HOOK
+    ├── PluginLoadError         a plugin cannot be loaded at start-up
     ├── FlagError               a command-line flag value is invalid (e.g. ``--to-ports 70000``)
     └── BackendError            the kernel could not be read or written
         ├── ApplyError          a write (``iptables-restore``) was refused; the kernel kept its old rules
@@ -14,6 +17,13 @@ or the exit message of ``masqd validate`` is enough to fix the problem.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+def shorten(value: object) -> object:
+    """``value`` itself when its repr is short, else the first 77 characters of the repr and
+    "...": problems show what was wrong without pasting a 100k-item list into a log line."""
+    text = repr(value)
+    return value if len(text) <= 80 else text[:77] + "..."
 
 
 class MasqdError(Exception):
@@ -47,6 +57,25 @@ class ConfigError(MasqdError):
         self.warnings = tuple(warnings)
         lines = "; ".join(str(p) for p in self.problems)
         super().__init__(f"invalid config {source}: {lines}")
+
+
+class PluginError(ConfigError):
+    """Plugins made the new desired state unusable (see :mod:`masqd.plugins`). It is handled like
+    an invalid config: the rules last applied stay. Each problem's ``key`` is ``PLUGIN.HOOK`` (with
+    ``[INDEX]`` for one item of a returned list), e.g. ``policy-guard.validate_config``."""
+
+    def __init__(self, problems: list[Problem] | tuple[Problem, ...], warnings: tuple[Problem, ...] = ()):
+        super().__init__("plugins", problems, warnings)
+
+
+class PluginLoadError(MasqdError):
+    """A plugin cannot be loaded at start-up (import failure, unknown hook, bad signature, a name
+    in ``MASQD_PLUGINS`` that is not installed). ``plugin`` names it."""
+
+    def __init__(self, plugin: str, reason: str):
+        self.plugin = plugin
+        self.reason = reason
+        super().__init__(f"plugin {plugin}: {reason}")
 
 
 class FlagError(MasqdError):

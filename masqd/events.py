@@ -22,16 +22,30 @@ class Event:
     detail: str = ""
 
 
-#: How a source hands an event to the reconciler: never blocks, never fails.
+#: How the daemon hands an event to the reconciler: never blocks, never fails.
 Emit = Callable[[Event], None]
+
+#: What a source calls to ask for a reconcile: ``notify(reason)``, where ``reason`` says what it saw
+#: (a path, an object name; may be empty). Never blocks, never fails, safe to call often.
+Notify = Callable[..., None]
 
 
 class Source(Protocol):
-    """Something that watches the world and emits events until cancelled."""
+    """Something that watches the world and asks for reconciles until cancelled (see
+    :func:`masqd.hookspecs.register_sources`). ``name`` becomes the event's trigger in logs."""
 
     name: str
 
-    async def run(self, emit: Emit) -> None: ...
+    async def run(self, notify: Notify) -> None: ...
+
+
+def notifier(emit: Emit, source: str) -> Notify:
+    """The ``notify`` handed to the source called ``source``: each call emits one event."""
+
+    def notify(reason: object = "") -> None:
+        emit(Event(source, str(reason)))
+
+    return notify
 
 
 def make_emit(send: MemoryObjectSendStream[Event]) -> Emit:

@@ -16,11 +16,13 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from masqd.audit import AuditEvent
 from masqd.backends.base import Backend, SyncResult
 from masqd.config import AgentOptions, MasqConfig, ParsedConfig, default_config, parse_config
-from masqd.errors import ConfigError, MasqdError, Problem
+from masqd.errors import ConfigError, MasqdError, PluginError, Problem
 from masqd.events import Event
-from masqd.ruleset import RuleSet, compute_ruleset
+from masqd.plugins import Contribution, Plugins
+from masqd.ruleset import RuleSet, compute_ruleset, nonmasq_list
 from masqd.sources.files import read_config_text
 
 log = structlog.get_logger("masqd.reconcile")
@@ -46,6 +48,21 @@ def _read(path: str | os.PathLike[str]) -> str | None:
         raise ConfigError(str(path), [Problem("<file>", str(path), f"cannot read: {exc.strerror or exc}")]) from None
 
 
+async def plan(config: MasqConfig, options: AgentOptions, plugins: Plugins | None) -> tuple[RuleSet, tuple[Contribution, ...]]:
+    """The desired rules for a valid config: the plugins' CIDRs added (``nonmasq_cidrs``), then
+    their vetoes heard (``validate_config``). Raises :class:`PluginError`."""
+    contributions: tuple[Contribution, ...] = ()
+    if plugins is not None:
+        contributions = await plugins.contributions(config, options)
+    extra = tuple(net for contribution in contributions for net in contribution.cidrs)
+    cidrs = nonmasq_list(config, extra)
+    if extra:
+        _check_limit_with_plugins(config, cidrs)
+    if plugins is not None:
+        await plugins.validate(config, cidrs, options)
+    return compute_ruleset(config, options, extra), contributions
+
+
 class Reconciler:
     """Turns events into backend syncs. See the module docstring for the failure rules."""
 
@@ -58,8 +75,13 @@ class Reconciler:
         on_resync_interval: Callable[[], None] | None = None,
         retry_initial_seconds: float = RETRY_INITIAL_SECONDS,
         leftovers: Callable[[Backend], tuple[Backend, ...]] | None = None,
+        plugins: Plugins | None = None,
+        on_audit: Callable[[AuditEvent], None] | None = None,
     ):
         self.backend = backend
+        self.plugins = plugins  # nonmasq_cidrs / validate_config hooks; None: no plugins
+        self.on_audit = on_audit  # handed every AuditEvent; must not block
+        self.contributions: tuple[Contribution, ...] = ()  # plugin CIDRs of the last desired state
         self.options = options
         self.config_path = config_path
         self.on_resync_interval = on_resync_interval
@@ -81,27 +103,33 @@ class Reconciler:
     def resync_interval(self) -> float:
         return self.config.resync_interval
 
-    def desired(self) -> RuleSet:
-        """Load and validate the config, update the last good config, return the desired rules.
+    async def desired(self) -> RuleSet:
+        """Load and validate the config, ask the plugins for CIDRs and vetoes, update the last
+        good config, return the desired rules. Raises :class:`ConfigError` (or its subclass
+        :class:`PluginError`) and then changes nothing.
 
         Problems and warnings are logged when they differ from the ones logged last, so a bad
-        file is reported once, not on every resync.
+        file (or plugin) is reported once, not on every resync.
         """
         try:
             parsed = self._parse_if_changed(_read(self.config_path))
+            config = parsed.config
+            ruleset, contributions = await plan(config, self.options, self.plugins)
         except ConfigError as exc:
             if self._changed_since_logged(("error", *map(str, exc.problems + exc.warnings))):
-                log.error("config rejected; keeping the rules last applied", path=str(self.config_path),
+                what = "plugins rejected the new state" if isinstance(exc, PluginError) else "config rejected"
+                log.error(f"{what}; keeping the rules last applied", path=str(self.config_path),
                           problems=[str(p) for p in exc.problems], warnings=[str(w) for w in exc.warnings])
             raise
         if self._changed_since_logged(("ok", *map(str, parsed.warnings))):
             for warning in parsed.warnings:
                 log.warning("config warning", path=str(self.config_path), problem=str(warning))
         previous = self.config.resync_interval_ns
-        self.config = parsed.config
-        if parsed.config.resync_interval_ns != previous and self.on_resync_interval is not None:
+        self.config = config
+        self.contributions = contributions
+        if config.resync_interval_ns != previous and self.on_resync_interval is not None:
             self.on_resync_interval()
-        return compute_ruleset(parsed.config, self.options)
+        return ruleset
 
     def _parse_if_changed(self, text: str | None) -> ParsedConfig:
         """Parse the config text, or reuse the last result when the text is the same: a resync
@@ -131,10 +159,20 @@ class Reconciler:
         """
         started = time.perf_counter()
         trigger = ",".join(dict.fromkeys(e.source for e in events))
+        before = self.applied
+        try:
+            result = await self._reconcile(trigger, started)
+        except BaseException as exc:
+            self._audit(trigger, before, None, SyncResult(getattr(exc, "written", ())), exc)
+            raise
+        self._audit(trigger, before, self.applied, result, None)
+        return result
+
+    async def _reconcile(self, trigger: str, started: float) -> SyncResult:
         config_error: ConfigError | None = None
         try:
             try:
-                desired = self.desired()
+                desired = await self.desired()
             except ConfigError as exc:
                 if self.applied is None:
                     raise
@@ -164,6 +202,21 @@ class Reconciler:
         self.last_error = None
         self._last_sync_error = None
         return result
+
+    def _audit(self, trigger: str, before: RuleSet | None, after: RuleSet | None, result: SyncResult,
+               error: BaseException | None) -> None:
+        if self.on_audit is None or isinstance(error, anyio.get_cancelled_exc_class()):
+            return
+        if isinstance(error, ConfigError):
+            outcome = "rejected"
+        elif error is not None:
+            outcome = "failed"
+        else:
+            outcome = "applied" if result.changed else "unchanged"
+        added, removed = _family_changes(before, after) if outcome == "applied" else ({}, {})
+        self.on_audit(AuditEvent(time=time.time(), trigger=trigger, backend=self.backend.name, result=outcome,
+                                 added=added, removed=removed, written=result.written,
+                                 error=None if error is None else str(error) or repr(error)))
 
     async def _remove_leftovers(self, chain: str) -> None:
         """After a good sync, remove what another backend (or iptables variant) of a previous
@@ -213,6 +266,8 @@ class Reconciler:
             "reason": list(result.reasons),
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         }
+        if self.contributions:
+            fields["cidrs_from_plugins"] = {c.plugin: len(c.cidrs) for c in self.contributions}
         if self.applied is None:
             log.info("rules applied", cidrs=len(after), **fields)
         elif desired == self.applied:
@@ -256,3 +311,32 @@ class Reconciler:
             return
         delay = self.retry_initial_seconds if self._retry_delay is None else self._retry_delay * 2
         self._retry_delay = min(delay, RETRY_MAX_SECONDS)
+
+
+def _check_limit_with_plugins(config: MasqConfig, cidrs: tuple) -> None:
+    """With plugin CIDRs, ``cidrLimit`` holds only when the file sets it (see MasqConfig)."""
+    if not config.cidr_limit_set:
+        return
+    count = len(cidrs)
+    if count > config.cidr_limit:
+        raise PluginError([Problem(
+            "nonMasqueradeCIDRs", f"{count} CIDRs ({len(config.non_masquerade_cidrs)} from the file, "
+            f"{count - len(config.non_masquerade_cidrs)} from plugins)",
+            f"at most cidrLimit={config.cidr_limit} CIDRs are accepted (link-local not counted); "
+            "raise cidrLimit or contribute fewer CIDRs")])
+
+
+def _family_changes(before: RuleSet | None, after: RuleSet | None) -> tuple[dict, dict]:
+    """Per family label, the CIDRs added and removed between two rule sets."""
+    added: dict[str, tuple[str, ...]] = {}
+    removed: dict[str, tuple[str, ...]] = {}
+    old = {f.label: set(f.nonmasq) for f in before.families} if before is not None else {}
+    new = {f.label: set(f.nonmasq) for f in after.families} if after is not None else {}
+    for label in sorted(old.keys() | new.keys()):
+        plus = sorted(new.get(label, set()) - old.get(label, set()))
+        minus = sorted(old.get(label, set()) - new.get(label, set()))
+        if plus:
+            added[label] = tuple(map(str, plus))
+        if minus:
+            removed[label] = tuple(map(str, minus))
+    return added, removed

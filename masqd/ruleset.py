@@ -77,14 +77,21 @@ class RuleSet:
         return frozenset(net for fam in self.families for net in fam.nonmasq)
 
 
-def compute_ruleset(config: MasqConfig, options: AgentOptions) -> RuleSet:
-    """Derive the desired rules from a validated config and the flags.
+def nonmasq_list(config: MasqConfig, extra: tuple[Network, ...] = ()) -> tuple[Network, ...]:
+    """The config's non-masquerade CIDRs (file order, duplicates kept, as upstream), then each
+    of ``extra`` (plugin contributions) that is not already listed, once. Link-local not included."""
+    listed = set(config.non_masquerade_cidrs)
+    return config.non_masquerade_cidrs + tuple(net for net in dict.fromkeys(extra) if net not in listed)
+
+
+def compute_ruleset(config: MasqConfig, options: AgentOptions, extra: tuple[Network, ...] = ()) -> RuleSet:
+    """Derive the desired rules from a validated config, the flags and validated plugin CIDRs.
 
     Link-local (169.254.0.0/16, and fe80::/10 for IPv6) comes first unless masqueraded by config;
     then the configured CIDRs of that family in file order, duplicates kept, exactly as the
-    upstream agent writes them.
+    upstream agent writes them; then ``extra`` (plugin contributions) not already listed.
     """
-    v4, v6 = split_families(config.non_masquerade_cidrs)
+    v4, v6 = split_families(nonmasq_list(config, extra))
     ipv4 = FamilyRules(4, (() if config.masq_link_local else (LINK_LOCAL_V4,)) + v4)
     ipv6 = None
     if options.enable_ipv6:

@@ -52,7 +52,8 @@ DEFAULTS = MasqConfig(
 
 
 def config(**changes) -> MasqConfig:
-    return replace(DEFAULTS, **changes)
+    """DEFAULTS with ``changes``; a config whose file sets cidrLimit records that it did."""
+    return replace(DEFAULTS, **changes, cidr_limit_set="cidr_limit" in changes)
 
 
 def problems_of(text: str, options: AgentOptions = V4):

@@ -18,6 +18,8 @@ import netns
 from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
 from masqd.daemon import run_daemon
+from masqd.hookspecs import hookimpl
+from masqd.plugins import Plugins
 from masqd.errors import ApplyError
 from masqd.reconcile import Reconciler
 from masqd.sources.files import ConfigFileSource
@@ -279,10 +281,18 @@ async def test_inotify_failure_falls_back_to_polling(tmp_path: Path) -> None:
     backend = DryRunBackend()
     reconciler = Reconciler(backend, AgentOptions(), config)
     source = ConfigFileSource(config, watch=inotify_exhausted)
+
+    class FileWatchWithoutInotify:  # in place of the default sources plugin
+        @hookimpl
+        def register_sources(self, register):
+            register(source)
+
+    plugins = Plugins.load(disabled=["masqd.default_plugins.sources"], entry_points=False,
+                           extra=[("no-inotify", FileWatchWithoutInotify())])
     with structlog.testing.capture_logs() as logs:
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
-                                             handle_signals=False, file_source=source))
+                                             handle_signals=False, plugins=plugins))
             await wait_until(lambda: backend.writes == 1, "first sync")
             await wait_until(lambda: source.force_polling, "the fallback")
             write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [192.0.2.0/24]\n")
@@ -297,7 +307,7 @@ async def test_failing_source_is_restarted_and_daemon_keeps_running(tmp_path: Pa
         name = "crashy"
         runs = 0
 
-        async def run(self, emit):
+        async def run(self, notify):
             CrashOnce.runs += 1
             if CrashOnce.runs == 1:
                 raise RuntimeError("lost the watch")
@@ -307,13 +317,22 @@ async def test_failing_source_is_restarted_and_daemon_keeps_running(tmp_path: Pa
     config.write_text(NO_RESYNC)
     backend = DryRunBackend()
     reconciler = Reconciler(backend, AgentOptions(), config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
-                                         handle_signals=False, extra_sources=(CrashOnce(),)))
+    class CrashySource:
+        @hookimpl
+        def register_sources(self, register):
+            register(CrashOnce())
+
+    plugins = Plugins.load(entry_points=False, extra=[("crashy", CrashySource())])
+    with structlog.testing.capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
+                                             handle_signals=False, plugins=plugins))
         # the restart emits an event: the reconciler runs again after the crash
-        await wait_until(lambda: CrashOnce.runs == 2 and reconciler.generation >= 2, "the restart")
-        tg.cancel_scope.cancel()
+            await wait_until(lambda: CrashOnce.runs == 2 and reconciler.generation >= 2, "the restart")
+            tg.cancel_scope.cancel()
     assert backend.writes == 1
+    (failed,) = [e for e in logs if e["event"] == "event source failed; restarting it"]
+    assert failed["source"] == "crashy" and failed["plugin"] == "crashy" and "lost the watch" in failed["error"]
 
 
 async def test_bad_config_is_logged_once_not_on_every_resync(tmp_path: Path) -> None:

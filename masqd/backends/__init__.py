@@ -1,29 +1,14 @@
-"""Backends: ways to program masquerade rules. See :mod:`masqd.backends.base` for the interface."""
+"""Backends: ways to program masquerade rules. See :mod:`masqd.backends.base` for the interface;
+they are offered to ``--backend`` by :mod:`masqd.default_plugins.backends`."""
 
 from __future__ import annotations
 
 import shutil
 
 from masqd.backends.base import Backend
-from masqd.backends.dryrun import DryRunBackend
 from masqd.backends.iptables import IptablesBackend
 from masqd.backends.iptables_mode import installed_modes
 from masqd.backends.nftables import NftablesBackend
-
-#: Backend names, as given to ``--backend``.
-BACKENDS = ("iptables", "nftables", "dry-run")
-
-
-def make_backend(name: str, *, iptables_mode: str = "auto") -> Backend:
-    """A new backend by ``--backend`` name; raises ``KeyError`` for an unknown name."""
-    if name == "iptables":
-        return IptablesBackend(mode=iptables_mode)
-    if name == "nftables":
-        return NftablesBackend()
-    if name == "dry-run":
-        return DryRunBackend()
-    raise KeyError(name)
-
 
 def leftover_backends(active: Backend) -> tuple[Backend, ...]:
     """The other backends whose rules a previous masqd may have left behind (another backend, or

@@ -10,7 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from masqd.config import AgentOptions
 from masqd.ruleset import RuleSet
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """What a backend factory is called with (see :func:`masqd.hookspecs.register_backends`).
+
+    options: the validated agent flags (chain name, IPv6, --random-fully, --to-ports).
+    iptables_mode: ``--iptables-mode`` (``auto``, ``legacy``, ``nft``), for iptables-based backends.
+    """
+
+    options: AgentOptions = AgentOptions()
+    iptables_mode: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)

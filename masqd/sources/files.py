@@ -2,8 +2,8 @@
 
 A Kubernetes ConfigMap mount updates by writing a new timestamped directory and swapping the
 ``..data`` symlink, so the file's own inode never changes. The watcher therefore watches the
-*directory* holding the config path, re-reads the file on every batch of events, and emits an
-event only when the content hash changed (or the file appeared or disappeared).
+*directory* holding the config path, re-reads the file on every batch of events, and asks for a
+reconcile only when the content hash changed (or the file appeared or disappeared).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import anyio.abc
 import structlog
 import watchfiles
 
-from masqd.events import Emit, Event
+from masqd.events import Notify
 
 #: Milliseconds watchfiles waits for more changes before yielding a batch (its default is 50).
 #: A change is seen 10-20 ms after it happens; idle, the daemon costs about 0.3% of one core
@@ -56,7 +56,7 @@ def content_digest(path: str | os.PathLike[str]) -> str:
 
 
 class ConfigFileSource:
-    """Emits a ``file`` event whenever the config file's content changes."""
+    """Asks for a reconcile whenever the config file's content changes."""
 
     name = "file"
 
@@ -65,16 +65,16 @@ class ConfigFileSource:
         self.force_polling = force_polling
         self._watch_changes = watch  # watchfiles.awatch, or a stand-in with its signature in tests
 
-    async def run(self, emit: Emit) -> None:
+    async def run(self, notify: Notify) -> None:
         # watchfiles runs its watcher in a thread that only returns on a change, a timeout or its
         # stop event; set that event as soon as this task is cancelled so shutdown is immediate.
         stop = anyio.Event()
         self._digest = content_digest(self.path)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_set_when_cancelled, stop)
-            await self._watch(emit, stop, tg)
+            await self._watch(notify, stop, tg)
 
-    async def _watch(self, emit: Emit, stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
+    async def _watch(self, notify: Notify, stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
         directory = self.path.parent
         while True:
             if not directory.is_dir():
@@ -82,7 +82,7 @@ class ConfigFileSource:
             else:
                 # A change made after the last check but before the new watcher took its first
                 # look would go unseen until the next resync: check once more when it has settled.
-                tg.start_soon(self._settle_check, emit)
+                tg.start_soon(self._settle_check, notify)
                 try:
                     async for _changes in self._watch_changes(
                         directory,
@@ -94,7 +94,7 @@ class ConfigFileSource:
                         poll_delay_ms=POLL_DELAY_MS,
                         ignore_permission_denied=True,
                     ):
-                        self._check(emit)
+                        self._check(notify)
                         if not directory.is_dir():
                             break
                 except (OSError, RuntimeError) as exc:  # watchfiles' errors derive from RuntimeError
@@ -103,18 +103,18 @@ class ConfigFileSource:
                     log.warning("cannot watch config directory with inotify; polling it instead",
                                 directory=str(directory), error=str(exc), poll_ms=POLL_DELAY_MS)
                     self.force_polling = True
-            self._check(emit)
+            self._check(notify)
             await anyio.sleep(0)  # a checkpoint: after a stop, cancellation is delivered here
 
-    async def _settle_check(self, emit: Emit) -> None:
+    async def _settle_check(self, notify: Notify) -> None:
         await anyio.sleep(2 * POLL_DELAY_MS / 1000 if self.force_polling else SETTLE_SECONDS)
-        self._check(emit)
+        self._check(notify)
 
-    def _check(self, emit: Emit) -> None:
+    def _check(self, notify: Notify) -> None:
         digest = content_digest(self.path)
         if digest != self._digest:
             self._digest = digest
-            emit(Event(self.name, str(self.path)))
+            notify(str(self.path))
 
 
 async def _set_when_cancelled(event: anyio.Event) -> None:

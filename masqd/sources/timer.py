@@ -1,4 +1,4 @@
-"""The resync timer: emits ``timer`` events every ``resyncInterval`` so drift is healed."""
+"""The resync timer: asks for a reconcile every ``resyncInterval`` so drift is healed."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import anyio
 
-from masqd.events import Emit, Event
+from masqd.events import Notify
 
 
 class TimerSource:
-    """Emits a ``timer`` event every ``interval()`` seconds.
+    """Asks for a reconcile every ``interval()`` seconds.
 
     ``interval`` is read at the start of each wait; :meth:`reschedule` restarts the current wait,
     so a shorter ``resyncInterval`` takes effect at once instead of after the old one elapses.
@@ -25,10 +25,10 @@ class TimerSource:
     def reschedule(self) -> None:
         self._wake.set()
 
-    async def run(self, emit: Emit) -> None:
+    async def run(self, notify: Notify) -> None:
         while True:
             self._wake = anyio.Event()
             with anyio.move_on_after(self._interval()) as scope:
                 await self._wake.wait()
             if scope.cancelled_caught:
-                emit(Event(self.name))
+                notify()

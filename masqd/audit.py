@@ -1,0 +1,58 @@
+"""The audit record: what one apply attempt did, handed to every ``audit`` hook. Pure: no I/O."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+#: applied: rules were written; unchanged: the kernel already held them (nothing written);
+#: rejected: the config or a plugin made the new state unusable (the last good rules stay);
+#: failed: the kernel could not be read or refused the write (it keeps what it held).
+Result = Literal["applied", "unchanged", "rejected", "failed"]
+RESULTS: tuple[str, ...] = ("applied", "unchanged", "rejected", "failed")
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One apply attempt.
+
+    time: when the attempt ended, seconds since the epoch (UTC).
+    trigger: what asked for it, e.g. ``file``, ``timer``, ``sighup``, ``startup``, ``retry``, a
+        plugin source's name; several joined with ``,`` when a burst was coalesced.
+    backend: the backend's name (``iptables``, ``nftables``, ``dry-run``, a plugin's).
+    result: one of :data:`RESULTS`.
+    added / removed: per family (``ipv4``, ``ipv6``), the non-masquerade CIDRs that this attempt
+        added to or removed from the applied rules; empty unless ``result`` is ``applied``.
+    written: the parts the backend rewrote (``ipv4``, ``ipv6``); empty unless applied.
+    error: what went wrong (``rejected`` / ``failed``), else ``None``.
+    """
+
+    time: float
+    trigger: str
+    backend: str
+    result: Result
+    added: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    removed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    written: tuple[str, ...] = ()
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.result not in RESULTS:
+            raise ValueError(f"result {self.result!r}: expected one of {', '.join(RESULTS)}")
+        for name in ("added", "removed"):  # read-only views, so no hook can change what the next sees
+            object.__setattr__(self, name, types.MappingProxyType(
+                {family: tuple(cidrs) for family, cidrs in getattr(self, name).items()}))
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready copy (plain dicts and lists)."""
+        return {
+            "time": self.time,
+            "trigger": self.trigger,
+            "backend": self.backend,
+            "result": self.result,
+            "added": {family: list(cidrs) for family, cidrs in self.added.items()},
+            "removed": {family: list(cidrs) for family, cidrs in self.removed.items()},
+            "written": list(self.written),
+            "error": self.error,
+        }

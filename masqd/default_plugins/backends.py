@@ -1,0 +1,28 @@
+"""The built-in backends: ``iptables`` (the default, as upstream), ``nftables`` and ``dry-run``."""
+
+from __future__ import annotations
+
+from masqd.backends.base import BackendSettings
+from masqd.backends.dryrun import DryRunBackend
+from masqd.backends.iptables import IptablesBackend
+from masqd.backends.nftables import NftablesBackend
+from masqd.hookspecs import hookimpl
+
+
+def _iptables(settings: BackendSettings) -> IptablesBackend:
+    return IptablesBackend(mode=settings.iptables_mode)
+
+
+def _nftables(settings: BackendSettings) -> NftablesBackend:
+    return NftablesBackend()
+
+
+def _dry_run(settings: BackendSettings) -> DryRunBackend:
+    return DryRunBackend()
+
+
+@hookimpl
+def register_backends(register):
+    register("iptables", _iptables)
+    register("nftables", _nftables)
+    register("dry-run", _dry_run)

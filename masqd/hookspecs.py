@@ -1,0 +1,97 @@
+"""The hooks masqd calls, for plugins (pluggy project ``masqd``, entry-point group ``masqd``).
+
+A plugin is a module or object with functions marked ``@masqd.hookimpl`` whose names (and
+argument names, any subset) match the specifications below. Hooks are synchronous and should be
+cheap: masqd calls third-party implementations in a worker thread with a deadline, so one that
+hangs is reported and skipped instead of stalling the agent. Anything long-running belongs in an
+event source's ``async def run(notify)`` (see :func:`register_sources`).
+
+Isolation: every implementation is called on its own. One that raises, returns something
+unusable or misses its deadline is reported with its plugin's name (``PLUGIN.HOOK``); for
+``nonmasq_cidrs`` and ``validate_config`` the new desired state is then rejected and the rules
+last applied stay, exactly as for an invalid config file. Implementations run in pluggy's order:
+last registered first, ``tryfirst`` / ``trylast`` respected. Hook wrappers are not supported.
+
+masqd's own backends and event sources are registered through these hooks by the default
+plugins in :mod:`masqd.default_plugins`, exactly as a third-party plugin registers its own.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("masqd")
+hookimpl = pluggy.HookimplMarker("masqd")
+
+
+@hookspec
+def nonmasq_cidrs(config, options):
+    """More destinations that keep the pod source address.
+
+    Called on every reconcile, after the config file was read and validated.
+
+    :param config: the validated config file (:class:`masqd.config.MasqConfig`).
+    :param options: the agent flags (:class:`masqd.config.AgentOptions`), e.g. ``enable_ipv6``.
+    :return: an iterable of CIDRs, each a string (``"203.0.113.0/24"``) or an
+        ``ipaddress.IPv4Network`` / ``IPv6Network``; ``None`` for none. Every item is validated like
+        a config CIDR (parsed, aligned, IPv6 only with ``--enable-ipv6``); one bad item rejects
+        the whole new state. Contributions count toward ``cidrLimit`` only when the config file
+        sets ``cidrLimit``; a CIDR already listed (in the config or by another plugin) is kept
+        once. Each is reported with the plugin's name by ``render``, the logs and ``explain``.
+    """
+
+
+@hookspec
+def validate_config(config, cidrs, options):
+    """A veto over the new desired state.
+
+    Called on every reconcile once the complete non-masquerade list is known.
+
+    :param config: the validated config file (:class:`masqd.config.MasqConfig`).
+    :param cidrs: every non-masquerade CIDR that would be applied (config, defaults, every
+        plugin's contributions; link-local not included), as ``ipaddress`` networks, in order.
+    :param options: the agent flags.
+    :return: a list of problem strings (empty or ``None``: no objection). Any problem rejects the
+        new state; the rules last applied stay, and each problem is reported with the plugin's name.
+    """
+
+
+@hookspec
+def audit(event):
+    """Record an apply attempt.
+
+    Called after every apply attempt, successful or not, with a frozen
+    :class:`masqd.audit.AuditEvent` (time, trigger, backend, result ``applied`` / ``unchanged`` /
+    ``rejected`` / ``failed``, CIDRs added and removed per family, error text). In the daemon the
+    call is made from a task of its own, so a slow audit hook never delays an apply. Return value
+    ignored; an exception is logged with the plugin's name.
+    """
+
+
+@hookspec
+def register_backends(register):
+    """Offer backends, selectable with ``--backend NAME``.
+
+    Called once at start-up.
+
+    :param register: call ``register(name, factory)`` for each backend. ``factory`` is a backend
+        class (or any callable) taking one :class:`masqd.backends.base.BackendSettings` and
+        returning an object that implements :class:`masqd.backends.base.Backend`. A name already
+        registered is an error naming both plugins.
+    """
+
+
+@hookspec
+def register_sources(register, context):
+    """Offer event sources, run for as long as the daemon runs.
+
+    Called once when the daemon starts (not for ``run --once``, ``render`` or ``validate``).
+
+    :param register: call ``register(source)`` for each source: an object with ``async def
+        run(notify)`` and optionally ``name`` (default: the plugin's name). ``run`` is scheduled in
+        the daemon's task group; it calls ``notify(reason)`` (never blocks) whenever something it
+        watches may have changed, and masqd reconciles soon after. A source that raises is logged
+        with its plugin's name and restarted after a back-off; one that returns is not restarted.
+    :param context: a :class:`masqd.plugins.SourceContext` (config path, agent flags, the current
+        resync interval), for sources that need them.
+    """

@@ -1,0 +1,393 @@
+"""Loading plugins and calling their hooks, each in isolation (the hooks: :mod:`masqd.hookspecs`).
+
+Loading: the default plugins (:mod:`masqd.default_plugins`) are registered first, then every
+entry point of the ``masqd`` group, or only those named in ``MASQD_PLUGINS`` (a comma list; set
+but empty loads none). ``--disable-plugin NAME`` blocks a plugin by its name (an entry-point name,
+or a default plugin's such as ``masqd.sources``). A plugin that cannot be imported, names a hook
+that does not exist, takes arguments a hook does not offer, or wraps hooks is refused at start-up
+with a :class:`~masqd.errors.PluginLoadError` naming it.
+
+Calling: every implementation is called on its own, in pluggy's order. Third-party ones run in a
+daemon thread with a deadline (:data:`HOOK_TIMEOUT_SECONDS`): one that hangs is reported as such,
+and is not called again (its hook is reported hung) until the stuck call returns, so a hung plugin
+costs one thread, never the agent. What they return is validated here into typed values before
+anything else sees it. Problems are collected per plugin and raised together as a
+:class:`~masqd.errors.PluginError`, which the reconciler treats like an invalid config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import pluggy
+import structlog
+
+from masqd import hookspecs
+from masqd.backends.base import Backend, BackendSettings
+from masqd.cidrs import CIDRError, Network, parse_cidr
+from masqd.config import AgentOptions, MasqConfig
+from masqd.errors import FlagError, PluginError, PluginLoadError, Problem, shorten
+
+log = structlog.get_logger("masqd.plugins")
+
+PROJECT = "masqd"
+ENTRY_POINT_GROUP = "masqd"
+#: The modules registered as default plugins, under their module names.
+DEFAULT_PLUGINS = ("masqd.default_plugins.backends", "masqd.default_plugins.sources")
+#: A third-party hook call that takes longer than this is reported hung and abandoned.
+HOOK_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """One loaded plugin, as ``masqd plugins`` lists it."""
+
+    name: str
+    hooks: tuple[str, ...]
+    builtin: bool
+    distribution: str | None = None  # the installed package providing it (entry-point plugins)
+    version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    """The CIDRs one plugin added, validated, in the order it returned them (repeats dropped)."""
+
+    plugin: str
+    cidrs: tuple[Network, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceContext:
+    """What ``register_sources`` receives besides ``register``.
+
+    config_path: the config file masqd reads (``--config``).
+    options: the agent flags.
+    resync_interval: returns the current ``resyncInterval`` in seconds (it changes with the file).
+    on_resync_interval_change: ``on_resync_interval_change(callback)`` makes masqd call
+        ``callback()`` whenever ``resyncInterval`` changes.
+    """
+
+    config_path: str
+    options: AgentOptions
+    resync_interval: Callable[[], float]
+    on_resync_interval_change: Callable[[Callable[[], None]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredSource:
+    plugin: str
+    name: str
+    source: Any  # an object with ``async def run(notify)``
+
+
+class _HookFailed(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Plugins:
+    """A loaded plugin manager and the isolated calls masqd makes into it."""
+
+    def __init__(self, pm: pluggy.PluginManager, *, builtin: Iterable[str] = (),
+                 hook_timeout: float = HOOK_TIMEOUT_SECONDS):
+        self.pm = pm
+        self.builtin = frozenset(builtin)
+        self.hook_timeout = hook_timeout
+        self._stuck: dict[tuple[str, str], float] = {}  # (plugin, hook) -> when the hung call started
+        self._backends: dict[str, tuple[str, Callable[[BackendSettings], Backend]]] | None = None
+
+    # --- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, *, disabled: Sequence[str] = (), environ: Mapping[str, str] | None = None,
+             extra: Sequence[tuple[str, object]] = (), entry_points: bool = True,
+             hook_timeout: float = HOOK_TIMEOUT_SECONDS) -> Plugins:
+        """The default plugins, then entry-point plugins (filtered by ``MASQD_PLUGINS``), then
+        ``extra`` ``(name, plugin)`` pairs; ``disabled`` names are blocked. Raises
+        :class:`PluginLoadError` naming the plugin that cannot be used."""
+        environ = os.environ if environ is None else environ
+        pm = pluggy.PluginManager(PROJECT)
+        pm.add_hookspecs(hookspecs)
+        for name in disabled:
+            pm.set_blocked(name)
+        builtin = []
+        for module_name in DEFAULT_PLUGINS:
+            if not pm.is_blocked(module_name):
+                _register(pm, importlib.import_module(module_name), module_name)
+                builtin.append(module_name)
+        if entry_points:
+            _load_entry_points(pm, environ.get("MASQD_PLUGINS"))
+        for name, plugin in extra:
+            if not pm.is_blocked(name):
+                _register(pm, plugin, name)
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginLoadError(pm.get_name(exc.plugin) or "?", _validation_reason(exc)) from None
+        for hook_name in _hook_names():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                if impl.hookwrapper or impl.wrapper:
+                    raise PluginLoadError(impl.plugin_name, f"{hook_name} is a hook wrapper; masqd calls every "
+                                          "implementation on its own, so wrappers are not supported")
+        return cls(pm, builtin=builtin, hook_timeout=hook_timeout)
+
+    def describe(self) -> list[PluginInfo]:
+        """Every loaded plugin with the hooks it implements, default plugins first."""
+        dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
+        infos = []
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:  # blocked
+                continue
+            hooks = tuple(sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or ()))
+            dist = dists.get(id(plugin))
+            infos.append(PluginInfo(name, hooks, name in self.builtin,
+                                    dist.project_name if dist else None, dist.version if dist else None))
+        return sorted(infos, key=lambda info: (not info.builtin, info.name))
+
+    # --- backends and sources (start-up) -------------------------------------------------------------
+
+    def backend_names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._backend_factories()))
+
+    def make_backend(self, name: str, settings: BackendSettings) -> Backend:
+        """A new backend by ``--backend`` name. Raises :class:`FlagError` for an unknown name and
+        :class:`PluginLoadError` when the plugin's factory fails or returns no backend."""
+        factories = self._backend_factories()
+        if name not in factories:
+            raise FlagError("backend", name, f"unknown backend; available: {', '.join(self.backend_names()) or 'none'}")
+        plugin, factory = factories[name]
+        try:
+            backend = factory(settings)
+        except Exception as exc:
+            raise PluginLoadError(plugin, f"backend {name!r} could not be created: {exc!r}") from exc
+        missing = [attr for attr in ("name", "probe", "render", "sync", "cleanup") if not hasattr(backend, attr)]
+        if missing:
+            raise PluginLoadError(plugin, f"backend {name!r} is not a backend: it has no {', '.join(missing)}")
+        return backend
+
+    def _backend_factories(self) -> dict[str, tuple[str, Callable[[BackendSettings], Backend]]]:
+        if self._backends is None:
+            found: dict[str, tuple[str, Callable[[BackendSettings], Backend]]] = {}
+            for plugin, calls in self._startup_calls("register_backends"):
+                for args in calls:
+                    if len(args) != 2 or not isinstance(args[0], str) or not args[0] or not callable(args[1]):
+                        log.error("plugin registered something that is not a backend; ignored", plugin=plugin,
+                                  registered=repr(args)[:200], expected="register(name, factory)")
+                    elif args[0] in found:
+                        log.error("backend name already taken; ignored", plugin=plugin, backend=args[0],
+                                  registered_by=found[args[0]][0])
+                    else:
+                        found[args[0]] = (plugin, args[1])
+            self._backends = found
+        return self._backends
+
+    def sources(self, context: SourceContext) -> list[RegisteredSource]:
+        """Every event source the plugins register, for the daemon to run."""
+        found: list[RegisteredSource] = []
+        for plugin, calls in self._startup_calls("register_sources", context=context):
+            for args in calls:
+                source = args[0] if len(args) == 1 else None
+                if not callable(getattr(source, "run", None)):
+                    log.error("plugin registered something that is not an event source; ignored", plugin=plugin,
+                              registered=repr(args)[:200], expected="register(obj) with async def run(notify)")
+                    continue
+                found.append(RegisteredSource(plugin, str(getattr(source, "name", "") or plugin), source))
+        return found
+
+    def _startup_calls(self, hook_name: str, **kwargs) -> list[tuple[str, list[tuple]]]:
+        """Call a registration hook of every plugin on its own: ``[(plugin, [register args])]``.
+        A plugin that raises is logged with its name and contributes nothing (the others do)."""
+        out = []
+        for impl in _in_call_order(getattr(self.pm.hook, hook_name)):
+            calls: list[tuple] = []
+            args = {"register": lambda *a: calls.append(a), **kwargs}
+            try:
+                impl.function(**{name: args[name] for name in impl.argnames})
+            except Exception as exc:
+                log.error("plugin failed to register; continuing without what it offers", plugin=impl.plugin_name,
+                          hook=hook_name, error=repr(exc))
+                continue
+            out.append((impl.plugin_name, calls))
+        return out
+
+    # --- reconcile-time hooks --------------------------------------------------------------------------
+
+    async def contributions(self, config: MasqConfig, options: AgentOptions) -> tuple[Contribution, ...]:
+        """Every plugin's ``nonmasq_cidrs``, validated. Raises :class:`PluginError` with every
+        problem when any plugin raised, hung or returned something that is not a usable CIDR."""
+        problems: list[Problem] = []
+        out: list[Contribution] = []
+        results = await self._call_each("nonmasq_cidrs", problems, config=config, options=options)
+        for plugin, items in results:
+            key = f"{plugin}.nonmasq_cidrs"
+            if not isinstance(items, list):
+                problems.append(Problem(key, shorten(items), "expected an iterable of CIDR strings or ipaddress networks"))
+                continue
+            cidrs: dict[Network, None] = {}
+            for index, item in enumerate(items):
+                try:
+                    net = _contributed_network(item)
+                except CIDRError as exc:
+                    problems.append(Problem(f"{key}[{index}]", shorten(item), exc.reason))
+                    continue
+                if net.version == 6 and not options.enable_ipv6:
+                    problems.append(Problem(f"{key}[{index}]", str(net),
+                                            "IPv6 CIDR given but IPv6 is not enabled; start masqd with --enable-ipv6"))
+                    continue
+                cidrs[net] = None
+            out.append(Contribution(plugin, tuple(cidrs)))
+        if problems:
+            raise PluginError(problems)
+        return tuple(out)
+
+    async def validate(self, config: MasqConfig, cidrs: tuple[Network, ...], options: AgentOptions) -> None:
+        """Every plugin's ``validate_config``. Raises :class:`PluginError` with every veto."""
+        problems: list[Problem] = []
+        for plugin, result in await self._call_each("validate_config", problems, config=config, cidrs=cidrs,
+                                                     options=options):
+            key = f"{plugin}.validate_config"
+            if not isinstance(result, list) or not all(isinstance(p, str) for p in result):
+                problems.append(Problem(key, shorten(result), "expected a list of problem strings"))
+                continue
+            problems.extend(Problem(key, None, text) for text in result)
+        if problems:
+            raise PluginError(problems)
+
+    async def audit(self, event) -> None:
+        """Every plugin's ``audit``; failures are logged with the plugin's name, never raised."""
+        problems: list[Problem] = []
+        await self._call_each("audit", problems, event=event)
+        for problem in problems:
+            log.error("audit hook failed", plugin=problem.key.split(".", 1)[0], error=problem.reason)
+
+    def implements(self, hook_name: str) -> bool:
+        return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
+
+    async def _call_each(self, hook_name: str, problems: list[Problem], **kwargs) -> list[tuple[str, Any]]:
+        """``[(plugin, result)]`` of every implementation that returned; the others' problems are
+        appended to ``problems``. ``None`` results are skipped; iterables are read into lists
+        inside the call (a generator that hangs or raises is the plugin's failure, not masqd's)."""
+        results = []
+        for impl in _in_call_order(getattr(self.pm.hook, hook_name)):
+            args = {name: kwargs[name] for name in impl.argnames}
+            try:
+                if impl.plugin_name in self.builtin:
+                    result = _materialize(impl.function(**args))
+                else:
+                    result = await self._isolated(impl.plugin_name, hook_name, lambda: _materialize(impl.function(**args)))
+            except _HookFailed as exc:
+                problems.append(Problem(f"{impl.plugin_name}.{hook_name}", None, exc.reason))
+                continue
+            except Exception as exc:
+                problems.append(Problem(f"{impl.plugin_name}.{hook_name}", None, f"raised {exc!r}"))
+                continue
+            if result is not None:
+                results.append((impl.plugin_name, result))
+        return results
+
+    async def _isolated(self, plugin: str, hook_name: str, call: Callable[[], Any]) -> Any:
+        """Run ``call`` in a daemon thread; give up on it after the deadline (the thread is left
+        to finish on its own, and the hook is reported hung until it does)."""
+        key = (plugin, hook_name)
+        if key in self._stuck:
+            since = time.monotonic() - self._stuck[key]
+            raise _HookFailed(f"still hung in the call that started {since:.0f} s ago; not called again until it returns")
+        outcome: dict[str, Any] = {}
+        done = anyio.Event()
+        token = anyio.lowlevel.current_token()
+        self._stuck[key] = time.monotonic()  # until the thread says otherwise
+
+        def work() -> None:
+            try:
+                outcome["value"] = call()
+            except BaseException as exc:  # noqa: BLE001 - even SystemExit is the plugin's failure
+                outcome["error"] = exc
+            finally:
+                self._stuck.pop(key, None)
+                try:
+                    anyio.from_thread.run_sync(done.set, token=token)
+                except RuntimeError:
+                    pass  # the event loop is gone: nobody is waiting any more
+
+        threading.Thread(target=work, name=f"masqd plugin {plugin}.{hook_name}", daemon=True).start()
+        with anyio.move_on_after(self.hook_timeout):
+            await done.wait()
+        if "value" in outcome:
+            return outcome["value"]
+        if "error" in outcome:
+            raise _HookFailed(f"raised {outcome['error']!r}")
+        raise _HookFailed(f"did not return within {self.hook_timeout:g} s (hung); its result is ignored")
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginLoadError(name, _validation_reason(exc)) from None
+    except ValueError as exc:  # already registered under another name, or the name is taken
+        raise PluginLoadError(name, str(exc)) from None
+
+
+def _load_entry_points(pm: pluggy.PluginManager, allowed: str | None) -> None:
+    available = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    if allowed is None:
+        names = sorted(available)
+    else:
+        names = [n.strip() for n in allowed.split(",") if n.strip()]
+        for name in names:
+            if name not in available:
+                raise PluginLoadError(name, "named in MASQD_PLUGINS but no installed package has a 'masqd' entry point "
+                                      f"of that name; installed: {', '.join(sorted(available)) or 'none'}")
+    for name in names:
+        if pm.is_blocked(name) or pm.has_plugin(name):
+            continue
+        try:
+            # pluggy records the distribution, so `masqd plugins` can show the version
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginLoadError(name, _validation_reason(exc)) from None
+        except Exception as exc:
+            raise PluginLoadError(name, f"cannot be loaded: {exc!r}") from None
+
+
+def _validation_reason(exc: pluggy.PluginValidationError) -> str:
+    text = str(exc)
+    if "unknown hook" in text:
+        names = ", ".join(_hook_names())
+        return f"{text.split(' in plugin ')[0]}; masqd's hooks are: {names}"
+    return text
+
+
+def _hook_names() -> tuple[str, ...]:
+    return tuple(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "masqd_spec"))
+
+
+def _in_call_order(hook: pluggy.HookCaller) -> list:
+    return list(reversed(hook.get_hookimpls()))  # pluggy calls the list back to front
+
+
+def _materialize(result: Any) -> Any:
+    if result is None or isinstance(result, (str, bytes, Mapping)):
+        return result
+    if isinstance(result, Iterable):
+        return list(result)
+    return result
+
+
+def _contributed_network(item: Any) -> Network:
+    if isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return item
+    return parse_cidr(item)
