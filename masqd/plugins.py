@@ -18,8 +18,10 @@ anything else sees it. Problems are collected per plugin and raised together as 
 from __future__ import annotations
 
 import importlib
+import inspect
 import ipaddress
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -364,11 +366,16 @@ def _load_entry_points(pm: pluggy.PluginManager, allowed: str | None) -> None:
 
 
 def _validation_reason(exc: pluggy.PluginValidationError) -> str:
+    """pluggy's message on one line, saying what would be valid."""
     text = str(exc)
     if "unknown hook" in text:
         names = ", ".join(_hook_names())
         return f"{text.split(' in plugin ')[0]}; masqd's hooks are: {names}"
-    return text
+    if match := re.search(r"for hook '(\w+)'.*Argument\(s\) (\{.*?\})", text, re.S):
+        hook, arguments = match.groups()
+        offered = ", ".join(inspect.signature(getattr(hookspecs, hook)).parameters)
+        return f"{hook}: argument(s) {arguments} are not offered by the hook; it offers: {offered}"
+    return " ".join(text.split())
 
 
 def _hook_names() -> tuple[str, ...]:

@@ -1,0 +1,550 @@
+"""Plugins: every hook with a real plugin object registered (nothing patched), isolation of plugins
+that raise, hang or return garbage, call order, blocking, loading errors.
+
+Each test of a hook is marked ``@covers("hook_name")``; the meta-test at the end fails when a
+hookspec in ``masqd.hookspecs`` has no test.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+import structlog
+
+import masqd
+from masqd import hookspecs
+from masqd.backends.dryrun import DryRunBackend
+from masqd.cli import main
+from masqd.config import AgentOptions
+from masqd.daemon import run_daemon
+from masqd.errors import FlagError, PluginError, PluginLoadError
+from masqd.plugins import Plugins, SourceContext
+from masqd.reconcile import Reconciler
+from masqd.testing import make_plugins
+
+COVERED: set[str] = set()
+CONTEXT = SourceContext("/nonexistent/config", AgentOptions(), lambda: 60.0, lambda callback: None)
+WAIT = 10  # seconds before a test gives up waiting (a failure, not a timing claim)
+
+
+def covers(*hooks: str):
+    COVERED.update(hooks)
+    return lambda test: test
+
+
+class Adds:
+    """nonmasq_cidrs returns a fixed list."""
+
+    def __init__(self, name: str, *cidrs):
+        self.name = name
+        self.cidrs = list(cidrs)
+
+    @masqd.hookimpl
+    def nonmasq_cidrs(self, config):
+        return self.cidrs
+
+
+class Vetoes:
+    name = "veto"
+
+    def __init__(self, forbidden: str):
+        self.forbidden = ipaddress.ip_network(forbidden)
+        self.seen = []
+
+    @masqd.hookimpl
+    def validate_config(self, config, cidrs):
+        self.seen.append(cidrs)
+        return [f"{net} is forbidden here" for net in cidrs if net == self.forbidden]
+
+
+class Records:
+    name = "recorder"
+
+    def __init__(self):
+        self.events = []
+
+    @masqd.hookimpl
+    def audit(self, event):
+        self.events.append(event)
+
+
+# --- nonmasq_cidrs -----------------------------------------------------------------------------------
+
+
+@covers("nonmasq_cidrs")
+def test_contributed_cidrs_are_written_after_the_config_ones(masqd_dry_run):
+    agent = masqd_dry_run(Adds("ranges", "203.0.113.0/24", ipaddress.ip_network("198.51.100.0/24")))
+    result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    assert result.error is None
+    assert result.nonmasq[4] == ["169.254.0.0/16", "10.0.0.0/8", "203.0.113.0/24", "198.51.100.0/24"]
+    assert result.contributions == {"ranges": ["203.0.113.0/24", "198.51.100.0/24"]}
+    assert "-A IP-MASQ-AGENT -d 203.0.113.0/24 -m comment" in result.rules
+
+
+@covers("nonmasq_cidrs")
+def test_a_cidr_already_listed_is_written_once(masqd_dry_run):
+    agent = masqd_dry_run(Adds("a", "10.0.0.0/8", "192.0.2.0/24", "192.0.2.0/24"), Adds("b", "192.0.2.0/24"))
+    result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    assert result.nonmasq[4] == ["169.254.0.0/16", "10.0.0.0/8", "192.0.2.0/24"]
+
+
+@covers("nonmasq_cidrs")
+@pytest.mark.parametrize(("returned", "key", "reason"), [
+    pytest.param(["10.0.0.1/8"], "bad.nonmasq_cidrs[0]", "did you mean '10.0.0.0/8'", id="misaligned"),
+    pytest.param(["192.0.2.0/24", "not-a-cidr"], "bad.nonmasq_cidrs[1]", "not a CIDR", id="second-item-garbage"),
+    pytest.param([42], "bad.nonmasq_cidrs[0]", "expected a CIDR string", id="number"),
+    pytest.param([ipaddress.ip_address("192.0.2.1")], "bad.nonmasq_cidrs[0]", "expected a CIDR string", id="address-object"),
+    pytest.param(["2001:db8::/32"], "bad.nonmasq_cidrs[0]", "--enable-ipv6", id="ipv6-without-flag"),
+    pytest.param("10.0.0.0/8", "bad.nonmasq_cidrs", "expected an iterable", id="a-string-not-a-list"),
+    pytest.param(42, "bad.nonmasq_cidrs", "expected an iterable", id="not-iterable"),
+    pytest.param({"cidrs": []}, "bad.nonmasq_cidrs", "expected an iterable", id="a-mapping"),
+])
+def test_an_unusable_contribution_rejects_the_state_and_names_the_plugin(masqd_dry_run, returned, key, reason):
+    bad = Adds("bad", "192.0.2.0/24")
+    agent = masqd_dry_run(bad)
+    assert agent.apply(None).error is None
+    before = agent.backend.applied
+    bad.cidrs = returned
+    result = agent.apply(None)
+    assert isinstance(result.error, PluginError)
+    (problem,) = result.error.problems
+    assert problem.key == key and reason in problem.reason
+    assert agent.backend.applied == before and agent.backend.writes == 1  # the last good rules stay
+    assert [e.result for e in result.audits] == ["rejected"]
+
+
+@covers("nonmasq_cidrs")
+def test_ipv6_contributions_with_ipv6_enabled(masqd_dry_run):
+    agent = masqd_dry_run(Adds("v6", "2001:db8::/32", "192.0.2.0/24"), options=AgentOptions(enable_ipv6=True))
+    result = agent.apply(None)
+    assert result.nonmasq[6][-1] == "2001:db8::/32" and result.nonmasq[4][-1] == "192.0.2.0/24"
+
+
+@covers("nonmasq_cidrs")
+def test_contributions_count_toward_cidr_limit_only_when_the_file_sets_it(masqd_dry_run):
+    many = [f"10.{i}.0.0/16" for i in range(70)]
+    agent = masqd_dry_run(Adds("many", *many))
+    assert agent.apply("nonMasqueradeCIDRs: []\n").error is None  # default 64 does not apply to plugins
+    result = agent.apply("nonMasqueradeCIDRs: [192.0.2.0/24]\ncidrLimit: 50\n")
+    assert isinstance(result.error, PluginError)
+    (problem,) = result.error.problems
+    assert problem.value == "71 CIDRs (1 from the file, 70 from plugins)" and "cidrLimit=50" in problem.reason
+
+
+@covers("nonmasq_cidrs")
+def test_contributions_are_named_in_the_write_log(tmp_path):
+    config = tmp_path / "config"
+    config.write_text("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    plugins = make_plugins(Adds("ranges", "203.0.113.0/24"))
+    with structlog.testing.capture_logs() as logs:
+        anyio.run(Reconciler(DryRunBackend(), AgentOptions(), config, plugins=plugins).reconcile)
+    (applied,) = [e for e in logs if e["event"] == "rules applied"]
+    assert applied["cidrs_from_plugins"] == {"ranges": 1}
+
+
+# --- validate_config --------------------------------------------------------------------------------
+
+
+@covers("validate_config")
+def test_a_veto_keeps_the_last_good_rules_and_names_the_plugin(masqd_dry_run):
+    veto = Vetoes("192.0.2.0/24")
+    agent = masqd_dry_run(veto)
+    assert agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n").error is None
+    result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24]\n")
+    assert isinstance(result.error, PluginError)
+    assert [str(p) for p in result.error.problems] == ["veto.validate_config: 192.0.2.0/24 is forbidden here"]
+    assert result.nonmasq[4] == ["169.254.0.0/16", "10.0.0.0/8"]
+    assert [e.result for e in result.audits] == ["rejected"]
+    assert "192.0.2.0/24 is forbidden here" in result.audits[0].error
+
+
+@covers("validate_config", "nonmasq_cidrs")
+def test_validate_config_sees_the_config_and_every_contribution(masqd_dry_run):
+    veto = Vetoes("198.51.100.0/24")
+    agent = masqd_dry_run(Adds("adds", "198.51.100.0/24"), veto)
+    result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    assert "198.51.100.0/24 is forbidden here" in str(result.error)
+    assert [str(n) for n in veto.seen[-1]] == ["10.0.0.0/8", "198.51.100.0/24"]  # link-local not included
+
+
+@covers("validate_config")
+@pytest.mark.parametrize("returned", [
+    pytest.param("a single string", id="string"),
+    pytest.param([1, 2], id="not-strings"),
+    pytest.param(True, id="bool"),
+])
+def test_validate_config_returning_garbage_rejects(masqd_dry_run, returned):
+    class Garbage:
+        name = "garbage"
+
+        @masqd.hookimpl
+        def validate_config(self):
+            return returned
+
+    result = masqd_dry_run(Garbage()).apply(None)
+    (problem,) = result.error.problems
+    assert problem.key == "garbage.validate_config" and "expected a list of problem strings" in problem.reason
+
+
+# --- audit -------------------------------------------------------------------------------------------
+
+
+@covers("audit")
+def test_audit_sees_every_attempt_with_its_result(masqd_dry_run):
+    recorder = Records()
+    agent = masqd_dry_run(recorder, options=AgentOptions(enable_ipv6=True))
+    agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    agent.apply("nonMasqueradeCIDRs: [192.0.2.0/24, '2001:db8::/32']\n")
+    agent.apply("nonMasqueradeCIDRs: [10.0.0.1/8]\n")
+    assert [e.result for e in recorder.events] == ["applied", "unchanged", "applied", "rejected"]
+    first, _, change, rejected = recorder.events
+    assert first.added == {"ipv4": ("10.0.0.0/8", "169.254.0.0/16"), "ipv6": ("fe80::/10",)}
+    assert change.added == {"ipv4": ("192.0.2.0/24",), "ipv6": ("2001:db8::/32",)}
+    assert change.removed == {"ipv4": ("10.0.0.0/8",)}
+    assert change.written == ("ipv4", "ipv6") and change.backend == "dry-run" and change.trigger == "manual"
+    assert rejected.error and "10.0.0.1/8" in rejected.error and rejected.added == {}
+    with pytest.raises(TypeError):
+        change.added["ipv4"] = ()  # frozen: one hook cannot change what the next one sees
+
+
+@covers("audit")
+def test_audit_reports_a_failed_apply(masqd_dry_run):
+    from masqd.errors import ApplyError
+
+    recorder = Records()
+    agent = masqd_dry_run(recorder)
+
+    async def refuse(ruleset):
+        raise ApplyError(["iptables-restore"], 4, "Another app is currently holding the xtables lock")
+
+    agent.backend.sync = refuse
+    result = agent.apply(None)
+    assert [e.result for e in result.audits] == ["failed"]
+    assert "xtables lock" in recorder.events[0].error
+
+
+@covers("audit")
+def test_a_raising_audit_hook_is_logged_and_the_others_still_run(masqd_dry_run):
+    class Broken:
+        name = "broken-audit"
+
+        @masqd.hookimpl
+        def audit(self, event):
+            raise OSError("disk full")
+
+    recorder = Records()
+    with structlog.testing.capture_logs() as logs:
+        result = masqd_dry_run(recorder, Broken()).apply(None)
+    assert result.error is None and len(recorder.events) == 1
+    (failed,) = [e for e in logs if e["event"] == "audit hook failed"]
+    assert failed["plugin"] == "broken-audit" and "disk full" in failed["error"]
+
+
+# --- register_backends -------------------------------------------------------------------------------
+
+
+class MemoryBackend(DryRunBackend):
+    name = "memory"
+
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+
+
+class OffersMemoryBackend:
+    name = "memory-backend"
+
+    @masqd.hookimpl
+    def register_backends(self, register):
+        register("memory", MemoryBackend)
+
+
+@covers("register_backends")
+def test_a_plugin_backend_is_selectable_by_name():
+    from masqd.backends.base import BackendSettings
+
+    plugins = make_plugins(OffersMemoryBackend())
+    assert plugins.backend_names() == ("dry-run", "iptables", "memory", "nftables")
+    backend = plugins.make_backend("memory", BackendSettings(AgentOptions(masq_chain="X"), "legacy"))
+    assert isinstance(backend, MemoryBackend) and backend.settings.options.masq_chain == "X"
+    with pytest.raises(FlagError, match="unknown backend; available: dry-run, iptables, memory, nftables"):
+        plugins.make_backend("memroy", BackendSettings())
+
+
+@covers("register_backends")
+def test_a_backend_name_taken_twice_keeps_the_first_and_logs_the_second():
+    class AlsoIptables:
+        name = "impostor"
+
+        @masqd.hookimpl(trylast=True)
+        def register_backends(self, register):
+            register("iptables", MemoryBackend)
+
+    with structlog.testing.capture_logs() as logs:
+        plugins = make_plugins(AlsoIptables())
+        assert "iptables" in plugins.backend_names()
+    (taken,) = [e for e in logs if e["event"] == "backend name already taken; ignored"]
+    assert taken["plugin"] == "impostor" and taken["registered_by"] == "masqd.default_plugins.backends"
+
+
+@covers("register_backends")
+def test_a_plugin_that_fails_to_register_contributes_nothing_and_the_rest_work():
+    class HalfBroken:
+        name = "half-broken"
+
+        @masqd.hookimpl
+        def register_backends(self, register):
+            register("half", MemoryBackend)
+            raise RuntimeError("config service down")
+
+    with structlog.testing.capture_logs() as logs:
+        plugins = make_plugins(HalfBroken())
+        assert plugins.backend_names() == ("dry-run", "iptables", "nftables")
+    assert any(e["event"].startswith("plugin failed to register") and e["plugin"] == "half-broken" for e in logs)
+
+
+# --- register_sources --------------------------------------------------------------------------------
+
+
+class Poker:
+    """A source that asks for a reconcile whenever the test sets ``poke``."""
+
+    name = "poker"
+
+    def __init__(self):
+        self.poke = anyio.Event()
+        self.started = 0
+
+    async def run(self, notify):
+        self.started += 1
+        while True:
+            await self.poke.wait()
+            self.poke = anyio.Event()
+            notify("poked")
+
+
+class Hangs:
+    """A source that never returns and never notifies, blocking in a worker thread."""
+
+    name = "hangs"
+
+    async def run(self, notify):
+        await anyio.to_thread.run_sync(threading.Event().wait, abandon_on_cancel=True)
+
+
+class OffersSources:
+    name = "sources"
+
+    def __init__(self, *sources):
+        self.sources = sources
+
+    @masqd.hookimpl
+    def register_sources(self, register, context):
+        self.context = context
+        for source in self.sources:
+            register(source)
+
+
+async def wait_until(predicate, what: str) -> None:
+    with anyio.fail_after(WAIT):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+@covers("register_sources", "audit")
+async def test_a_plugin_source_triggers_reconciles_in_the_daemon(tmp_path):
+    config = tmp_path / "config"
+    config.write_text("resyncInterval: 1h\n")
+    poker, recorder = Poker(), Records()
+    offers = OffersSources(poker, Hangs())
+    plugins = make_plugins(offers, recorder)
+    backend = DryRunBackend()
+    reconciler = Reconciler(backend, AgentOptions(), config, plugins=plugins)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler, plugins=plugins,
+                                         handle_signals=False))
+        await wait_until(lambda: reconciler.generation == 1 and poker.started, "startup")
+        poker.poke.set()
+        await wait_until(lambda: reconciler.generation == 2, "the reconcile the source asked for")
+        await wait_until(lambda: len(recorder.events) == 2, "audit delivery")
+        tg.cancel_scope.cancel()
+    assert [e.trigger for e in recorder.events] == ["startup", "poker"]
+    assert offers.context.config_path == str(config) and offers.context.resync_interval() == 3600
+
+
+@covers("register_sources")
+def test_a_registered_object_without_run_is_refused_with_the_plugin_name():
+    with structlog.testing.capture_logs() as logs:
+        found = make_plugins(OffersSources(object())).sources(CONTEXT)
+    assert [s.name for s in found if s.plugin == "sources"] == []
+    assert any(e["event"].startswith("plugin registered something that is not an event source")
+               and e["plugin"] == "sources" for e in logs)
+
+
+# --- isolation ---------------------------------------------------------------------------------------
+
+
+def test_a_raising_hook_rejects_the_state_and_names_the_plugin(masqd_dry_run):
+    class Raises:
+        name = "flaky"
+        fail = False
+
+        @masqd.hookimpl
+        def nonmasq_cidrs(self):
+            if self.fail:
+                raise ConnectionError("IPAM unreachable")
+            return ["192.0.2.0/24"]
+
+    flaky = Raises()
+    agent = masqd_dry_run(flaky)
+    agent.apply(None)
+    flaky.fail = True
+    result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    assert str(result.error.problems[0]) == "flaky.nonmasq_cidrs: raised ConnectionError('IPAM unreachable')"
+    assert result.nonmasq[4][-1] == "192.0.2.0/24"  # the last good state, contribution included
+    flaky.fail = False
+    assert agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n").error is None
+
+
+def test_even_system_exit_from_a_plugin_is_only_its_failure(masqd_dry_run):
+    class Exits:
+        name = "exits"
+
+        @masqd.hookimpl
+        def validate_config(self):
+            raise SystemExit(3)
+
+    result = masqd_dry_run(Exits()).apply(None)
+    assert str(result.error.problems[0]) == "exits.validate_config: raised SystemExit(3)"
+
+
+def test_a_hanging_hook_is_abandoned_reported_and_not_called_again_until_it_returns(masqd_dry_run):
+    release = threading.Event()
+
+    class Hangs:
+        name = "hangs"
+        calls = 0
+
+        @masqd.hookimpl
+        def nonmasq_cidrs(self):
+            Hangs.calls += 1
+            if Hangs.calls == 2:
+                release.wait()  # stuck until the test lets go
+            return ["192.0.2.0/24"]
+
+    agent = masqd_dry_run(Hangs(), hook_timeout=0.2)
+    assert agent.apply(None).error is None
+    hung = agent.apply(None)
+    assert "did not return within 0.2 s (hung)" in str(hung.error)
+    still = agent.apply(None)
+    assert "still hung in the call that started" in str(still.error) and Hangs.calls == 2
+    assert still.nonmasq[4][-1] == "192.0.2.0/24"  # last good state
+    release.set()  # the stuck call returns; from then on the hook is called again
+    for _ in range(WAIT * 100):
+        result = agent.apply(None)
+        if result.error is None:
+            break
+        time.sleep(0.01)
+    assert result.error is None and Hangs.calls == 3
+
+
+# --- order, blocking, loading --------------------------------------------------------------------------
+
+
+def test_hooks_run_in_pluggy_order_tryfirst_and_trylast_respected(masqd_dry_run):
+    class First(Adds):
+        @masqd.hookimpl(tryfirst=True)
+        def nonmasq_cidrs(self, config):
+            return self.cidrs
+
+    class Last(Adds):
+        @masqd.hookimpl(trylast=True)
+        def nonmasq_cidrs(self, config):
+            return self.cidrs
+
+    # registered first, called last (pluggy is LIFO) unless tryfirst/trylast says otherwise
+    agent = masqd_dry_run(Last("last", "198.51.100.0/24"), Adds("early", "192.0.2.0/24"),
+                          Adds("late", "203.0.113.0/24"), First("first", "100.64.0.0/10"))
+    result = agent.apply("nonMasqueradeCIDRs: []\n")
+    assert list(result.contributions) == ["first", "late", "early", "last"]
+    assert result.nonmasq[4][1:] == ["100.64.0.0/10", "203.0.113.0/24", "192.0.2.0/24", "198.51.100.0/24"]
+
+
+def test_a_blocked_plugin_is_not_loaded():
+    plugins = Plugins.load(entry_points=False, disabled=["adds"], extra=[("adds", Adds("adds", "192.0.2.0/24"))])
+    assert "adds" not in [info.name for info in plugins.describe()]
+    assert not plugins.implements("nonmasq_cidrs")
+
+
+def test_blocking_the_default_sources_leaves_no_sources():
+    plugins = Plugins.load(entry_points=False, disabled=["masqd.default_plugins.sources"])
+    assert plugins.sources(CONTEXT) == []
+
+
+def test_a_misspelled_hook_fails_at_start_up_naming_the_plugin():
+    class Typo:
+        @masqd.hookimpl
+        def nonmasq_cidr(self, config):
+            return []
+
+    with pytest.raises(PluginLoadError, match=r"plugin typo: unknown hook 'nonmasq_cidr'.*masqd's hooks are: audit"):
+        Plugins.load(entry_points=False, extra=[("typo", Typo())])
+
+
+def test_an_argument_the_hook_does_not_offer_fails_at_start_up():
+    class WrongArgs:
+        @masqd.hookimpl
+        def nonmasq_cidrs(self, config, cluster):
+            return []
+
+    with pytest.raises(PluginLoadError, match=r"plugin wrong-args: nonmasq_cidrs: argument\(s\) \{'cluster'\} are "
+                       r"not offered by the hook; it offers: config, options$"):
+        Plugins.load(entry_points=False, extra=[("wrong-args", WrongArgs())])
+
+
+def test_hook_wrappers_are_refused():
+    class Wraps:
+        @masqd.hookimpl(wrapper=True)
+        def nonmasq_cidrs(self, config):
+            return (yield)
+
+    with pytest.raises(PluginLoadError, match="plugin wraps: nonmasq_cidrs is a hook wrapper"):
+        Plugins.load(entry_points=False, extra=[("wraps", Wraps())])
+
+
+def test_masqd_plugins_naming_an_uninstalled_plugin_fails_at_start_up():
+    with pytest.raises(PluginLoadError, match="plugin no-such-plugin: named in MASQD_PLUGINS"):
+        Plugins.load(environ={"MASQD_PLUGINS": "no-such-plugin"})
+
+
+def test_empty_masqd_plugins_loads_no_entry_point_plugins():
+    plugins = Plugins.load(environ={"MASQD_PLUGINS": ""})
+    assert all(info.builtin for info in plugins.describe())
+
+
+def test_plugins_command_lists_plugins_and_backends(capsys):
+    assert main(["plugins", "--disable-plugin", "masqd.default_plugins.sources"]) == 0
+    out = capsys.readouterr().out
+    assert "masqd.default_plugins.backends  (built-in)  hooks: register_backends" in out
+    assert "masqd.default_plugins.sources" not in out
+    assert "backends: dry-run, iptables, nftables" in out
+
+
+def test_unknown_backend_is_a_usage_error_listing_plugin_backends(capsys):
+    assert main(["render", "--backend", "nft", "--config", "/nonexistent"]) == 2
+    assert "--backend=nft: unknown backend; available: dry-run, iptables, nftables" in capsys.readouterr().err
+
+
+# --- the meta-test -------------------------------------------------------------------------------------
+
+
+def test_every_hookspec_has_a_test():
+    specs = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "masqd_spec")}
+    assert specs == {"nonmasq_cidrs", "validate_config", "audit", "register_backends", "register_sources"}
+    assert specs - COVERED == set(), f"hookspecs without a test: {sorted(specs - COVERED)}"
