@@ -204,6 +204,8 @@ def _cmd_validate(args: argparse.Namespace, options: AgentOptions, plugins: Plug
 
 def _print_contributions(contributions: tuple[Contribution, ...], stream) -> None:
     for contribution in contributions:
+        if not contribution.cidrs:
+            continue
         shown = ", ".join(map(str, contribution.cidrs[:10])) + (", ..." if len(contribution.cidrs) > 10 else "")
         print(f"plugin {contribution.plugin}: {len(contribution.cidrs)} non-masquerade CIDRs"
               + (f": {shown}" if shown else ""), file=stream)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Literal
 
 import orjson
@@ -30,13 +31,35 @@ def configure_logging(level: int = logging.INFO, fmt: LogFormat = "auto") -> Non
     ]
     if use_json:
         processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
-        factory = structlog.BytesLoggerFactory(file=sys.stderr.buffer)
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
-        factory = structlog.PrintLoggerFactory(file=sys.stderr)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=factory,
+        logger_factory=_StderrLogger,
         cache_logger_on_first_use=False,
     )
+
+
+class _StderrLogger:
+    """Writes each rendered event as one line to ``sys.stderr`` as it is *now* (not the stream
+    there was at start-up), whole lines only, from any thread."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, *_args: object) -> None:
+        pass
+
+    def msg(self, message: str | bytes) -> None:
+        stream = sys.stderr
+        with self._lock:
+            if isinstance(message, bytes) and hasattr(stream, "buffer"):
+                stream.flush()
+                stream.buffer.write(message + b"\n")
+                stream.buffer.flush()
+            else:
+                text = message.decode() if isinstance(message, bytes) else message
+                stream.write(text + "\n")
+                stream.flush()
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg

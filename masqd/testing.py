@@ -19,7 +19,6 @@ test run that has pytest; nothing to import).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,14 +103,12 @@ def masqd_plugins():
 
 
 @pytest.fixture
-def masqd_dry_run(tmp_path: Path):
+def masqd_dry_run(tmp_path_factory: pytest.TempPathFactory):
     """Factory fixture: ``masqd_dry_run(*plugins, options=AgentOptions(), hook_timeout=5.0) -> DryRunAgent``."""
-
-    made = itertools.count()
 
     def make(*plugins: object, options: AgentOptions = AgentOptions(),
              hook_timeout: float = HOOK_TIMEOUT_SECONDS) -> DryRunAgent:
-        path = tmp_path / f"masqd-config-{next(made)}"
+        path = tmp_path_factory.mktemp("masqd-dry-run") / "config"  # a directory of its own
         return DryRunAgent(make_plugins(*plugins, hook_timeout=hook_timeout), path, options)
 
     return make

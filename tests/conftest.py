@@ -4,6 +4,7 @@ created (not root, no ``ip netns``)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,13 @@ except ImportError:  # pragma: no cover - depends on how pytest was started
 #: The console scripts installed next to the interpreter running the tests.
 MASQD = Path(sys.executable).parent / "masqd"
 IP_MASQ_AGENT = Path(sys.executable).parent / "ip-masq-agent"
+
+
+@pytest.fixture(autouse=True)
+def _no_installed_plugins(monkeypatch) -> None:
+    """masqd's own tests see only the plugins they register: the example plugins installed in
+    the same environment are not loaded (a test that wants one sets MASQD_PLUGINS itself)."""
+    monkeypatch.setenv("MASQD_PLUGINS", "")
 
 
 @pytest.fixture(scope="session")
@@ -62,19 +70,21 @@ class MasqdRunner:
         self.config_path = config_path
 
     def __call__(self, ns: str, *flags: str, config: str | None = None, alias: bool = False,
-                 backend: str = "iptables", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+                 backend: str = "iptables", timeout: float = 60,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         if config is None:
             self.config_path.unlink(missing_ok=True)
         else:
             self.config_path.write_text(config)
         command = [str(IP_MASQ_AGENT)] if alias else [str(MASQD), "run"]
         command += ["--once", "--backend", backend, "--config", str(self.config_path), *flags]
-        return netns.run(ns, *command, check=False, timeout=timeout)
+        return netns.run(ns, *command, check=False, timeout=timeout, env=None if env is None else {**os.environ, **env})
 
     def ok(self, ns: str, *flags: str, config: str | None = None, alias: bool = False,
-           backend: str = "iptables") -> subprocess.CompletedProcess[str]:
-        """Like calling the runner, but fail the test unless it exits 0."""
-        result = self(ns, *flags, config=config, alias=alias, backend=backend)
+           backend: str = "iptables", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Like calling the runner, but fail the test unless it exits 0. ``env``: variables added
+        to the environment (e.g. ``MASQD_PLUGINS``)."""
+        result = self(ns, *flags, config=config, alias=alias, backend=backend, env=env)
         if result.returncode != 0:
             pytest.fail(f"{' '.join(result.args)} exited {result.returncode}:\n{result.stderr}")
         return result

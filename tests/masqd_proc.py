@@ -4,6 +4,7 @@ running in a network namespace with its stderr read line by line under a deadlin
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,11 +38,12 @@ def writes_logged(stderr: str) -> list[dict]:
 class DaemonProcess:
     """``masqd run`` (no ``--once``) inside namespace ``ns``, debug JSON logs read from stderr."""
 
-    def __init__(self, ns: str, config: Path, *flags: str, backend: str = "iptables"):
+    def __init__(self, ns: str, config: Path, *flags: str, backend: str = "iptables",
+                 env: dict[str, str] | None = None):
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, str(MASQD), "run", "--backend", backend, "--config", str(config),
              "--log-format", "json", "--v=4", *flags],
-            stderr=subprocess.PIPE, text=True,
+            stderr=subprocess.PIPE, text=True, env=None if env is None else {**os.environ, **env},
         )
         self.lines = netns.LineReader(self.proc.stderr)
         self.events: list[dict] = []

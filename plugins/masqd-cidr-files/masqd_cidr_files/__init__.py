@@ -1,0 +1,144 @@
+"""masqd plugin: non-masquerade CIDRs from files, reloaded on change.
+
+Two inputs, both optional, set in masqd's environment:
+
+``MASQD_CIDR_FILES_DIR``
+    A directory (a mounted ConfigMap works: its ``..data`` entries are skipped). Every regular
+    file in it not starting with ``.`` holds CIDRs, one or more per line, ``#`` starting a comment.
+``MASQD_CIDR_FILES_RANGES``
+    Comma-separated paths of IP-range JSON documents in the shape cloud providers publish:
+    ``{"prefixes": [{"ipv4Prefix": "192.0.2.0/24", ...}, {"ipv6Prefix": "2001:db8::/32", ...}]}``.
+    IPv6 prefixes are used only when masqd runs with ``--enable-ipv6``.
+
+The files are read when masqd asks (``nonmasq_cidrs``) and only when they changed since the last
+read; the plugin's event source watches them and asks masqd to reconcile on any change. A file
+that cannot be read or holds something that is not a CIDR makes the hook fail with the file and
+line, so masqd keeps its last good rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import anyio
+import watchfiles
+
+import masqd
+from masqd.cidrs import CIDRError, parse_cidr
+
+__version__ = "0.1.0"
+
+
+class CidrFiles:
+    """The plugin object; ``plugin`` below is the one built from the environment."""
+
+    name = "cidr-files"
+
+    def __init__(self, directory: Path | None = None, documents: Sequence[Path] = ()):
+        self.directory = directory
+        self.documents = tuple(documents)
+        self._cache: tuple[tuple, bool, list[str]] | None = None  # (file signatures, ipv6, cidrs)
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> CidrFiles:
+        directory = environ.get("MASQD_CIDR_FILES_DIR") or None
+        documents = [Path(p.strip()) for p in environ.get("MASQD_CIDR_FILES_RANGES", "").split(",") if p.strip()]
+        return cls(Path(directory) if directory else None, documents)
+
+    # --- hooks -------------------------------------------------------------------------------------
+
+    @masqd.hookimpl
+    def nonmasq_cidrs(self, options):
+        files = self._files()
+        signature = tuple((str(path), _stat_signature(path)) for path in files)
+        if self._cache is None or self._cache[:2] != (signature, options.enable_ipv6):
+            cidrs: list[str] = []
+            for path in files:
+                cidrs += self._read(path, options.enable_ipv6)
+            self._cache = (signature, options.enable_ipv6, cidrs)
+        return list(self._cache[2])
+
+    @masqd.hookimpl
+    def register_sources(self, register):
+        if self.directory is not None or self.documents:
+            register(_Watch(self))
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def _files(self) -> list[Path]:
+        files = []
+        if self.directory is not None:
+            if not self.directory.is_dir():
+                raise FileNotFoundError(f"MASQD_CIDR_FILES_DIR {self.directory}: not a directory")
+            files += sorted(p for p in self.directory.iterdir() if not p.name.startswith(".") and p.is_file())
+        return files + list(self.documents)
+
+    def _read(self, path: Path, ipv6: bool) -> list[str]:
+        text = path.read_text(encoding="utf-8")
+        if path in self.documents:
+            return _ranges_document(path, text, ipv6)
+        cidrs = []
+        for number, line in enumerate(text.splitlines(), 1):
+            for token in line.split("#", 1)[0].split():
+                _check(token, f"{path}:{number}")
+                cidrs.append(token)
+        return cidrs
+
+
+def _ranges_document(path: Path, text: str, ipv6: bool) -> list[str]:
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    prefixes = document.get("prefixes") if isinstance(document, dict) else None
+    if not isinstance(prefixes, list):
+        raise ValueError(f"{path}: expected a JSON object with a 'prefixes' list")
+    cidrs = []
+    for index, entry in enumerate(prefixes):
+        where = f"{path}: prefixes[{index}]"
+        if not isinstance(entry, dict) or not ({"ipv4Prefix", "ipv6Prefix"} & entry.keys()):
+            raise ValueError(f"{where}: expected an object with ipv4Prefix or ipv6Prefix")
+        if "ipv4Prefix" in entry:
+            cidrs.append(_check(entry["ipv4Prefix"], where))
+        if "ipv6Prefix" in entry and ipv6:
+            cidrs.append(_check(entry["ipv6Prefix"], where))
+    return cidrs
+
+
+def _check(value: object, where: str) -> str:
+    try:
+        parse_cidr(value)
+    except CIDRError as exc:
+        raise ValueError(f"{where}: {value!r}: {exc.reason}") from None
+    return value  # type: ignore[return-value]
+
+
+def _stat_signature(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _Watch:
+    """Asks masqd to reconcile when anything under the watched paths changes."""
+
+    name = "cidr-files"
+
+    def __init__(self, plugin: CidrFiles):
+        self.plugin = plugin
+
+    async def run(self, notify) -> None:
+        paths = ([self.plugin.directory] if self.plugin.directory else []) + [p.parent for p in self.plugin.documents]
+        watched = sorted({str(p) for p in paths if p.exists()})
+        if not watched:
+            await anyio.sleep_forever()
+        async for _changes in watchfiles.awatch(*watched, recursive=False, step=10, watch_filter=None):
+            notify("files changed")
+
+
+plugin = CidrFiles.from_environment()
