@@ -14,6 +14,8 @@ import socket
 from collections.abc import Iterable
 from typing import TypeAlias
 
+from masqd.errors import safe_repr
+
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 LINK_LOCAL_V4 = ipaddress.IPv4Network("169.254.0.0/16")
@@ -30,7 +32,7 @@ class CIDRError(ValueError):
     def __init__(self, value: object, reason: str):
         self.value = value
         self.reason = reason
-        super().__init__(f"{value!r}: {reason}")
+        super().__init__(f"{safe_repr(value)}: {reason}")
 
 
 def parse_cidr(value: object) -> Network:

@@ -18,6 +18,7 @@ import structlog
 from masqd.audit import AuditEvent
 from masqd.backends.base import Backend
 from masqd.config import AgentOptions
+from masqd.errors import safe_repr
 from masqd.events import Emit, Event, make_emit, notifier
 from masqd.plugins import Plugins, RegisteredSource, SourceContext
 from masqd.reconcile import Reconciler
@@ -43,7 +44,9 @@ async def _supervise(registered: RegisteredSource, emit: Emit) -> None:
         try:
             await registered.source.run(notify)
             return
-        except Exception as exc:
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # even SystemExit from a plugin's source is only that source's failure
             log.error("event source failed; restarting it", source=registered.name, plugin=registered.plugin,
                       error=repr(exc), retry_in_s=delay)
         await anyio.sleep(delay)
@@ -73,8 +76,12 @@ def _audit_sink(send: anyio.abc.ObjectSendStream[AuditEvent]):
 
 
 def _call_each(callbacks: list[Callable[[], None]]) -> None:
+    """Every ``on_resync_interval_change`` callback; one that raises does not stop the others."""
     for callback in callbacks:
-        callback()
+        try:
+            callback()
+        except Exception as exc:
+            log.error("resync interval callback failed", callback=safe_repr(callback), error=safe_repr(exc))
 
 
 async def _handle_signals(emit: Emit, scope: anyio.CancelScope) -> None:

@@ -19,10 +19,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def safe_repr(value: object) -> str:
+    """``repr(value)``, or a stand-in when the object's own ``__repr__`` fails (plugin objects)."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<{type(value).__name__} object whose repr() failed>"
+
+
 def shorten(value: object) -> object:
     """``value`` itself when its repr is short, else the first 77 characters of the repr and
     "...": problems show what was wrong without pasting a 100k-item list into a log line."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:
+        return safe_repr(value)  # its repr fails: keep only the stand-in text
     return value if len(text) <= 80 else text[:77] + "..."
 
 

@@ -89,8 +89,10 @@ def register_sources(register, context):
 
     :param register: call ``register(source)`` for each source: an object with ``async def
         run(notify)`` and optionally ``name`` (default: the plugin's name). ``run`` is scheduled in
-        the daemon's task group; it calls ``notify(reason)`` (never blocks) whenever something it
-        watches may have changed, and masqd reconciles soon after. A source that raises is logged
+        the daemon's task group; it calls ``notify(reason)`` (never blocks; call it from the event
+        loop, i.e. from ``run`` itself, not from a thread of your own) whenever something it
+        watches may have changed, and masqd reconciles soon after. ``run`` must be a coroutine
+        function and must not block the event loop (use ``anyio.to_thread`` for blocking work). A source that raises is logged
         with its plugin's name and restarted after a back-off; one that returns is not restarted.
     :param context: a :class:`masqd.plugins.SourceContext` (config path, agent flags, the current
         resync interval), for sources that need them.

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 from typing import Any
 
@@ -39,7 +40,7 @@ from masqd import hookspecs
 from masqd.backends.base import Backend, BackendSettings
 from masqd.cidrs import CIDRError, Network, parse_cidr
 from masqd.config import AgentOptions, MasqConfig
-from masqd.errors import FlagError, PluginError, PluginLoadError, Problem, shorten
+from masqd.errors import FlagError, PluginError, PluginLoadError, Problem, safe_repr, shorten
 
 log = structlog.get_logger("masqd.plugins")
 
@@ -171,10 +172,16 @@ class Plugins:
         if name not in factories:
             raise FlagError("backend", name, f"unknown backend; available: {', '.join(self.backend_names()) or 'none'}")
         plugin, factory = factories[name]
+        made: list[Backend] = []
         try:
-            backend = factory(settings)
+            if plugin in self.builtin:
+                made.append(factory(settings))
+            else:
+                self._isolated_at_start_up(plugin, "register_backends", lambda: made.append(factory(settings)))
         except Exception as exc:
-            raise PluginLoadError(plugin, f"backend {name!r} could not be created: {exc!r}") from exc
+            reason = exc.reason if isinstance(exc, _HookFailed) else f"raised {safe_repr(exc)}"
+            raise PluginLoadError(plugin, f"backend {name!r} could not be created: {reason}") from None
+        backend = made[0]
         missing = [attr for attr in ("name", "probe", "render", "sync", "cleanup") if not hasattr(backend, attr)]
         if missing:
             raise PluginLoadError(plugin, f"backend {name!r} is not a backend: it has no {', '.join(missing)}")
@@ -183,11 +190,13 @@ class Plugins:
     def _backend_factories(self) -> dict[str, tuple[str, Callable[[BackendSettings], Backend]]]:
         if self._backends is None:
             found: dict[str, tuple[str, Callable[[BackendSettings], Backend]]] = {}
-            for plugin, calls in self._startup_calls("register_backends"):
+            # default plugins first: a plugin cannot take over "iptables" by registering it too
+            calls_by_plugin = sorted(self._startup_calls("register_backends"), key=lambda pc: pc[0] not in self.builtin)
+            for plugin, calls in calls_by_plugin:
                 for args in calls:
                     if len(args) != 2 or not isinstance(args[0], str) or not args[0] or not callable(args[1]):
                         log.error("plugin registered something that is not a backend; ignored", plugin=plugin,
-                                  registered=repr(args)[:200], expected="register(name, factory)")
+                                  registered=safe_repr(args)[:200], expected="register(name, factory)")
                     elif args[0] in found:
                         log.error("backend name already taken; ignored", plugin=plugin, backend=args[0],
                                   registered_by=found[args[0]][0])
@@ -202,11 +211,15 @@ class Plugins:
         for plugin, calls in self._startup_calls("register_sources", context=context):
             for args in calls:
                 source = args[0] if len(args) == 1 else None
-                if not callable(getattr(source, "run", None)):
+                if not inspect.iscoroutinefunction(getattr(source, "run", None)):
                     log.error("plugin registered something that is not an event source; ignored", plugin=plugin,
-                              registered=repr(args)[:200], expected="register(obj) with async def run(notify)")
+                              registered=safe_repr(args)[:200], expected="register(obj) with async def run(notify)")
                     continue
-                found.append(RegisteredSource(plugin, str(getattr(source, "name", "") or plugin), source))
+                try:
+                    name = str(getattr(source, "name", "") or plugin)
+                except Exception:
+                    name = plugin
+                found.append(RegisteredSource(plugin, name, source))
         return found
 
     def _startup_calls(self, hook_name: str, **kwargs) -> list[tuple[str, list[tuple]]]:
@@ -215,15 +228,38 @@ class Plugins:
         out = []
         for impl in _in_call_order(getattr(self.pm.hook, hook_name)):
             calls: list[tuple] = []
-            args = {"register": lambda *a: calls.append(a), **kwargs}
+            args = {"register": lambda *a, _calls=calls: _calls.append(a), **kwargs}
+            call = partial(impl.function, **{name: args[name] for name in impl.argnames})
             try:
-                impl.function(**{name: args[name] for name in impl.argnames})
+                if impl.plugin_name in self.builtin:
+                    call()
+                else:
+                    self._isolated_at_start_up(impl.plugin_name, hook_name, call)
             except Exception as exc:
+                reason = exc.reason if isinstance(exc, _HookFailed) else f"raised {safe_repr(exc)}"
                 log.error("plugin failed to register; continuing without what it offers", plugin=impl.plugin_name,
-                          hook=hook_name, error=repr(exc))
+                          hook=hook_name, error=reason)
                 continue
-            out.append((impl.plugin_name, calls))
+            out.append((impl.plugin_name, list(calls)))
         return out
+
+    def _isolated_at_start_up(self, plugin: str, hook_name: str, call: Callable[[], Any]) -> None:
+        """A start-up hook (no event loop yet) in a daemon thread with the same deadline."""
+        outcome: dict[str, BaseException] = {}
+
+        def work() -> None:
+            try:
+                call()
+            except BaseException as exc:  # noqa: BLE001 - the plugin's failure, reported by name
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=work, name=f"masqd plugin {plugin}.{hook_name}", daemon=True)
+        thread.start()
+        thread.join(self.hook_timeout)
+        if thread.is_alive():
+            raise _HookFailed(f"did not return within {self.hook_timeout:g} s (hung); what it registered is ignored")
+        if "error" in outcome:
+            raise _HookFailed(f"raised {safe_repr(outcome['error'])}")
 
     # --- reconcile-time hooks --------------------------------------------------------------------------
 
@@ -273,7 +309,7 @@ class Plugins:
         problems: list[Problem] = []
         await self._call_each("audit", problems, event=event)
         for problem in problems:
-            log.error("audit hook failed", plugin=problem.key.split(".", 1)[0], error=problem.reason)
+            log.error("audit hook failed", plugin=problem.key.rsplit(".", 1)[0], error=problem.reason)
 
     def implements(self, hook_name: str) -> bool:
         return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
@@ -294,7 +330,7 @@ class Plugins:
                 problems.append(Problem(f"{impl.plugin_name}.{hook_name}", None, exc.reason))
                 continue
             except Exception as exc:
-                problems.append(Problem(f"{impl.plugin_name}.{hook_name}", None, f"raised {exc!r}"))
+                problems.append(Problem(f"{impl.plugin_name}.{hook_name}", None, f"raised {safe_repr(exc)}"))
                 continue
             if result is not None:
                 results.append((impl.plugin_name, result))
@@ -305,12 +341,13 @@ class Plugins:
         to finish on its own, and the hook is reported hung until it does)."""
         key = (plugin, hook_name)
         if key in self._stuck:
-            since = time.monotonic() - self._stuck[key]
-            raise _HookFailed(f"still hung in the call that started {since:.0f} s ago; not called again until it returns")
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._stuck[key]))
+            # the start time, not the seconds since: the same message each time, logged once
+            raise _HookFailed(f"still hung in the call started at {since}; not called again until it returns")
         outcome: dict[str, Any] = {}
         done = anyio.Event()
         token = anyio.lowlevel.current_token()
-        self._stuck[key] = time.monotonic()  # until the thread says otherwise
+        self._stuck[key] = time.time()  # until the thread says otherwise
 
         def work() -> None:
             try:
@@ -324,13 +361,19 @@ class Plugins:
                 except RuntimeError:
                     pass  # the event loop is gone: nobody is waiting any more
 
-        threading.Thread(target=work, name=f"masqd plugin {plugin}.{hook_name}", daemon=True).start()
+        try:
+            threading.Thread(target=work, name=f"masqd plugin {plugin}.{hook_name}", daemon=True).start()
+        except BaseException:
+            self._stuck.pop(key, None)  # never started: not hung
+            raise
         with anyio.move_on_after(self.hook_timeout):
             await done.wait()
+        if "value" in outcome or "error" in outcome:
+            self._stuck.pop(key, None)  # returned, maybe just after the deadline: not hung
         if "value" in outcome:
             return outcome["value"]
         if "error" in outcome:
-            raise _HookFailed(f"raised {outcome['error']!r}")
+            raise _HookFailed(f"raised {safe_repr(outcome['error'])}")
         raise _HookFailed(f"did not return within {self.hook_timeout:g} s (hung); its result is ignored")
 
 

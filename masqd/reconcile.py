@@ -298,6 +298,8 @@ class Reconciler:
     async def _reconcile_guarded(self, batch: tuple[Event, ...]) -> None:
         try:
             await self.reconcile(batch)
+        except PluginError:
+            pass  # a plugin may recover on its own (a service back, a hung call returned): retry
         except ConfigError:
             self._retry_delay = None  # wait for the file to change (or the next resync)
             return

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 try:  # tests/ is a plain directory (pytest puts it on sys.path) or a package
     from tests import netns
@@ -27,6 +28,15 @@ def _no_installed_plugins(monkeypatch) -> None:
     """masqd's own tests see only the plugins they register: the example plugins installed in
     the same environment are not loaded (a test that wants one sets MASQD_PLUGINS itself)."""
     monkeypatch.setenv("MASQD_PLUGINS", "")
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Iterator[None]:
+    """``masqd.cli.main`` configures structlog globally (level filter, renderer); put the previous
+    configuration back so a later test's ``capture_logs`` sees every level again."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")

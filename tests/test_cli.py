@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import structlog
 
 from masqd.cli import ip_masq_agent_main, main
 
@@ -26,13 +25,6 @@ BIN = Path(sys.executable).parent
 def golden(name: str) -> str:
     return (GOLDEN / f"{name}.txt").read_text()
 
-
-@pytest.fixture(autouse=True)
-def _restore_structlog():
-    # `run` configures structlog to write to the (captured) stderr; put the global config back.
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
 @pytest.fixture

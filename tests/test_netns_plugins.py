@@ -36,10 +36,12 @@ def test_policy_guard_veto_leaves_the_kernel_untouched(topology, masqd, tmp_path
     policy = tmp_path / "policy.yaml"
     policy.write_text("alwaysMasquerade: [192.0.2.0/24]\n")
     env = {"MASQD_PLUGINS": "policy-guard", "MASQD_POLICY_GUARD": str(policy)}
+    masqd.ok(topology.node, config="nonMasqueradeCIDRs: [10.0.0.0/8]\n", backend=backend, env=env)
+    assert topology.source_seen("192.0.2.2") == netns.NODE_V4
     vetoed = masqd(topology.node, config="nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24]\n", backend=backend, env=env)
     assert vetoed.returncode == 1
     assert "policy-guard.validate_config: 192.0.2.0/24 overlaps 192.0.2.0/24" in vetoed.stderr
-    assert topology.source_seen("192.0.2.2") == netns.POD_V4  # no masqd rules at all: nothing NATs
+    assert topology.source_seen("192.0.2.2") == netns.NODE_V4  # the vetoed list never reached the kernel
 
 
 def test_cidr_files_source_applies_a_file_change_in_the_running_daemon(topology, tmp_path):

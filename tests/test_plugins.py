@@ -278,19 +278,45 @@ def test_a_plugin_backend_is_selectable_by_name():
 
 
 @covers("register_backends")
-def test_a_backend_name_taken_twice_keeps_the_first_and_logs_the_second():
+@pytest.mark.parametrize("order", [pytest.param({}, id="called-first"), pytest.param({"trylast": True}, id="trylast")])
+def test_a_plugin_cannot_take_over_a_built_in_backend_name(order):
+    from masqd.backends.base import BackendSettings
+    from masqd.backends.iptables import IptablesBackend
+
     class AlsoIptables:
         name = "impostor"
 
-        @masqd.hookimpl(trylast=True)
+        @masqd.hookimpl(**order)
         def register_backends(self, register):
             register("iptables", MemoryBackend)
 
     with structlog.testing.capture_logs() as logs:
         plugins = make_plugins(AlsoIptables())
-        assert "iptables" in plugins.backend_names()
+        assert isinstance(plugins.make_backend("iptables", BackendSettings()), IptablesBackend)
     (taken,) = [e for e in logs if e["event"] == "backend name already taken; ignored"]
     assert taken["plugin"] == "impostor" and taken["registered_by"] == "masqd.default_plugins.backends"
+
+
+@covers("register_backends")
+def test_a_registration_hook_that_hangs_is_abandoned_at_start_up():
+    release = threading.Event()
+
+    class HangsAtStartUp:
+        name = "slow-start"
+
+        @masqd.hookimpl
+        def register_backends(self, register):
+            register("slow", MemoryBackend)
+            release.wait()
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            plugins = Plugins.load(entry_points=False, hook_timeout=0.2, extra=[("slow-start", HangsAtStartUp())])
+            assert plugins.backend_names() == ("dry-run", "iptables", "nftables")  # what it registered is ignored
+        (failed,) = [e for e in logs if e["event"].startswith("plugin failed to register")]
+        assert failed["plugin"] == "slow-start" and "did not return within 0.2 s" in failed["error"]
+    finally:
+        release.set()
 
 
 @covers("register_backends")
@@ -330,12 +356,14 @@ class Poker:
 
 
 class Hangs:
-    """A source that never returns and never notifies, blocking in a worker thread."""
+    """A source that never returns and never notifies."""
 
     name = "hangs"
+    started = False
 
     async def run(self, notify):
-        await anyio.to_thread.run_sync(threading.Event().wait, abandon_on_cancel=True)
+        Hangs.started = True
+        await anyio.sleep_forever()
 
 
 class OffersSources:
@@ -369,7 +397,7 @@ async def test_a_plugin_source_triggers_reconciles_in_the_daemon(tmp_path):
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler, plugins=plugins,
                                          handle_signals=False))
-        await wait_until(lambda: reconciler.generation == 1 and poker.started, "startup")
+        await wait_until(lambda: reconciler.generation == 1 and poker.started and Hangs.started, "startup")
         poker.poke.set()
         await wait_until(lambda: reconciler.generation == 2, "the reconcile the source asked for")
         await wait_until(lambda: len(recorder.events) == 2, "audit delivery")
@@ -378,10 +406,16 @@ async def test_a_plugin_source_triggers_reconciles_in_the_daemon(tmp_path):
     assert offers.context.config_path == str(config) and offers.context.resync_interval() == 3600
 
 
+class BlockingRun:
+    def run(self, notify):  # not a coroutine function: it would block the event loop
+        pass
+
+
 @covers("register_sources")
-def test_a_registered_object_without_run_is_refused_with_the_plugin_name():
+@pytest.mark.parametrize("registered", [pytest.param(object(), id="no-run"), pytest.param(BlockingRun(), id="sync-run")])
+def test_a_registered_object_without_async_run_is_refused_with_the_plugin_name(registered):
     with structlog.testing.capture_logs() as logs:
-        found = make_plugins(OffersSources(object())).sources(CONTEXT)
+        found = make_plugins(OffersSources(registered)).sources(CONTEXT)
     assert [s.name for s in found if s.plugin == "sources"] == []
     assert any(e["event"].startswith("plugin registered something that is not an event source")
                and e["plugin"] == "sources" for e in logs)
@@ -410,6 +444,41 @@ def test_a_raising_hook_rejects_the_state_and_names_the_plugin(masqd_dry_run):
     assert result.nonmasq[4][-1] == "192.0.2.0/24"  # the last good state, contribution included
     flaky.fail = False
     assert agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n").error is None
+
+
+def test_a_returned_object_whose_repr_raises_is_reported_not_fatal(masqd_dry_run):
+    class Hostile:
+        def __repr__(self):
+            raise RuntimeError("no repr for you")
+
+    result = masqd_dry_run(Adds("hostile", Hostile())).apply(None)
+    (problem,) = result.error.problems
+    assert problem.key == "hostile.nonmasq_cidrs[0]" and "Hostile object whose repr() failed" in str(problem)
+
+
+async def test_a_failing_plugin_is_retried_without_waiting_for_a_file_change(tmp_path):
+    class FlakyAtStart:
+        name = "flaky-start"
+        calls = 0
+
+        @masqd.hookimpl
+        def nonmasq_cidrs(self):
+            FlakyAtStart.calls += 1
+            if FlakyAtStart.calls == 1:
+                raise ConnectionError("IPAM not up yet")
+            return ["192.0.2.0/24"]
+
+    config = tmp_path / "config"
+    config.write_text("resyncInterval: 1h\n")
+    plugins = make_plugins(FlakyAtStart())
+    backend = DryRunBackend()
+    reconciler = Reconciler(backend, AgentOptions(), config, plugins=plugins, retry_initial_seconds=0.01)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler, plugins=plugins,
+                                         handle_signals=False))
+        await wait_until(lambda: backend.writes == 1, "the retry after the plugin failed")
+        tg.cancel_scope.cancel()
+    assert [str(n) for n in backend.applied.ipv4.nonmasq][-1] == "192.0.2.0/24" and FlakyAtStart.calls == 2
 
 
 def test_even_system_exit_from_a_plugin_is_only_its_failure(masqd_dry_run):
@@ -443,7 +512,7 @@ def test_a_hanging_hook_is_abandoned_reported_and_not_called_again_until_it_retu
     hung = agent.apply(None)
     assert "did not return within 0.2 s (hung)" in str(hung.error)
     still = agent.apply(None)
-    assert "still hung in the call that started" in str(still.error) and Hangs.calls == 2
+    assert "still hung in the call started at" in str(still.error) and Hangs.calls == 2
     assert still.nonmasq[4][-1] == "192.0.2.0/24"  # last good state
     release.set()  # the stuck call returns; from then on the hook is called again
     for _ in range(WAIT * 100):

@@ -52,6 +52,7 @@ class AuditLog:
         self._queue: queue.Queue[dict | None] = queue.Queue(queue_size)
         self._writer: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._dropped_lock = threading.Lock()
         self._last_error: str | None = None
 
     @classmethod
@@ -66,7 +67,8 @@ class AuditLog:
         try:
             self._queue.put_nowait(event.as_dict())
         except queue.Full:
-            self.dropped += 1
+            with self._dropped_lock:
+                self.dropped += 1
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued event is on disk (True) or ``timeout`` passed (False)."""
@@ -95,7 +97,8 @@ class AuditLog:
             if "__flush__" in record:
                 record["__flush__"].set()
                 continue
-            dropped, self.dropped = self.dropped, 0
+            with self._dropped_lock:
+                dropped, self.dropped = self.dropped, 0
             if dropped:
                 record = {**record, "dropped_before": dropped}
             try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 from masqd.audit import AuditEvent
 from masqd_audit_log import AuditLog
@@ -57,10 +56,8 @@ def test_the_hook_never_waits_for_the_disk(tmp_path, monkeypatch):
         append(line)
 
     monkeypatch.setattr(log, "_append", stalled_disk)  # a disk that hangs until the test lets go
-    started = time.monotonic()
     for n in range(20):
-        log.audit(event(n))  # returns at once although nothing can be written
-    assert time.monotonic() - started < 5  # generous: a blocked hook would never return at all
+        log.audit(event(n))  # returns although nothing can be written: a blocked hook never would
     assert log.dropped > 0
     stalled.set()
     assert log.flush()

@@ -125,7 +125,8 @@ def _stat_signature(path: Path) -> tuple:
 
 
 class _Watch:
-    """Asks masqd to reconcile when anything under the watched paths changes."""
+    """Asks masqd to reconcile when anything under the watched paths changes. Paths that do not
+    exist yet are looked for every second; cancellation stops the watcher thread at once."""
 
     name = "cidr-files"
 
@@ -134,11 +135,21 @@ class _Watch:
 
     async def run(self, notify) -> None:
         paths = ([self.plugin.directory] if self.plugin.directory else []) + [p.parent for p in self.plugin.documents]
-        watched = sorted({str(p) for p in paths if p.exists()})
-        if not watched:
-            await anyio.sleep_forever()
-        async for _changes in watchfiles.awatch(*watched, recursive=False, step=10, watch_filter=None):
-            notify("files changed")
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_set_when_cancelled, stop)
+            while not (watched := sorted({str(p) for p in paths if p.exists()})):
+                await anyio.sleep(1)
+            async for _changes in watchfiles.awatch(*watched, recursive=False, step=10, watch_filter=None,
+                                                    stop_event=stop):
+                notify("files changed")
+
+
+async def _set_when_cancelled(event: anyio.Event) -> None:
+    try:
+        await anyio.sleep_forever()
+    finally:
+        event.set()
 
 
 plugin = CidrFiles.from_environment()

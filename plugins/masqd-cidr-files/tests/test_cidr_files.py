@@ -71,18 +71,21 @@ def test_a_bad_ranges_document_is_reported(tmp_path, masqd_dry_run, document, me
 def test_files_are_read_again_only_when_they_changed(tmp_path):
     listing = tmp_path / "list"
     listing.write_text("192.0.2.0/24\n")
-    plugin = CidrFiles(tmp_path)
+    reads = []
+
+    class Counting(CidrFiles):
+        def _read(self, path, ipv6):
+            reads.append(path.name)
+            return super()._read(path, ipv6)
+
+    plugin = Counting(tmp_path)
     options = AgentOptions()
     assert plugin.nonmasq_cidrs(options) == ["192.0.2.0/24"]
-    listing.chmod(0)  # unreadable: a read would fail, so an unchanged file must not be read again
-    try:
-        if os.geteuid() != 0:  # root reads anything; then only the result is checked
-            assert plugin.nonmasq_cidrs(options) == ["192.0.2.0/24"]
-        listing.chmod(0o644)
-        listing.write_text("198.51.100.0/24\n")
-        assert plugin.nonmasq_cidrs(options) == ["198.51.100.0/24"]
-    finally:
-        listing.chmod(0o644)
+    assert plugin.nonmasq_cidrs(options) == ["192.0.2.0/24"]
+    assert reads == ["list"]  # the second call read nothing
+    listing.write_text("198.51.100.0/24\n")
+    assert plugin.nonmasq_cidrs(options) == ["198.51.100.0/24"]
+    assert reads == ["list", "list"]
 
 
 def test_environment_configures_the_plugin(tmp_path):
@@ -114,3 +117,21 @@ def test_installed_entry_point_is_listed_by_masqd(capsys):
     assert main(["plugins"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cidr-files"))
     assert "(masqd-cidr-files 0.1.0)" in line and "nonmasq_cidrs" in line and "register_sources" in line
+
+
+def test_masqd_render_names_the_plugin_and_writes_its_cidrs(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cidrs = tmp_path / "cidrs"
+    cidrs.mkdir()
+    (cidrs / "partners").write_text("192.0.2.0/24\n")
+    env = {**os.environ, "MASQD_PLUGINS": "cidr-files", "MASQD_CIDR_FILES_DIR": str(cidrs)}
+    result = subprocess.run([str(Path(sys.executable).with_name("masqd")), "render", "--backend", "dry-run",
+                             "--config", str(tmp_path / "absent")], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "plugin cidr-files: 1 non-masquerade CIDRs: 192.0.2.0/24" in result.stderr
+    assert "-A IP-MASQ-AGENT -d 192.0.2.0/24 -m comment" in result.stdout
+    assert "plugin cidr-files" not in result.stdout  # stdout stays exactly the script
