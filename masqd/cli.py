@@ -26,7 +26,7 @@ from masqd.duration import format_go_duration
 from masqd.errors import BackendError, ConfigError, FlagError, PluginLoadError, Problem
 from masqd.logs import configure_logging, verbosity_to_level
 from masqd.plugins import Contribution, Plugins
-from masqd.reconcile import Reconciler, load_config, plan
+from masqd.reconcile import Reconciler, load_config, plan, reconcile_once
 
 EXIT_OK = 0
 EXIT_INVALID_CONFIG = 1
@@ -248,14 +248,6 @@ def _cmd_plugins(args: argparse.Namespace, options: AgentOptions, plugins: Plugi
     return EXIT_OK
 
 
-async def _reconcile_once(reconciler: Reconciler, plugins: Plugins, audits: list) -> None:
-    try:
-        await reconciler.reconcile()
-    finally:
-        for event in audits:
-            await plugins.audit(event)
-
-
 def _cmd_run(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
     backend = _backend(args, options, plugins)
     if args.once:
@@ -263,7 +255,7 @@ def _cmd_run(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) 
         reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends, plugins=plugins,
                                 on_audit=audits.append)
         try:
-            anyio.run(_reconcile_once, reconciler, plugins, audits)
+            anyio.run(reconcile_once, reconciler, audits)
         except ConfigError as exc:
             _print_problems(exc)
             return EXIT_INVALID_CONFIG
@@ -292,9 +284,7 @@ def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> in
     configure_logging(verbosity_to_level(args.v), args.log_format)
     try:
         plugins = Plugins.load(disabled=args.disable_plugin)
-        if args.backend not in plugins.backend_names():  # every command: a typo is a usage error
-            raise FlagError("backend", args.backend,
-                            f"unknown backend; available: {', '.join(plugins.backend_names()) or 'none'}")
+        plugins.check_backend(args.backend)  # for every command: a typo is a usage error
         return _COMMANDS[args.command](args, options_from(args), plugins)
     except (PluginLoadError, FlagError) as exc:
         print(f"error: {exc}", file=sys.stderr)

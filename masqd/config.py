@@ -317,17 +317,15 @@ _PARSERS = {
 }
 
 
+def limit_problem(key: str, limit: int, counted: str, remedy: str) -> Problem:
+    """More non-masquerade CIDRs than ``cidrLimit`` allows (``counted``: e.g. "65 CIDRs")."""
+    return Problem(key, counted, f"at most cidrLimit={limit} CIDRs are accepted (link-local not counted); {remedy}")
+
+
 def _validate(config: MasqConfig, count: int, cidr_key: str, problems: list[Problem], warnings: list[Problem]) -> None:
     cidrs = config.non_masquerade_cidrs
     if count > config.cidr_limit:
-        problems.append(
-            Problem(
-                cidr_key,
-                f"{count} CIDRs",
-                f"at most cidrLimit={config.cidr_limit} CIDRs are accepted (link-local not counted); "
-                "remove CIDRs or raise cidrLimit",
-            )
-        )
+        problems.append(limit_problem(cidr_key, config.cidr_limit, f"{count} CIDRs", "remove CIDRs or raise cidrLimit"))
     for net in duplicates(cidrs):
         warnings.append(Problem(cidr_key, str(net), "listed more than once; one entry is enough"))
 

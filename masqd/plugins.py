@@ -165,13 +165,16 @@ class Plugins:
     def backend_names(self) -> tuple[str, ...]:
         return tuple(sorted(self._backend_factories()))
 
+    def check_backend(self, name: str) -> None:
+        """Raise :class:`FlagError` (listing the valid names) unless a backend ``name`` is offered."""
+        if name not in self._backend_factories():
+            raise FlagError("backend", name, f"unknown backend; available: {', '.join(self.backend_names()) or 'none'}")
+
     def make_backend(self, name: str, settings: BackendSettings) -> Backend:
         """A new backend by ``--backend`` name. Raises :class:`FlagError` for an unknown name and
         :class:`PluginLoadError` when the plugin's factory fails or returns no backend."""
-        factories = self._backend_factories()
-        if name not in factories:
-            raise FlagError("backend", name, f"unknown backend; available: {', '.join(self.backend_names()) or 'none'}")
-        plugin, factory = factories[name]
+        self.check_backend(name)
+        plugin, factory = self._backend_factories()[name]
         made: list[Backend] = []
         try:
             if plugin in self.builtin:

@@ -18,7 +18,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from masqd.audit import AuditEvent
 from masqd.backends.base import Backend, SyncResult
-from masqd.config import AgentOptions, MasqConfig, ParsedConfig, default_config, parse_config
+from masqd.config import AgentOptions, MasqConfig, ParsedConfig, default_config, limit_problem, parse_config
 from masqd.errors import ConfigError, MasqdError, PluginError, Problem
 from masqd.events import Event
 from masqd.plugins import Contribution, Plugins
@@ -257,8 +257,6 @@ class Reconciler:
         self.last_error = exc
 
     def _log_write(self, desired: RuleSet, result: SyncResult, trigger: str, started: float) -> None:
-        before = self.applied.cidrs() if self.applied is not None else frozenset()
-        after = desired.cidrs()
         fields = {
             "backend": self.backend.name,
             "trigger": trigger,
@@ -266,15 +264,17 @@ class Reconciler:
             "reason": list(result.reasons),
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         }
-        if self.contributions:
-            fields["cidrs_from_plugins"] = {c.plugin: len(c.cidrs) for c in self.contributions}
+        shares = {c.plugin: len(c.cidrs) for c in self.contributions if c.cidrs}
+        if shares:
+            fields["cidrs_from_plugins"] = shares
         if self.applied is None:
-            log.info("rules applied", cidrs=len(after), **fields)
+            log.info("rules applied", cidrs=len(desired.cidrs()), **fields)
         elif desired == self.applied:
             log.warning("rules restored after outside change", **fields)
         else:
-            log.info("rules updated", cidrs_added=sorted(map(str, after - before)),
-                     cidrs_removed=sorted(map(str, before - after)), **fields)
+            added, removed = _family_changes(self.applied, desired)
+            log.info("rules updated", cidrs_added=[c for cidrs in added.values() for c in cidrs],
+                     cidrs_removed=[c for cidrs in removed.values() for c in cidrs], **fields)
 
     async def run(self, events: MemoryObjectReceiveStream[Event]) -> None:
         """Reconcile on every batch of events until the stream closes or the task is cancelled."""
@@ -321,11 +321,10 @@ def _check_limit_with_plugins(config: MasqConfig, cidrs: tuple) -> None:
         return
     count = len(cidrs)
     if count > config.cidr_limit:
-        raise PluginError([Problem(
-            "nonMasqueradeCIDRs", f"{count} CIDRs ({len(config.non_masquerade_cidrs)} from the file, "
-            f"{count - len(config.non_masquerade_cidrs)} from plugins)",
-            f"at most cidrLimit={config.cidr_limit} CIDRs are accepted (link-local not counted); "
-            "raise cidrLimit or contribute fewer CIDRs")])
+        from_file = len(config.non_masquerade_cidrs)
+        raise PluginError([limit_problem("nonMasqueradeCIDRs", config.cidr_limit,
+                                         f"{count} CIDRs ({from_file} from the file, {count - from_file} from plugins)",
+                                         "raise cidrLimit or contribute fewer CIDRs")])
 
 
 def _family_changes(before: RuleSet | None, after: RuleSet | None) -> tuple[dict, dict]:
@@ -342,3 +341,16 @@ def _family_changes(before: RuleSet | None, after: RuleSet | None) -> tuple[dict
         if minus:
             removed[label] = tuple(map(str, minus))
     return added, removed
+
+
+async def reconcile_once(reconciler: Reconciler, audits: list[AuditEvent]) -> SyncResult:
+    """One reconcile outside the daemon (``run --once``, :mod:`masqd.testing`), for a reconciler
+    whose ``on_audit`` appends to ``audits``: the audit events are handed to the audit hooks
+    before this returns or raises, as the daemon's audit task would."""
+    start = len(audits)
+    try:
+        return await reconciler.reconcile()
+    finally:
+        if reconciler.plugins is not None:
+            for event in audits[start:]:
+                await reconciler.plugins.audit(event)

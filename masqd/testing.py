@@ -31,7 +31,7 @@ from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
 from masqd.errors import MasqdError
 from masqd.plugins import HOOK_TIMEOUT_SECONDS, Contribution, Plugins
-from masqd.reconcile import Reconciler
+from masqd.reconcile import Reconciler, reconcile_once
 
 
 @dataclass
@@ -69,11 +69,9 @@ class DryRunAgent:
         self._audits.clear()
         error = None
         try:
-            await self.reconciler.reconcile()
+            await reconcile_once(self.reconciler, self._audits)
         except MasqdError as exc:
             error = exc
-        for event in self._audits:
-            await self.plugins.audit(event)
         applied = self.backend.applied
         return DryRunResult(
             rules=self.backend.last_rendered,

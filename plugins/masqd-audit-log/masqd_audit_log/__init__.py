@@ -2,8 +2,9 @@
 
 Set in masqd's environment:
 
-``MASQD_AUDIT_LOG``            the file (default ``/var/log/masqd/audit.jsonl``; its directory is
-                               created when missing).
+``MASQD_AUDIT_LOG``            the file, e.g. ``/var/log/masqd/audit.jsonl`` (its directory is
+                               created when missing). Unset: the plugin writes nothing, so merely
+                               installing it never writes to the disk.
 ``MASQD_AUDIT_LOG_MAX_BYTES``  rotate when the file would grow past this (default 10485760).
 ``MASQD_AUDIT_LOG_BACKUPS``    rotated files kept: ``audit.jsonl.1`` (newest) .. ``.N`` (default 5).
 
@@ -30,7 +31,6 @@ import masqd
 
 __version__ = "0.1.0"
 
-DEFAULT_PATH = "/var/log/masqd/audit.jsonl"
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 5
 QUEUE_SIZE = 10_000
@@ -41,11 +41,11 @@ class AuditLog:
 
     name = "audit-log"
 
-    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS,
+    def __init__(self, path: Path | None, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS,
                  queue_size: int = QUEUE_SIZE):
         if max_bytes <= 0 or backups < 0:
             raise ValueError(f"max_bytes must be positive and backups 0 or more, got {max_bytes}, {backups}")
-        self.path = Path(path)
+        self.path = None if path is None else Path(path)
         self.max_bytes = max_bytes
         self.backups = backups
         self.dropped = 0
@@ -57,12 +57,15 @@ class AuditLog:
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> AuditLog:
-        return cls(Path(environ.get("MASQD_AUDIT_LOG") or DEFAULT_PATH),
+        path = environ.get("MASQD_AUDIT_LOG")
+        return cls(Path(path) if path else None,
                    int(environ.get("MASQD_AUDIT_LOG_MAX_BYTES") or DEFAULT_MAX_BYTES),
                    int(environ.get("MASQD_AUDIT_LOG_BACKUPS") or DEFAULT_BACKUPS))
 
     @masqd.hookimpl
     def audit(self, event):
+        if self.path is None:
+            return
         self._start()
         try:
             self._queue.put_nowait(event.as_dict())

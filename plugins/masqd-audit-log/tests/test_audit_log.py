@@ -90,3 +90,10 @@ def test_registered_hooks(masqd_plugins):
     plugins = masqd_plugins(AuditLog("/nonexistent/audit.jsonl"))
     (info,) = [i for i in plugins.describe() if i.name == "audit-log"]
     assert info.hooks == ("audit",)
+
+
+def test_without_a_path_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    log = AuditLog.from_environment({})
+    log.audit(event(1))
+    assert log.path is None and log.flush() and list(tmp_path.iterdir()) == []
