@@ -111,8 +111,8 @@ async def run_daemon(
     and the resync timer); ``plugins`` defaults to the default plugins alone.
     """
     plugins = plugins or Plugins.load(entry_points=False)
-    reconciler = reconciler or Reconciler(backend, options, config_path, plugins=plugins)
-    if reconciler.plugins is None:
+    reconciler = reconciler or Reconciler(backend, options, config_path)
+    if reconciler.plugins is None:  # one place hands the plugins over, whoever built the reconciler
         reconciler.plugins = plugins
     interval_listeners: list[Callable[[], None]] = []
     reconciler.on_resync_interval = partial(_call_each, interval_listeners)

@@ -101,6 +101,11 @@ class _HookFailed(Exception):
         self.reason = reason
 
 
+def _failure(exc: BaseException) -> str:
+    """How a failed hook call is reported: the reason masqd gave (hung, ...), or what it raised."""
+    return exc.reason if isinstance(exc, _HookFailed) else f"raised {safe_repr(exc)}"
+
+
 class Plugins:
     """A loaded plugin manager and the isolated calls masqd makes into it."""
 
@@ -182,8 +187,7 @@ class Plugins:
             else:
                 self._isolated_at_start_up(plugin, "register_backends", lambda: made.append(factory(settings)))
         except Exception as exc:
-            reason = exc.reason if isinstance(exc, _HookFailed) else f"raised {safe_repr(exc)}"
-            raise PluginLoadError(plugin, f"backend {name!r} could not be created: {reason}") from None
+            raise PluginLoadError(plugin, f"backend {name!r} could not be created: {_failure(exc)}") from None
         backend = made[0]
         missing = [attr for attr in ("name", "probe", "render", "sync", "cleanup") if not hasattr(backend, attr)]
         if missing:
@@ -239,9 +243,8 @@ class Plugins:
                 else:
                     self._isolated_at_start_up(impl.plugin_name, hook_name, call)
             except Exception as exc:
-                reason = exc.reason if isinstance(exc, _HookFailed) else f"raised {safe_repr(exc)}"
                 log.error("plugin failed to register; continuing without what it offers", plugin=impl.plugin_name,
-                          hook=hook_name, error=reason)
+                          hook=hook_name, error=_failure(exc))
                 continue
             out.append((impl.plugin_name, list(calls)))
         return out
@@ -262,7 +265,7 @@ class Plugins:
         if thread.is_alive():
             raise _HookFailed(f"did not return within {self.hook_timeout:g} s (hung); what it registered is ignored")
         if "error" in outcome:
-            raise _HookFailed(f"raised {safe_repr(outcome['error'])}")
+            raise _HookFailed(_failure(outcome["error"]))
 
     # --- reconcile-time hooks --------------------------------------------------------------------------
 
@@ -329,11 +332,8 @@ class Plugins:
                     result = _materialize(impl.function(**args))
                 else:
                     result = await self._isolated(impl.plugin_name, hook_name, lambda: _materialize(impl.function(**args)))
-            except _HookFailed as exc:
-                problems.append(Problem(f"{impl.plugin_name}.{hook_name}", None, exc.reason))
-                continue
             except Exception as exc:
-                problems.append(Problem(f"{impl.plugin_name}.{hook_name}", None, f"raised {safe_repr(exc)}"))
+                problems.append(Problem(f"{impl.plugin_name}.{hook_name}", None, _failure(exc)))
                 continue
             if result is not None:
                 results.append((impl.plugin_name, result))
@@ -376,7 +376,7 @@ class Plugins:
         if "value" in outcome:
             return outcome["value"]
         if "error" in outcome:
-            raise _HookFailed(f"raised {safe_repr(outcome['error'])}")
+            raise _HookFailed(_failure(outcome["error"]))
         raise _HookFailed(f"did not return within {self.hook_timeout:g} s (hung); its result is ignored")
 
 
