@@ -3,14 +3,14 @@
 Flags follow the upstream agent and Go's flag package: ``--flag``, ``-flag``, ``--flag=value``,
 ``--flag value``, and booleans as ``--flag`` or ``--flag=true|false``.
 
-Exit codes: 0 success; 1 invalid configuration; 2 bad command line; 3 the kernel could not be read
-or refused the rules.
+Exit codes: 0 success; 1 invalid configuration; 2 bad command line (or no Kubernetes credentials);
+3 the kernel could not be read or refused the rules; 4 the Kubernetes API could not be read (one-shot
+commands with ``--kube-configmap`` / ``--egress-nat-policies``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from functools import partial
 from collections.abc import Sequence
@@ -21,17 +21,20 @@ from masqd import __version__
 from masqd.backends import leftover_backends
 from masqd.backends.iptables_mode import MODES
 from masqd.backends.base import Backend, BackendSettings
-from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, ParsedConfig, parse_to_ports, validate_chain_name
+from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, parse_to_ports, validate_chain_name
 from masqd.duration import format_go_duration
-from masqd.errors import BackendError, ConfigError, FlagError, PluginLoadError, Problem
+from masqd.errors import BackendError, ConfigError, FlagError, KubeError, PluginLoadError
+from masqd.inputs import ConfigLoader, LoadedConfig, config_inputs
+from masqd.kube import KubeSettings, parse_object_ref
 from masqd.logs import configure_logging, verbosity_to_level
 from masqd.plugins import Contribution, Plugins
-from masqd.reconcile import Reconciler, load_config, plan, reconcile_once
+from masqd.reconcile import Reconciler, plan, reconcile_once
 
 EXIT_OK = 0
 EXIT_INVALID_CONFIG = 1
 EXIT_USAGE = 2
 EXIT_BACKEND = 3
+EXIT_API = 4
 
 _GO_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
 _GO_FALSE = {"0", "f", "F", "false", "FALSE", "False"}
@@ -56,6 +59,10 @@ def _flag_type(parse):
     return convert
 
 
+def _configmap_ref(text: str):
+    return parse_object_ref(text, "kube-configmap")
+
+
 def _add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
     parser.add_argument(f"--{name}", type=_go_bool, nargs="?", const=True, default=default, metavar="BOOL",
                         help=f"{help} (default {str(default).lower()})")
@@ -63,8 +70,21 @@ def _add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: s
 
 def _common_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    common.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
-                        help=f"config file, YAML or JSON; missing means defaults (default {DEFAULT_CONFIG_PATH})")
+    common.add_argument("--config", action="append", default=None, metavar="PATH",
+                        help=f"config file, YAML or JSON (default {DEFAULT_CONFIG_PATH}); repeat for several, which "
+                             "merge; a missing file contributes nothing, and with no source present the defaults apply")
+    common.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                        help="also read every ip-masq* file in DIR as a config source (as Azure's ip-masq-agent-v2 "
+                             "does for user- and provider-owned ConfigMaps); repeatable")
+    common.add_argument("--kube-configmap", type=_flag_type(_configmap_ref),
+                        metavar="NAMESPACE/NAME",
+                        help="also watch this ConfigMap's 'config' key through the Kubernetes API (applied within "
+                             "a second of an edit; deleting the ConfigMap removes it as a source)")
+    _add_bool(common, "egress-nat-policies", False,
+              "watch EgressNATPolicy objects (networking.gke.io/v1); NoSNAT destinations keep the pod address")
+    common.add_argument("--kubeconfig", metavar="PATH",
+                        help="Kubernetes credentials (default: in-cluster service account, else $KUBECONFIG, "
+                             "else ~/.kube/config)")
     common.add_argument("--backend", default="iptables", metavar="NAME",
                         help="how rules are programmed: iptables (default, as upstream), nftables, dry-run, "
                              "or a backend a plugin offers (see `masqd plugins`)")
@@ -93,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="masqd", allow_abbrev=False,
         description="IP masquerade agent: a drop-in ip-masq-agent with an event-driven core.",
-        epilog="Exit codes: 0 ok, 1 invalid config, 2 bad command line, 3 kernel read/write failed.",
+        epilog="Exit codes: 0 ok, 1 invalid config, 2 bad command line, 3 kernel read/write failed, "
+               "4 Kubernetes API unreadable.",
     )
     parser.add_argument("--version", action="version", version=f"masqd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -157,49 +178,92 @@ def options_from(args: argparse.Namespace) -> AgentOptions:
 def _print_problems(exc: ConfigError) -> None:
     for problem in exc.problems:
         print(f"error: {exc.source}: {problem}", file=sys.stderr)
-    _print_warnings(exc.warnings, exc.source)
+    for warning in exc.warnings:
+        print(f"warning: {exc.source}: {warning}", file=sys.stderr)
 
 
-def _print_warnings(warnings: tuple[Problem, ...], path: str) -> None:
-    for warning in warnings:
-        print(f"warning: {path}: {warning}", file=sys.stderr)
+def kube_settings(args: argparse.Namespace) -> KubeSettings | None:
+    """The Kubernetes flags, or ``None`` when masqd is not to talk to the API."""
+    settings = KubeSettings(configmap=args.kube_configmap, egress_nat_policies=args.egress_nat_policies,
+                            kubeconfig=args.kubeconfig)
+    return settings if settings.enabled else None
 
 
-def _load_and_report(args: argparse.Namespace, options: AgentOptions) -> ParsedConfig | None:
+def config_loader(args: argparse.Namespace, options: AgentOptions, kube: KubeSettings | None) -> ConfigLoader:
+    """Every config input the flags name: files, directories, then the API ConfigMap."""
+    inputs = config_inputs(args.config or [DEFAULT_CONFIG_PATH], args.config_dir)
+    if kube is not None and kube.configmap is not None:
+        from masqd.sources.kube import ConfigMapInput
+
+        inputs.append(ConfigMapInput(kube.configmap, kube))
+    return ConfigLoader(inputs, options)
+
+
+def _load_and_report(loader: ConfigLoader) -> LoadedConfig | None:
     """Load the config; print its problems and warnings. ``None`` when it is invalid."""
     try:
-        parsed = load_config(args.config, options)
+        loaded = loader.load()
     except ConfigError as exc:
         _print_problems(exc)
         return None
-    _print_warnings(parsed.warnings, args.config)
-    return parsed
+    for name, warning in loaded.warnings:
+        print(f"warning: {name}: {warning}", file=sys.stderr)
+    return loaded
 
 
 def _plan_and_report(args: argparse.Namespace, options: AgentOptions, plugins: Plugins):
-    """The config and the plugins' contributions and vetoes: ``(parsed, ruleset, contributions)``,
-    or ``None`` after printing every problem."""
-    parsed = _load_and_report(args, options)
-    if parsed is None:
+    """The config and the plugins' contributions and vetoes: ``(loaded, ruleset, contributions)``,
+    or ``None`` after printing every problem. The API objects, if any, are read once first
+    (raises :class:`KubeError` when they cannot be)."""
+    kube = kube_settings(args)
+    loader = config_loader(args, options, kube)
+    if kube is not None:
+        anyio.run(_read_api_once, kube, loader, plugins)
+    loaded = _load_and_report(loader)
+    if loaded is None:
         return None
     try:
-        ruleset, contributions = anyio.run(plan, parsed.config, options, plugins)
+        ruleset, contributions = anyio.run(plan, loaded.config, options, plugins)
     except ConfigError as exc:
         _print_problems(exc)
         return None
-    return parsed, ruleset, contributions
+    return loaded, ruleset, contributions
+
+
+class _ApiUnreadable(Exception):
+    """A one-shot command could not read the API objects it was asked to use (exit 4)."""
+
+
+async def _read_api_once(kube: KubeSettings, loader: ConfigLoader, plugins: Plugins) -> None:
+    from masqd.sources.kube import read_once
+
+    try:
+        await read_once(kube, loader.inputs, plugins)
+    except KubeError:
+        raise  # no credentials: a usage error
+    except Exception as exc:  # the API cannot answer: a one-shot command cannot go on without it
+        raise _ApiUnreadable(f"cannot read the Kubernetes API: {exc}") from None
 
 
 def _cmd_validate(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
     planned = _plan_and_report(args, options, plugins)
     if planned is None:
         return EXIT_INVALID_CONFIG
-    config, contributions = planned[0].config, planned[2]
-    origin = "defaults (no file)" if not os.path.exists(args.config) else args.config
+    merged, contributions = planned[0].merged, planned[2]
+    config = merged.config
+    origin = ", ".join(merged.sources) or "defaults (no config source present)"
     print(f"ok: {origin}: {len(config.non_masquerade_cidrs)} non-masquerade CIDRs, "
           f"resyncInterval {format_go_duration(config.resync_interval_ns)}, cidrLimit {config.cidr_limit}")
     _print_contributions(contributions, sys.stdout)
     return EXIT_OK
+
+
+def _print_origins(loaded: LoadedConfig, stream) -> None:
+    """With several config sources: which source listed each CIDR."""
+    if len(loaded.merged.sources) < 2:
+        return
+    for net, names in loaded.merged.origins.items():
+        print(f"{net}: from {', '.join(names)}", file=stream)
 
 
 def _print_contributions(contributions: tuple[Contribution, ...], stream) -> None:
@@ -224,13 +288,14 @@ def _cmd_render(args: argparse.Namespace, options: AgentOptions, plugins: Plugin
     if planned is None:
         return EXIT_INVALID_CONFIG
     backend = _backend(args, options, plugins)
-    _print_contributions(planned[2], sys.stderr)  # stdout is exactly the script
+    _print_origins(planned[0], sys.stderr)  # stdout is exactly the script
+    _print_contributions(planned[2], sys.stderr)
     sys.stdout.write(anyio.run(_render_text, backend, planned[1]))
     return EXIT_OK
 
 
 def _cmd_cleanup(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
-    reconciler = Reconciler(_backend(args, options, plugins), options, args.config)
+    reconciler = Reconciler(_backend(args, options, plugins), options, config_loader(args, options, None))
     try:
         removed = anyio.run(reconciler.cleanup)
     except BackendError as exc:
@@ -250,11 +315,15 @@ def _cmd_plugins(args: argparse.Namespace, options: AgentOptions, plugins: Plugi
 
 def _cmd_run(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
     backend = _backend(args, options, plugins)
+    kube = kube_settings(args)
+    loader = config_loader(args, options, kube)
     if args.once:
         audits: list = []
-        reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends, plugins=plugins,
+        reconciler = Reconciler(backend, options, loader, leftovers=leftover_backends, plugins=plugins,
                                 on_audit=audits.append)
         try:
+            if kube is not None:
+                anyio.run(_read_api_once, kube, loader, plugins)
             anyio.run(reconcile_once, reconciler, audits)
         except ConfigError as exc:
             _print_problems(exc)
@@ -264,9 +333,12 @@ def _cmd_run(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) 
             return EXIT_BACKEND
         return EXIT_OK
     from masqd.daemon import run_daemon
+    from masqd.kube import load_kube_config
 
-    reconciler = Reconciler(backend, options, args.config, leftovers=leftover_backends, plugins=plugins)
-    anyio.run(partial(run_daemon, backend, options, args.config, reconciler=reconciler, plugins=plugins))
+    if kube is not None:
+        load_kube_config(kube.kubeconfig)  # no credentials: a start-up error, not a retry loop
+    reconciler = Reconciler(backend, options, loader, leftovers=leftover_backends, plugins=plugins)
+    anyio.run(partial(run_daemon, backend, options, loader, reconciler=reconciler, plugins=plugins, kube=kube))
     return EXIT_OK
 
 
@@ -289,6 +361,12 @@ def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> in
     except (PluginLoadError, FlagError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KubeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except _ApiUnreadable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_API
 
 
 def main(argv: Sequence[str] | None = None) -> int:

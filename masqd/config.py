@@ -94,6 +94,9 @@ class MasqConfig:
         a guard against a runaway list.
     cidr_limit_set: the file sets ``cidrLimit``; only then do plugin contributions count toward
         it (the default 64 is for compatibility, not a limit plugin authors signed up for).
+    keys: the canonical keys the file sets (a null value counts only for ``nonMasqueradeCIDRs``,
+        where it means an empty list); when several config sources merge, a key no source sets
+        keeps its default (see :func:`merge_configs`).
     """
 
     non_masquerade_cidrs: tuple[Network, ...] = tuple(parse_cidr(c) for c in RFC1918_CIDRS)
@@ -102,6 +105,7 @@ class MasqConfig:
     resync_interval_ns: int = 60 * _SECOND_NS
     cidr_limit: int = 64
     cidr_limit_set: bool = False
+    keys: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def resync_interval(self) -> float:
@@ -152,13 +156,15 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
             values[key] = (raw_key, value)
 
     ctx = _Context(options, {}, problems, warnings)
+    keys = set()
     for key, (raw_key, value) in values.items():
         if value is None and key != "nonMasqueradeCIDRs":
             warnings.append(Problem(str(raw_key), None, "null value ignored: the default is kept"))
             continue
+        keys.add(key)
         _PARSERS[key](str(raw_key), value, ctx)
 
-    config = MasqConfig(**{**_defaults_as_fields(defaults), **ctx.fields})
+    config = MasqConfig(**{**_defaults_as_fields(defaults), **ctx.fields, "keys": frozenset(keys)})
     cidr_key, cidr_value = values.get("nonMasqueradeCIDRs", ("nonMasqueradeCIDRs", None))
     # Count what the file lists, valid or not, so a limit problem is reported next to the others.
     count = len(cidr_value) if isinstance(cidr_value, list) else len(config.non_masquerade_cidrs)
@@ -176,6 +182,7 @@ def _defaults_as_fields(config: MasqConfig) -> dict[str, Any]:
         "resync_interval_ns": config.resync_interval_ns,
         "cidr_limit": config.cidr_limit,
         "cidr_limit_set": config.cidr_limit_set,
+        "keys": config.keys,
     }
 
 
@@ -328,6 +335,66 @@ def _validate(config: MasqConfig, count: int, cidr_key: str, problems: list[Prob
         problems.append(limit_problem(cidr_key, config.cidr_limit, f"{count} CIDRs", "remove CIDRs or raise cidrLimit"))
     for net in duplicates(cidrs):
         warnings.append(Problem(cidr_key, str(net), "listed more than once; one entry is enough"))
+
+
+# --- several config sources ------------------------------------------------------------------------
+
+#: The origin shown for CIDRs that come from the defaults (no present source lists any).
+DEFAULTS_ORIGIN = "defaults"
+
+
+@dataclass(frozen=True, slots=True)
+class MergedConfig:
+    """The config masqd applies, merged from every config source present, and where each
+    non-masquerade CIDR came from.
+
+    config: the merged values (see :func:`merge_configs`).
+    origins: each CIDR of ``config.non_masquerade_cidrs`` -> the sources listing it, in source
+        order (``("defaults",)`` for default CIDRs).
+    sources: the names of the sources present (a missing file or ConfigMap is not present).
+    """
+
+    config: MasqConfig
+    origins: dict[Network, tuple[str, ...]]
+    sources: tuple[str, ...]
+
+
+def merge_configs(parts: list[tuple[str, MasqConfig]] | tuple[tuple[str, MasqConfig], ...], options: AgentOptions) -> MergedConfig:
+    """Merge the valid configs of the present sources, ``(name, config)`` in source order.
+
+    No source present: the defaults. One source: that source's config, exactly. Several:
+    ``nonMasqueradeCIDRs`` are unioned (first listing wins the order), ``masqLinkLocal`` and
+    ``masqLinkLocalIPv6`` are OR'ed, the smallest ``resyncInterval`` wins, and a key no source
+    sets keeps its default. ``cidrLimit`` was already checked per source by :func:`parse_config`;
+    with several sources plugin contributions are not counted against any one source's limit.
+    """
+    defaults = default_config(options)
+    listing = [(name, c) for name, c in parts if "nonMasqueradeCIDRs" in c.keys]
+    origins: dict[Network, list[str]] = {}
+    for name, config in listing:
+        for net in config.non_masquerade_cidrs:
+            names = origins.setdefault(net, [])
+            if name not in names:
+                names.append(name)
+    if not listing:
+        origins = {net: [DEFAULTS_ORIGIN] for net in defaults.non_masquerade_cidrs}
+    merged_origins = {net: tuple(names) for net, names in origins.items()}
+    names = tuple(name for name, _ in parts)
+    if len(parts) == 1:
+        return MergedConfig(parts[0][1], merged_origins, names)
+    if not parts:
+        return MergedConfig(defaults, merged_origins, names)
+    resyncs = [c.resync_interval_ns for _, c in parts if "resyncInterval" in c.keys]
+    config = MasqConfig(
+        non_masquerade_cidrs=tuple(origins),
+        masq_link_local=any(c.masq_link_local for _, c in parts),
+        masq_link_local_ipv6=any(c.masq_link_local_ipv6 for _, c in parts),
+        resync_interval_ns=min(resyncs) if resyncs else defaults.resync_interval_ns,
+        cidr_limit=max(c.cidr_limit for _, c in parts),
+        cidr_limit_set=False,
+        keys=frozenset().union(*(c.keys for _, c in parts)),
+    )
+    return MergedConfig(config, merged_origins, names)
 
 
 # --- flags ----------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from masqd.backends.base import Backend
 from masqd.config import AgentOptions
 from masqd.errors import safe_repr
 from masqd.events import Emit, Event, make_emit, notifier
+from masqd.inputs import ConfigLoader, FileInput
+from masqd.kube import KubeSettings
 from masqd.plugins import Plugins, RegisteredSource, SourceContext
 from masqd.reconcile import Reconciler
 
@@ -99,11 +101,12 @@ async def _handle_signals(emit: Emit, scope: anyio.CancelScope) -> None:
 async def run_daemon(
     backend: Backend,
     options: AgentOptions,
-    config_path: str | os.PathLike[str],
+    config: str | os.PathLike[str] | ConfigLoader,
     *,
     reconciler: Reconciler | None = None,
     plugins: Plugins | None = None,
     handle_signals: bool = True,
+    kube: KubeSettings | None = None,
 ) -> Reconciler:
     """Run until SIGTERM/SIGINT (or cancellation). Returns the reconciler for inspection.
 
@@ -111,17 +114,20 @@ async def run_daemon(
     and the resync timer); ``plugins`` defaults to the default plugins alone.
     """
     plugins = plugins or Plugins.load(entry_points=False)
-    reconciler = reconciler or Reconciler(backend, options, config_path)
+    reconciler = reconciler or Reconciler(backend, options, config)
+    loader = reconciler.loader
     if reconciler.plugins is None:  # one place hands the plugins over, whoever built the reconciler
         reconciler.plugins = plugins
     interval_listeners: list[Callable[[], None]] = []
     reconciler.on_resync_interval = partial(_call_each, interval_listeners)
-    context = SourceContext(str(config_path), options, lambda: reconciler.resync_interval, interval_listeners.append)
+    first_file = next((i.name for i in loader.inputs if isinstance(i, FileInput)), "")
+    context = SourceContext(first_file, options, lambda: reconciler.resync_interval, interval_listeners.append,
+                            loader.inputs, kube)
     sources = plugins.sources(context)
     send, receive = anyio.create_memory_object_stream[Event](max_buffer_size=EVENT_BUFFER)
     audit_send, audit_receive = anyio.create_memory_object_stream[AuditEvent](max_buffer_size=AUDIT_BUFFER)
     emit = make_emit(send)
-    log.info("masqd starting", backend=backend.name, config=str(config_path), chain=options.masq_chain,
+    log.info("masqd starting", backend=backend.name, config=loader.names, chain=options.masq_chain,
              ipv6=options.enable_ipv6, sources=[s.name for s in sources])
     async with send, audit_send, anyio.create_task_group() as tg:
         if plugins.implements("audit"):

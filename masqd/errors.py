@@ -6,6 +6,7 @@
     │                           config; each Problem's key is PLUGIN.HOOK
     ├── PluginLoadError         a plugin cannot be loaded at start-up
     ├── FlagError               a command-line flag value is invalid (e.g. ``--to-ports 70000``)
+    ├── KubeError               the Kubernetes API cannot be used (no credentials, a refused write)
     └── BackendError            the kernel could not be read or written
         ├── ApplyError          a write (``iptables-restore``) was refused; the kernel kept its old rules
         └── ReadBackError       the current state could not be read (``iptables-save`` failed)
@@ -97,6 +98,11 @@ class FlagError(MasqdError):
         self.value = value
         self.reason = reason
         super().__init__(f"--{flag}={value}: {reason}")
+
+
+class KubeError(MasqdError):
+    """The Kubernetes API cannot be used: no credentials at start-up, or a write the API refused
+    (the controller). Watches never raise it: they retry (see :mod:`masqd.kube`)."""
 
 
 class BackendError(MasqdError):

@@ -46,8 +46,9 @@ log = structlog.get_logger("masqd.plugins")
 
 PROJECT = "masqd"
 ENTRY_POINT_GROUP = "masqd"
-#: The modules registered as default plugins, under their module names.
-DEFAULT_PLUGINS = ("masqd.default_plugins.backends", "masqd.default_plugins.sources")
+#: The modules registered as default plugins, under their module names (a module with a
+#: ``make_plugin()`` function registers the object it returns instead).
+DEFAULT_PLUGINS = ("masqd.default_plugins.backends", "masqd.default_plugins.sources", "masqd.default_plugins.egress")
 #: A third-party hook call that takes longer than this is reported hung and abandoned.
 HOOK_TIMEOUT_SECONDS = 5.0
 
@@ -80,12 +81,18 @@ class SourceContext:
     resync_interval: returns the current ``resyncInterval`` in seconds (it changes with the file).
     on_resync_interval_change: ``on_resync_interval_change(callback)`` makes masqd call
         ``callback()`` whenever ``resyncInterval`` changes.
+    config_inputs: every config input (files, directories, the API ConfigMap; see
+        :mod:`masqd.inputs`); the built-in sources plugin registers each one's watcher.
+    kube: the Kubernetes flags (:class:`masqd.kube.KubeSettings`), or ``None`` when masqd does not
+        talk to the API.
     """
 
     config_path: str
     options: AgentOptions
     resync_interval: Callable[[], float]
     on_resync_interval_change: Callable[[Callable[[], None]], None]
+    config_inputs: tuple = ()
+    kube: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +141,10 @@ class Plugins:
         builtin = []
         for module_name in DEFAULT_PLUGINS:
             if not pm.is_blocked(module_name):
-                _register(pm, importlib.import_module(module_name), module_name)
+                module = importlib.import_module(module_name)
+                # A module with make_plugin() holds state: a fresh plugin object per manager.
+                factory = getattr(module, "make_plugin", None)
+                _register(pm, factory() if factory else module, module_name)
                 builtin.append(module_name)
         if entry_points:
             _load_entry_points(pm, environ.get("MASQD_PLUGINS"))

@@ -1,7 +1,7 @@
 """The reconciler: the only code that calls a backend.
 
-For every batch of events it recomputes the whole desired state (read the config file, validate,
-compute the RuleSet) and asks the backend to sync. Failures never remove rules: a bad config or a
+For every batch of events it recomputes the whole desired state (read every config source, validate
+and merge them, compute the RuleSet) and asks the backend to sync. Failures never remove rules: a bad config or a
 refused apply leaves the kernel as it was, is logged with its cause, counted, and retried on the
 next event (or after a short back-off when the apply itself failed).
 """
@@ -18,12 +18,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from masqd.audit import AuditEvent
 from masqd.backends.base import Backend, SyncResult
-from masqd.config import AgentOptions, MasqConfig, ParsedConfig, default_config, limit_problem, parse_config
-from masqd.errors import ConfigError, MasqdError, PluginError, Problem
+from masqd.config import AgentOptions, MasqConfig, default_config, limit_problem
+from masqd.errors import ConfigError, MasqdError, PluginError
+from masqd.inputs import ConfigLoader, FileInput
 from masqd.events import Event
 from masqd.plugins import Contribution, Plugins
 from masqd.ruleset import RuleSet, compute_ruleset, nonmasq_list
-from masqd.sources.files import read_config_text
 
 log = structlog.get_logger("masqd.reconcile")
 
@@ -32,20 +32,6 @@ RETRY_INITIAL_SECONDS = 0.5
 RETRY_MAX_SECONDS = 30.0
 #: The same sync error is logged at most this often (repeats in between are debug events).
 REPEAT_ERROR_LOG_SECONDS = 60.0
-
-
-def load_config(path: str | os.PathLike[str], options: AgentOptions) -> ParsedConfig:
-    """Read and parse the config file (missing file: defaults). Raises :class:`ConfigError`."""
-    return parse_config(_read(path), options, source=str(path))
-
-
-def _read(path: str | os.PathLike[str]) -> str | None:
-    try:
-        return read_config_text(path)
-    except UnicodeDecodeError as exc:
-        raise ConfigError(str(path), [Problem("<file>", str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
-    except OSError as exc:
-        raise ConfigError(str(path), [Problem("<file>", str(path), f"cannot read: {exc.strerror or exc}")]) from None
 
 
 async def plan(config: MasqConfig, options: AgentOptions, plugins: Plugins | None) -> tuple[RuleSet, tuple[Contribution, ...]]:
@@ -70,7 +56,7 @@ class Reconciler:
         self,
         backend: Backend,
         options: AgentOptions,
-        config_path: str | os.PathLike[str],
+        config: str | os.PathLike[str] | ConfigLoader,
         *,
         on_resync_interval: Callable[[], None] | None = None,
         retry_initial_seconds: float = RETRY_INITIAL_SECONDS,
@@ -83,7 +69,9 @@ class Reconciler:
         self.on_audit = on_audit  # handed every AuditEvent; must not block
         self.contributions: tuple[Contribution, ...] = ()  # plugin CIDRs of the last desired state
         self.options = options
-        self.config_path = config_path
+        # Where the config comes from: a path (one file) or a loader over several inputs.
+        self.loader = config if isinstance(config, ConfigLoader) else ConfigLoader([FileInput(config)], options)
+        self.origins: dict = {}  # CIDR -> config sources listing it, of the last good config
         self.on_resync_interval = on_resync_interval
         self.config: MasqConfig = default_config(options)  # last good config
         self.applied: RuleSet | None = None  # last rule set the backend confirmed
@@ -96,7 +84,6 @@ class Reconciler:
         self._leftovers_pending: list[Backend] | None = None  # None: not looked for yet
         self._retry_delay: float | None = None
         self._logged_findings: tuple[str, ...] = ()  # the config problems/warnings logged last
-        self._parsed: tuple[str | None, ParsedConfig | ConfigError] | None = None  # (text, result)
         self._last_sync_error: tuple[str, float] | None = None  # (message, when logged)
 
     @property
@@ -112,37 +99,25 @@ class Reconciler:
         file (or plugin) is reported once, not on every resync.
         """
         try:
-            parsed = self._parse_if_changed(_read(self.config_path))
-            config = parsed.config
+            loaded = self.loader.load()
+            config = loaded.config
             ruleset, contributions = await plan(config, self.options, self.plugins)
         except ConfigError as exc:
             if self._changed_since_logged(("error", *map(str, exc.problems + exc.warnings))):
                 what = "plugins rejected the new state" if isinstance(exc, PluginError) else "config rejected"
-                log.error(f"{what}; keeping the rules last applied", path=str(self.config_path),
+                log.error(f"{what}; keeping the rules last applied", path=exc.source,
                           problems=[str(p) for p in exc.problems], warnings=[str(w) for w in exc.warnings])
             raise
-        if self._changed_since_logged(("ok", *map(str, parsed.warnings))):
-            for warning in parsed.warnings:
-                log.warning("config warning", path=str(self.config_path), problem=str(warning))
+        if self._changed_since_logged(("ok", *(f"{name}: {w}" for name, w in loaded.warnings))):
+            for name, warning in loaded.warnings:
+                log.warning("config warning", path=name, problem=str(warning))
         previous = self.config.resync_interval_ns
         self.config = config
+        self.origins = loaded.merged.origins
         self.contributions = contributions
         if config.resync_interval_ns != previous and self.on_resync_interval is not None:
             self.on_resync_interval()
         return ruleset
-
-    def _parse_if_changed(self, text: str | None) -> ParsedConfig:
-        """Parse the config text, or reuse the last result when the text is the same: a resync
-        of an unchanged 100k-CIDR file then costs a string comparison, not 0.7 s of parsing."""
-        if self._parsed is None or self._parsed[0] != text:
-            try:
-                self._parsed = (text, parse_config(text, self.options, source=str(self.config_path)))
-            except ConfigError as exc:
-                self._parsed = (text, exc)
-        result = self._parsed[1]
-        if isinstance(result, ConfigError):
-            raise result.with_traceback(None)  # a fresh traceback each time: no growth per resync
-        return result
 
     def _changed_since_logged(self, findings: tuple[str, ...]) -> bool:
         """True (and remembered) when these config findings differ from the ones logged last."""

@@ -25,7 +25,7 @@ from masqd.config import (
 from masqd.cidrs import CIDRError, parse_cidr
 from masqd.duration import format_go_duration, parse_go_duration
 from masqd.errors import ConfigError, FlagError
-from masqd.reconcile import load_config
+from masqd.inputs import ConfigLoader, FileInput
 
 S = 1_000_000_000  # nanoseconds per second
 V4 = AgentOptions()
@@ -145,13 +145,13 @@ def test_valid_config(text, options, expected):
 )
 def test_no_file_means_defaults(options, expected, tmp_path):
     assert parse_config(None, options).config == expected
-    assert load_config(tmp_path / "absent", options).config == expected
+    assert ConfigLoader([FileInput(tmp_path / "absent")], options).load().config == expected
 
 
 def test_empty_file_on_disk_means_defaults(tmp_path):
     path = tmp_path / "ip-masq-agent"
     path.write_text("")
-    assert load_config(path, V4).config == DEFAULTS
+    assert ConfigLoader([FileInput(path)], V4).load().config == DEFAULTS
 
 
 def test_resync_interval_in_seconds():

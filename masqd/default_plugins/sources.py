@@ -1,4 +1,5 @@
-"""The built-in event sources: the config file watch and the resync timer."""
+"""The built-in event sources: a watch on every config input (files, directories, the API
+ConfigMap) and the resync timer."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from masqd.sources.timer import TimerSource
 
 @hookimpl
 def register_sources(register, context):
-    register(ConfigFileSource(context.config_path))
+    inputs = getattr(context, "config_inputs", ()) or ()
+    if not inputs:
+        register(ConfigFileSource(context.config_path))
+    for config_input in inputs:
+        watcher = config_input.watcher()
+        if watcher is not None:
+            register(watcher)
     timer = TimerSource(context.resync_interval)
     context.on_resync_interval_change(timer.reschedule)
     register(timer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -62,20 +63,25 @@ class ConfigFileSource:
 
     def __init__(self, path: str | os.PathLike[str], *, force_polling: bool | None = None, watch=watchfiles.awatch):
         self.path = Path(path)
+        self.directory = self.path.parent
         self.force_polling = force_polling
         self._watch_changes = watch  # watchfiles.awatch, or a stand-in with its signature in tests
+
+    def digest(self) -> str:
+        """What changes whenever the watched config changes (see :func:`content_digest`)."""
+        return content_digest(self.path)
 
     async def run(self, notify: Notify) -> None:
         # watchfiles runs its watcher in a thread that only returns on a change, a timeout or its
         # stop event; set that event as soon as this task is cancelled so shutdown is immediate.
         stop = anyio.Event()
-        self._digest = content_digest(self.path)
+        self._digest = self.digest()
         async with anyio.create_task_group() as tg:
             tg.start_soon(_set_when_cancelled, stop)
             await self._watch(notify, stop, tg)
 
     async def _watch(self, notify: Notify, stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
-        directory = self.path.parent
+        directory = self.directory
         while True:
             if not directory.is_dir():
                 await anyio.sleep(MISSING_DIR_POLL_SECONDS)
@@ -111,10 +117,29 @@ class ConfigFileSource:
         self._check(notify)
 
     def _check(self, notify: Notify) -> None:
-        digest = content_digest(self.path)
+        digest = self.digest()
         if digest != self._digest:
             self._digest = digest
             notify(str(self.path))
+
+
+class ConfigDirectorySource(ConfigFileSource):
+    """Asks for a reconcile whenever the set of config files in a directory (``files()``) or the
+    content of any of them changes. The directory itself is watched, as for a single file."""
+
+    name = "config-dir"
+
+    def __init__(self, directory: str | os.PathLike[str], files: Callable[[], list[Path]], **kwargs):
+        super().__init__(Path(directory) / ".", **kwargs)
+        self.path = self.directory = Path(directory)
+        self._files = files
+
+    def digest(self) -> str:
+        try:
+            files = self._files()
+        except Exception as exc:  # unreadable directory: the reconciler reports why
+            return f"error:{type(exc).__name__}"
+        return hashlib.sha256("\0".join(f"{path.name}:{content_digest(path)}" for path in files).encode()).hexdigest()
 
 
 async def _set_when_cancelled(event: anyio.Event) -> None:

@@ -1,0 +1,73 @@
+"""Default plugin: ``EgressNATPolicy`` objects as non-masquerade CIDRs (``--egress-nat-policies``).
+
+It registers a watch on the cluster's policies (:class:`~masqd.sources.kube.ReflectorSource`) and
+contributes the destinations of every valid ``NoSNAT`` policy through ``nonmasq_cidrs``. An invalid
+policy is skipped and reported once with its name; the others still apply. Until the first list
+arrives (or without the flag) it contributes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from masqd.hookspecs import hookimpl
+from masqd.policies import PolicySet, as_mapping, parse_policies
+
+log = structlog.get_logger("masqd.egress_nat_policies")
+
+NAME = "egress-nat-policies"
+
+
+class EgressNATPolicies:
+    """The plugin object (one per loaded plugin manager; it holds the watched policies)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Any] = {}
+        self.policies: PolicySet | None = None  # as last contributed
+        self.source = None  # the ReflectorSource, once registered
+        self._fingerprint: tuple = ()
+        self._reported: frozenset[str] = frozenset()
+
+    @hookimpl
+    def register_sources(self, register, context):
+        kube = context.kube
+        if kube is None or not kube.egress_nat_policies:
+            return
+        from masqd.kube import EgressNATPolicy
+        from masqd.sources.kube import ReflectorSource
+
+        self.source = ReflectorSource(NAME, EgressNATPolicy, kube, self.update, what="EgressNATPolicy objects")
+        register(self.source)
+
+    def update(self, objects: dict[str, Any]) -> str | None:
+        """Take the watch's copy; returns why to reconcile when a policy's spec changed (the
+        controller writing a policy's status changes nothing here)."""
+        self.objects = dict(objects)
+        fingerprint = tuple(sorted((name, repr(as_mapping(obj).get("spec"))) for name, obj in objects.items()))
+        if fingerprint == self._fingerprint:
+            return None
+        self._fingerprint = fingerprint
+        return f"{len(objects)} policies"
+
+    @hookimpl
+    def nonmasq_cidrs(self, config, options):
+        if self.source is None:
+            return None  # --egress-nat-policies not given: not a contributor at all
+        policies = parse_policies(self.objects.values(), allow_ipv6=options.enable_ipv6)
+        self.policies = policies
+        self._report(policies)
+        return [str(net) for net in policies.nonmasq_origins()]
+
+    def _report(self, policies: PolicySet) -> None:
+        messages = frozenset(str(exc) for exc in policies.invalid)
+        for exc in policies.invalid:
+            if str(exc) not in self._reported:
+                log.error("EgressNATPolicy skipped: invalid", policy=exc.source.removeprefix("EgressNATPolicy "),
+                          problems=[str(p) for p in exc.problems])
+        self._reported = messages
+
+
+def make_plugin() -> EgressNATPolicies:
+    return EgressNATPolicies()

@@ -1,0 +1,262 @@
+"""The Kubernetes API: settings, credentials and the reflector that keeps a local copy of objects.
+
+:class:`Reflector` is what client-go calls a reflector: it lists the objects of one kind (with a
+field selector), then watches from the list's ``resourceVersion``, and keeps ``objects`` current:
+
+- a watch that ends (server timeout, dropped connection, API server restart) resumes from the last
+  ``resourceVersion`` seen, bookmarks included, so nothing is missed and nothing is relisted;
+- ``410 Gone`` (the version was compacted away) relists, replacing the whole copy, so a deletion
+  made while disconnected is not missed either;
+- any other failure (connection refused, 5xx, 429, timeouts) is retried after an exponential back-off
+  with jitter (each delay drawn from the upper half of the current step), so thousands of nodes
+  reconnecting after an API server restart spread their requests instead of arriving at once;
+- each watch asks the server to end it after a random 1-2x ``watch_timeout`` seconds, so reconnects
+  spread out in steady state too.
+
+While the API is unreachable the copy is kept as it was: the last good state stays applied.
+Only :mod:`masqd.sources.kube` and the controller use this module; the reconciler never does.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx2
+import structlog
+from lightkube import AsyncClient, KubeConfig
+from lightkube.core.exceptions import ApiError
+from lightkube.core.exceptions import ConfigError as LightkubeConfigError
+from lightkube.generic_resource import create_global_resource
+from lightkube.types import on_error_raise
+
+from masqd.errors import FlagError, KubeError
+
+log = structlog.get_logger("masqd.kube")
+
+#: The GKE custom resource masqd reads (cluster scoped).
+EgressNATPolicy = create_global_resource("networking.gke.io", "v1", "EgressNATPolicy", "egressnatpolicies")
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """``NAMESPACE/NAME`` of a namespaced object, as given to ``--kube-configmap``."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def parse_object_ref(text: str, flag: str) -> ObjectRef:
+    """Parse ``NAMESPACE/NAME``; raises :class:`FlagError` naming ``flag``."""
+    namespace, slash, name = text.partition("/")
+    if not slash:
+        raise FlagError(flag, text, "expected NAMESPACE/NAME, e.g. kube-system/ip-masq-agent")
+    if not _DNS_LABEL.fullmatch(namespace):
+        raise FlagError(flag, text, f"namespace {namespace!r} is not a valid name (lower-case letters, digits, '-')")
+    if not _DNS_SUBDOMAIN.fullmatch(name):
+        raise FlagError(flag, text, f"name {name!r} is not a valid object name (lower-case letters, digits, '-', '.')")
+    return ObjectRef(namespace, name)
+
+
+@dataclass(frozen=True, slots=True)
+class KubeSettings:
+    """How masqd talks to the Kubernetes API (the ``--kube-*`` flags).
+
+    configmap: the ConfigMap whose ``config`` key is a config source (``--kube-configmap``).
+    egress_nat_policies: watch ``EgressNATPolicy`` objects (``--egress-nat-policies``).
+    kubeconfig: credentials file (``--kubeconfig``); when unset, the in-cluster service account,
+        else ``$KUBECONFIG``, else ``~/.kube/config``.
+    backoff_initial / backoff_max: seconds before the first retry after an API failure, and the
+        cap the doubling stops at (0.5 s and 30 s).
+    watch_timeout: seconds; each watch is ended by the server after 1-2x this (300 s).
+    request_timeout: seconds a list or a connect may take before it is retried (10 s).
+    """
+
+    configmap: ObjectRef | None = None
+    egress_nat_policies: bool = False
+    kubeconfig: str | None = None
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    watch_timeout: float = 300.0
+    request_timeout: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.configmap is not None or self.egress_nat_policies
+
+
+def load_kube_config(path: str | None) -> KubeConfig:
+    """Credentials: ``path`` when given, else the in-cluster service account, else
+    ``$KUBECONFIG`` / ``~/.kube/config``. Raises :class:`KubeError` saying what was tried."""
+    try:
+        if path:
+            return KubeConfig.from_file(path)
+        return KubeConfig.from_env()
+    except (LightkubeConfigError, OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        tried = path or "in-cluster service account, $KUBECONFIG, ~/.kube/config"
+        raise KubeError(f"no usable Kubernetes credentials ({tried}): {exc}; "
+                        "pass --kubeconfig PATH or run in a pod with a service account") from None
+
+
+def make_client(settings: KubeSettings, config: KubeConfig | None = None) -> AsyncClient:
+    """An API client for ``settings`` (credentials loaded now, so a missing file fails at start-up)."""
+    config = config or load_kube_config(settings.kubeconfig)
+    return AsyncClient(config, timeout=httpx2.Timeout(settings.request_timeout), field_manager="masqd")
+
+
+class Backoff:
+    """Jittered exponential back-off: the n-th delay is drawn from [step/2, step], step =
+    ``initial * 2**(n-1)`` capped at ``maximum``. :meth:`reset` after a success."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None):
+        self.initial = initial
+        self.maximum = maximum
+        self.failures = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        step = min(self.maximum, self.initial * 2 ** min(self.failures - 1, 32))
+        return step / 2 + self._rng.uniform(0, step / 2)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def status_code(exc: BaseException) -> int | None:
+    """The HTTP status of an API failure (a watch's ERROR event counts), else ``None``."""
+    if isinstance(exc, ApiError) and exc.status is not None:
+        return exc.status.code
+    if isinstance(exc, httpx2.HTTPStatusError):
+        return exc.response.status_code
+    return None
+
+
+#: Failures a reflector retries: transport errors, HTTP errors, a body it cannot decode.
+RETRIED = (httpx2.HTTPError, OSError, ValueError, anyio.BrokenResourceError, anyio.EndOfStream)
+
+
+def object_name(obj: Any) -> str:
+    return obj.metadata.name
+
+
+class Reflector:
+    """Keeps ``objects`` (name -> object) equal to the API's objects of ``resource`` that match
+    ``fields``; calls ``on_change(objects)`` after the first list and after every change.
+    See the module docstring for how it resumes, relists and backs off. ``synced`` is true once
+    a list has arrived; ``relists`` and ``failures`` count what it went through."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        resource: type,
+        settings: KubeSettings,
+        on_change: Callable[[dict[str, Any]], None],
+        *,
+        namespace: str | None = None,
+        fields: dict[str, str] | None = None,
+        what: str = "",
+        rng: random.Random | None = None,
+    ):
+        self.client = client
+        self.resource = resource
+        self.settings = settings
+        self.on_change = on_change
+        self.namespace = namespace
+        self.fields = fields
+        self.what = what or resource.__name__
+        self.objects: dict[str, Any] = {}
+        self.resource_version: str | None = None
+        self.synced = False
+        self.relists = 0
+        self.failures = 0
+        self._rng = rng or random.Random()
+        self._backoff = Backoff(settings.backoff_initial, settings.backoff_max, self._rng)
+        self._watch_timeout = int(settings.watch_timeout * (1 + self._rng.random()))
+        self._outage_logged = False
+
+    async def run(self) -> None:
+        """List and watch until cancelled; never raises an API failure."""
+        while True:
+            try:
+                if self.resource_version is None:
+                    await self.list_once()
+                await self._watch()
+            except RETRIED as exc:
+                if status_code(exc) == 410:
+                    log.info("resource version expired; relisting", what=self.what, resource_version=self.resource_version)
+                    self.resource_version = None
+                    await anyio.sleep(self._rng.uniform(0, self.settings.backoff_initial))
+                    continue
+                self.failures += 1
+                delay = self._backoff.next_delay()
+                self._log_failure(exc, delay)
+                await anyio.sleep(delay)
+
+    async def list_once(self) -> None:
+        """List the objects once (replacing the copy) and call ``on_change``; raises on failure."""
+        listing = self.client.list(self.resource, namespace=self.namespace, fields=self.fields, chunk_size=500)
+        objects = {object_name(obj): obj async for obj in listing}
+        self.resource_version = listing.resourceVersion
+        if self.synced:
+            self.relists += 1
+        self.objects = objects
+        self.synced = True
+        self._recovered()
+        self.on_change(self.objects)
+
+    async def _watch(self) -> None:
+        # lightkube's watch() does not pass allowWatchBookmarks; its request builder does. Its own
+        # loop re-opens a watch the server ended cleanly, from the last version it decoded.
+        inner = self.client._client
+        params = {
+            "timeoutSeconds": self._watch_timeout,
+            "resourceVersion": self.resource_version,
+            "allowWatchBookmarks": "true",
+            "fieldSelector": ",".join(f"{k}={v}" for k, v in (self.fields or {}).items()) or None,
+        }
+        request = inner.prepare_request("list", res=self.resource, namespace=self.namespace, watch=True,
+                                        params={k: v for k, v in params.items() if v is not None})
+        async for kind, obj in inner.watch(request, on_error=on_error_raise):
+            self._recovered()
+            version = obj.metadata.resourceVersion if obj.metadata is not None else None
+            if kind == "BOOKMARK":
+                self.resource_version = version or self.resource_version
+                continue
+            name = object_name(obj)
+            if kind == "DELETED":
+                self.objects.pop(name, None)
+            else:
+                self.objects[name] = obj
+            self.resource_version = version or self.resource_version
+            self.on_change(self.objects)
+
+    def _recovered(self) -> None:
+        if self._outage_logged:
+            log.info("Kubernetes API reachable again", what=self.what, failures=self.failures)
+            self._outage_logged = False
+        self._backoff.reset()
+
+    def _log_failure(self, exc: BaseException, delay: float) -> None:
+        fields = {"what": self.what, "error": _describe(exc), "retry_in_s": round(delay, 2)}
+        if self._outage_logged:
+            log.debug("Kubernetes API still failing", **fields)
+        else:
+            log.warning("Kubernetes API request failed; keeping the last state and retrying", **fields)
+            self._outage_logged = True
+
+
+def _describe(exc: BaseException) -> str:
+    code = status_code(exc)
+    text = str(exc) or type(exc).__name__
+    return f"HTTP {code}: {text}" if code is not None else f"{type(exc).__name__}: {text}"
