@@ -23,8 +23,10 @@ import os
 import secrets
 import selectors
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 #: Seconds any single helper command may take before it is treated as hung.
@@ -329,3 +331,38 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
         if value or time.monotonic() >= deadline:
             return bool(value)
         time.sleep(interval)
+
+
+_LISTEN_CHILD = """
+import socket, sys
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+conn.connect(sys.argv[1])
+server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind((sys.argv[2], 0))
+server.listen(1024)
+socket.send_fds(conn, [b"ok"], [server.fileno()])
+"""
+
+
+def listening_socket_in(ns: str, host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket listening on ``host`` (a random port) *inside* namespace ``ns``, for a server
+    in this process: a socket belongs to the namespace it was created in, so a child started with
+    ``ip netns exec`` creates it and passes the descriptor back over a Unix socket. A daemon in
+    ``ns`` then reaches this process's server at ``host`` without any route to the root namespace."""
+    with tempfile.TemporaryDirectory(prefix="mq-sock-") as directory:
+        path = os.path.join(directory, "fd")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+            unix.bind(path)
+            unix.listen(1)
+            unix.settimeout(COMMAND_TIMEOUT)
+            child = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", _LISTEN_CHILD, path, host])
+            try:
+                conn, _ = unix.accept()
+                with conn:
+                    _msg, fds, _flags, _addr = socket.recv_fds(conn, 16, 1)
+            finally:
+                child.wait(timeout=COMMAND_TIMEOUT)
+    if not fds:
+        raise CommandError(f"no listening socket came back from namespace {ns}")
+    return socket.socket(fileno=fds[0])

@@ -38,14 +38,21 @@ class ConfigMapInput:
         self.resource_version: str | None = None  # of the object whose text is held
         self._client_factory = client_factory or (lambda: make_client(settings))
         self._missing_key_logged: str | None = None
+        self.source: ReflectorSource | None = None  # the watch, once the daemon asked for it
+
+    @property
+    def reflector(self) -> Reflector | None:
+        """The running watch's reflector (``None`` before the daemon started it)."""
+        return None if self.source is None else self.source.reflector
 
     def read(self) -> list[SourceText]:
         return [] if self.text is None else [SourceText(self.name, self.text)]
 
     def watcher(self) -> ReflectorSource:
-        return ReflectorSource("configmap", ConfigMap, self.settings, self.update, namespace=self.ref.namespace,
-                               fields={"metadata.name": self.ref.name}, what=f"configmap {self.ref}",
-                               client_factory=self._client_factory)
+        self.source = ReflectorSource("configmap", ConfigMap, self.settings, self.update, namespace=self.ref.namespace,
+                                      fields={"metadata.name": self.ref.name}, what=f"configmap {self.ref}",
+                                      client_factory=self._client_factory)
+        return self.source
 
     def update(self, objects: dict[str, Any]) -> str | None:
         """Take the reflector's copy; returns why to reconcile when the config text changed."""
@@ -114,9 +121,9 @@ async def read_once(settings: KubeSettings, inputs, plugins) -> None:
     try:
         for config_input in inputs:
             if isinstance(config_input, ConfigMapInput):
-                source = config_input.watcher()
-                await Reflector(client, ConfigMap, settings, config_input.update, namespace=source.namespace,
-                                fields=source.fields).list_once()
+                ref = config_input.ref
+                await Reflector(client, ConfigMap, settings, config_input.update, namespace=ref.namespace,
+                                fields={"metadata.name": ref.name}).list_once()
         if settings.egress_nat_policies:
             for plugin in plugins.pm.get_plugins():
                 if isinstance(plugin, EgressNATPolicies):

@@ -1,0 +1,384 @@
+"""The agent against the Kubernetes API: the ConfigMap watch (``--kube-configmap``) and the
+``EgressNATPolicy`` watch (``--egress-nat-policies``).
+
+Everything runs against ``tests/kubeapi.py``, an in-process server speaking the API server's
+list/watch protocol over a real socket, with the real lightkube client (nothing patched). The
+daemon runs in process on the dry-run backend; the end-to-end test at the bottom runs the real
+``masqd`` in a network namespace with iptables and sends packets.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from lightkube.resources.core_v1 import ConfigMap
+
+import netns
+from kubeapi import FakeKubeAPI
+from masqd_proc import DaemonProcess
+
+from masqd.backends.dryrun import DryRunBackend
+from masqd.config import AgentOptions
+from masqd.daemon import run_daemon
+from masqd.inputs import ConfigLoader, FileInput
+from masqd.kube import KubeSettings, ObjectRef, Reflector, make_client
+from masqd.plugins import Plugins
+from masqd.reconcile import Reconciler
+from masqd.sources.kube import ConfigMapInput
+
+WAIT = 15  # seconds before a test gives up waiting (a failure, not a timing claim)
+REF = ObjectRef("kube-system", "ip-masq-agent")
+RFC1918 = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"}
+
+
+def configmap(text: str | None, name: str = REF.name, namespace: str = REF.namespace) -> dict:
+    data = {} if text is None else {"config": text}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace}, "data": data}
+
+
+def policy(name: str, action: str, *cidrs: str) -> dict:
+    return {"apiVersion": "networking.gke.io/v1", "kind": "EgressNATPolicy", "metadata": {"name": name},
+            "spec": {"action": action, "destinations": [{"cidr": c} for c in cidrs]}}
+
+
+def cidrs_only(text: str) -> str:
+    return f"nonMasqueradeCIDRs: [{', '.join(text.split())}]\nresyncInterval: 1h\n"
+
+
+async def wait_until(predicate, what: str, timeout: float = WAIT) -> None:
+    try:
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await anyio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def api():
+    with FakeKubeAPI() as server:
+        server.bookmark_interval = None
+        yield server
+
+
+@pytest.fixture
+def settings(api, tmp_path) -> KubeSettings:
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", token="agent-token")
+    return KubeSettings(configmap=REF, egress_nat_policies=True, kubeconfig=str(kubeconfig),
+                        backoff_initial=0.05, backoff_max=0.4, request_timeout=5)
+
+
+class Agent:
+    """``masqd run --kube-configmap ... --egress-nat-policies`` in process, on the dry-run backend,
+    with a config file that may or may not exist next to the ConfigMap."""
+
+    def __init__(self, settings: KubeSettings, file: Path, options: AgentOptions = AgentOptions()):
+        self.configmap = ConfigMapInput(settings.configmap, settings)
+        self.loader = ConfigLoader([FileInput(file), self.configmap], options)
+        self.backend = DryRunBackend()
+        self.plugins = Plugins.load(entry_points=False)
+        self.reconciler = Reconciler(self.backend, options, self.loader, plugins=self.plugins)
+        self.settings = settings
+        self.options = options
+
+    def applied(self) -> set[str]:
+        ruleset = self.reconciler.applied
+        return set() if ruleset is None else {str(n) for n in ruleset.ipv4.nonmasq} - {"169.254.0.0/16"}
+
+    async def until_applied(self, cidrs: set[str], what: str = "") -> None:
+        await wait_until(lambda: self.applied() == cidrs, what or f"rules {sorted(cidrs)}")
+
+    async def __aenter__(self):
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(lambda: run_daemon(self.backend, self.options, self.loader, reconciler=self.reconciler,
+                                               plugins=self.plugins, handle_signals=False, kube=self.settings))
+        await wait_until(lambda: self.reconciler.generation >= 1, "first sync")
+        return self
+
+    async def __aexit__(self, *exc):
+        self._tg.cancel_scope.cancel()
+        return await self._tg.__aexit__(*exc)
+
+
+def configmap_reflector(agent: Agent) -> Reflector:
+    """The running ConfigMap watch's reflector (the daemon created the source from the input)."""
+    return agent.configmap.reflector
+
+
+@pytest.fixture
+def file(tmp_path) -> Path:
+    return tmp_path / "ip-masq-agent"  # absent unless a test writes it
+
+
+# --- the ConfigMap --------------------------------------------------------------------------------
+
+
+async def test_at_start_up_the_file_applies_then_the_configmap_follows(api, settings, file):
+    file.write_text(cidrs_only("10.0.0.0/8"))
+    api.latency = 0.3  # the first list arrives late
+    api.put(configmap(cidrs_only("192.0.2.0/24")))
+    async with Agent(settings, file) as agent:
+        assert agent.reconciler.applied is not None  # applied before the API answered
+        await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24"}, "file and ConfigMap unioned")
+    assert any(auth == "Bearer agent-token" for auth in api.authorizations)
+
+
+async def test_an_edit_is_applied_without_waiting_for_the_resync(api, settings, file):
+    api.put(configmap(cidrs_only("10.0.0.0/8")))
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"10.0.0.0/8"}, "the ConfigMap alone: exactly its list")
+        api.put(configmap(cidrs_only("10.0.0.0/8 198.51.100.0/24")))
+        await agent.until_applied({"10.0.0.0/8", "198.51.100.0/24"})
+        assert agent.reconciler.origins  # where each CIDR came from
+        assert set(agent.reconciler.origins.values()) == {("configmap kube-system/ip-masq-agent",)}
+
+
+async def test_deleting_the_configmap_means_defaults(api, settings, file):
+    api.put(configmap(cidrs_only("203.0.113.0/24")))
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"203.0.113.0/24"})
+        api.delete("configmaps", REF.name, REF.namespace)
+        await agent.until_applied(RFC1918, "defaults after the deletion")
+        api.put(configmap(cidrs_only("203.0.113.0/24")))  # created again
+        await agent.until_applied({"203.0.113.0/24"})
+
+
+async def test_other_configmaps_are_not_even_sent(api, settings, file):
+    api.put(configmap(cidrs_only("203.0.113.0/24")))
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"203.0.113.0/24"})
+        generation = agent.reconciler.generation
+        api.put(configmap(cidrs_only("192.0.2.0/24"), name="something-else"))
+        api.put(configmap(cidrs_only("192.0.2.0/24"), namespace="default"))
+        await anyio.sleep(0.3)
+        assert agent.reconciler.generation == generation
+    watches = [r for r in api.requests if r.query.get("watch") == "true" and "configmaps" in r.path]
+    assert watches and all(r.query.get("fieldSelector") == "metadata.name=ip-masq-agent" for r in watches)
+    assert all(r.path == "/api/v1/namespaces/kube-system/configmaps" for r in watches)
+
+
+async def test_an_invalid_configmap_keeps_the_last_good_rules(api, settings, file):
+    api.put(configmap(cidrs_only("10.0.0.0/8")))
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"10.0.0.0/8"})
+        api.put(configmap("nonMasqueradeCIDRs: [10.0.0.1/8]\n"))
+        await wait_until(lambda: agent.reconciler.last_error is not None, "the config error")
+        assert "configmap kube-system/ip-masq-agent" in str(agent.reconciler.last_error)
+        assert "10.0.0.0/8" in str(agent.reconciler.last_error)  # names the aligned network
+        assert agent.applied() == {"10.0.0.0/8"}
+        api.put(configmap(cidrs_only("192.0.2.0/24")))
+        await agent.until_applied({"192.0.2.0/24"}, "recovered after the fix")
+
+
+async def test_a_configmap_without_the_config_key_contributes_nothing(api, settings, file):
+    file.write_text(cidrs_only("192.0.2.0/24"))
+    api.put(configmap(None))
+    async with Agent(settings, file) as agent:
+        await wait_until(lambda: configmap_reflector(agent) is not None and configmap_reflector(agent).synced, "list")
+        await agent.until_applied({"192.0.2.0/24"}, "the file alone")
+
+
+# --- failures: outage, 410, bookmarks, 5xx -------------------------------------------------------
+
+
+async def test_api_outage_keeps_the_rules_and_recovery_applies_what_changed(api, settings, file):
+    api.put(configmap(cidrs_only("10.0.0.0/8")))
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"10.0.0.0/8"})
+        reflector = configmap_reflector(agent)
+        api.stop()
+        await wait_until(lambda: reflector.failures >= 3, "failed reconnects")
+        assert agent.applied() == {"10.0.0.0/8"}  # the last good rules stay
+        api.put(configmap(cidrs_only("198.51.100.0/24")))  # changed while the agent could not see it
+        api.start()
+        await agent.until_applied({"198.51.100.0/24"}, "the change after recovery")
+        assert reflector.relists == 0  # resumed from its resourceVersion: no relist needed
+
+
+async def test_410_gone_relists_and_sees_a_deletion_made_while_disconnected(api, settings, file):
+    api.put(configmap(cidrs_only("10.0.0.0/8")))
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"10.0.0.0/8"})
+        reflector = configmap_reflector(agent)
+        api.stop()
+        api.delete("configmaps", REF.name, REF.namespace)
+        api.put(configmap(cidrs_only("192.0.2.0/24"), name="unrelated"))
+        api.compact()  # the version the agent would resume from is gone
+        api.start()
+        await agent.until_applied(RFC1918, "defaults: the deletion seen through a relist")
+        assert reflector.relists == 1
+
+
+async def test_expired_watch_relists(api, settings, file):
+    api.put(configmap(cidrs_only("10.0.0.0/8")))
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"10.0.0.0/8"})
+        reflector = configmap_reflector(agent)
+        api.compact()
+        api.expire_watches()
+        await wait_until(lambda: reflector.relists == 1, "a relist after the 410 ERROR event")
+        api.put(configmap(cidrs_only("203.0.113.0/24")))
+        await agent.until_applied({"203.0.113.0/24"}, "watching again after the relist")
+
+
+async def test_bookmarks_keep_the_resume_point_fresh_so_no_relist_is_needed(api, settings, file):
+    api.put(configmap(cidrs_only("10.0.0.0/8")))
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"10.0.0.0/8"})
+        reflector = configmap_reflector(agent)
+        for i in range(5):  # the cluster moves on; none of it matches the agent's selector
+            api.put(configmap(cidrs_only("192.0.2.0/24"), name=f"other-{i}"))
+        api.bookmark()
+        await wait_until(lambda: reflector.resource_version == api.resource_version, "the bookmark's version")
+        api.compact()  # everything before the bookmark is gone
+        api.drop_watches()
+        api.put(configmap(cidrs_only("198.51.100.0/24")))
+        await agent.until_applied({"198.51.100.0/24"})
+        assert reflector.relists == 0  # without the bookmark, resuming would have hit 410
+
+
+async def test_dropped_watch_connection_resumes_without_missing_a_change(api, settings, file):
+    api.put(configmap(cidrs_only("10.0.0.0/8")))
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"10.0.0.0/8"})
+        reflector = configmap_reflector(agent)
+        api.latency = 0.2  # the reconnect is slow: the edit lands before the watch is back
+        api.drop_watches()
+        api.put(configmap(cidrs_only("192.0.2.0/24")))
+        await agent.until_applied({"192.0.2.0/24"})
+        assert reflector.relists == 0
+
+
+@pytest.mark.parametrize("status", [500, 503, 429, 403])
+async def test_errors_on_list_are_retried(api, settings, file, status):
+    api.put(configmap(cidrs_only("10.0.0.0/8")))
+    api.fail_next(3, status=status, path_contains="/configmaps")
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"10.0.0.0/8"})
+        assert configmap_reflector(agent).failures == 3
+
+
+async def test_a_slow_api_does_not_delay_the_file(api, settings, file, tmp_path):
+    file.write_text(cidrs_only("10.0.0.0/8"))
+    api.latency = 2.0
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"10.0.0.0/8"})
+        file.write_text(cidrs_only("192.0.2.0/24"))
+        await agent.until_applied({"192.0.2.0/24"}, "the file edit while the API is still answering")
+
+
+# --- EgressNATPolicy ------------------------------------------------------------------------------
+
+
+async def test_nosnat_policies_keep_the_pod_address(api, settings, file):
+    api.put(configmap(cidrs_only("10.0.0.0/8")))
+    api.put(policy("on-prem", "NoSNAT", "192.0.2.0/24", "198.51.100.0/24"))
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24"})
+        api.put(policy("snat-only", "SNAT", "203.0.113.0/24"))
+        api.put(policy("more", "NoSNAT", "203.0.113.0/24"))
+        await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"})
+        api.delete("egressnatpolicies", "on-prem")
+        await agent.until_applied({"10.0.0.0/8", "203.0.113.0/24"})
+
+
+async def test_an_invalid_policy_is_skipped_and_the_others_apply(api, settings, file):
+    api.put(configmap(cidrs_only("10.0.0.0/8")))
+    api.put(policy("good", "NoSNAT", "192.0.2.0/24"))
+    api.put(policy("typo", "NoSNAT", "198.51.100.1/24"))
+    api.put(policy("v6", "NoSNAT", "2001:db8::/32"))  # this agent runs without --enable-ipv6
+    async with Agent(settings, file) as agent:
+        await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24"})
+        assert agent.reconciler.last_error is None  # skipped, not a rejected state
+        plugin = next(p for p in agent.plugins.pm.get_plugins() if hasattr(p, "policies"))
+        assert [e.source for e in plugin.policies.invalid] == ["EgressNATPolicy typo", "EgressNATPolicy v6"]
+        api.put(policy("typo", "NoSNAT", "198.51.100.0/24"))  # fixed
+        await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24"})
+
+
+async def test_policies_with_ipv6_on_an_ipv6_agent(api, settings, file):
+    api.put(policy("v6", "NoSNAT", "2001:db8::/32"))
+    agent = Agent(settings, file, AgentOptions(enable_ipv6=True))
+    async with agent:
+        await wait_until(lambda: agent.reconciler.applied is not None and
+                         "2001:db8::/32" in {str(n) for n in agent.reconciler.applied.ipv6.nonmasq}, "the v6 CIDR")
+
+
+# --- many agents ----------------------------------------------------------------------------------
+
+AGENTS = 200
+
+
+async def test_many_agents_reconnect_after_an_api_server_restart_spread_out(api, tmp_path, capsys):
+    """N agents' ConfigMap watches; the API server restarts. Every agent resumes its watch (no
+    relist: its resourceVersion is still valid) and the reconnects are spread by the jitter
+    rather than arriving at once. The request rate is reported."""
+    api.put(configmap(cidrs_only("10.0.0.0/8")))
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    settings = KubeSettings(configmap=REF, kubeconfig=str(kubeconfig), backoff_initial=0.5, backoff_max=8)
+    reflectors: list[Reflector] = []
+    clients = []
+    async with anyio.create_task_group() as tg:
+        for _ in range(AGENTS):
+            client = make_client(settings)
+            clients.append(client)
+            reflector = Reflector(client, ConfigMap, settings, lambda objects: None, namespace=REF.namespace,
+                                  fields={"metadata.name": REF.name})
+            reflectors.append(reflector)
+            tg.start_soon(reflector.run)
+        await wait_until(lambda: api.watch_count == AGENTS, f"{AGENTS} watches", timeout=60)
+        api.stop()
+        stopped = time.monotonic()
+        await anyio.sleep(1.0)
+        api.clear_requests()
+        api.start()
+        started = time.monotonic()
+        await wait_until(lambda: api.watch_count == AGENTS, "every watch back", timeout=60)
+        recovered = time.monotonic()
+        tg.cancel_scope.cancel()
+    for client in clients:
+        await client.close()
+    arrivals = sorted(r.time for r in api.requests if r.time >= started)
+    assert len(arrivals) == AGENTS  # one watch each: resumed, nothing relisted
+    assert all(r.query.get("watch") == "true" for r in api.requests)
+    assert sum(reflector.relists for reflector in reflectors) == 0
+    buckets: dict[int, int] = {}
+    for t in arrivals:
+        buckets[int((t - started) * 10)] = buckets.get(int((t - started) * 10), 0) + 1
+    peak = max(buckets.values())
+    spread = arrivals[-1] - arrivals[0]
+    with capsys.disabled():
+        print(f"\n{AGENTS} agents after a {started - stopped:.1f} s API outage: {len(arrivals)} requests, "
+              f"peak {peak} per 100 ms, mean {len(arrivals) / max(spread, 1e-9):.0f}/s over {spread:.2f} s, "
+              f"all watching again {recovered - started:.2f} s after the restart, "
+              f"median reconnect {statistics.median(arrivals) - started:.2f} s")
+    assert peak < AGENTS / 2, f"reconnects bunched: {peak} of {AGENTS} in one 100 ms window"
+
+
+# --- end to end: the real daemon in a namespace, a ConfigMap edit changes the kernel --------------
+
+
+@pytest.mark.netns
+def test_configmap_edit_changes_the_kernel_rules_and_the_packets(topology, tmp_path):
+    """``masqd run --kube-configmap`` in the node namespace, the fake API server listening inside
+    that namespace: editing the ConfigMap on the server switches what the destination sees."""
+    with FakeKubeAPI(sock=netns.listening_socket_in(topology.node)) as server:
+        server.put(configmap(cidrs_only("10.0.0.0/8 192.0.2.0/24")))
+        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+        daemon = DaemonProcess(topology.node, tmp_path / "absent", "--kube-configmap", str(REF),
+                               "--kubeconfig", str(kubeconfig))
+        try:
+            assert netns.wait_for(lambda: "-A IP-MASQ-AGENT -d 192.0.2.0/24" in netns.iptables_save(topology.node),
+                                  timeout=WAIT), "the ConfigMap's CIDR never reached the kernel"
+            assert topology.source_seen(netns.DEST_V4[0]) == netns.POD_V4  # 192.0.2.2 keeps the pod address
+            server.put(configmap(cidrs_only("10.0.0.0/8")))
+            daemon.next_event(lambda e: "192.0.2.0/24" in e.get("cidrs_removed", []), timeout=WAIT)
+            assert "192.0.2.0/24" not in netns.iptables_save(topology.node)
+            assert topology.source_seen(netns.DEST_V4[0]) == netns.NODE_V4  # masqueraded now
+        finally:
+            assert daemon.stop() == 0
