@@ -83,3 +83,74 @@ class CallTimer:
 def child_script(body: str) -> str:
     """``body`` as a ``python -c`` script that can import this module (and so :class:`CallTimer`)."""
     return f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n" + body
+
+
+def _stamp_lines(stream, lines) -> None:
+    for line in stream:
+        lines.put((time.perf_counter(), line))
+
+
+def wait_for_line(lines, needle: str, timeout: float = 10.0) -> float:
+    """The ``time.perf_counter()`` stamp of the next line holding ``needle`` (earlier lines are
+    consumed); raises ``TimeoutError``."""
+    import queue
+
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            stamp, line = lines.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if needle in line:
+            return stamp
+    raise TimeoutError(f"kernel never showed {needle!r} within {timeout} s")
+
+
+def nft_monitor(ns: str):
+    """``nft monitor`` in namespace ``ns``, subscribed: ``(process, queue of (stamp, line))``.
+    Every rule a write adds is announced as it lands (iptables here is the nf_tables variant)."""
+    import queue
+    import subprocess
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+    monitor = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor"], stdout=subprocess.PIPE, text=True)
+    threading.Thread(target=_stamp_lines, args=(monitor.stdout, lines), daemon=True).start()
+    # subscribed once it reports a table created for that purpose
+    while True:
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "add", "table", "ip", "probe"], check=True)
+        try:
+            wait_for_line(lines, "table ip probe", timeout=0.5)
+            break
+        except TimeoutError:
+            subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "ip", "probe"], check=True)
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "ip", "probe"], check=True)
+    return monitor, lines
+
+
+def percentiles(values: list[float]) -> tuple[float, float, float]:
+    """(median, p95, max) of ``values``."""
+    import statistics
+
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], ordered[-1]
+
+
+def bench_namespace() -> str | None:
+    """A fresh network namespace (loopback up) for a benchmark, with SIGTERM/SIGINT turned into
+    SystemExit so the caller's ``finally`` deletes it; ``None`` (after saying why) without root
+    or nft."""
+    import os
+    import secrets
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("nft"):
+        print("needs root, iproute2 and nftables (it creates its own network namespace)", file=sys.stderr)
+        return None
+    exit_on_signals()  # so the namespace is always deleted, also under `timeout`
+    ns = f"mq-bench-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+    return ns

@@ -1,4 +1,5 @@
-"""The command line: ``masqd run|validate|render`` and the ``ip-masq-agent`` alias.
+"""The command line: ``masqd run|validate|render|cleanup|plugins|controller`` and the
+``ip-masq-agent`` alias.
 
 Flags follow the upstream agent and Go's flag package: ``--flag``, ``-flag``, ``--flag=value``,
 ``--flag value``, and booleans as ``--flag`` or ``--flag=true|false``.
@@ -129,12 +130,50 @@ def build_parser() -> argparse.ArgumentParser:
                         help="remove everything masqd created with this backend, and nothing else")
     commands.add_parser("plugins", parents=[common], allow_abbrev=False,
                         help="list the loaded plugins, their versions and the hooks each implements")
+    _add_controller_flags(commands.add_parser(
+        "controller", allow_abbrev=False,
+        help="cluster controller: translate EgressNATPolicy objects into the agents' ConfigMap"))
     return parser
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--once", action="store_true", help="apply once and exit: 0 on success")
     parser.set_defaults(command="run")
+    return parser
+
+
+def _controller_flag(flag: str, parse):
+    def parse_flag(text: str):
+        return parse(text, flag)
+
+    parse_flag.__name__ = flag.replace("-", "_")
+    return _flag_type(parse_flag)
+
+
+def _add_controller_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``masqd controller``: its own flags only (none of the agent's rule flags apply to it)."""
+    from masqd.controller import DEFAULT_LEASE, parse_cidr_flag
+
+    parser.add_argument("--configmap", required=True, type=_controller_flag("configmap", parse_object_ref),
+                        metavar="NAMESPACE/NAME",
+                        help="the ConfigMap the agents read; its 'config' key is written (created when absent)")
+    parser.add_argument("--lease", default=DEFAULT_LEASE, type=_controller_flag("lease", parse_object_ref),
+                        metavar="NAMESPACE/NAME",
+                        help=f"the Lease replicas elect a leader on; only the leader writes (default {DEFAULT_LEASE})")
+    parser.add_argument("--service-cidr", action="append", default=[], metavar="CIDR",
+                        type=_controller_flag("service-cidr", parse_cidr_flag),
+                        help="the cluster's Service range, kept in the masqd-managed policy (repeatable)")
+    parser.add_argument("--node-cidr", action="append", default=[], metavar="CIDR",
+                        type=_controller_flag("node-cidr", parse_cidr_flag),
+                        help="a range the nodes' addresses are in, kept in the masqd-managed policy (repeatable)")
+    _add_bool(parser, "enable-ipv6", False,
+              "write IPv6 destinations too (only when every agent runs with --enable-ipv6)")
+    parser.add_argument("--kubeconfig", metavar="PATH",
+                        help="Kubernetes credentials (default: in-cluster service account, else $KUBECONFIG, "
+                             "else ~/.kube/config)")
+    parser.add_argument("--v", type=int, default=0, metavar="N", help="klog verbosity; 4 or more logs debug events")
+    parser.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                        help="auto: JSON lines unless stderr is a terminal")
     return parser
 
 
@@ -342,6 +381,20 @@ def _cmd_run(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) 
     return EXIT_OK
 
 
+def _cmd_controller(args: argparse.Namespace) -> int:
+    """The controller loads no plugins and none of the agent's rule flags apply to it."""
+    from masqd.controller import ControllerOptions, run_controller
+    from masqd.kube import load_kube_config
+
+    settings = KubeSettings(kubeconfig=args.kubeconfig)
+    load_kube_config(settings.kubeconfig)  # no credentials: a start-up error (exit 2), not a retry loop
+    controller_options = ControllerOptions(configmap=args.configmap, lease=args.lease,
+                                           service_cidrs=tuple(args.service_cidr), node_cidrs=tuple(args.node_cidr),
+                                           enable_ipv6=args.enable_ipv6)
+    anyio.run(run_controller, controller_options, settings)
+    return EXIT_OK
+
+
 def _backend(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> Backend:
     return plugins.make_backend(args.backend, BackendSettings(options, args.iptables_mode))
 
@@ -355,6 +408,8 @@ def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> in
     # Logs go to stderr for every command, so `masqd render | iptables-restore` gets only rules.
     configure_logging(verbosity_to_level(args.v), args.log_format)
     try:
+        if args.command == "controller":
+            return _cmd_controller(args)
         plugins = Plugins.load(disabled=args.disable_plugin)
         plugins.check_backend(args.backend)  # for every command: a typo is a usage error
         return _COMMANDS[args.command](args, options_from(args), plugins)

@@ -248,7 +248,7 @@ class Reflector:
         self._backoff.reset()
 
     def _log_failure(self, exc: BaseException, delay: float) -> None:
-        fields = {"what": self.what, "error": _describe(exc), "retry_in_s": round(delay, 2)}
+        fields = {"what": self.what, "error": describe_failure(exc), "retry_in_s": round(delay, 2)}
         if self._outage_logged:
             log.debug("Kubernetes API still failing", **fields)
         else:
@@ -256,7 +256,8 @@ class Reflector:
             self._outage_logged = True
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
+    """An API failure for a log line: ``HTTP 503: ...`` or ``ConnectError: ...``."""
     code = status_code(exc)
     text = str(exc) or type(exc).__name__
     return f"HTTP {code}: {text}" if code is not None else f"{type(exc).__name__}: {text}"

@@ -26,12 +26,14 @@ MAX_DESTINATIONS = 1000
 @dataclass(frozen=True, slots=True)
 class Policy:
     """A valid policy. ``generation`` is ``metadata.generation`` (the controller reports it back
-    in its status as ``observedGeneration``)."""
+    in its status as ``observedGeneration``). ``ignored``: IPv6 destinations left out because
+    IPv6 is not enabled here (the IPv4 ones still apply)."""
 
     name: str
     action: str
     cidrs: tuple[Network, ...]
     generation: int | None = None
+    ignored: tuple[Network, ...] = ()
 
     @property
     def keeps_pod_address(self) -> bool:
@@ -64,6 +66,7 @@ def parse_policy(obj: Any, *, allow_ipv6: bool) -> Policy:
         problems.append(Problem("spec.action", shorten(action), f"expected one of {', '.join(ACTIONS)}"))
     destinations = spec.get("destinations")
     cidrs: list[Network] = []
+    ignored: list[Network] = []
     if not isinstance(destinations, list) or not destinations:
         problems.append(Problem("spec.destinations", shorten(destinations), "expected a non-empty list of {cidr: ...}"))
     elif len(destinations) > MAX_DESTINATIONS:
@@ -77,15 +80,13 @@ def parse_policy(obj: Any, *, allow_ipv6: bool) -> Policy:
             except CIDRError as exc:
                 problems.append(Problem(key, shorten(raw), exc.reason))
                 continue
-            if net.version == 6 and not allow_ipv6:
-                problems.append(Problem(key, raw, "IPv6 CIDR but this agent runs without --enable-ipv6"))
-                continue
-            if net not in cidrs:
-                cidrs.append(net)
+            kept = ignored if net.version == 6 and not allow_ipv6 else cidrs
+            if net not in kept:
+                kept.append(net)
     if problems:
         raise ConfigError(f"EgressNATPolicy {name}", problems)
     generation = metadata.get("generation") if isinstance(metadata, Mapping) else None
-    return Policy(name, action, tuple(cidrs), generation if isinstance(generation, int) else None)
+    return Policy(name, action, tuple(cidrs), generation if isinstance(generation, int) else None, tuple(ignored))
 
 
 @dataclass(frozen=True, slots=True)

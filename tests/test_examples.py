@@ -643,7 +643,7 @@ def test_agent_args_are_flags_masqd_run_takes():
     flags = _run_flags(args)
     assert (flags.kube_configmap.namespace, flags.kube_configmap.name) == ("kube-system", "ip-masq-agent")
     assert flags.egress_nat_policies is True
-    assert flags.config is None, "the agent reads the default path, where the ConfigMap is mounted"
+    assert flags.config is None and flags.config_dir == []  # the API watch is the only source
 
 
 def _commented_flags() -> list[str]:
@@ -662,6 +662,15 @@ def test_controller_writes_the_configmap_the_agent_watches():
     assert _flag(controller, "configmap") == agent
     assert controller["args"][0] == "controller"
     ipaddress.ip_network(_flag(controller, "service-cidr"))
+
+
+def test_controller_args_are_flags_masqd_controller_takes():
+    flags = _run_flags(_container("controller-deployment.yaml", "Deployment")["args"])
+    assert (str(flags.configmap), str(flags.lease)) == ("kube-system/ip-masq-agent", "kube-system/masqd-controller")
+    assert [str(c) for c in flags.service_cidr] == ["10.96.0.0/12"]
+    lease = _flag(_container("controller-deployment.yaml", "Deployment"), "lease")
+    rules = [r for d in _file("controller-rbac.yaml") if d["kind"] in ("Role", "ClusterRole") for r in d["rules"]]
+    assert any("leases" in r["resources"] and lease.split("/")[1] in r.get("resourceNames", []) for r in rules)
 
 
 def test_configmap_holds_a_config_masqd_accepts_without_warnings():

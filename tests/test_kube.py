@@ -291,14 +291,14 @@ async def test_an_invalid_policy_is_skipped_and_the_others_apply(api, settings, 
     api.put(configmap(cidrs_only("10.0.0.0/8")))
     api.put(policy("good", "NoSNAT", "192.0.2.0/24"))
     api.put(policy("typo", "NoSNAT", "198.51.100.1/24"))
-    api.put(policy("v6", "NoSNAT", "2001:db8::/32"))  # this agent runs without --enable-ipv6
+    api.put(policy("dual", "NoSNAT", "203.0.113.0/24", "2001:db8::/32"))  # this agent runs without --enable-ipv6
     async with Agent(settings, file) as agent:
-        await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24"})
+        await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24", "203.0.113.0/24"})
         assert agent.reconciler.last_error is None  # skipped, not a rejected state
         plugin = next(p for p in agent.plugins.pm.get_plugins() if hasattr(p, "policies"))
-        assert [e.source for e in plugin.policies.invalid] == ["EgressNATPolicy typo", "EgressNATPolicy v6"]
+        assert [e.source for e in plugin.policies.invalid] == ["EgressNATPolicy typo"]
         api.put(policy("typo", "NoSNAT", "198.51.100.0/24"))  # fixed
-        await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24"})
+        await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"})
 
 
 async def test_policies_with_ipv6_on_an_ipv6_agent(api, settings, file):

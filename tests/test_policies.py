@@ -37,8 +37,6 @@ def test_a_valid_policy():
                      "spec.destinations[0].cidr", "10.0.0.0/8", id="unaligned-names-the-network"),
         pytest.param({"metadata": {"name": "x"}, "spec": {"action": "NoSNAT", "destinations": [{"ip": "10.0.0.0/8"}]}},
                      "spec.destinations[0].cidr", "", id="missing-cidr"),
-        pytest.param(policy("x", "NoSNAT", "2001:db8::/32"), "spec.destinations[0].cidr", "--enable-ipv6",
-                     id="ipv6-without-flag"),
         pytest.param(policy("x", "NoSNAT", *[f"10.{i // 256}.{i % 256}.0/24" for i in range(1001)]),
                      "spec.destinations", "at most 1000", id="too-many"),
     ],
@@ -53,6 +51,14 @@ def test_invalid_policies_name_key_and_reason(obj, key, says):
 
 def test_ipv6_with_the_flag():
     assert parse_policy(policy("v6", "NoSNAT", "2001:db8::/32"), allow_ipv6=True).cidrs == (parse_cidr("2001:db8::/32"),)
+
+
+def test_ipv6_destinations_are_left_out_without_the_flag_and_the_ipv4_ones_kept():
+    parsed = parse_policy(policy("dual", "NoSNAT", "192.0.2.0/24", "2001:db8::/32"), allow_ipv6=False)
+    assert parsed.cidrs == (parse_cidr("192.0.2.0/24"),)
+    assert parsed.ignored == (parse_cidr("2001:db8::/32"),)
+    with pytest.raises(ConfigError, match="10.0.0.0/8"):  # an invalid IPv6 entry is still invalid
+        parse_policy(policy("x", "NoSNAT", "10.0.0.1/8", "2001:db8::1/32"), allow_ipv6=False)
 
 
 def test_policy_set_skips_the_invalid_and_keeps_the_others():
@@ -109,4 +115,5 @@ async def test_plugin_contributions_flow_through_the_plugin_manager():
     plugin.update({"a": policy("a", "NoSNAT", "203.0.113.0/24"), "v6": policy("v6", "NoSNAT", "2001:db8::/32")})
     contributions = await plugins.contributions(None, AgentOptions())
     assert [(c.plugin, c.cidrs) for c in contributions] == [
-        ("masqd.default_plugins.egress", (parse_cidr("203.0.113.0/24"),))]  # the v6 policy skipped, not fatal
+        ("masqd.default_plugins.egress", (parse_cidr("203.0.113.0/24"),))]  # the v6 CIDR left out, not fatal
+    assert [p.name for p in plugin.policies.valid if p.ignored] == ["v6"]

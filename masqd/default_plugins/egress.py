@@ -2,7 +2,8 @@
 
 It registers a watch on the cluster's policies (:class:`~masqd.sources.kube.ReflectorSource`) and
 contributes the destinations of every valid ``NoSNAT`` policy through ``nonmasq_cidrs``. An invalid
-policy is skipped and reported once with its name; the others still apply. Until the first list
+policy is skipped and reported once with its name; the others still apply. Without
+``--enable-ipv6`` a policy's IPv6 destinations are left out (reported once) and its IPv4 ones apply. Until the first list
 arrives (or without the flag) it contributes nothing.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 import structlog
 
 from masqd.hookspecs import hookimpl
-from masqd.policies import PolicySet, as_mapping, parse_policies
+from masqd.policies import Policy, PolicySet, as_mapping, parse_policies
 
 log = structlog.get_logger("masqd.egress_nat_policies")
 
@@ -61,12 +62,19 @@ class EgressNATPolicies:
         return [str(net) for net in policies.nonmasq_origins()]
 
     def _report(self, policies: PolicySet) -> None:
-        messages = frozenset(str(exc) for exc in policies.invalid)
-        for exc in policies.invalid:
-            if str(exc) not in self._reported:
-                log.error("EgressNATPolicy skipped: invalid", policy=exc.source.removeprefix("EgressNATPolicy "),
-                          problems=[str(p) for p in exc.problems])
-        self._reported = messages
+        """Log each invalid policy, and each policy's IPv6 destinations left out, once."""
+        findings = {f"invalid {exc}": exc for exc in policies.invalid}
+        findings.update({f"ignored {p.name} {p.ignored}": p for p in policies.valid if p.ignored})
+        for key, finding in findings.items():
+            if key in self._reported:
+                continue
+            if isinstance(finding, Policy):
+                log.warning("EgressNATPolicy: IPv6 destinations left out (start masqd with --enable-ipv6 to use them)",
+                            policy=finding.name, ignored=[str(net) for net in finding.ignored])
+            else:
+                log.error("EgressNATPolicy skipped: invalid", policy=finding.source.removeprefix("EgressNATPolicy "),
+                          problems=[str(p) for p in finding.problems])
+        self._reported = frozenset(findings)
 
 
 def make_plugin() -> EgressNATPolicies:
