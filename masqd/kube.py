@@ -11,7 +11,8 @@ field selector), then watches from the list's ``resourceVersion``, and keeps ``o
   with jitter (each delay drawn from the upper half of the current step), so thousands of nodes
   reconnecting after an API server restart spread their requests instead of arriving at once;
 - each watch asks the server to end it after a random 1-2x ``watch_timeout`` seconds, so reconnects
-  spread out in steady state too.
+  spread out in steady state too; a watch still open 30 s after that is abandoned and resumed, so a
+  connection that died silently (a watch has no read timeout) cannot leave the copy stale forever.
 
 While the API is unreachable the copy is kept as it was: the last good state stays applied.
 Only :mod:`masqd.sources.kube` and the controller use this module; the reconciler never does.
@@ -142,6 +143,10 @@ def status_code(exc: BaseException) -> int | None:
     return None
 
 
+#: A watch still open this long after the timeout the server was asked to end it at is abandoned
+#: (and resumed from the last version seen): the connection died without the client noticing.
+WATCH_GRACE_SECONDS = 30.0
+
 #: Failures a reflector retries: transport errors, HTTP errors, a body it cannot decode.
 RETRIED = (httpx2.HTTPError, OSError, ValueError, anyio.BrokenResourceError, anyio.EndOfStream)
 
@@ -182,8 +187,9 @@ class Reflector:
         self.failures = 0
         self._rng = rng or random.Random()
         self._backoff = Backoff(settings.backoff_initial, settings.backoff_max, self._rng)
-        self._watch_timeout = int(settings.watch_timeout * (1 + self._rng.random()))
+        self._watch_timeout = max(1, int(settings.watch_timeout * (1 + self._rng.random())))
         self._outage_logged = False
+        self.stalls = 0  # watches abandoned because the server's timeout never came
 
     async def run(self) -> None:
         """List and watch until cancelled; never raises an API failure."""
@@ -191,7 +197,15 @@ class Reflector:
             try:
                 if self.resource_version is None:
                     await self.list_once()
-                await self._watch()
+                # A connection that died silently (no FIN, no RST: a partition, a dead load
+                # balancer) would leave the watch waiting forever, since a watch has no read
+                # timeout. The server ends every watch after _watch_timeout; past that plus a
+                # grace period the stream is abandoned and the watch resumed from the last version.
+                with anyio.move_on_after(self._watch_timeout + WATCH_GRACE_SECONDS) as deadline:
+                    await self._watch()
+                if deadline.cancelled_caught:
+                    self.stalls += 1
+                    log.debug("watch outlived the server's timeout; resuming it", what=self.what)
             except RETRIED as exc:
                 if status_code(exc) == 410:
                     log.info("resource version expired; relisting", what=self.what, resource_version=self.resource_version)

@@ -382,3 +382,84 @@ def test_configmap_edit_changes_the_kernel_rules_and_the_packets(topology, tmp_p
             assert topology.source_seen(netns.DEST_V4[0]) == netns.NODE_V4  # masqueraded now
         finally:
             assert daemon.stop() == 0
+
+
+class _SilentWatchServer:
+    """Answers a list, then holds every watch open without a byte more and without ever closing
+    it: a connection that died silently, as a network partition leaves it."""
+
+    LIST = (b'{"kind":"ConfigMapList","apiVersion":"v1","metadata":{"resourceVersion":"5"},"items":[]}')
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.watches: list[str] = []
+        self._open = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self._open.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn) -> None:
+        with conn.makefile("rb") as stream:
+            while True:
+                try:
+                    request = stream.readline().decode()
+                    while stream.readline() not in (b"\r\n", b""):
+                        pass
+                except OSError:
+                    return
+                if not request:
+                    return
+                if "watch=" in request:
+                    self.watches.append(request.split()[1])
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n")
+                    return  # and never a byte more
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(self.LIST)).encode() + b"\r\n\r\n" + self.LIST)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self._open:
+            conn.close()
+
+
+async def test_a_watch_on_a_silently_dead_connection_is_abandoned_and_resumed(tmp_path, monkeypatch):
+    import masqd.kube
+
+    monkeypatch.setattr(masqd.kube, "WATCH_GRACE_SECONDS", 0.2)
+    server = _SilentWatchServer()
+    try:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(f"apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{server.url}'}}}}]\n"
+                              "users: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\n"
+                              "current-context: x\n")
+        settings = KubeSettings(configmap=REF, kubeconfig=str(kubeconfig), watch_timeout=1)
+        client = make_client(settings)
+        reflector = Reflector(client, ConfigMap, settings, lambda objects: None, namespace=REF.namespace,
+                              fields={"metadata.name": REF.name})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reflector.run)
+            await wait_until(lambda: reflector.stalls >= 2, "two abandoned watches")
+            tg.cancel_scope.cancel()
+        await client.close()
+    finally:
+        server.close()
+    assert reflector.relists == 0 and len(server.watches) >= 2
+    assert all("resourceVersion=5" in target for target in server.watches)  # resumed, not relisted
