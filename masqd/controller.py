@@ -213,12 +213,14 @@ def managed_policy_spec(cidrs: Sequence[Network]) -> dict[str, Any] | None:
 
 
 def render_config(cidrs: Sequence[Network]) -> str:
-    """The agents' config text: ``nonMasqueradeCIDRs`` (and ``cidrLimit`` past the agents' 64)."""
+    """The agents' config text: ``nonMasqueradeCIDRs``, and past the agents' 64 a ``cidrLimit``
+    with room for one more policy (``MAX_DESTINATIONS``): an agent that also watches the policies
+    counts a new policy's CIDRs against this limit until the controller has written them here."""
     if not cidrs:
         return "nonMasqueradeCIDRs: []\n"
     lines = ["nonMasqueradeCIDRs:", *(f"- {net}" for net in cidrs)]
     if len(cidrs) > AGENT_CIDR_LIMIT:
-        lines.append(f"cidrLimit: {len(cidrs)}")
+        lines.append(f"cidrLimit: {len(cidrs) + MAX_DESTINATIONS}")
     return "\n".join(lines) + "\n"
 
 
@@ -651,35 +653,50 @@ class Controller:
             backoff.reset()
 
     async def _sync(self, policies: Reflector, nodes: Reflector, configmaps: Reflector) -> None:
+        # Each object is converged on its own: one refused write (a 403, a 422) is reported and
+        # retried, but does not keep the ConfigMap or the other policies from being written.
+        failed: list[Exception] = []
+
+        async def converge(*args: Any) -> bool:
+            try:
+                return await self._converge(*args)
+            except (*RETRIED, KubeError) as exc:
+                log.warning("controller write failed; the other objects are still converged", what=args[0],
+                            error=describe_failure(exc))
+                failed.append(exc)
+                return False
+
         translation = translate(policies.objects, nodes.objects.values(), self.options)
         self.translation = translation
         self._report(translation)
         if translation.default_missing:
-            await self._converge(f"EgressNATPolicy {DEFAULT_POLICY}", policies.objects.get(DEFAULT_POLICY),
-                                 lambda: _get_or_none(self.client, EgressNATPolicy, DEFAULT_POLICY),
-                                 lambda obj: None if obj is not None else "create",
-                                 self._create_default)
+            await converge(f"EgressNATPolicy {DEFAULT_POLICY}", policies.objects.get(DEFAULT_POLICY),
+                           lambda: _get_or_none(self.client, EgressNATPolicy, DEFAULT_POLICY),
+                           lambda obj: None if obj is not None else "create",
+                           self._create_default)
         managed = translation.managed_spec
-        managed_written = await self._converge(
+        managed_written = await converge(
             f"EgressNATPolicy {MANAGED_POLICY}", policies.objects.get(MANAGED_POLICY),
             lambda: _get_or_none(self.client, EgressNATPolicy, MANAGED_POLICY),
             lambda obj: _managed_action(obj, managed),
             lambda obj, action: self._write_managed(obj, action, managed))
         ref = self.options.configmap
         text = translation.config_text
-        await self._converge(f"configmap {ref}", configmaps.objects.get(ref.name),
-                             lambda: _get_or_none(self.client, ConfigMap, ref.name, ref.namespace),
-                             lambda obj: _configmap_action(obj, text),
-                             lambda obj, action: self._write_configmap(obj, action, text))
+        await converge(f"configmap {ref}", configmaps.objects.get(ref.name),
+                       lambda: _get_or_none(self.client, ConfigMap, ref.name, ref.namespace),
+                       lambda obj: _configmap_action(obj, text),
+                       lambda obj, action: self._write_configmap(obj, action, text))
         for name, status in translation.statuses.items():
             if name == MANAGED_POLICY and managed_written:
                 continue  # its spec was just put right: the status follows on the next pass
             if name not in policies.objects:
                 continue
-            await self._converge(f"EgressNATPolicy {name} status", policies.objects.get(name),
-                                 lambda name=name: _get_or_none(self.client, EgressNATPolicy, name),
-                                 lambda obj, status=status, name=name: _status_action(obj, status, name, managed),
-                                 lambda obj, conditions, name=name: self._write_status(name, obj, conditions))
+            await converge(f"EgressNATPolicy {name} status", policies.objects.get(name),
+                           lambda name=name: _get_or_none(self.client, EgressNATPolicy, name),
+                           lambda obj, status=status, name=name: _status_action(obj, status, name, managed),
+                           lambda obj, conditions, name=name: self._write_status(name, obj, conditions))
+        if failed:
+            raise failed[0]
         self.syncs += 1
 
     async def _converge(self, what: str, cached: Any, fetch: Callable[[], Awaitable[Any]],

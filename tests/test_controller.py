@@ -17,6 +17,8 @@ import anyio
 import pytest
 
 from masqd.cidrs import parse_cidr
+from masqd.hookspecs import hookimpl
+from masqd.plugins import Plugins
 from masqd.cli import main
 from masqd.config import AgentOptions, parse_config
 from masqd.controller import (
@@ -133,8 +135,8 @@ def test_translation_is_deterministic_whatever_the_input_order() -> None:
     ("count", "limit_line"),
     [
         pytest.param(64, None, id="64-no-cidrLimit"),
-        pytest.param(65, "cidrLimit: 65", id="65-cidrLimit"),
-        pytest.param(300, "cidrLimit: 300", id="300-cidrLimit"),
+        pytest.param(65, "cidrLimit: 1065", id="65-cidrLimit-with-room-for-a-policy"),
+        pytest.param(300, "cidrLimit: 1300", id="300-cidrLimit-with-room-for-a-policy"),
     ],
 )
 def test_more_than_64_cidrs_carry_a_cidr_limit(count: int, limit_line: str | None) -> None:
@@ -146,6 +148,24 @@ def test_more_than_64_cidrs_carry_a_cidr_limit(count: int, limit_line: str | Non
     assert len(written(translation.config_text)) == count
     parsed = parse_config(translation.config_text, AgentOptions())  # a v4-only agent accepts it too
     assert len(parsed.config.non_masquerade_cidrs) == count
+
+
+async def test_an_agent_watching_policies_too_accepts_a_new_policy_before_the_controller_rewrites() -> None:
+    """The ConfigMap the controller wrote (70 CIDRs) is the agent's only source; a policy added
+    since is contributed by the agent's own watch and must not trip the ConfigMap's cidrLimit."""
+    from masqd.reconcile import plan
+
+    cidrs = [f"100.{64 + i // 256}.{i % 256}.0/24" for i in range(70)]
+    config = parse_config(translate([policy(DEFAULT_POLICY, *cidrs)], [], options()).config_text, AgentOptions()).config
+
+    class NewPolicy:
+        @hookimpl
+        def nonmasq_cidrs(self):
+            return [f"198.18.{i}.0/24" for i in range(200)]
+
+    plugins = Plugins.load(entry_points=False, extra=[("new-policy", NewPolicy())])
+    ruleset, _ = await plan(config, AgentOptions(), plugins)
+    assert len(ruleset.ipv4.nonmasq) >= 270
 
 
 def test_empty_union_is_an_explicit_empty_list() -> None:
@@ -667,3 +687,100 @@ async def test_cli_controller_runs_and_releases_the_lease_on_sigterm(api, kubeco
                 proc.wait()
     assert code == 0, log_path.read_text()
     assert api.get(*LEASE)["spec"]["holderIdentity"] == "", log_path.read_text()
+
+
+# --- the shipped RBAC against the requests actually made ------------------------------------------
+
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def rbac_attributes(record) -> tuple[str, str, str, str | None, str | None]:
+    """(group, resource[/subresource], verb, namespace, name) of one request, as the API server's
+    RBAC authorizer sees it (a list/watch with ``fieldSelector=metadata.name=X`` is authorized
+    for the name X)."""
+    parts = record.path.strip("/").split("/")
+    group = "" if parts[0] == "api" else parts[1]
+    rest = parts[2:] if parts[0] == "api" else parts[3:]
+    namespace = None
+    if rest and rest[0] == "namespaces" and len(rest) > 2:
+        namespace, rest = rest[1], rest[2:]
+    resource, name = rest[0], (rest[1] if len(rest) > 1 else None)
+    if len(rest) > 2:
+        resource += "/" + rest[2]
+    if record.method == "GET":
+        verb = "get" if name else ("watch" if record.query.get("watch") in ("true", "1") else "list")
+        selector = record.query.get("fieldSelector", "")
+        if name is None and selector.startswith("metadata.name="):
+            name = selector.split("=", 1)[1]
+    else:
+        verb = _VERBS[record.method]
+    return group, resource, verb, namespace, name
+
+
+async def test_every_request_the_controller_makes_is_allowed_by_the_shipped_rbac(api, kubeconfig) -> None:
+    """Create the default and managed policies, write the ConfigMap and statuses, take the Lease,
+    then (restarted without cluster ranges) delete the managed policy: all under the RBAC of
+    examples/kubernetes/controller-rbac.yaml."""
+    from test_examples import _allows, _controller_grants
+
+    api.put(node("n1", "10.244.1.0/24"))
+    api.put(policy("typo", "10.0.0.1/8"))
+    async with Cluster(kubeconfig, service_cidrs=(parse_cidr("10.96.0.0/12"),)) as cluster:
+        cluster.start()
+        await eventually(lambda: managed_cidrs(api), "the managed policy")
+        await eventually(lambda: accepted(api, "typo"), "a status written")
+        await eventually(lambda: config_cidrs(api), "the ConfigMap")
+    api.delete("nodes", "n1")
+    async with Cluster(kubeconfig) as cluster:  # no ranges left: the managed policy goes
+        cluster.start()
+        await eventually(lambda: api.get("egressnatpolicies", MANAGED_POLICY) is None, "the managed policy deleted")
+    grants = _controller_grants()
+    denied = sorted({rbac_attributes(r) for r in api.requests if not _allows(grants, *rbac_attributes(r))})
+    assert denied == [], f"the shipped RBAC refuses: {denied}"
+    verbs = {rbac_attributes(r)[1:3] for r in api.requests}
+    assert {("configmaps", "watch"), ("egressnatpolicies", "delete"), ("leases", "update")} <= verbs  # exercised
+
+
+async def test_every_request_the_agent_makes_is_allowed_by_the_shipped_rbac(api, kubeconfig, tmp_path) -> None:
+    from masqd.cli import main
+    from test_examples import _agent_grants, _allows
+
+    api.put(policy("on-prem", "192.0.2.0/24"))
+    api.put({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ip-masq-agent", "namespace": "kube-system"},
+             "data": {"config": "nonMasqueradeCIDRs: [10.0.0.0/8]\n"}})
+    flags = ["--kube-configmap", "kube-system/ip-masq-agent", "--egress-nat-policies", "--kubeconfig", str(kubeconfig),
+             "--config", str(tmp_path / "absent")]
+    assert await anyio.to_thread.run_sync(main, ["validate", *flags]) == 0
+    from masqd.backends.dryrun import DryRunBackend
+    from masqd.config import AgentOptions
+    from masqd.daemon import run_daemon
+    from masqd.inputs import ConfigLoader
+    from masqd.kube import ObjectRef
+    from masqd.plugins import Plugins
+    from masqd.reconcile import Reconciler
+    from masqd.sources.kube import ConfigMapInput
+
+    settings = KubeSettings(configmap=ObjectRef("kube-system", "ip-masq-agent"), egress_nat_policies=True,
+                            kubeconfig=str(kubeconfig))
+    loader = ConfigLoader([ConfigMapInput(settings.configmap, settings)], AgentOptions())
+    reconciler = Reconciler(DryRunBackend(), AgentOptions(), loader, plugins=Plugins.load(entry_points=False))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run_daemon(reconciler.backend, AgentOptions(), loader, reconciler=reconciler,
+                                         handle_signals=False, kube=settings))
+        await eventually(lambda: api.watch_count == 2, "both watches open")
+        tg.cancel_scope.cancel()
+    grants = _agent_grants()
+    denied = sorted({rbac_attributes(r) for r in api.requests if not _allows(grants, *rbac_attributes(r))})
+    assert denied == [], f"the shipped RBAC refuses: {denied}"
+
+
+async def test_a_refused_policy_write_does_not_keep_the_configmap_from_being_written(api, kubeconfig) -> None:
+    api.put(node("n1", "10.244.1.0/24"))
+    api.put(policy(MANAGED_POLICY, "203.0.113.0/24"))  # edited: the controller wants to put it right...
+    api.fail_next(1000, status=403, path_contains="/egressnatpolicies/masqd-managed")  # ...and is refused
+    api.put(policy("on-prem", "192.0.2.0/24"))
+    async with Cluster(kubeconfig) as cluster:
+        cluster.start()
+        await eventually(lambda: "192.0.2.0/24" in (config_cidrs(api) or []), "the ConfigMap written anyway")
+        await eventually(lambda: accepted(api, "on-prem"), "the other policies' status written anyway")
+    assert managed_cidrs(api) == ["203.0.113.0/24"]  # still refused

@@ -28,6 +28,7 @@ class EgressNATPolicies:
         self.objects: dict[str, Any] = {}
         self.policies: PolicySet | None = None  # as last contributed
         self.source = None  # the ReflectorSource, once registered
+        self.enabled = False  # --egress-nat-policies: a watch registered, or a one-shot list handed over
         self._fingerprint: tuple = ()
         self._reported: frozenset[str] = frozenset()
 
@@ -40,12 +41,14 @@ class EgressNATPolicies:
         from masqd.sources.kube import ReflectorSource
 
         self.source = ReflectorSource(NAME, EgressNATPolicy, kube, self.update, what="EgressNATPolicy objects")
+        self.enabled = True
         register(self.source)
 
     def update(self, objects: dict[str, Any]) -> str | None:
         """Take the watch's copy; returns why to reconcile when a policy's spec changed (the
         controller writing a policy's status changes nothing here)."""
         self.objects = dict(objects)
+        self.enabled = True
         fingerprint = tuple(sorted((name, repr(as_mapping(obj).get("spec"))) for name, obj in objects.items()))
         if fingerprint == self._fingerprint:
             return None
@@ -54,7 +57,7 @@ class EgressNATPolicies:
 
     @hookimpl
     def nonmasq_cidrs(self, config, options):
-        if self.source is None:
+        if not self.enabled:
             return None  # --egress-nat-policies not given: not a contributor at all
         policies = parse_policies(self.objects.values(), allow_ipv6=options.enable_ipv6)
         self.policies = policies
