@@ -60,8 +60,13 @@ def _flag_type(parse):
     return convert
 
 
-def _configmap_ref(text: str):
-    return parse_object_ref(text, "kube-configmap")
+def _named_flag(flag: str, parse):
+    """``_flag_type`` for a parser that takes the flag's name too (``parse(text, flag)``)."""
+    def parse_flag(text: str):
+        return parse(text, flag)
+
+    parse_flag.__name__ = flag.replace("-", "_")
+    return _flag_type(parse_flag)
 
 
 def _add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
@@ -77,7 +82,7 @@ def _common_flags() -> argparse.ArgumentParser:
     common.add_argument("--config-dir", action="append", default=[], metavar="DIR",
                         help="also read every ip-masq* file in DIR as a config source (as Azure's ip-masq-agent-v2 "
                              "does for user- and provider-owned ConfigMaps); repeatable")
-    common.add_argument("--kube-configmap", type=_flag_type(_configmap_ref),
+    common.add_argument("--kube-configmap", type=_named_flag("kube-configmap", parse_object_ref),
                         metavar="NAMESPACE/NAME",
                         help="also watch this ConfigMap's 'config' key through the Kubernetes API (applied within "
                              "a second of an edit; deleting the ConfigMap removes it as a source)")
@@ -142,29 +147,21 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _controller_flag(flag: str, parse):
-    def parse_flag(text: str):
-        return parse(text, flag)
-
-    parse_flag.__name__ = flag.replace("-", "_")
-    return _flag_type(parse_flag)
-
-
 def _add_controller_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``masqd controller``: its own flags only (none of the agent's rule flags apply to it)."""
     from masqd.controller import DEFAULT_LEASE, parse_cidr_flag
 
-    parser.add_argument("--configmap", required=True, type=_controller_flag("configmap", parse_object_ref),
+    parser.add_argument("--configmap", required=True, type=_named_flag("configmap", parse_object_ref),
                         metavar="NAMESPACE/NAME",
                         help="the ConfigMap the agents read; its 'config' key is written (created when absent)")
-    parser.add_argument("--lease", default=DEFAULT_LEASE, type=_controller_flag("lease", parse_object_ref),
+    parser.add_argument("--lease", default=DEFAULT_LEASE, type=_named_flag("lease", parse_object_ref),
                         metavar="NAMESPACE/NAME",
                         help=f"the Lease replicas elect a leader on; only the leader writes (default {DEFAULT_LEASE})")
     parser.add_argument("--service-cidr", action="append", default=[], metavar="CIDR",
-                        type=_controller_flag("service-cidr", parse_cidr_flag),
+                        type=_named_flag("service-cidr", parse_cidr_flag),
                         help="the cluster's Service range, kept in the masqd-managed policy (repeatable)")
     parser.add_argument("--node-cidr", action="append", default=[], metavar="CIDR",
-                        type=_controller_flag("node-cidr", parse_cidr_flag),
+                        type=_named_flag("node-cidr", parse_cidr_flag),
                         help="a range the nodes' addresses are in, kept in the masqd-managed policy (repeatable)")
     _add_bool(parser, "enable-ipv6", False,
               "write IPv6 destinations too (only when every agent runs with --enable-ipv6)")

@@ -3,8 +3,8 @@
 It registers a watch on the cluster's policies (:class:`~masqd.sources.kube.ReflectorSource`) and
 contributes the destinations of every valid ``NoSNAT`` policy through ``nonmasq_cidrs``. An invalid
 policy is skipped and reported once with its name; the others still apply. Without
-``--enable-ipv6`` a policy's IPv6 destinations are left out (reported once) and its IPv4 ones apply. Until the first list
-arrives (or without the flag) it contributes nothing.
+``--enable-ipv6`` a policy's IPv6 destinations are left out (reported once) and its IPv4 ones
+apply. Until the first list arrives (or without the flag) it contributes nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ class EgressNATPolicies:
     def __init__(self) -> None:
         self.objects: dict[str, Any] = {}
         self.policies: PolicySet | None = None  # as last contributed
-        self.source = None  # the ReflectorSource, once registered
         self.enabled = False  # --egress-nat-policies: a watch registered, or a one-shot list handed over
         self._fingerprint: tuple = ()
         self._reported: frozenset[str] = frozenset()
@@ -37,12 +36,15 @@ class EgressNATPolicies:
         kube = context.kube
         if kube is None or not kube.egress_nat_policies:
             return
+        self.enabled = True
+        register(self.make_source(kube))
+
+    def make_source(self, settings):
+        """A source reading every policy into :meth:`update` (a watch, or one list)."""
         from masqd.kube import EgressNATPolicy
         from masqd.sources.kube import ReflectorSource
 
-        self.source = ReflectorSource(NAME, EgressNATPolicy, kube, self.update, what="EgressNATPolicy objects")
-        self.enabled = True
-        register(self.source)
+        return ReflectorSource(NAME, EgressNATPolicy, settings, self.update, what="EgressNATPolicy objects")
 
     def update(self, objects: dict[str, Any]) -> str | None:
         """Take the watch's copy; returns why to reconcile when a policy's spec changed (the

@@ -10,10 +10,9 @@ from masqd.sources.timer import TimerSource
 
 @hookimpl
 def register_sources(register, context):
-    inputs = getattr(context, "config_inputs", ()) or ()
-    if not inputs:
+    if not context.config_inputs:  # a context built by hand with a path alone
         register(ConfigFileSource(context.config_path))
-    for config_input in inputs:
+    for config_input in context.config_inputs:
         watcher = config_input.watcher()
         if watcher is not None:
             register(watcher)

@@ -130,8 +130,8 @@ class ConfigDirectorySource(ConfigFileSource):
     name = "config-dir"
 
     def __init__(self, directory: str | os.PathLike[str], files: Callable[[], list[Path]], **kwargs):
-        super().__init__(Path(directory) / ".", **kwargs)
-        self.path = self.directory = Path(directory)
+        super().__init__(directory, **kwargs)
+        self.directory = self.path  # the directory itself is watched, not its parent
         self._files = files
 
     def digest(self) -> str:

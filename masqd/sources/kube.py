@@ -30,13 +30,12 @@ class ConfigMapInput:
     API is unreachable the last text seen stays.
     """
 
-    def __init__(self, ref: ObjectRef, settings: KubeSettings, client_factory: Callable[[], Any] | None = None):
+    def __init__(self, ref: ObjectRef, settings: KubeSettings):
         self.ref = ref
         self.settings = settings
         self.name = f"configmap {ref}"
         self.text: str | None = None
         self.resource_version: str | None = None  # of the object whose text is held
-        self._client_factory = client_factory or (lambda: make_client(settings))
         self._missing_key_logged: str | None = None
         self.source: ReflectorSource | None = None  # the watch, once the daemon asked for it
 
@@ -48,10 +47,13 @@ class ConfigMapInput:
     def read(self) -> list[SourceText]:
         return [] if self.text is None else [SourceText(self.name, self.text)]
 
+    def make_source(self) -> ReflectorSource:
+        """A source reading this one ConfigMap (``fieldSelector=metadata.name=NAME``) into :meth:`update`."""
+        return ReflectorSource("configmap", ConfigMap, self.settings, self.update, namespace=self.ref.namespace,
+                               fields={"metadata.name": self.ref.name}, what=f"configmap {self.ref}")
+
     def watcher(self) -> ReflectorSource:
-        self.source = ReflectorSource("configmap", ConfigMap, self.settings, self.update, namespace=self.ref.namespace,
-                                      fields={"metadata.name": self.ref.name}, what=f"configmap {self.ref}",
-                                      client_factory=self._client_factory)
+        self.source = self.make_source()
         return self.source
 
     def update(self, objects: dict[str, Any]) -> str | None:
@@ -81,8 +83,7 @@ class ReflectorSource:
     when nothing that matters changed. ``reflector`` is the running reflector (for inspection)."""
 
     def __init__(self, name: str, resource: type, settings: KubeSettings, update: Callable[[dict[str, Any]], str | None],
-                 *, namespace: str | None = None, fields: dict[str, str] | None = None, what: str = "",
-                 client_factory: Callable[[], Any] | None = None):
+                 *, namespace: str | None = None, fields: dict[str, str] | None = None, what: str = ""):
         self.name = name
         self.resource = resource
         self.settings = settings
@@ -91,10 +92,13 @@ class ReflectorSource:
         self.fields = fields
         self.what = what or name
         self.reflector: Reflector | None = None
-        self._client_factory = client_factory or (lambda: make_client(settings))
+
+    def _reflector(self, client: Any, on_change: Callable[[dict[str, Any]], Any]) -> Reflector:
+        return Reflector(client, self.resource, self.settings, on_change, namespace=self.namespace,
+                         fields=self.fields, what=self.what)
 
     async def run(self, notify: Notify) -> None:
-        client = self._client_factory()
+        client = make_client(self.settings)
 
         def changed(objects: dict[str, Any]) -> None:
             reason = self.update(objects)
@@ -102,12 +106,15 @@ class ReflectorSource:
                 notify(reason)
 
         try:
-            self.reflector = Reflector(client, self.resource, self.settings, changed, namespace=self.namespace,
-                                       fields=self.fields, what=self.what)
+            self.reflector = self._reflector(client, changed)
             await self.reflector.run()
         finally:
             with anyio.CancelScope(shield=True):
                 await client.close()
+
+    async def list_once(self, client: Any) -> None:
+        """One list handed to ``update``, as the watch's first list would be; raises on failure."""
+        await self._reflector(client, self.update).list_once()
 
 
 async def read_once(settings: KubeSettings, inputs, plugins) -> None:
@@ -115,19 +122,15 @@ async def read_once(settings: KubeSettings, inputs, plugins) -> None:
     ``run --once``): the ConfigMap inputs and the ``EgressNATPolicy`` plugin get their copy as a
     watch would hand it over. Raises on any API failure (no retry: the caller reports it)."""
     from masqd.default_plugins.egress import EgressNATPolicies
-    from masqd.kube import EgressNATPolicy
 
+    sources = [config_input.make_source() for config_input in inputs if isinstance(config_input, ConfigMapInput)]
+    if settings.egress_nat_policies:
+        sources += [plugin.make_source(settings) for plugin in plugins.pm.get_plugins()
+                    if isinstance(plugin, EgressNATPolicies)]
     client = make_client(settings)
     try:
-        for config_input in inputs:
-            if isinstance(config_input, ConfigMapInput):
-                ref = config_input.ref
-                await Reflector(client, ConfigMap, settings, config_input.update, namespace=ref.namespace,
-                                fields={"metadata.name": ref.name}).list_once()
-        if settings.egress_nat_policies:
-            for plugin in plugins.pm.get_plugins():
-                if isinstance(plugin, EgressNATPolicies):
-                    await Reflector(client, EgressNATPolicy, settings, plugin.update).list_once()
+        for source in sources:
+            await source.list_once(client)
     finally:
         with anyio.CancelScope(shield=True):
             await client.close()
