@@ -26,6 +26,9 @@ class AuditEvent:
         added to or removed from the applied rules; empty unless ``result`` is ``applied``.
     written: the parts the backend rewrote (``ipv4``, ``ipv6``); empty unless applied.
     error: what went wrong (``rejected`` / ``failed``), else ``None``.
+    duration: seconds the attempt took (reading the config, the plugins' hooks and the sync).
+    repair: the rules were rewritten although the desired state had not changed: something else
+        had changed masqd's rules in the kernel (drift), and this attempt restored them.
     """
 
     time: float
@@ -36,6 +39,8 @@ class AuditEvent:
     removed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     written: tuple[str, ...] = ()
     error: str | None = None
+    duration: float = 0.0
+    repair: bool = False
 
     def __post_init__(self) -> None:
         if self.result not in RESULTS:
@@ -55,4 +60,6 @@ class AuditEvent:
             "removed": {family: list(cidrs) for family, cidrs in self.removed.items()},
             "written": list(self.written),
             "error": self.error,
+            "duration": self.duration,
+            "repair": self.repair,
         }

@@ -1,4 +1,4 @@
-"""The command line: ``masqd run|validate|render|cleanup|plugins|controller`` and the
+"""The command line: ``masqd run|validate|render|explain|cleanup|plugins|controller`` and the
 ``ip-masq-agent`` alias.
 
 Flags follow the upstream agent and Go's flag package: ``--flag``, ``-flag``, ``--flag=value``,
@@ -6,7 +6,8 @@ Flags follow the upstream agent and Go's flag package: ``--flag``, ``-flag``, ``
 
 Exit codes: 0 success; 1 invalid configuration; 2 bad command line (or no Kubernetes credentials);
 3 the kernel could not be read or refused the rules; 4 the Kubernetes API could not be read (one-shot
-commands with ``--kube-configmap`` / ``--egress-nat-policies``).
+commands with ``--kube-configmap`` / ``--egress-nat-policies``); 5 ``explain --live`` found the
+kernel's rules differ from the desired state.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from masqd.backends.base import Backend, BackendSettings
 from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, parse_to_ports, validate_chain_name
 from masqd.duration import format_go_duration
 from masqd.errors import BackendError, ConfigError, FlagError, KubeError, PluginLoadError
+from masqd.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS, parse_address
 from masqd.inputs import ConfigLoader, LoadedConfig, config_inputs
 from masqd.kube import KubeSettings, parse_object_ref
 from masqd.logs import configure_logging, verbosity_to_level
@@ -36,6 +38,7 @@ EXIT_INVALID_CONFIG = 1
 EXIT_USAGE = 2
 EXIT_BACKEND = 3
 EXIT_API = 4
+EXIT_DRIFT = 5
 
 _GO_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
 _GO_FALSE = {"0", "f", "F", "false", "FALSE", "False"}
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="masqd", allow_abbrev=False,
         description="IP masquerade agent: a drop-in ip-masq-agent with an event-driven core.",
         epilog="Exit codes: 0 ok, 1 invalid config, 2 bad command line, 3 kernel read/write failed, "
-               "4 Kubernetes API unreadable.",
+               "4 Kubernetes API unreadable, 5 explain --live: the kernel differs from the desired state.",
     )
     parser.add_argument("--version", action="version", version=f"masqd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -131,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check a config file: exit 0 if valid, 1 with one line per problem")
     commands.add_parser("render", parents=[common], allow_abbrev=False,
                         help="print the exact rules the backend would apply, touching nothing")
+    _add_explain_flags(commands.add_parser(
+        "explain", parents=[common], allow_abbrev=False,
+        help="say whether traffic to each ADDRESS keeps the pod address or is masqueraded, and why",
+        epilog="Exit codes: 0 ok, 1 invalid config, 2 bad command line (or a backend that cannot read back "
+               "for --live), 3 the kernel could not be read, 4 Kubernetes API unreadable, 5 --live: the "
+               "kernel's rules differ from the desired state."))
     commands.add_parser("cleanup", parents=[common], allow_abbrev=False,
                         help="remove everything masqd created with this backend, and nothing else")
     commands.add_parser("plugins", parents=[common], allow_abbrev=False,
@@ -143,7 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--once", action="store_true", help="apply once and exit: 0 on success")
+    parser.add_argument("--http-address", default=DEFAULT_HTTP_ADDRESS, metavar="HOST:PORT",
+                        type=_flag_type(parse_address),
+                        help="serve /metrics, /healthz and /readyz here (default "
+                             f"{DEFAULT_HTTP_ADDRESS}: every interface); an empty value disables it; "
+                             "not used with --once")
     parser.set_defaults(command="run")
+    return parser
+
+
+def _explain_address(text: str):
+    from masqd.explain import parse_address as parse_explained_address
+
+    try:
+        return parse_explained_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def _add_explain_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("addresses", nargs="+", type=_explain_address, metavar="ADDRESS",
+                        help="a destination address, IPv4 or IPv6")
+    parser.add_argument("--live", action="store_true",
+                        help="explain from the rules the kernel holds (read back through --backend, never "
+                             "written) and name every difference from the desired state (exit 5 if any)")
+    parser.add_argument("--output", choices=("text", "json"), default="text",
+                        help="text (default), or json: a list with one object per address")
     return parser
 
 
@@ -183,12 +217,19 @@ def build_alias_parser() -> argparse.ArgumentParser:
 
 
 def normalize_go_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
-    """Turn Go's single-dash long flags (``-masq-chain=X``, ``-v=2``) into ``--`` form."""
+    """Turn Go's single-dash long flags (``-masq-chain=X``, ``-v=2``) into ``--`` form. A bare
+    boolean flag followed by something that is not a boolean (``--enable-ipv6 2001:db8::1``)
+    becomes ``--flag=true``: as in Go, the word after it is not its value (explain's addresses)."""
     known = {opt[2:] for action in _all_actions(parser) for opt in action.option_strings if opt.startswith("--")}
+    booleans = {opt for action in _all_actions(parser) if action.type is _go_bool for opt in action.option_strings}
     out = []
-    for arg in argv:
+    for index, arg in enumerate(argv):
         if arg.startswith("-") and not arg.startswith("--") and arg[1:].split("=", 1)[0] in known:
             arg = "-" + arg
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if arg in booleans and following is not None and not following.startswith("-") \
+                and following not in _GO_TRUE | _GO_FALSE:
+            arg += "=true"
         out.append(arg)
     return out
 
@@ -247,12 +288,14 @@ def _load_and_report(loader: ConfigLoader) -> LoadedConfig | None:
     return loaded
 
 
-def _plan_and_report(args: argparse.Namespace, options: AgentOptions, plugins: Plugins):
+def _plan_and_report(args: argparse.Namespace, options: AgentOptions, plugins: Plugins,
+                     loader: ConfigLoader | None = None):
     """The config and the plugins' contributions and vetoes: ``(loaded, ruleset, contributions)``,
     or ``None`` after printing every problem. The API objects, if any, are read once first
-    (raises :class:`KubeError` when they cannot be)."""
+    (raises :class:`KubeError` when they cannot be). ``loader``: the one to load with (the caller
+    keeps it to look at the texts read); by default one for the flags."""
     kube = kube_settings(args)
-    loader = config_loader(args, options, kube)
+    loader = loader or config_loader(args, options, kube)
     if kube is not None:
         anyio.run(_read_api_once, kube, loader, plugins)
     loaded = _load_and_report(loader)
@@ -330,6 +373,71 @@ def _cmd_render(args: argparse.Namespace, options: AgentOptions, plugins: Plugin
     return EXIT_OK
 
 
+def _cmd_explain(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
+    """Each address against the desired state (with ``--live``, the kernel's rules too)."""
+    import json
+
+    from masqd.explain import as_json, explain, format_text
+    from masqd.provenance import cidr_origins
+
+    loader = config_loader(args, options, kube_settings(args))
+    planned = _plan_and_report(args, options, plugins, loader)
+    if planned is None:
+        # with --live, the kernel still holds the last good rules: explain from them alone
+        return _explain_kernel_only(args, options, plugins) if args.live else EXIT_INVALID_CONFIG
+    loaded, ruleset, contributions = planned
+    descriptions, problems = anyio.run(plugins.describe_cidrs, contributions)
+    for problem in problems:
+        print(f"warning: plugin {problem}; its CIDRs are shown without that detail", file=sys.stderr)
+    origins = cidr_origins(ruleset, loaded.merged, contributions, options, loader.texts(), descriptions=descriptions)
+    live = None
+    if args.live:
+        live = _read_back(args, options, plugins, ruleset)
+        if live is None:
+            return EXIT_BACKEND
+    config = loaded.config
+    report = explain(args.addresses, ruleset, origins, live, masq_link_local=config.masq_link_local,
+                     masq_link_local_ipv6=config.masq_link_local_ipv6)
+    if args.output == "json":
+        print(json.dumps(as_json(report), indent=2))
+    else:
+        sys.stdout.write(format_text(report))
+    return EXIT_DRIFT if report.drift else EXIT_OK
+
+
+def _read_back(args: argparse.Namespace, options: AgentOptions, plugins: Plugins, ruleset):
+    """What the kernel holds of ``ruleset``'s rules (``explain --live``); ``None`` after printing
+    why the kernel could not be read."""
+    backend = _backend(args, options, plugins)
+    read_back = getattr(backend, "read_back", None)
+    if read_back is None:  # a plugin's backend may not offer it: a usage error (exit 2)
+        raise FlagError("backend", args.backend, "this backend cannot read its rules back (it has no read_back "
+                        "method), which explain --live needs; run explain without --live")
+    try:
+        return anyio.run(read_back, ruleset)
+    except BackendError as exc:
+        print(f"error: {backend.name}: {exc}", file=sys.stderr)
+        return None
+
+
+def _explain_kernel_only(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
+    """``explain --live`` with an invalid config (its problems already printed): each address from
+    the rules the kernel holds alone; exits 1 all the same."""
+    import json
+
+    from masqd.config import parse_config
+    from masqd.explain import as_json, explain_kernel, format_text
+    from masqd.ruleset import compute_ruleset
+
+    # only which families and which chain to read come from this: the flags decide both
+    shape = compute_ruleset(parse_config(None, options).config, options)
+    live = _read_back(args, options, plugins, shape)
+    if live is not None:
+        report = explain_kernel(args.addresses, live)
+        sys.stdout.write(json.dumps(as_json(report), indent=2) + "\n" if args.output == "json" else format_text(report))
+    return EXIT_INVALID_CONFIG
+
+
 def _cmd_cleanup(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
     reconciler = Reconciler(_backend(args, options, plugins), options, config_loader(args, options, None))
     try:
@@ -374,7 +482,8 @@ def _cmd_run(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) 
     if kube is not None:
         load_kube_config(kube.kubeconfig)  # no credentials: a start-up error, not a retry loop
     reconciler = Reconciler(backend, options, loader, leftovers=leftover_backends, plugins=plugins)
-    anyio.run(partial(run_daemon, backend, options, loader, reconciler=reconciler, plugins=plugins, kube=kube))
+    anyio.run(partial(run_daemon, backend, options, loader, reconciler=reconciler, plugins=plugins, kube=kube,
+                      http_address=args.http_address))
     return EXIT_OK
 
 
@@ -396,8 +505,8 @@ def _backend(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) 
     return plugins.make_backend(args.backend, BackendSettings(options, args.iptables_mode))
 
 
-_COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "render": _cmd_render, "cleanup": _cmd_cleanup,
-             "plugins": _cmd_plugins}
+_COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "render": _cmd_render, "explain": _cmd_explain,
+             "cleanup": _cmd_cleanup, "plugins": _cmd_plugins}
 
 
 def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -422,6 +531,12 @@ def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``masqd`` command. Arguments that start with a flag rather than a command mean ``run``
+    (``masqd --masq-chain=X`` is ``masqd run --masq-chain=X``), so a manifest written for the
+    upstream image, which passes only flags, works with the image swapped and nothing else."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version", "-version"):
+        argv.insert(0, "run")
     return _dispatch(build_parser(), argv)
 
 

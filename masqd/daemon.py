@@ -1,4 +1,5 @@
-"""The daemon: one anyio task group running the sources, the signal handler and the reconciler.
+"""The daemon: one anyio task group running the sources, the signal handler, the reconciler and
+the HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``).
 
 SIGHUP reloads now; SIGTERM and SIGINT stop the daemon cleanly. Rules stay in the kernel on exit,
 as with the upstream agent, so traffic keeps flowing while masqd restarts.
@@ -20,6 +21,7 @@ from masqd.backends.base import Backend
 from masqd.config import AgentOptions
 from masqd.errors import safe_repr
 from masqd.events import Emit, Event, make_emit, notifier
+from masqd.http import Address, HttpServer, agent_routes, run_endpoint
 from masqd.inputs import ConfigLoader, FileInput
 from masqd.kube import KubeSettings
 from masqd.plugins import Plugins, RegisteredSource, SourceContext
@@ -77,6 +79,18 @@ def _audit_sink(send: anyio.abc.ObjectSendStream[AuditEvent]):
     return sink
 
 
+def _fan_out(listeners: list[Callable[[AuditEvent], None]]) -> Callable[[AuditEvent], None] | None:
+    """One ``on_audit`` callback handing each event to every listener (metrics, audit hooks)."""
+    if not listeners:
+        return None
+
+    def deliver(event: AuditEvent) -> None:
+        for listener in listeners:
+            listener(event)
+
+    return deliver
+
+
 def _call_each(callbacks: list[Callable[[], None]]) -> None:
     """Every ``on_resync_interval_change`` callback; one that raises does not stop the others."""
     for callback in callbacks:
@@ -107,11 +121,15 @@ async def run_daemon(
     plugins: Plugins | None = None,
     handle_signals: bool = True,
     kube: KubeSettings | None = None,
+    http_address: Address | None = None,
+    on_http_ready: Callable[[list[str]], None] | None = None,
 ) -> Reconciler:
     """Run until SIGTERM/SIGINT (or cancellation). Returns the reconciler for inspection.
 
     The event sources are those the plugins register (the default plugins: the config file watch
-    and the resync timer); ``plugins`` defaults to the default plugins alone.
+    and the resync timer); ``plugins`` defaults to the default plugins alone. With
+    ``http_address`` the HTTP endpoint runs too (an address that cannot be bound is retried, see
+    :func:`masqd.http.run_endpoint`), and ``on_http_ready`` is called with the addresses bound.
     """
     plugins = plugins or Plugins.load(entry_points=False)
     reconciler = reconciler or Reconciler(backend, options, config)
@@ -129,12 +147,21 @@ async def run_daemon(
     emit = make_emit(send)
     log.info("masqd starting", backend=backend.name, config=loader.names, chain=options.masq_chain,
              ipv6=options.enable_ipv6, sources=[s.name for s in sources])
+    listeners: list[Callable[[AuditEvent], None]] = [reconciler.on_audit] if reconciler.on_audit else []
     async with send, audit_send, anyio.create_task_group() as tg:
+        if http_address is not None:
+            from masqd.metrics import Metrics
+
+            watches = [s.source for s in sources if hasattr(s.source, "reflector")]
+            metrics = Metrics(reconciler, plugins=plugins, watches=lambda: watches)
+            listeners.append(metrics.observe)
+            tg.start_soon(run_endpoint, http_address, HttpServer(agent_routes(reconciler, metrics)), on_http_ready)
         if plugins.implements("audit"):
-            reconciler.on_audit = _audit_sink(audit_send)
+            listeners.append(_audit_sink(audit_send))
             tg.start_soon(_deliver_audit, plugins, audit_receive)
         else:
             audit_receive.close()
+        reconciler.on_audit = _fan_out(listeners)
         tg.start_soon(reconciler.run, receive)
         for registered in sources:
             tg.start_soon(_supervise, registered, emit)

@@ -97,3 +97,22 @@ def register_sources(register, context):
     :param context: a :class:`masqd.plugins.SourceContext` (config path, agent flags, the current
         resync interval), for sources that need them.
     """
+
+
+@hookspec
+def describe_cidrs(cidrs):
+    """Say where this plugin's CIDRs came from, for ``masqd explain``.
+
+    Called only by ``masqd explain`` (never by the daemon), after ``nonmasq_cidrs``, once per
+    plugin that contributed CIDRs.
+
+    :param cidrs: the CIDRs this plugin's ``nonmasq_cidrs`` just returned, validated, as
+        ``ipaddress`` networks in the order returned (repeats dropped).
+    :return: a mapping of CIDR (network or string) -> one description or a list of them, for any
+        of ``cidrs`` (others are ignored); ``None`` for nothing. A description is a short text
+        (``"file /etc/masqd/cidrs/corp line 3"``), shown after the plugin's name, or a
+        :class:`masqd.provenance.Origin` of kind ``policy`` (``Origin("policy", NAME)``) for a
+        CIDR that comes from a policy object. A CIDR not described is shown as coming from the
+        plugin. A hook that raises, hangs or returns something unusable only loses its detail:
+        ``explain`` warns, naming the plugin, and goes on.
+    """

@@ -184,6 +184,11 @@ class ConfigLoader:
             raise _combined(errors, warnings)
         return LoadedConfig(merge_configs(parts, self.options), tuple(warnings))
 
+    def texts(self) -> dict[str, str]:
+        """The text of every source present at the last :meth:`load`, by source name (``masqd
+        explain`` finds the line listing each CIDR in it; nothing is read again)."""
+        return {name: text for name, (text, _) in self._parsed.items()}
+
     def _parse(self, source: SourceText) -> ParsedConfig | ConfigError:
         cached = self._parsed.get(source.name)
         if cached is None or cached[0] != source.text:

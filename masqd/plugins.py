@@ -17,6 +17,7 @@ anything else sees it. Problems are collected per plugin and raised together as 
 
 from __future__ import annotations
 
+import collections
 import importlib
 import inspect
 import ipaddress
@@ -122,6 +123,8 @@ class Plugins:
         self.builtin = frozenset(builtin)
         self.hook_timeout = hook_timeout
         self._stuck: dict[tuple[str, str], float] = {}  # (plugin, hook) -> when the hung call started
+        #: (plugin, hook) -> calls that raised, hung or returned something unusable (for metrics)
+        self.failures: collections.Counter[tuple[str, str]] = collections.Counter()
         self._backends: dict[str, tuple[str, Callable[[BackendSettings], Backend]]] | None = None
 
     # --- loading -----------------------------------------------------------------------------------
@@ -253,6 +256,7 @@ class Plugins:
                 else:
                     self._isolated_at_start_up(impl.plugin_name, hook_name, call)
             except Exception as exc:
+                self.failures[impl.plugin_name, hook_name] += 1
                 log.error("plugin failed to register; continuing without what it offers", plugin=impl.plugin_name,
                           hook=hook_name, error=_failure(exc))
                 continue
@@ -288,8 +292,10 @@ class Plugins:
         for plugin, items in results:
             key = f"{plugin}.nonmasq_cidrs"
             if not isinstance(items, list):
+                self.failures[plugin, "nonmasq_cidrs"] += 1
                 problems.append(Problem(key, shorten(items), "expected an iterable of CIDR strings or ipaddress networks"))
                 continue
+            found = len(problems)
             cidrs: dict[Network, None] = {}
             for index, item in enumerate(items):
                 try:
@@ -302,6 +308,8 @@ class Plugins:
                                             "IPv6 CIDR given but IPv6 is not enabled; start masqd with --enable-ipv6"))
                     continue
                 cidrs[net] = None
+            if len(problems) > found:
+                self.failures[plugin, "nonmasq_cidrs"] += 1
             out.append(Contribution(plugin, tuple(cidrs)))
         if problems:
             raise PluginError(problems)
@@ -314,6 +322,7 @@ class Plugins:
                                                      options=options):
             key = f"{plugin}.validate_config"
             if not isinstance(result, list) or not all(isinstance(p, str) for p in result):
+                self.failures[plugin, "validate_config"] += 1
                 problems.append(Problem(key, shorten(result), "expected a list of problem strings"))
                 continue
             problems.extend(Problem(key, None, text) for text in result)
@@ -326,6 +335,42 @@ class Plugins:
         await self._call_each("audit", problems, event=event)
         for problem in problems:
             log.error("audit hook failed", plugin=problem.key.rsplit(".", 1)[0], error=problem.reason)
+
+    async def describe_cidrs(self, contributions: Sequence[Contribution]) -> tuple[dict[str, dict[Network, tuple]], list[Problem]]:
+        """Every contributing plugin's ``describe_cidrs`` (for ``masqd explain``), each called with
+        its own CIDRs: plugin name -> CIDR -> :class:`~masqd.provenance.Origin` values, and the
+        problems of plugins whose descriptions could not be used (raised, hung, unusable). Those
+        only lose their detail, so the problems are returned, never raised."""
+        problems: list[Problem] = []
+        out: dict[str, dict[Network, tuple]] = {}
+        cidrs_of = {contribution.plugin: contribution.cidrs for contribution in contributions if contribution.cidrs}
+        for impl in _in_call_order(self.pm.hook.describe_cidrs):
+            cidrs = cidrs_of.get(impl.plugin_name)
+            if cidrs is None:
+                continue
+            key = f"{impl.plugin_name}.describe_cidrs"
+            hook = partial(impl.function, **({"cidrs": cidrs} if "cidrs" in impl.argnames else {}))
+            call = lambda hook=hook: _materialize_mapping(hook())  # noqa: E731 - read inside the isolated call
+            try:
+                if impl.plugin_name in self.builtin:
+                    result = call()
+                else:
+                    result = await self._isolated(impl.plugin_name, "describe_cidrs", call)
+            except Exception as exc:
+                problems.append(Problem(key, None, _failure(exc)))
+                continue
+            if result is None:
+                continue
+            if not isinstance(result, Mapping):
+                problems.append(Problem(key, shorten(result), "expected a mapping of CIDR -> description(s)"))
+                continue
+            described = {}
+            for cidr, value in result.items():
+                origins = _described(impl.plugin_name, cidr, value, key, problems)
+                if origins and origins[0] in cidrs:
+                    described[origins[0]] = origins[1]
+            out[impl.plugin_name] = described
+        return out, problems
 
     def implements(self, hook_name: str) -> bool:
         return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
@@ -343,6 +388,7 @@ class Plugins:
                 else:
                     result = await self._isolated(impl.plugin_name, hook_name, lambda: _materialize(impl.function(**args)))
             except Exception as exc:
+                self.failures[impl.plugin_name, hook_name] += 1
                 problems.append(Problem(f"{impl.plugin_name}.{hook_name}", None, _failure(exc)))
                 continue
             if result is not None:
@@ -448,6 +494,34 @@ def _materialize(result: Any) -> Any:
     if isinstance(result, Iterable):
         return list(result)
     return result
+
+
+def _materialize_mapping(result: Any) -> Any:
+    """A returned mapping read into a dict of lists, inside the call (see :func:`_materialize`)."""
+    if not isinstance(result, Mapping):
+        return result
+    return {key: _materialize(value) if not isinstance(value, (str, bytes, Mapping)) and isinstance(value, Iterable)
+            else value for key, value in result.items()}
+
+
+def _described(plugin: str, cidr: Any, value: Any, key: str, problems: list[Problem]) -> tuple[Network, tuple] | None:
+    """One ``describe_cidrs`` entry as ``(network, origins)``; unusable parts become problems."""
+    from masqd.provenance import Origin
+
+    try:
+        net = _contributed_network(cidr)
+    except CIDRError as exc:
+        problems.append(Problem(f"{key}[{safe_repr(cidr)[:60]}]", None, exc.reason))
+        return None
+    origins = []
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(item, str) and item.strip() and item.isprintable():
+            origins.append(Origin("plugin", plugin, detail=item.strip()[:200]))
+        elif isinstance(item, Origin) and item.kind == "policy" and isinstance(item.name, str) and item.name.isprintable():
+            origins.append(Origin("policy", item.name))
+        else:
+            problems.append(Problem(f"{key}[{net}]", shorten(item), "expected a one-line text or an Origin of kind 'policy'"))
+    return (net, tuple(origins)) if origins else None
 
 
 def _contributed_network(item: Any) -> Network:

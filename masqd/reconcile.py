@@ -18,7 +18,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from masqd.audit import AuditEvent
 from masqd.backends.base import Backend, SyncResult
-from masqd.config import AgentOptions, MasqConfig, default_config, limit_problem
+from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config, limit_problem
 from masqd.errors import ConfigError, MasqdError, PluginError
 from masqd.inputs import ConfigLoader, FileInput
 from masqd.events import Event
@@ -32,6 +32,12 @@ RETRY_INITIAL_SECONDS = 0.5
 RETRY_MAX_SECONDS = 30.0
 #: The same sync error is logged at most this often (repeats in between are debug events).
 REPEAT_ERROR_LOG_SECONDS = 60.0
+#: A pass still running after this many seconds makes the reconciler unhealthy (``/healthz``).
+#: A pass is bounded well below it: plugin hooks have 5 s deadlines, iptables-restore waits at
+#: most 10 s for the xtables lock per family, and 100k CIDRs apply in about 1.5 s.
+HEALTH_DEADLINE_SECONDS = 60.0
+#: A write's log line lists at most this many added (and removed) CIDRs, and counts the rest.
+LOGGED_CIDRS = 50
 
 
 async def plan(config: MasqConfig, options: AgentOptions, plugins: Plugins | None) -> tuple[RuleSet, tuple[Contribution, ...]]:
@@ -85,6 +91,19 @@ class Reconciler:
         self._retry_delay: float | None = None
         self._logged_findings: tuple[str, ...] = ()  # the config problems/warnings logged last
         self._last_sync_error: tuple[str, float] | None = None  # (message, when logged)
+        # What /healthz, /readyz and the metrics read:
+        self.running = False  # the event loop of run() is live
+        self.health_deadline = HEALTH_DEADLINE_SECONDS  # a longer pass is unhealthy (/healthz)
+        self.busy_since: float | None = None  # monotonic start of the pass in progress
+        self.sync_failure: str | None = None  # why the last sync failed; None once one succeeded
+        self.config_failure: str | None = None  # why the newest config was rejected; None when valid
+        self.config_rejections = 0  # passes whose new state was rejected (config or plugins)
+        self.latest_valid: RuleSet | None = None  # the newest desired state that was accepted
+        self.repaired = False  # the last pass rewrote rules someone else had changed
+        self.applied_at: float | None = None  # wall time of the last sync that succeeded
+        #: The merged config and plugin contributions the applied rules were computed from.
+        self.applied_from: tuple[MergedConfig, tuple[Contribution, ...]] | None = None
+        self._desired_from: tuple[MergedConfig, tuple[Contribution, ...]] | None = None
 
     @property
     def resync_interval(self) -> float:
@@ -115,6 +134,8 @@ class Reconciler:
         self.config = config
         self.origins = loaded.merged.origins
         self.contributions = contributions
+        self._desired_from = (loaded.merged, contributions)
+        self.latest_valid = ruleset
         if config.resync_interval_ns != previous and self.on_resync_interval is not None:
             self.on_resync_interval()
         return ruleset
@@ -138,17 +159,21 @@ class Reconciler:
         try:
             result = await self._reconcile(trigger, started)
         except BaseException as exc:
-            self._audit(trigger, before, None, SyncResult(getattr(exc, "written", ())), exc)
+            self._audit(trigger, before, None, SyncResult(getattr(exc, "written", ())), exc, started)
             raise
-        self._audit(trigger, before, self.applied, result, None)
+        self._audit(trigger, before, self.applied, result, None, started)
         return result
 
     async def _reconcile(self, trigger: str, started: float) -> SyncResult:
         config_error: ConfigError | None = None
+        self.repaired = False
         try:
             try:
                 desired = await self.desired()
+                self.config_failure = None
             except ConfigError as exc:
+                self.config_failure = str(exc)
+                self.config_rejections += 1
                 if self.applied is None:
                     raise
                 config_error, desired = exc, self.applied
@@ -161,16 +186,25 @@ class Reconciler:
         except MasqdError as exc:
             self._record_error(exc)
             if not isinstance(exc, ConfigError):
+                self.sync_failure = str(exc)
                 self._log_sync_error(exc, trigger)
             raise
         finally:
             self.generation += 1
         if result.changed:
             self.writes += 1
+            self.repaired = desired == self.applied
             self._log_write(desired, result, trigger, started)
         else:
             log.debug("in sync", backend=self.backend.name, trigger=trigger)
+        if config_error is None:
+            self.applied_from = self._desired_from
         self.applied = desired
+        if desired is self.latest_valid or desired == self.latest_valid:
+            # Only a sync of the newest valid state settles an earlier failure: healing the
+            # rules last applied while the config is bad leaves the kernel behind that state.
+            self.applied_at = time.time()
+            self.sync_failure = None
         if config_error is not None:
             self._record_error(config_error)
             raise config_error
@@ -179,7 +213,7 @@ class Reconciler:
         return result
 
     def _audit(self, trigger: str, before: RuleSet | None, after: RuleSet | None, result: SyncResult,
-               error: BaseException | None) -> None:
+               error: BaseException | None, started: float) -> None:
         if self.on_audit is None or isinstance(error, anyio.get_cancelled_exc_class()):
             return
         if isinstance(error, ConfigError):
@@ -191,7 +225,8 @@ class Reconciler:
         added, removed = _family_changes(before, after) if outcome == "applied" else ({}, {})
         self.on_audit(AuditEvent(time=time.time(), trigger=trigger, backend=self.backend.name, result=outcome,
                                  added=added, removed=removed, written=result.written,
-                                 error=None if error is None else str(error) or repr(error)))
+                                 error=None if error is None else str(error) or repr(error),
+                                 duration=time.perf_counter() - started, repair=self.repaired))
 
     async def _remove_leftovers(self, chain: str) -> None:
         """After a good sync, remove what another backend (or iptables variant) of a previous
@@ -227,6 +262,48 @@ class Reconciler:
         log.error(message, backend=self.backend.name, trigger=trigger, error=str(exc), written=list(written))
         self._last_sync_error = (str(exc), now)
 
+    def health(self) -> tuple[bool, str]:
+        """Whether the reconciler loop is alive, and why (``/healthz``).
+
+        Alive: its loop is running and either waiting for events (it then answers at once) or in
+        a pass that began less than ``health_deadline`` seconds ago. A pass stuck longer (a hung
+        iptables-restore, a wedged plugin) means the agent can no longer react, and a restart is
+        the remedy; the rules stay in the kernel meanwhile.
+        """
+        if not self.running:
+            return False, "reconciler loop is not running"
+        if self.busy_since is None:
+            return True, f"ok: reconciler idle; passes so far: {self.generation}"
+        busy = time.monotonic() - self.busy_since
+        if busy > self.health_deadline:
+            return False, (f"reconciler stuck: one pass has run for {busy:.1f} s "
+                           f"(deadline {self.health_deadline:g} s); passes so far: {self.generation}")
+        return True, f"ok: reconciler in a pass for {busy:.1f} s; passes so far: {self.generation}"
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the kernel holds the rules of the latest valid desired state, and why (``/readyz``).
+
+        Not ready before the first sync succeeded, and until the newest accepted state has been
+        synced after a failure (healing the older rules while the config is bad does not count:
+        the kernel is still behind). A rejected config does not make the agent unready: the
+        kernel holds the latest *valid* state, which is what a bad edit must not change; the
+        rejection is named in the text.
+        """
+        if self.applied is None:
+            reason = self.sync_failure or self.config_failure
+            waiting = f"the last attempt failed: {reason}" if reason else "waiting for the first sync"
+            return False, f"not ready: no rules applied yet; {waiting}"
+        if self.sync_failure is not None:
+            return False, f"not ready: the last apply failed, the kernel keeps older rules: {self.sync_failure}"
+        if self.latest_valid is not None and self.applied is not self.latest_valid and self.applied != self.latest_valid:
+            return False, "not ready: the newest valid config is being applied"
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.applied_at or 0))
+        count = sum(len(family.nonmasq) for family in self.applied.families)  # cidrs() would hash 100k networks
+        text = f"ready: the kernel holds the desired rules ({count} CIDRs, checked {when})"
+        if self.config_failure is not None:
+            text += f"; the newest config was rejected and the rules last applied stay: {self.config_failure}"
+        return True, text
+
     def _record_error(self, exc: MasqdError) -> None:
         self.errors += 1
         self.last_error = exc
@@ -242,17 +319,29 @@ class Reconciler:
         shares = {c.plugin: len(c.cidrs) for c in self.contributions if c.cidrs}
         if shares:
             fields["cidrs_from_plugins"] = shares
+        if desired == self.applied:
+            log.warning("rules restored after outside change", **fields)
+            return
+        added, removed = _family_changes(self.applied, desired)
+        for name, changes in (("cidrs_added", added), ("cidrs_removed", removed)):
+            listed = [c for cidrs in changes.values() for c in cidrs]
+            fields[name] = listed[:LOGGED_CIDRS]
+            if len(listed) > LOGGED_CIDRS:  # a 100k-CIDR change is counted, not printed
+                fields[f"{name}_count"] = len(listed)
         if self.applied is None:
             log.info("rules applied", cidrs=len(desired.cidrs()), **fields)
-        elif desired == self.applied:
-            log.warning("rules restored after outside change", **fields)
         else:
-            added, removed = _family_changes(self.applied, desired)
-            log.info("rules updated", cidrs_added=[c for cidrs in added.values() for c in cidrs],
-                     cidrs_removed=[c for cidrs in removed.values() for c in cidrs], **fields)
+            log.info("rules updated", **fields)
 
     async def run(self, events: MemoryObjectReceiveStream[Event]) -> None:
         """Reconcile on every batch of events until the stream closes or the task is cancelled."""
+        self.running = True
+        try:
+            await self._run(events)
+        finally:
+            self.running = False
+
+    async def _run(self, events: MemoryObjectReceiveStream[Event]) -> None:
         async with events:
             while True:
                 batch: list[Event] = [Event("retry")]
@@ -271,6 +360,7 @@ class Reconciler:
                 await self._reconcile_guarded(tuple(batch))
 
     async def _reconcile_guarded(self, batch: tuple[Event, ...]) -> None:
+        self.busy_since = time.monotonic()
         try:
             await self.reconcile(batch)
         except PluginError:
@@ -280,12 +370,15 @@ class Reconciler:
             return
         except MasqdError:
             pass
-        except Exception:  # a bug must not take the agent (and the node's egress) down with it
+        except Exception as exc:  # a bug must not take the agent (and the node's egress) down with it
             self.errors += 1
+            self.sync_failure = f"internal error: {exc!r}"
             log.exception("internal error during sync; kernel keeps its previous rules", trigger=batch[0].source)
         else:
             self._retry_delay = None
             return
+        finally:
+            self.busy_since = None
         delay = self.retry_initial_seconds if self._retry_delay is None else self._retry_delay * 2
         self._retry_delay = min(delay, RETRY_MAX_SECONDS)
 

@@ -313,3 +313,21 @@ def test_render_stdout_holds_only_the_rules_so_it_can_be_piped(backend):
     first = ran.stdout.splitlines()[0]
     assert first == ("# iptables-restore --noflush" if backend == "iptables" else "add table ip masqd")
     assert not any(line.lstrip().startswith("{") for line in ran.stdout.splitlines())
+
+
+def test_flags_without_a_command_mean_run_as_upstream_manifests_pass_them(tmp_path, capsys):
+    """An upstream DaemonSet passes only flags (its image's entrypoint is the agent): with the
+    image swapped, ``masqd --masq-chain=X ...`` must run the agent, not fail on a missing command."""
+    config = tmp_path / "config"
+    config.write_text("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    code = main(["--masq-chain=UPSTREAM", "--backend", "dry-run", "--config", str(config), "--once",
+                 "--log-format", "json"])
+    assert code == 0
+    assert ":UPSTREAM - [0:0]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["-version"]], ids=["--version", "-version"])
+def test_version_is_still_the_version(argv, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 0 and capsys.readouterr().out.startswith("masqd ")

@@ -196,7 +196,7 @@ async def test_burst_of_events_is_coalesced(tmp_path: Path) -> None:
 def start_masqd(config: Path, *flags: str) -> tuple[subprocess.Popen, netns.LineReader]:
     masqd = Path(sys.executable).with_name("masqd")
     proc = subprocess.Popen([str(masqd), "run", "--backend", "dry-run", "--config", str(config),
-                             "--log-format", "json", *flags], stderr=subprocess.PIPE)
+                             "--log-format", "json", "--http-address=127.0.0.1:0", *flags], stderr=subprocess.PIPE)
     return proc, netns.LineReader(proc.stderr)
 
 
@@ -377,3 +377,26 @@ async def test_leftover_removal_is_retried_until_it_succeeds(tmp_path: Path) -> 
     assert other.attempts == 2  # failed, retried after the next sync, then never again
     assert [e["event"] for e in logs if e.get("backend") == "other"] == [
         "could not remove another backend's leftovers; will retry", "removed another backend's leftovers"]
+
+
+def test_each_apply_is_logged_with_trigger_changes_and_duration_and_big_changes_are_counted(tmp_path: Path) -> None:
+    """The audit trail in the logs: the first apply and every change name the trigger, the CIDRs
+    added and removed (at most LOGGED_CIDRS listed, the rest counted) and the duration."""
+    from masqd.events import Event
+    from masqd.reconcile import LOGGED_CIDRS
+
+    config = tmp_path / "config"
+    many = [f"10.{i // 256}.{i % 256}.0/24" for i in range(LOGGED_CIDRS + 30)]
+    config.write_text(f"cidrLimit: 1000\nnonMasqueradeCIDRs: [{', '.join(many)}]\n")
+    reconciler = Reconciler(DryRunBackend(), AgentOptions(), config)
+    with structlog.testing.capture_logs() as logs:
+        anyio.run(reconciler.reconcile, (Event("startup"),))
+        config.write_text("nonMasqueradeCIDRs: [10.0.0.0/24, 198.51.100.0/24]\n")
+        anyio.run(reconciler.reconcile, (Event("file"), Event("timer")))
+    first, update = [e for e in logs if e["event"] in ("rules applied", "rules updated")]
+    assert first["event"] == "rules applied" and first["trigger"] == "startup"
+    assert len(first["cidrs_added"]) == LOGGED_CIDRS and first["cidrs_added_count"] == LOGGED_CIDRS + 31
+    assert first["cidrs_removed"] == [] and first["duration_ms"] >= 0
+    assert update["trigger"] == "file,timer" and update["cidrs_added"] == ["198.51.100.0/24"]
+    assert len(update["cidrs_removed"]) == LOGGED_CIDRS and update["cidrs_removed_count"] == LOGGED_CIDRS + 29
+    assert "cidrs_added_count" not in update and update["duration_ms"] >= 0

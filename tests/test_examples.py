@@ -28,7 +28,8 @@ from masqd.cidrs import CIDRError, parse_cidr
 from masqd.config import AgentOptions, parse_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kubernetes"
-MANIFEST_FILES = sorted(p for p in EXAMPLES.rglob("*") if p.suffix in (".yaml", ".yml"))
+#: The API objects (kustomization.yaml is kustomize's input, not one: test_deploy.py checks it).
+MANIFEST_FILES = sorted(p for p in EXAMPLES.rglob("*") if p.suffix in (".yaml", ".yml") and p.name != "kustomization.yaml")
 POLICY_FILES = sorted((EXAMPLES / "policies").glob("*.yaml"))
 
 #: The path upstream ip-masq-agent (and masqd's --config default) reads.

@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 import netns
@@ -526,3 +527,51 @@ def test_cleanup_in_auto_mode_removes_masqds_chain_from_every_variant(ns, masqd,
     assert result.stdout == (f"removed: ipv4 chain {CHAIN} (legacy), ipv4 jump (legacy), "
                              f"ipv4 chain {CHAIN} (nft), ipv4 jump (nft)\n")
     assert not ours(save(ns, "legacy", 4)) and not ours(save(ns, "nft", 4))
+
+
+def test_unreadable_legacy_table_list_is_an_error_that_says_run_as_root(monkeypatch):
+    """/proc/net/ip_tables_names is 0440 root: a masqd running as another user cannot tell
+    whether legacy tables exist, and must say so instead of assuming there are none."""
+    from masqd.backends import iptables_mode
+    from masqd.errors import BackendError
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(iptables_mode, "open", refuse, raising=False)
+    with pytest.raises(BackendError, match=r"ip_tables_names \(permission denied\): legacy iptables needs "
+                                           r"masqd to run as root; .* --iptables-mode nft"):
+        iptables_mode.legacy_tables(4)
+    assert iptables_mode.legacy_readable() is False
+
+
+def test_a_missing_legacy_table_list_means_no_legacy_tables(monkeypatch):
+    from masqd.backends import iptables_mode
+
+    def missing(path, *args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    monkeypatch.setattr(iptables_mode, "open", missing, raising=False)
+    assert iptables_mode.legacy_tables(6) == frozenset() and iptables_mode.legacy_readable() is True
+
+
+def test_auto_detection_warns_and_skips_legacy_it_cannot_read(monkeypatch):
+    import structlog
+
+    from masqd.backends import iptables_mode
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    seen: list[list[str]] = []
+
+    async def run_save(argv):
+        seen.append(argv)
+        return "*nat\n-A POSTROUTING -j MASQUERADE\nCOMMIT\n"
+
+    monkeypatch.setattr(iptables_mode, "open", refuse, raising=False)
+    monkeypatch.setattr(iptables_mode, "installed_modes", lambda: ("legacy", "nft"))
+    with structlog.testing.capture_logs() as logs:
+        assert anyio.run(iptables_mode.detect_mode, run_save) == "nft"
+    assert all("legacy" not in argv[0] for argv in seen)  # never asked the variant it cannot read
+    assert any("run masqd as root" in event["event"] for event in logs)

@@ -24,6 +24,7 @@ from masqd.config import AgentOptions
 from masqd.daemon import run_daemon
 from masqd.errors import FlagError, PluginError, PluginLoadError
 from masqd.plugins import Plugins, SourceContext
+from masqd.provenance import Origin
 from masqd.reconcile import Reconciler
 from masqd.testing import make_plugins
 
@@ -611,10 +612,119 @@ def test_unknown_backend_is_a_usage_error_listing_plugin_backends(capsys):
     assert "--backend=nft: unknown backend; available: dry-run, iptables, nftables" in capsys.readouterr().err
 
 
+# --- describe_cidrs ------------------------------------------------------------------------------------
+
+
+class Describes:
+    """Contributes CIDRs and says where each came from (``described``: what describe_cidrs returns)."""
+
+    def __init__(self, name: str, cidrs, described):
+        self.name = name
+        self.cidrs = list(cidrs)
+        self.described = described
+        self.asked: list = []
+
+    @masqd.hookimpl
+    def nonmasq_cidrs(self):
+        return self.cidrs
+
+    @masqd.hookimpl
+    def describe_cidrs(self, cidrs):
+        self.asked.append(cidrs)
+        if isinstance(self.described, BaseException):
+            raise self.described
+        return self.described() if callable(self.described) else self.described
+
+
+def describe(plugins: Plugins, options: AgentOptions = AgentOptions()):
+    async def both():
+        return await plugins.describe_cidrs(await plugins.contributions(None, options))
+    return anyio.run(both)
+
+
+def _texts(described: dict) -> dict:
+    return {plugin: {str(net): [str(origin) for origin in origins] for net, origins in by_net.items()}
+            for plugin, by_net in described.items()}
+
+
+@covers("describe_cidrs")
+def test_each_plugin_describes_only_its_own_cidrs(masqd_plugins):
+    files = Describes("files", ["192.0.2.0/24", "198.51.100.0/24"], {
+        "192.0.2.0/24": "file /etc/cidrs/a line 3",
+        ipaddress.ip_network("198.51.100.0/24"): ["file /etc/cidrs/a line 4", "file /etc/cidrs/b line 1"],
+        "203.0.113.0/24": "not one of mine: ignored",
+    })
+    policies = Describes("policies", ["203.0.113.0/24"], {"203.0.113.0/24": Origin("policy", "on-prem")})
+    quiet = Describes("quiet", ["10.0.0.0/8"], None)
+    plugins = masqd_plugins(files, policies, quiet)
+    described, problems = describe(plugins)
+    assert problems == []
+    assert _texts(described) == {
+        "files": {"192.0.2.0/24": ["plugin files (file /etc/cidrs/a line 3)"],
+                  "198.51.100.0/24": ["plugin files (file /etc/cidrs/a line 4)", "plugin files (file /etc/cidrs/b line 1)"]},
+        "policies": {"203.0.113.0/24": ["EgressNATPolicy on-prem"]},
+    }
+    assert files.asked == [(ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("198.51.100.0/24"))]
+    assert quiet.asked == [(ipaddress.ip_network("10.0.0.0/8"),)]
+
+
+@covers("describe_cidrs")
+def test_a_plugin_that_contributed_nothing_is_not_asked(masqd_plugins):
+    empty = Describes("empty", [], {"192.0.2.0/24": "never asked"})
+    described, problems = describe(masqd_plugins(empty))
+    assert (described, problems, empty.asked) == ({}, [], [])
+
+
+@covers("describe_cidrs")
+@pytest.mark.parametrize(("described", "reason"), [
+    pytest.param(RuntimeError("boom"), "raised RuntimeError('boom')", id="raises"),
+    pytest.param(["192.0.2.0/24"], "expected a mapping", id="a-list"),
+    pytest.param({"192.0.2.0/24": 42}, "expected a one-line text or an Origin of kind 'policy'", id="a-number"),
+    pytest.param({"192.0.2.0/24": "two\nlines"}, "expected a one-line text", id="a-newline"),
+    pytest.param({"192.0.2.0/24": Origin("config", "/etc/x", 1)}, "Origin of kind 'policy'", id="claims-a-config-file"),
+    pytest.param({"192.0.2.1/24": "misaligned"}, "did you mean '192.0.2.0/24'", id="bad-cidr-key"),
+])
+def test_an_unusable_description_loses_only_the_detail_and_names_the_plugin(masqd_plugins, described, reason):
+    bad = Describes("bad", ["192.0.2.0/24"], described)
+    good = Describes("good", ["198.51.100.0/24"], {"198.51.100.0/24": "file /x line 1"})
+    result, problems = describe(masqd_plugins(bad, good))
+    assert _texts(result)["good"] == {"198.51.100.0/24": ["plugin good (file /x line 1)"]}
+    assert result.get("bad", {}) == {}
+    (problem,) = problems
+    assert problem.key.startswith("bad.describe_cidrs") and reason in str(problem)
+
+
+@covers("describe_cidrs")
+def test_a_hanging_describe_hook_is_abandoned(masqd_plugins):
+    release = threading.Event()
+
+    def hang():
+        release.wait(WAIT)
+        return {"192.0.2.0/24": "too late"}
+
+    slow = Describes("slow", ["192.0.2.0/24"], hang)
+    try:
+        described, problems = describe(masqd_plugins(slow, hook_timeout=0.2))
+    finally:
+        release.set()
+    assert described == {}
+    (problem,) = problems
+    assert problem.key == "slow.describe_cidrs" and "hung" in problem.reason
+
+
+@covers("describe_cidrs")
+def test_the_daemon_never_asks_for_descriptions(masqd_dry_run):
+    plugin = Describes("files", ["192.0.2.0/24"], RuntimeError("explain only"))
+    result = masqd_dry_run(plugin).apply(None)
+    assert result.error is None and "192.0.2.0/24" in result.nonmasq[4]
+    assert plugin.asked == []
+
+
 # --- the meta-test -------------------------------------------------------------------------------------
 
 
 def test_every_hookspec_has_a_test():
     specs = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "masqd_spec")}
-    assert specs == {"nonmasq_cidrs", "validate_config", "audit", "register_backends", "register_sources"}
+    assert specs == {"nonmasq_cidrs", "validate_config", "audit", "register_backends", "register_sources",
+                     "describe_cidrs"}
     assert specs - COVERED == set(), f"hookspecs without a test: {sorted(specs - COVERED)}"

@@ -7,7 +7,7 @@ import shutil
 
 from masqd.backends.base import Backend
 from masqd.backends.iptables import IptablesBackend
-from masqd.backends.iptables_mode import installed_modes
+from masqd.backends.iptables_mode import installed_modes, legacy_readable
 from masqd.backends.nftables import NftablesBackend
 
 def leftover_backends(active: Backend) -> tuple[Backend, ...]:
@@ -17,7 +17,9 @@ def leftover_backends(active: Backend) -> tuple[Backend, ...]:
     others: list[Backend] = []
     if active.name in ("iptables", "nftables"):
         variant = getattr(active, "mode", None)
-        others += [IptablesBackend(mode=mode) for mode in installed_modes() if mode != variant]
+        # legacy tables this process cannot read (not root) cannot hold rules it wrote either
+        others += [IptablesBackend(mode=mode) for mode in installed_modes()
+                   if mode != variant and (mode != "legacy" or legacy_readable())]
     if active.name == "iptables" and shutil.which("nft"):
         others.append(NftablesBackend())
     return tuple(others)

@@ -3,6 +3,8 @@
 A backend turns a :class:`~masqd.ruleset.RuleSet` into kernel state. ``render`` is pure (the
 exact text the backend would write to an empty kernel); ``sync`` reads the kernel back, writes
 only what differs, atomically, and says what it wrote. Only the reconciler calls ``sync``.
+``read_back`` (optional) only reads: it says what the kernel holds as a :class:`LiveRules`, for
+``masqd explain --live``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from masqd.cidrs import Network
 from masqd.config import AgentOptions
 from masqd.ruleset import RuleSet
 
@@ -39,9 +42,114 @@ class SyncResult:
         return bool(self.written)
 
 
+#: When a :class:`ForeignRule` acts, relative to masqd's rules.
+BEFORE, INSIDE, AFTER = "before", "inside", "after"
+#: What a :class:`ForeignRule` may do to a packet's source address.
+MASQUERADES, KEEPS, EITHER = "masquerade", "keep", "either"
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignRule:
+    """A rule (or another table's chain) masqd does not write that may decide whether traffic of
+    its family is masqueraded. Rules that cannot decide it (a LOG, a MARK, a chain that only
+    returns) are not listed.
+
+    text: the rule as the tool prints it, or (a chain) ``table ip nat chain POSTROUTING priority 100``.
+    kind: ``rule``, or ``chain``: another table's chain hooked at nat postrouting, whose rules are
+        not evaluated.
+    stage: :data:`BEFORE` masqd's rules (an earlier POSTROUTING rule, a chain at the same or an
+        earlier priority), :data:`INSIDE` masqd's chain (ahead of its ``position``-th
+        non-masquerade CIDR), or :data:`AFTER` it (acts only on traffic masqd's rules leave
+        alone: a later POSTROUTING rule, a chain at a later priority).
+    effect: :data:`MASQUERADES` (rewrites the source: MASQUERADE, SNAT...), :data:`KEEPS` (ends
+        nat processing without rewriting it: ACCEPT), or :data:`EITHER` (a jump to another chain).
+    destination: the destinations it is limited to (``None``: any, or not known); ``negated``: it
+        applies to destinations outside ``destination`` instead.
+    certain: it matches every packet to such a destination (no match that is not evaluated).
+    position: (:data:`INSIDE`) how many of :attr:`LiveFamily.nonmasq` come before it.
+    """
+
+    text: str
+    stage: str
+    effect: str
+    destination: Network | None = None
+    negated: bool = False
+    certain: bool = False
+    position: int = 0
+    kind: str = "rule"
+
+    def may_match(self, address) -> bool:
+        """Whether traffic to ``address`` (of this rule's family) may match it."""
+        if self.destination is None:
+            return True
+        return (address in self.destination) != self.negated
+
+
+@dataclass(frozen=True, slots=True)
+class LiveFamily:
+    """What the kernel holds of masqd's rules for one address family, backend-neutral.
+
+    family: 4 or 6.
+    present: masqd's chain (iptables) or table (nftables) exists.
+    hooked: traffic leaving the node reaches it: the POSTROUTING jump (iptables), the chain
+        hooked at nat postrouting (nftables).
+    local_exempt: destinations local to the node skip it (the jump's ``addrtype ! --dst-type
+        LOCAL``; nftables' ``fib daddr type local return``).
+    nonmasq: the destinations its rules keep (not masquerade), in rule order (nftables: the set's
+        elements, merged and sorted as the kernel keeps them).
+    masquerade: the final, unconditional masquerade rule is there.
+    unexpected: what masqd would not have written (a foreign rule, a rule after the final
+        masquerade, a second jump, a chain policy...), one description each.
+    drift: why a sync would rewrite this family (``None``: the kernel holds exactly the rules
+        of the rule set read back against).
+    foreign: the rules masqd does not write that may decide what happens to traffic before,
+        inside or after masqd's rules (:class:`ForeignRule`), in the order the kernel walks them.
+    """
+
+    family: int
+    present: bool
+    hooked: bool = False
+    local_exempt: bool = False
+    nonmasq: tuple[Network, ...] = ()
+    masquerade: bool = False
+    unexpected: tuple[str, ...] = ()
+    drift: str | None = None
+    foreign: tuple[ForeignRule, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"ipv{self.family}"
+
+
+@dataclass(frozen=True, slots=True)
+class LiveRules:
+    """What a backend read back from the kernel: one :class:`LiveFamily` per family of the rule
+    set it was asked about. ``backend`` names the backend, ``where`` what it read (e.g. ``chain
+    IP-MASQ-AGENT``, ``table masqd``), for messages."""
+
+    backend: str
+    where: str
+    families: tuple[LiveFamily, ...]
+
+    def family(self, number: int) -> LiveFamily | None:
+        return next((family for family in self.families if family.family == number), None)
+
+    @property
+    def in_sync(self) -> bool:
+        return all(family.drift is None for family in self.families)
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """A way to program masquerade rules."""
+    """A way to program masquerade rules.
+
+    Optional: ``async def read_back(self, ruleset: RuleSet) -> LiveRules`` reads (never writes)
+    what the kernel holds of this backend's rules for each family of ``ruleset``, and says per
+    family whether a sync of ``ruleset`` would write (``LiveFamily.drift``). Parsing what the
+    tools print into that value is pure. ``masqd explain --live`` needs it; a backend without it
+    (a plugin's) is refused there with a message saying so. Raises
+    :class:`~masqd.errors.BackendError` when the kernel cannot be read.
+    """
 
     name: str
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import structlog
 
-from masqd.backends.base import SyncResult
+from masqd.backends.base import LiveFamily, LiveRules, SyncResult
 from masqd.backends.iptables import render_ruleset
 from masqd.ruleset import RuleSet
 
@@ -37,6 +37,26 @@ class DryRunBackend:
 
     def render(self, ruleset: RuleSet) -> str:
         return render_ruleset(ruleset)
+
+    async def read_back(self, ruleset: RuleSet) -> LiveRules:
+        """What this backend pretends the kernel holds (the rule set it last applied), per family
+        of ``ruleset``: nothing before the first sync."""
+        applied = self.applied
+        families = []
+        for family in ruleset.families:
+            held = None if applied is None else (applied.ipv4 if family.family == 4 else applied.ipv6)
+            if held is None:
+                families.append(LiveFamily(family.family, present=False, drift="nothing applied"))
+                continue
+            reasons = [why for why, differs in (
+                ("non-masquerade CIDRs differ", held.nonmasq != family.nonmasq),
+                ("masquerade differs", applied.masquerade != ruleset.masquerade),
+                ("chain name differs", applied.chain != ruleset.chain),
+            ) if differs]
+            families.append(LiveFamily(family.family, present=True, hooked=True, local_exempt=True,
+                                       nonmasq=held.nonmasq, masquerade=True,
+                                       drift="; ".join(reasons) or None))
+        return LiveRules(self.name, "dry-run rule set", tuple(families))
 
     async def sync(self, ruleset: RuleSet) -> SyncResult:
         if ruleset == self.applied:

@@ -13,6 +13,12 @@ import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import structlog
+
+from masqd.errors import BackendError
+
+log = structlog.get_logger("masqd.backend.iptables")
+
 MODES = ("auto", "legacy", "nft")
 
 
@@ -72,13 +78,28 @@ def choose_mode(legacy: tuple[bool, int], nft: tuple[bool, int]) -> str:
 def legacy_tables(family: int) -> frozenset[str]:
     """The x_tables (legacy) tables that exist for ``family`` in this network namespace.
 
-    Read from /proc, because asking ``iptables-legacy-save -t TABLE`` creates TABLE."""
+    Read from /proc, because asking ``iptables-legacy-save -t TABLE`` creates TABLE. A missing
+    file means the legacy modules are not loaded: no table. Raises
+    :class:`~masqd.errors.BackendError` when the file exists but cannot be read (it is 0440
+    root: masqd runs as a user other than root), since legacy iptables cannot be used then."""
     path = "/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names"
     try:
         with open(path) as listing:
             return frozenset(listing.read().split())
+    except PermissionError:
+        raise BackendError(f"cannot read {path} (permission denied): legacy iptables needs masqd to run as "
+                           "root; on nodes that use iptables-nft pass --iptables-mode nft") from None
     except OSError:
         return frozenset()
+
+
+def legacy_readable() -> bool:
+    """Whether this process can see the legacy tables (see :func:`legacy_tables`)."""
+    try:
+        legacy_tables(4)
+    except BackendError:
+        return False
+    return True
 
 
 SaveRunner = Callable[[list[str]], Awaitable[str | None]]
@@ -97,6 +118,10 @@ async def detect_mode(run_save: SaveRunner) -> str:
         return modes[0]
     evidence = {"legacy": (False, 0)}
     for mode in modes:
+        if mode == "legacy" and not legacy_readable():
+            log.warning("cannot inspect legacy iptables as a user other than root; assuming the host "
+                        "uses iptables-nft (run masqd as root on nodes that use legacy iptables)")
+            continue
         if mode == "legacy" and not (legacy_tables(4) or legacy_tables(6)):
             continue  # no legacy table at all: nothing to count
         hint = False

@@ -1,7 +1,8 @@
 """Default plugin: ``EgressNATPolicy`` objects as non-masquerade CIDRs (``--egress-nat-policies``).
 
 It registers a watch on the cluster's policies (:class:`~masqd.sources.kube.ReflectorSource`) and
-contributes the destinations of every valid ``NoSNAT`` policy through ``nonmasq_cidrs``. An invalid
+contributes the destinations of every valid ``NoSNAT`` policy through ``nonmasq_cidrs`` (and, for
+``masqd explain``, names the policies listing each one through ``describe_cidrs``). An invalid
 policy is skipped and reported once with its name; the others still apply. Without
 ``--enable-ipv6`` a policy's IPv6 destinations are left out (reported once) and its IPv4 ones
 apply. Until the first list arrives (or without the flag) it contributes nothing.
@@ -15,6 +16,7 @@ import structlog
 
 from masqd.hookspecs import hookimpl
 from masqd.policies import Policy, PolicySet, as_mapping, parse_policies
+from masqd.provenance import Origin
 
 log = structlog.get_logger("masqd.egress_nat_policies")
 
@@ -65,6 +67,12 @@ class EgressNATPolicies:
         self.policies = policies
         self._report(policies)
         return [str(net) for net in policies.nonmasq_origins()]
+
+    @hookimpl
+    def describe_cidrs(self, cidrs):
+        """For ``masqd explain``: each contributed CIDR -> the policies listing it."""
+        origins = {} if self.policies is None else self.policies.nonmasq_origins()
+        return {net: [Origin("policy", name) for name in origins[net]] for net in cidrs if net in origins}
 
     def _report(self, policies: PolicySet) -> None:
         """Log each invalid policy, and each policy's IPv6 destinations left out, once."""

@@ -13,7 +13,8 @@ Two inputs, both optional, set in masqd's environment:
 The files are read when masqd asks (``nonmasq_cidrs``) and only when they changed since the last
 read; the plugin's event source watches them and asks masqd to reconcile on any change. A file
 that cannot be read or holds something that is not a CIDR makes the hook fail with the file and
-line, so masqd keeps its last good rules.
+line, so masqd keeps its last good rules. ``masqd explain`` shows the file and line (or the
+document and entry) each CIDR came from (``describe_cidrs``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class CidrFiles:
     def __init__(self, directory: Path | None = None, documents: Sequence[Path] = ()):
         self.directory = directory
         self.documents = tuple(documents)
-        self._cache: tuple[tuple, bool, list[str]] | None = None  # (file signatures, ipv6, cidrs)
+        # (file signatures, ipv6, [(cidr, where it was read: "file PATH line N")])
+        self._cache: tuple[tuple, bool, list[tuple[str, str]]] | None = None
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> CidrFiles:
@@ -55,11 +57,22 @@ class CidrFiles:
         files = self._files()
         signature = tuple((str(path), _stat_signature(path)) for path in files)
         if self._cache is None or self._cache[:2] != (signature, options.enable_ipv6):
-            cidrs: list[str] = []
+            cidrs: list[tuple[str, str]] = []
             for path in files:
                 cidrs += self._read(path, options.enable_ipv6)
             self._cache = (signature, options.enable_ipv6, cidrs)
-        return list(self._cache[2])
+        return [cidr for cidr, _ in self._cache[2]]
+
+    @masqd.hookimpl
+    def describe_cidrs(self, cidrs):
+        """Where each CIDR was read, as of the last ``nonmasq_cidrs`` (for ``masqd explain``)."""
+        wanted = set(cidrs)
+        found: dict = {}
+        for cidr, where in self._cache[2] if self._cache else ():
+            net = parse_cidr(cidr)
+            if net in wanted:
+                found.setdefault(net, []).append(where)
+        return found
 
     @masqd.hookimpl
     def register_sources(self, register):
@@ -76,7 +89,7 @@ class CidrFiles:
             files += sorted(p for p in self.directory.iterdir() if not p.name.startswith(".") and p.is_file())
         return files + list(self.documents)
 
-    def _read(self, path: Path, ipv6: bool) -> list[str]:
+    def _read(self, path: Path, ipv6: bool) -> list[tuple[str, str]]:
         text = path.read_text(encoding="utf-8")
         if path in self.documents:
             return _ranges_document(path, text, ipv6)
@@ -84,11 +97,11 @@ class CidrFiles:
         for number, line in enumerate(text.splitlines(), 1):
             for token in line.split("#", 1)[0].split():
                 _check(token, f"{path}:{number}")
-                cidrs.append(token)
+                cidrs.append((token, f"file {path} line {number}"))
         return cidrs
 
 
-def _ranges_document(path: Path, text: str, ipv6: bool) -> list[str]:
+def _ranges_document(path: Path, text: str, ipv6: bool) -> list[tuple[str, str]]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -101,10 +114,9 @@ def _ranges_document(path: Path, text: str, ipv6: bool) -> list[str]:
         where = f"{path}: prefixes[{index}]"
         if not isinstance(entry, dict) or not ({"ipv4Prefix", "ipv6Prefix"} & entry.keys()):
             raise ValueError(f"{where}: expected an object with ipv4Prefix or ipv6Prefix")
-        if "ipv4Prefix" in entry:
-            cidrs.append(_check(entry["ipv4Prefix"], where))
-        if "ipv6Prefix" in entry and ipv6:
-            cidrs.append(_check(entry["ipv6Prefix"], where))
+        for key in ("ipv4Prefix", "ipv6Prefix") if ipv6 else ("ipv4Prefix",):
+            if key in entry:
+                cidrs.append((_check(entry[key], where), f"{where}.{key}"))
     return cidrs
 
 

@@ -135,3 +135,27 @@ def test_masqd_render_names_the_plugin_and_writes_its_cidrs(tmp_path):
     assert "plugin cidr-files: 1 non-masquerade CIDRs: 192.0.2.0/24" in result.stderr
     assert "-A IP-MASQ-AGENT -d 192.0.2.0/24 -m comment" in result.stdout
     assert "plugin cidr-files" not in result.stdout  # stdout stays exactly the script
+
+
+def test_explain_names_the_file_and_line_of_each_cidr(tmp_path, masqd_plugins):
+    """``describe_cidrs``: what ``masqd explain`` shows after the plugin's name."""
+    listing = tmp_path / "cidrs" / "partners"
+    listing.parent.mkdir()
+    listing.write_text("# partners\n198.51.100.0/24\n192.0.2.0/25 192.0.2.128/25  # two halves\n")
+    doc = tmp_path / "cloud.json"
+    doc.write_text(ranges_document({"ipv4Prefix": "203.0.113.0/24"}, {"ipv4Prefix": "198.51.100.0/24"}))
+    plugins = masqd_plugins(CidrFiles(listing.parent, documents=[doc]))
+
+    async def describe():
+        contributions = await plugins.contributions(None, AgentOptions())
+        return await plugins.describe_cidrs(contributions)
+
+    (described, problems) = anyio.run(describe)
+    assert problems == []
+    texts = {str(net): [origin.detail for origin in origins] for net, origins in described["cidr-files"].items()}
+    assert texts == {
+        "198.51.100.0/24": [f"file {listing} line 2", f"{doc}: prefixes[1].ipv4Prefix"],
+        "192.0.2.0/25": [f"file {listing} line 3"],
+        "192.0.2.128/25": [f"file {listing} line 3"],
+        "203.0.113.0/24": [f"{doc}: prefixes[0].ipv4Prefix"],
+    }
