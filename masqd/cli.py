@@ -175,7 +175,9 @@ def _add_explain_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="a destination address, IPv4 or IPv6")
     parser.add_argument("--live", action="store_true",
                         help="explain from the rules the kernel holds (read back through --backend, never "
-                             "written) and name every difference from the desired state (exit 5 if any)")
+                             "written), with the rules masqd does not write that may act on each address, and "
+                             "name every difference from the desired state (exit 5 if any); with an invalid "
+                             "config, from the kernel's rules alone (exit 1)")
     parser.add_argument("--output", choices=("text", "json"), default="text",
                         help="text (default), or json: a list with one object per address")
     return parser
@@ -409,12 +411,9 @@ def _read_back(args: argparse.Namespace, options: AgentOptions, plugins: Plugins
     """What the kernel holds of ``ruleset``'s rules (``explain --live``); ``None`` after printing
     why the kernel could not be read."""
     backend = _backend(args, options, plugins)
-    read_back = getattr(backend, "read_back", None)
-    if read_back is None:  # a plugin's backend may not offer it: a usage error (exit 2)
-        raise FlagError("backend", args.backend, "this backend cannot read its rules back (it has no read_back "
-                        "method), which explain --live needs; run explain without --live")
+    reconciler = Reconciler(backend, options, config_loader(args, options, None))  # the one caller of backends
     try:
-        return anyio.run(read_back, ruleset)
+        return anyio.run(reconciler.read_back, ruleset)  # no read_back: FlagError, a usage error (exit 2)
     except BackendError as exc:
         print(f"error: {backend.name}: {exc}", file=sys.stderr)
         return None

@@ -102,11 +102,13 @@ class Explanation:
 
     @property
     def drift(self) -> bool:
-        """The kernel masquerades it and the desired state would not, or the other way round, or
-        rules masqd does not write may decide either way."""
-        if self.live is None or self.desired is None:
+        """The kernel masquerades it and the desired state would not, or the other way round.
+        An ``uncertain`` verdict (a rule masqd does not write *may* decide, depending on matches
+        explain does not evaluate, such as kube-proxy's packet-mark MASQUERADE on every node)
+        is shown but is not drift: otherwise ``--live`` would report drift on every such node."""
+        if self.live is None or self.desired is None or self.live.action == UNCERTAIN:
             return False
-        return self.live.action == UNCERTAIN or self.live.masquerades != self.desired.masquerades
+        return self.live.masquerades != self.desired.masquerades
 
 
 def parse_address(text: str) -> Address:
@@ -199,7 +201,6 @@ def _live(address: Address, live: LiveRules, origins) -> Verdict:
     first_keep = next((index for index, net in enumerate(family.nonmasq) if address in net), len(family.nonmasq))
     outcomes: set[bool] = set()  # what the rules that may act on it may do: masquerade it (True) or not
     acting: list[ForeignRule] = []
-    decided = None
 
     def walk(rules) -> ForeignRule | None:
         for rule in rules:
@@ -385,27 +386,31 @@ def _drift_text(explanation: Explanation) -> str:
     return f"{kernel}; the desired state keeps the pod address ({'; '.join(map(_match_text, desired.matches))})"
 
 
-def _foreign_drift(report: Report) -> list[str]:
-    """The addresses rules masqd does not write decide, or may decide, otherwise than desired."""
-    return [e.shown_address for e in report.explanations
-            if e.drift and (e.live.action == UNCERTAIN or e.live.decided_by is not None)]
+def _foreign_drift(report: Report) -> tuple[list[str], list[str]]:
+    """The addresses rules masqd does not write decide otherwise than desired, and those they
+    may decide otherwise (an ``uncertain`` verdict: not drift, but worth saying)."""
+    decided = [e.shown_address for e in report.explanations if e.drift and e.live.decided_by is not None]
+    uncertain = [e.shown_address for e in report.explanations
+                 if e.live is not None and e.desired is not None and e.live.action == UNCERTAIN]
+    return decided, uncertain
 
 
 def _summary(report: Report) -> list[str]:
     live = report.live
-    foreign = _foreign_drift(report)
-    decided = f"rules masqd does not write decide, or may decide, otherwise for {', '.join(foreign)}"
+    decided, uncertain = _foreign_drift(report)
+    notes = ([f"rules masqd does not write decide otherwise for {', '.join(decided)}"] if decided else []) + (
+        [f"rules masqd does not write may decide otherwise for {', '.join(uncertain)} (matches explain does not "
+         "evaluate: check them)"] if uncertain else [])
     if not any(report.differences.values()):
         labels = ", ".join(family.label for family in live.families)
-        if foreign:
+        if notes:
             return [f"masqd's rules in the kernel are the desired ones ({live.backend} backend, {live.where}: {labels}), "
-                    f"but {decided}"]
+                    f"but {'; '.join(notes)}"]
         return [f"the kernel holds the desired state ({live.backend} backend, {live.where}: {labels})"]
     out = [f"the kernel differs from the desired state ({live.backend} backend, {live.where}):"]
     for family in live.families:
         out += [f"  {family.label}: {line}" for line in report.differences.get(family.family, ())]
-    if foreign:
-        out.append(f"  {decided}")
+    out += [f"  {note}" for note in notes]
     return out
 
 

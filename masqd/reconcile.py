@@ -19,7 +19,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from masqd.audit import AuditEvent
 from masqd.backends.base import Backend, SyncResult
 from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config, limit_problem
-from masqd.errors import ConfigError, MasqdError, PluginError
+from masqd.errors import ConfigError, FlagError, MasqdError, PluginError
 from masqd.inputs import ConfigLoader, FileInput
 from masqd.events import Event
 from masqd.plugins import Contribution, Plugins
@@ -249,6 +249,16 @@ class Reconciler:
     async def cleanup(self) -> tuple[str, ...]:
         """Remove everything the backend created (``masqd cleanup``)."""
         return await self.backend.cleanup(self.options.masq_chain)
+
+    async def read_back(self, ruleset: RuleSet):
+        """What the kernel holds of ``ruleset``'s rules (``masqd explain --live``): the backend's
+        optional ``read_back``, which only reads. Raises :class:`FlagError` when the backend has
+        none (a plugin's may not), :class:`~masqd.errors.BackendError` when the kernel cannot be read."""
+        read_back = getattr(self.backend, "read_back", None)
+        if read_back is None:
+            raise FlagError("backend", self.backend.name, "this backend cannot read its rules back (it has no "
+                            "read_back method), which explain --live needs; run explain without --live")
+        return await read_back(ruleset)
 
     def _log_sync_error(self, exc: MasqdError, trigger: str) -> None:
         written = getattr(exc, "written", ())

@@ -626,6 +626,48 @@ LIVE = [
         "  ipv4: a sync would rewrite it (table ip masqd missing)"], id="nftables-table-deleted"),
     pytest.param("nftables", _nft("delete element ip6 masqd nonmasq6 { 2001:db8:1::/64 }"), 5, ["2001:db8:1::5"], [
         "  ipv6: missing from the kernel: 2001:db8:1::/64 (from {config} line 5)"], id="nftables-ipv6-element-deleted"),
+    # rules masqd does not write: outside its chain or table, and inside it
+    pytest.param("iptables", _iptables(["iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-d", "10.0.0.0/8", "-j",
+                                        "MASQUERADE"]), 5, ["10.1.2.3"], [
+        "10.1.2.3: masqueraded to the node's address",
+        "  masqueraded by a rule masqd does not write, ahead of its chain: -A POSTROUTING -d 10.0.0.0/8 -j MASQUERADE",
+        "  DRIFT: the kernel masquerades it; the desired state keeps the pod address (10.0.0.0/8 from {config} line 2)",
+        "masqd's rules in the kernel are the desired ones (iptables backend, chain IP-MASQ-AGENT: ipv4, ipv6), but rules "
+        "masqd does not write decide otherwise for 10.1.2.3"], id="iptables-masquerade-ahead-of-the-jump"),
+    pytest.param("iptables", _iptables(["iptables", "-t", "nat", "-I", CHAIN, "1", "-d", "192.0.2.0/24", "-j", "ACCEPT"]),
+                 5, ["192.0.2.1"], [
+        "192.0.2.1: keeps the pod source address (not masqueraded)",
+        "  kept by a rule masqd does not write, in its chain: -A IP-MASQ-AGENT -d 192.0.2.0/24 -j ACCEPT",
+        "  DRIFT: the kernel does not masquerade it; the desired state masquerades it",
+        "  ipv4: unexpected: rule masqd does not write: -A IP-MASQ-AGENT -d 192.0.2.0/24 -j ACCEPT"],
+                 id="iptables-accept-inside-the-chain"),
+    pytest.param("iptables", _iptables(["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "vdst", "-j", "MASQUERADE"],
+                                       ["iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-j", "LOG"]),
+                 0, [], [
+        "10.1.2.3: uncertain: rules masqd does not write may decide",
+        "  masqd's rules: keeps the pod source address (not masqueraded)",
+        "  may act after masqd's chain: -A POSTROUTING -o vdst -j MASQUERADE (it may masquerade)",
+        "masqd's rules in the kernel are the desired ones (iptables backend, chain IP-MASQ-AGENT: ipv4, ipv6), but rules "
+        "masqd does not write may decide otherwise for 10.1.2.3, 203.0.113.9 (matches explain does not evaluate: "
+        "check them)"],
+                 id="iptables-conditional-masquerade-after-the-jump-is-uncertain-not-drift"),
+    pytest.param("iptables", _iptables(["ip6tables", "-t", "nat", "-I", "POSTROUTING", "1", "-d", "2001:db8:1::/64", "-j",
+                                        "MASQUERADE"]), 5, ["2001:db8:1::5"], [
+        "  masqueraded by a rule masqd does not write, ahead of its chain: -A POSTROUTING -d 2001:db8:1::/64 -j MASQUERADE"],
+                 id="ip6tables-masquerade-ahead-of-the-jump"),
+    pytest.param("nftables", _nft("add table ip other", "add chain ip other post { type nat hook postrouting priority 50; }",
+                                  "add rule ip other post ip daddr 10.0.0.0/8 masquerade"), 0, [], [
+        "  may also act (table ip other chain post priority 50): it may masquerade",
+        "masqd's rules in the kernel are the desired ones (nftables backend, table masqd: ipv4, ipv6), but rules masqd "
+        "does not write may decide otherwise for 10.1.2.3, 203.0.113.9 (matches explain does not evaluate: check "
+        "them)"], id="nftables-another-nat-chain-is-uncertain-not-drift"),
+    pytest.param("nftables", _nft("add table inet counts", "add chain inet counts post { type nat hook postrouting priority 300; }",
+                                  "add rule inet counts post counter accept"), 0, [], [
+        "the kernel holds the desired state (nftables backend, table masqd: ipv4, ipv6)"],
+                 id="nftables-a-nat-chain-that-cannot-masquerade-is-not-mentioned"),
+    pytest.param("nftables", _nft("insert rule ip masqd nat ip daddr 192.0.2.0/24 accept"), 5, ["192.0.2.1"], [
+        "192.0.2.1: keeps the pod source address (not masqueraded)",
+        "  DRIFT: the kernel does not masquerade it; the desired state masquerades it"], id="nftables-accept-inside-the-chain"),
 ]
 
 
@@ -715,8 +757,8 @@ KUBE_JUMP = '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" 
                   ForeignRule("-A POSTROUTING -j NOT-A-CHAIN", "before", "either")],
                  id="goto-and-unknown-target-may-do-either"),
     pytest.param((":A - [0:0]", ":B - [0:0]", "-A POSTROUTING -j A", MASQD_JUMP, "-A A -j B", "-A B -j A",
-                  "-A B -j ACCEPT", *DESIRED_IPT), 4, [ForeignRule("-A POSTROUTING -j A", "before", "keep")],
-                 id="chains-that-loop"),
+                  "-A B -j ACCEPT", *DESIRED_IPT), 4, [ForeignRule("-A POSTROUTING -j A", "before", "either")],
+                 id="chains-that-loop-may-do-anything"),
     pytest.param(('-A POSTROUTING -m comment --comment "not \\"-j ACCEPT\\" -d 10.0.0.0/8" -j MASQUERADE', MASQD_JUMP,
                   *DESIRED_IPT), 4,
                  [ForeignRule('-A POSTROUTING -m comment --comment "not \\"-j ACCEPT\\" -d 10.0.0.0/8" -j MASQUERADE',
@@ -856,7 +898,7 @@ FOREIGN_CONFIG = "nonMasqueradeCIDRs: [10.0.0.0/8]\n"
                  ["  masqueraded by a rule masqd does not write, ahead of its chain: RULE", LOCAL,
                   "  DRIFT: the kernel masquerades it; the desired state keeps the pod address (10.0.0.0/8 from cfg line 1)"],
                  id="masquerade-ahead-of-the-chain-decides"),
-    pytest.param([_rule_of("before", "masquerade", "10.0.0.0/8", certain=True)], "192.0.2.5", {}, "masquerade", False,
+    pytest.param([_rule_of("before", "masquerade", "192.0.2.0/24", certain=True)], "192.0.2.5", {}, "masquerade", False,
                  ["  masqueraded by a rule masqd does not write, ahead of its chain: RULE", LOCAL],
                  id="deciding-as-masqd-would-is-no-drift"),
     pytest.param([_rule_of("before", "masquerade", "10.0.0.0/8", certain=True, negated=True)], "10.1.2.3", {}, "keep",
@@ -870,31 +912,30 @@ FOREIGN_CONFIG = "nonMasqueradeCIDRs: [10.0.0.0/8]\n"
     pytest.param([_rule_of("inside", "masquerade", "10.1.0.0/16", certain=True, position=1)], "10.1.2.3", {},
                  "masquerade", True, ["  masqueraded by a rule masqd does not write, in its chain: RULE"],
                  id="inside-before-the-cidr-that-keeps-it"),
-    pytest.param([_rule_of("before", "masquerade")], "10.1.2.3", {}, "uncertain", True,
+    pytest.param([_rule_of("before", "masquerade")], "10.1.2.3", {}, "uncertain", False,
                  ["10.1.2.3: uncertain: rules masqd does not write may decide",
                   f"  masqd's rules: {KEEP}", "  matched 10.0.0.0/8 from cfg line 1",
-                  "  may act first: RULE (it may masquerade)",
-                  "  DRIFT: rules masqd does not write may decide otherwise; the desired state keeps the pod address "
-                  "(10.0.0.0/8 from cfg line 1)"], id="conditional-masquerade-makes-a-kept-address-uncertain"),
+                  "  may act first: RULE (it may masquerade)"],
+                 id="conditional-masquerade-makes-a-kept-address-uncertain-not-drift"),
     pytest.param([_rule_of("before", "masquerade")], "192.0.2.5", {}, "masquerade", False,
                  [f"192.0.2.5: {MASQ}", NO_MATCH.replace("CIDR", "CIDR in the kernel"),
                   "  may act first: RULE (it may masquerade)", LOCAL], id="conditional-masquerade-of-a-masqueraded-one"),
-    pytest.param([_rule_of("after", "masquerade")], "10.1.2.3", {}, "uncertain", True,
+    pytest.param([_rule_of("after", "masquerade")], "10.1.2.3", {}, "uncertain", False,
                  ["  may act after masqd's chain: RULE (it may masquerade)"], id="after-a-kept-address"),
     pytest.param([_rule_of("after", "masquerade", certain=True)], "192.0.2.5", {}, "masquerade", False,
                  [f"192.0.2.5: {MASQ}"], id="after-is-never-reached-by-a-masqueraded-address"),
     pytest.param([_rule_of("inside", "keep", "192.0.2.0/24", certain=True), _rule_of("after", "masquerade", text="LATER"),
                   _rule_of("after", "masquerade", kind="chain", text="table ip t chain c priority 300")],
-                 "192.0.2.5", {}, "uncertain", True,
+                 "192.0.2.5", {}, "uncertain", False,
                  ["  may also act (table ip t chain c priority 300): it may masquerade"],
                  id="an-accept-ends-iptables-processing-but-not-other-nft-chains"),
     pytest.param([_rule_of("before", "keep", kind="chain", text="table ip t chain c priority 0"),
-                  _rule_of("before", "either")], "192.0.2.5", {}, "uncertain", True,
+                  _rule_of("before", "either")], "192.0.2.5", {}, "uncertain", False,
                  ["  may act first: RULE (it may masquerade or end nat processing)"], id="either"),
     pytest.param([_rule_of("before", "masquerade", certain=True)], "192.0.2.5", dict(hooked=False), "masquerade", False,
                  ["  masqueraded by a rule masqd does not write, ahead of its chain: RULE"],
                  id="masqd-not-hooked-but-another-rule-masquerades"),
-    pytest.param([_rule_of("inside", "masquerade", certain=True)], "10.1.2.3", dict(hooked=False), "unmanaged", True,
+    pytest.param([_rule_of("inside", "masquerade", certain=True)], "10.1.2.3", dict(hooked=False), "unmanaged", False,
                  ["  masqd's chain X is in the kernel, but traffic does not reach it (not hooked into nat POSTROUTING)"],
                  id="rules-inside-an-unhooked-chain-do-nothing"),
 ])
@@ -918,7 +959,7 @@ def test_the_summary_does_not_claim_the_desired_state_when_other_rules_decide():
     assert report.differences == {4: ()} and report.drift
     assert format_text(report).splitlines()[-1] == (
         "masqd's rules in the kernel are the desired ones (test backend, chain X: ipv4), but rules masqd does not "
-        "write decide, or may decide, otherwise for 10.1.2.3, 10.9.9.9")
+        "write decide otherwise for 10.1.2.3, 10.9.9.9")
     [first, *_] = as_json(report)
     assert first["live"]["masqd_verdict"] == "keep" and first["live"]["verdict"] == "masquerade"
     assert first["live"]["foreign_rules"] == [
@@ -981,3 +1022,30 @@ def test_explain_kernel_names_the_kernels_cidrs_without_origins():
     assert format_text(report).splitlines()[1:] == [f"10.1.2.3: {KEEP}", "  matched 10.0.0.0/8",
                                                     f"192.0.2.5: {MASQ}", "  no non-masquerade CIDR in the kernel matches it",
                                                     LOCAL]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(("backend", "where"), [pytest.param("iptables", "chain IP-MASQ-AGENT", id="iptables"),
+                                               pytest.param("nftables", "table masqd", id="nftables")])
+def test_live_mapped_addresses_and_an_invalid_config_against_a_real_kernel(node_ns, masqd, backend, where):
+    masqd.ok(node_ns, "--enable-ipv6", config=LIVE_CONFIG, backend=backend)
+    argv = [str(MASQD), "explain", "--live", "--backend", backend, "--config", str(masqd.config_path), "--enable-ipv6"]
+    note = "  note: an IPv4-mapped IPv6 address: traffic to it leaves as IPv4, so it is explained as {}"
+    result = netns.run(node_ns, *argv, "::ffff:10.1.2.3", check=False, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[1:3] == [f"::ffff:10.1.2.3: {KEEP}", note.format("10.1.2.3")]
+    before = _kernel(node_ns)
+    masqd.config_path.write_text("nonMasqueradeCIDRs: [10.0.0.1/8]\n")  # the agent keeps the last good rules
+    result = netns.run(node_ns, *argv, "10.1.2.3", "192.0.2.1", "::ffff:203.0.113.9", check=False, timeout=60)
+    assert result.returncode == 1
+    assert "did you mean '10.0.0.0/8'" in result.stderr
+    assert result.stdout.splitlines() == [
+        f"explained from the rules the kernel holds alone ({backend} backend, {where}): no desired state to compare "
+        "with: the config is invalid",
+        f"10.1.2.3: {KEEP}", "  matched 10.0.0.0/8",
+        f"192.0.2.1: {MASQ}", "  no non-masquerade CIDR in the kernel matches it", LOCAL,
+        f"::ffff:203.0.113.9: {KEEP}", note.format("203.0.113.9"), "  matched 203.0.113.0/24",
+    ]
+    assert _kernel(node_ns) == before
+    without_live = netns.run(node_ns, *[arg for arg in argv if arg != "--live"], "10.1.2.3", check=False, timeout=60)
+    assert (without_live.returncode, without_live.stdout) == (1, "")
