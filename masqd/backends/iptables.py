@@ -116,28 +116,12 @@ class NatState:
 
 def parse_nat_state(save_text: str, chain: str) -> NatState:
     """Extract ``chain`` and the count of masqd's POSTROUTING jumps from iptables-save output."""
+    chains = parse_nat_chains(save_text)
     jump = jump_rule(chain)
-    prefix = f"-A {chain} "
     to_chain = re.compile(rf"(?:^| )-[jg] {re.escape(chain)}(?: |$)")
-    exists = False
-    rules: list[str] = []
-    jumps = 0
-    other_jumps: list[str] = []
-    in_nat = False
-    for line in save_text.splitlines():
-        if line.startswith("*"):
-            in_nat = line == "*nat"
-        elif not in_nat:
-            continue
-        elif line.startswith(f":{chain} "):
-            exists = True
-        elif line.startswith(prefix):
-            rules.append(line)
-        elif line == jump:
-            jumps += 1
-        elif line.startswith("-A POSTROUTING ") and to_chain.search(line):
-            other_jumps.append(line)
-    return NatState(exists, tuple(rules), jumps, tuple(other_jumps))
+    postrouting = chains.get("POSTROUTING", ())
+    return NatState(chain in chains, chains.get(chain, ()), sum(line == jump for line in postrouting),
+                    tuple(line for line in postrouting if line != jump and to_chain.search(line)))
 
 
 def plan(desired: tuple[str, ...], state: NatState, chain: str) -> tuple[str | None, str]:
