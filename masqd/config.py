@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+import yaml.composer
+import yaml.events
 
 from masqd.cidrs import CIDRError, Network, duplicates, parse_cidr
 from masqd.duration import format_go_duration, parse_go_duration
@@ -40,6 +42,16 @@ RESERVED_CIDRS: tuple[str, ...] = (
 )
 
 _SECOND_NS = 1_000_000_000
+#: Largest config accepted, in bytes (a file) or characters (a ConfigMap's text). A file listing
+#: 100k CIDRs is about 2 MB, so this leaves room for any real config while a runaway file (a log
+#: written to the wrong path, a 50 MB upload) is refused at once, before it is read into memory.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+#: At most this many problems (and, separately, warnings) are reported for one config; the rest
+#: are counted in a last entry, so a list of a million bad CIDRs gives a readable error.
+MAX_REPORTED_FINDINGS = 100
+#: Longest key, reason or duration text shown in a problem; longer ones are cut with "...".
+_MAX_SHOWN_CHARS = 200
+
 #: Shortest resync honoured. Each resync runs iptables-save; at 1 ms that is a busy loop (over
 #: 100% CPU measured), so shorter values are raised to this, with a warning.
 MIN_RESYNC_INTERVAL_NS = 100_000_000
@@ -138,6 +150,8 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
     defaults = default_config(options)
     if text is None:
         return ParsedConfig(defaults)
+    if len(text) > MAX_CONFIG_BYTES:
+        raise _config_error(source, [too_large_problem("<document>", f"{len(text)} characters")])
     document = _load_document(text, source)
     if document is None:  # an empty file, like upstream, means defaults
         return ParsedConfig(defaults)
@@ -153,16 +167,16 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
     for raw_key, value in document.items():
         key = _canonical_key(raw_key, warnings)
         if key is not None:
-            values[key] = (raw_key, value)
+            values[key] = (_key_text(raw_key), value)
 
     ctx = _Context(options, {}, problems, warnings)
     keys = set()
     for key, (raw_key, value) in values.items():
         if value is None and key != "nonMasqueradeCIDRs":
-            warnings.append(Problem(str(raw_key), None, "null value ignored: the default is kept"))
+            warnings.append(Problem(raw_key, None, "null value ignored: the default is kept"))
             continue
         keys.add(key)
-        _PARSERS[key](str(raw_key), value, ctx)
+        _PARSERS[key](raw_key, value, ctx)
 
     config = MasqConfig(**{**_defaults_as_fields(defaults), **ctx.fields, "keys": frozenset(keys)})
     cidr_key, cidr_value = values.get("nonMasqueradeCIDRs", ("nonMasqueradeCIDRs", None))
@@ -170,8 +184,50 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
     count = len(cidr_value) if isinstance(cidr_value, list) else len(config.non_masquerade_cidrs)
     _validate(config, count, str(cidr_key), problems, warnings)
     if problems:
-        raise ConfigError(source, problems, tuple(warnings))
-    return ParsedConfig(config, tuple(warnings))
+        raise _config_error(source, problems, warnings)
+    return ParsedConfig(config, _bounded(warnings, "warnings"))
+
+
+def _config_error(source: str, problems: list[Problem], warnings: list[Problem] | tuple[Problem, ...] = ()) -> ConfigError:
+    return ConfigError(source, _bounded(problems, "problems"), _bounded(list(warnings), "warnings"))
+
+
+def too_large_problem(key: str, size: str) -> Problem:
+    """A config source bigger than :data:`MAX_CONFIG_BYTES` (``size``: e.g. "52428800 bytes")."""
+    return Problem(key, size, f"too large: a config may hold at most {MAX_CONFIG_BYTES} bytes "
+                              f"({MAX_CONFIG_BYTES // (1024 * 1024)} MiB); a file listing 100k CIDRs is about 2 MB")
+
+
+def _bounded(findings: list[Problem], what: str) -> tuple[Problem, ...]:
+    """``findings`` made safe to log: at most :data:`MAX_REPORTED_FINDINGS` of them, each key and
+    reason one printable line of bounded length (YAML's messages can quote the input)."""
+    shown = tuple(Problem(_cut(p.key), p.value, _one_line(p.reason)) for p in findings[:MAX_REPORTED_FINDINGS])
+    hidden = len(findings) - len(shown)
+    if hidden > 0:
+        shown += (Problem("<document>", None, f"{hidden} more {what} not shown; fix the ones above first"),)
+    return shown
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split()) if not text.isprintable() else text
+    if not text.isprintable():  # what split() left: NUL, lone surrogates, other control characters
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return _cut(text)
+
+
+def _cut(text: str) -> str:
+    # (a key is shown quoted by Problem when unprintable, so only its length is bounded here)
+    return text if len(text) <= _MAX_SHOWN_CHARS else text[: _MAX_SHOWN_CHARS - 3] + "..."
+
+
+def _key_text(raw_key: Any) -> str:
+    """A key of the file as text for problems (a YAML key may be a number too big to print)."""
+    if isinstance(raw_key, str):
+        return raw_key
+    try:
+        return str(raw_key)
+    except Exception:  # e.g. an int of more than 4300 digits (a 5000-digit hex key)
+        return f"<a {type(raw_key).__name__} key>"
 
 
 def _defaults_as_fields(config: MasqConfig) -> dict[str, Any]:
@@ -197,6 +253,38 @@ _ConfigLoader.yaml_implicit_resolvers = {
 }
 
 
+class _AnchorFound(yaml.YAMLError):
+    """The document defines an anchor (``&name``) or uses an alias (``*name``, ``<<: *name``)."""
+
+    def __init__(self, mark: Any):
+        super().__init__("anchor or alias")
+        self.problem_mark = mark
+
+
+# libyaml composes nodes in C, out of reach of Python hooks; with it, PyYAML's own Composer runs on
+# libyaml's events instead (listed first so its methods win). The pure-Python loader has it already.
+_COMPOSER_BASES = (_ConfigLoader,) if issubclass(_ConfigLoader, yaml.composer.Composer) else (yaml.composer.Composer, _ConfigLoader)
+
+
+class _AnchorRefusingLoader(*_COMPOSER_BASES):  # type: ignore[misc]
+    """:class:`_ConfigLoader` refusing anchors and aliases while composing, before anything is
+    constructed: the upstream config never needs them, and aliases nested a few levels deep make
+    a 1 kB "billion laughs" document expand to billions of values."""
+
+    def __init__(self, stream: str):
+        _ConfigLoader.__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.events.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AnchorFound(event.start_mark)
+        return super().compose_node(parent, index)
+
+
+_ANCHOR_MESSAGE = "YAML anchors and aliases are not accepted in the config; write each value out in full"
+
+
 def _load_document(text: str, source: str) -> Any:
     # Like upstream's YAML-to-JSON step: a document starting with "{" is JSON and only JSON
     # (exact about \u escapes, strict about syntax); anything else is YAML, which covers JSON too.
@@ -206,32 +294,53 @@ def _load_document(text: str, source: str) -> Any:
         except json.JSONDecodeError as exc:
             line = text.splitlines()[exc.lineno - 1] if exc.lineno <= len(text.splitlines()) else ""
             where = f"<line {exc.lineno}, column {exc.colno}>"
-            raise ConfigError(source, [Problem(where, line, f"not valid JSON: {exc.msg}")]) from None
+            raise _config_error(source, [Problem(where, _excerpt(line, exc.colno - 1), f"not valid JSON: {exc.msg}")]) from None
         except RecursionError:
-            raise ConfigError(source, [Problem("<document>", None, "not valid JSON: nested too deeply")]) from None
+            raise _config_error(source, [Problem("<document>", None, "not valid JSON: nested too deeply")]) from None
+        except ValueError as exc:  # a number of more than 4300 digits
+            raise _config_error(source, [Problem("<document>", None, f"not valid JSON: {exc}")]) from None
+    # Anchors and aliases need '&' or '*': without either, libyaml's own (faster) composer is safe.
+    loader = _AnchorRefusingLoader if "&" in text or "*" in text else _ConfigLoader
     try:
-        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    except _AnchorFound as exc:
+        where, line = _where(text, exc.problem_mark)
+        raise _config_error(source, [Problem(where, line, _ANCHOR_MESSAGE)]) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
+        where, line = _where(text, getattr(exc, "problem_mark", None))
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [Problem(f"<{where}>", _first_line(text, mark), f"not valid YAML or JSON: {problem}")]) from None
-    except (ValueError, RecursionError) as exc:  # a value YAML cannot construct, or absurd nesting
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise ConfigError(source, [Problem("<document>", None, f"not valid YAML or JSON: {reason}")]) from None
+        raise _config_error(source, [Problem(where, line, f"not valid YAML or JSON: {problem}")]) from None
+    except RecursionError:  # absurd nesting (libyaml stops at depth 1000 before this)
+        raise _config_error(source, [Problem("<document>", None, "not valid YAML or JSON: nested too deeply")]) from None
+    except ValueError as exc:  # a value YAML cannot construct (an int of more than 4300 digits)
+        raise _config_error(source, [Problem("<document>", None, f"not valid YAML or JSON: {exc}")]) from None
+    except Exception as exc:  # PyYAML's constructors on odd input: "!!int ''" (IndexError), "!!bool ''" (KeyError)
+        reason = f"a tagged value cannot be read ({type(exc).__name__}: {exc})"
+        raise _config_error(source, [Problem("<document>", None, f"not valid YAML or JSON: {reason}")]) from None
 
 
-def _first_line(text: str, mark: Any) -> str:
+def _where(text: str, mark: Any) -> tuple[str, str]:
+    """``(<line L, column C>, the text around it)`` for a YAML error's mark (``<document>`` without)."""
     lines = text.splitlines()
-    if mark is not None and 0 <= mark.line < len(lines):
-        return lines[mark.line]
-    return lines[0] if lines else ""
+    if mark is None:
+        return "<document>", _excerpt(lines[0] if lines else "", 0)
+    line = lines[mark.line] if 0 <= mark.line < len(lines) else ""
+    return f"<line {mark.line + 1}, column {mark.column + 1}>", _excerpt(line, mark.column)
+
+
+def _excerpt(line: str, column: int) -> str:
+    """``line`` when short, else the 80 characters around ``column`` (a minified JSON document is
+    one line of megabytes: the error shows where, not all of it)."""
+    if len(line) <= 80:
+        return line
+    start = max(0, min(column - 40, len(line) - 80))
+    return ("..." if start > 0 else "") + line[start : start + 80] + ("..." if start + 80 < len(line) else "")
 
 
 def _canonical_key(raw_key: Any, warnings: list[Problem]) -> str | None:
-    if raw_key in _KEYS:
+    if isinstance(raw_key, str) and raw_key in _KEYS:
         return raw_key
-    text = str(raw_key)
+    text = _key_text(raw_key)
     for key in _KEYS:
         if text.lower() == key.lower():
             warnings.append(
@@ -293,7 +402,7 @@ def _parse_resync(key: str, value: Any, ctx: _Context) -> None:
     try:
         ns = parse_go_duration(value)
     except ValueError as exc:
-        ctx.problems.append(Problem(key, value, str(exc)))
+        ctx.problems.append(Problem(key, shorten(value), str(exc)))
         return
     if ns <= 0:
         ctx.problems.append(Problem(key, value, "must be a positive duration, e.g. '60s'"))
@@ -309,7 +418,7 @@ def _parse_limit(key: str, value: Any, ctx: _Context) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         ctx.problems.append(Problem(key, shorten(value), "expected a whole number such as 64"))
     elif not 0 <= value < 2**63:
-        ctx.problems.append(Problem(key, value, "must be 0 or more (and fit in 64 bits)"))
+        ctx.problems.append(Problem(key, shorten(value), "must be 0 or more (and fit in 64 bits)"))
     else:
         ctx.fields["cidr_limit"] = value
         ctx.fields["cidr_limit_set"] = True

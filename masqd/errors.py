@@ -9,7 +9,10 @@
     ├── KubeError               the Kubernetes API cannot be used (no credentials, a refused write)
     └── BackendError            the kernel could not be read or written
         ├── ApplyError          a write (``iptables-restore``) was refused; the kernel kept its old rules
-        └── ReadBackError       the current state could not be read (``iptables-save`` failed)
+        ├── ReadBackError       the current state could not be read (``iptables-save`` failed)
+        └── ToolTimeoutError    a kernel tool hung past its deadline and was killed (see
+                                :mod:`masqd.backends.tools`); the kernel kept its old rules or
+                                took the new ones whole
 
 Every message names the input it is about and says what would be valid, so that a log line
 or the exit message of ``masqd validate`` is enough to fix the problem.
@@ -138,3 +141,23 @@ class ReadBackError(BackendError):
         self.command = list(command)
         self.detail = detail.strip()
         super().__init__(f"{' '.join(self.command)}: {self.detail}")
+
+
+
+class ToolTimeoutError(BackendError):
+    """A kernel tool (``iptables-save``, ``iptables-restore``, ``nft``) did not finish within
+    ``timeout`` seconds and was killed. The tools commit all or nothing, so the kernel holds the
+    rules it had (or, for a write killed after its commit, all of the new ones); the next sync
+    reads back which. ``exited`` is False when the killed process had still not exited after the
+    grace period (stuck in the kernel); it is reaped when it does."""
+
+    def __init__(self, command: list[str], timeout: float, *, exited: bool = True):
+        self.command = list(command)
+        self.timeout = timeout
+        self.exited = exited
+        stuck = ("" if exited else "; it has not exited yet (stuck in the kernel: a wedged lock or uninterruptible "
+                 "I/O), and is reaped when it does")
+        super().__init__(
+            f"{' '.join(self.command)} did not finish within {timeout:g} s and was killed; the kernel keeps the "
+            f"rules it had (a write is committed whole or not at all, and the next sync reads back and retries)"
+            f"{stuck}")

@@ -1,24 +1,128 @@
-"""Running the kernel tools (iptables-*, nft): the one place backends start processes."""
+"""Running the kernel tools (iptables-*, nft): the one place backends start processes.
+
+Every command runs under a deadline (:data:`TOOL_TIMEOUT_SECONDS`). A tool that hangs (waiting on
+a wedged kernel lock, an unreachable filesystem it was loaded from, a netlink call that never
+returns) would otherwise stall the reconciler for good: the sync is shielded from cancellation,
+so only ``/healthz`` turning 503 and the kubelet restarting the pod would end it, with no line
+in the log saying why. Instead the tool is killed (SIGKILL, its whole process group, so a wrapper
+script's children go too), reaped, and :class:`~masqd.errors.ToolTimeoutError` is raised; the
+reconciler handles it like any failed sync (logged, counted, ``/readyz`` not ready, retried with
+back-off).
+
+Killing a write half-way is safe: ``iptables-restore`` commits each table in one step at
+``COMMIT`` (legacy: one ``IPT_SO_SET_REPLACE`` of the whole table; nft variant: one nf_tables
+transaction), and ``nft -f`` sends its whole script as one netlink batch that the kernel applies
+all or nothing. A killed write therefore leaves the kernel with the old rules or the new ones,
+never a mix; the next sync reads back which and writes again when needed.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import anyio
+from anyio.abc import ByteReceiveStream, ByteSendStream, Process
 
-from masqd.errors import ReadBackError
+from masqd.errors import ReadBackError, ToolTimeoutError
 
 #: The tools' messages are parsed ("No such file or directory", "line N failed"): keep them English.
 _ENV = {**os.environ, "LC_ALL": "C"}
 
+#: Seconds one tool run (``iptables-save``, ``iptables-restore``, ``nft``) may take before it is
+#: killed and the sync fails. Longer than anything a healthy tool does: iptables-restore waits at
+#: most ``LOCK_WAIT_SECONDS`` (10 s) for the xtables lock, and an nft transaction of 100k set
+#: elements takes about 1.5 s. Well under the reconciler's ``HEALTH_DEADLINE_SECONDS`` (60 s),
+#: even with :data:`KILL_GRACE_SECONDS` added, so a hung tool shows up as a failed sync that names
+#: the command, not as a silent liveness failure and a pod restart.
+TOOL_TIMEOUT_SECONDS = 30.0
+#: Seconds to wait for a killed tool to exit. SIGKILL takes effect only when the process leaves
+#: the kernel; one stuck in uninterruptible I/O (state D) exits later, and is reaped then (by the
+#: event loop's child watcher), while the sync reports the failure without waiting for it.
+KILL_GRACE_SECONDS = 5.0
+
 
 async def run_tool(command: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run ``command`` to completion, capturing its output; a missing binary is a ReadBackError."""
+    """Run ``command`` to completion, capturing its output (``stdin``: bytes fed to it).
+
+    A missing binary is a :class:`~masqd.errors.ReadBackError`; a run longer than
+    :data:`TOOL_TIMEOUT_SECONDS` is killed and raises :class:`~masqd.errors.ToolTimeoutError`.
+    The deadline holds inside a shielded cancel scope (the reconciler's sync) too. When the
+    caller is cancelled instead, the tool is killed and reaped just the same.
+    """
+    timeout = TOOL_TIMEOUT_SECONDS
     try:
-        return await anyio.run_process(command, input=stdin, check=False, env=_ENV)
+        # A session of its own: the whole group can be killed, and a terminal's Ctrl-C reaches
+        # masqd (which finishes the sync in progress), not the tool half-way through a write.
+        process = await anyio.open_process(
+            command, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            env=_ENV, start_new_session=True)
     except OSError as exc:  # binary missing or not executable
         raise ReadBackError(command, f"cannot run {command[0]}: {exc.strerror or exc}") from None
+    output: list[bytes] = [b"", b""]
+    finished = exited = False
+    try:
+        with anyio.move_on_after(timeout):
+            async with anyio.create_task_group() as tg:
+                assert process.stdout is not None and process.stderr is not None
+                tg.start_soon(_drain, process.stdout, output, 0)
+                tg.start_soon(_drain, process.stderr, output, 1)
+                if process.stdin is not None:
+                    tg.start_soon(_feed, process.stdin, stdin or b"")
+                await process.wait()
+            finished = True
+    finally:
+        if not finished:  # the deadline passed, or the caller was cancelled or failed
+            exited = await _kill_and_reap(process)
+    if not finished:
+        raise ToolTimeoutError(command, timeout, exited=exited)
+    await process.aclose()  # it has exited: closes the pipes, returns at once
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(command, process.returncode, output[0], output[1])
+
+
+async def _drain(stream: ByteReceiveStream, output: list[bytes], index: int) -> None:
+    chunks = []
+    async for chunk in stream:
+        chunks.append(chunk)
+    output[index] = b"".join(chunks)
+
+
+async def _feed(stream: ByteSendStream, data: bytes) -> None:
+    """Write ``data`` and close; a tool that exits without reading all of it (it rejected its
+    arguments) is reported by its exit code and stderr, not by a broken pipe here."""
+    try:
+        await stream.send(data)
+        await stream.aclose()
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass
+
+
+def _kill_process_group(pid: int) -> None:
+    """SIGKILL the process group the tool leads (it was started in a session of its own)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # every process of the group has already exited
+        pass
+
+
+async def _kill_and_reap(process: Process) -> bool:
+    """Kill the tool and its children and wait (at most :data:`KILL_GRACE_SECONDS`) until it
+    has been reaped. Runs shielded, so a cancelled caller still leaves no process behind.
+    Returns whether it exited; when it did not, its pipes are closed and it is reaped when
+    it finally exits."""
+    with anyio.CancelScope(shield=True):
+        _kill_process_group(process.pid)
+        with anyio.move_on_after(KILL_GRACE_SECONDS):
+            await process.wait()
+        if process.returncode is not None:
+            await process.aclose()  # closes the pipes; waits for nothing more
+            return True
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                await stream.aclose()
+        return False
 
 
 def script_line(script: str, number: int, limit: int = 200) -> str | None:

@@ -18,6 +18,8 @@ import anyio.abc
 import structlog
 import watchfiles
 
+from masqd.config import MAX_CONFIG_BYTES, too_large_problem
+from masqd.errors import ConfigError
 from masqd.events import Notify
 
 #: Milliseconds watchfiles waits for more changes before yielding a batch (its default is 50).
@@ -37,23 +39,42 @@ log = structlog.get_logger("masqd.sources.files")
 def read_config_text(path: str | os.PathLike[str]) -> str | None:
     """The config file's text, or ``None`` if there is no file. Other read errors propagate.
 
-    Undecodable bytes raise ``UnicodeDecodeError``; a UTF-8 byte-order mark is dropped.
+    Undecodable bytes raise ``UnicodeDecodeError``; a UTF-8 byte-order mark is dropped. A file
+    of more than :data:`~masqd.config.MAX_CONFIG_BYTES` raises :class:`ConfigError` (named by
+    ``str(path)``) without being read into memory.
     """
     try:
-        data = Path(path).read_bytes()
+        size, data = _read_bounded(path)
     except FileNotFoundError:
         return None
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(str(path), [too_large_problem("<file>", f"{size} bytes")])
     return data.decode("utf-8-sig")
 
 
+def _read_bounded(path: str | os.PathLike[str]) -> tuple[int, bytes]:
+    """``(size, bytes)``: the file's bytes when it holds at most MAX_CONFIG_BYTES; for a bigger one
+    its size (as ``stat`` says, or more than the limit when it grew or is not a regular file) and
+    at most the first MAX_CONFIG_BYTES + 1 bytes, or none when ``stat`` already told."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > MAX_CONFIG_BYTES:
+            return size, b""
+        data = file.read(MAX_CONFIG_BYTES + 1)
+    return max(size, len(data)), data
+
+
 def content_digest(path: str | os.PathLike[str]) -> str:
-    """A fingerprint of the file: sha256 of its bytes, ``missing``, or the read error's name."""
+    """A fingerprint of the file: sha256 of its bytes, ``missing``, or the read error's name.
+    A file over the size limit (refused when read) is fingerprinted by its size (and the bytes read)."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        size, data = _read_bounded(path)
     except FileNotFoundError:
         return "missing"
     except OSError as exc:
         return f"error:{type(exc).__name__}"
+    digest = hashlib.sha256(data).hexdigest()
+    return digest if size <= MAX_CONFIG_BYTES else f"too-large:{size}:{digest}"
 
 
 class ConfigFileSource:
