@@ -133,15 +133,13 @@ _BREAKDOWN = r"""
 import json, sys, time
 import masqd.reconcile as rec, masqd.backends.nftables as nft, masqd.backends.iptables as ipt
 
-from bench_common import CallTimer
+from bench_common import CallTimer, wrap_config_stages
 
 backend_name, config_a, config_b = sys.argv[1:4]
 timer = CallTimer()
 wrap, times = timer.wrap, timer.times
 
-wrap(rec, "_read", "config read")
-wrap(rec.Reconciler, "_parse_if_changed", "config parse")
-wrap(rec, "compute_ruleset", "ruleset")
+wrap_config_stages(timer)
 wrap(rec.Reconciler, "_remove_leftovers", "other backend leftovers")
 wrap(nft, "desired_state", "desired model")
 wrap(nft, "parse_listing", "parse read-back JSON")

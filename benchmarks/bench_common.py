@@ -154,3 +154,15 @@ def bench_namespace() -> str | None:
     subprocess.run(["ip", "netns", "add", ns], check=True)
     subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
     return ns
+
+
+def wrap_config_stages(timer: CallTimer) -> None:
+    """Time the config pipeline every reconcile runs, under the labels both breakdowns print:
+    reading the sources (``config read``), parsing a changed one (``config parse``) and
+    computing the rule set (``ruleset``)."""
+    import masqd.inputs as inputs
+    import masqd.reconcile as reconcile
+
+    timer.wrap(inputs, "read_inputs", "config read")
+    timer.wrap(inputs.ConfigLoader, "_parse", "config parse")
+    timer.wrap(reconcile, "compute_ruleset", "ruleset")

@@ -153,15 +153,13 @@ from masqd.backends.base import BackendSettings
 from masqd.plugins import Plugins
 from masqd.config import AgentOptions
 
-from bench_common import CallTimer
+from bench_common import CallTimer, wrap_config_stages
 
 backend_name, config, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 timer = CallTimer()
 wrap, times = timer.wrap, timer.times
 
-wrap(rec, "_read", "config read")
-wrap(rec.Reconciler, "_parse_if_changed", "config parse")
-wrap(rec, "compute_ruleset", "ruleset")
+wrap_config_stages(timer)
 wrap(nft, "desired_state", "desired model")
 wrap(nft, "parse_listing", "parse nft JSON")
 wrap(nft.NftSubprocessExecutor, "list_table", "nft --json list")
