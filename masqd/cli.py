@@ -377,9 +377,7 @@ def _cmd_render(args: argparse.Namespace, options: AgentOptions, plugins: Plugin
 
 def _cmd_explain(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
     """Each address against the desired state (with ``--live``, the kernel's rules too)."""
-    import json
-
-    from masqd.explain import as_json, explain, format_text
+    from masqd.explain import explain
     from masqd.provenance import cidr_origins
 
     loader = config_loader(args, options, kube_settings(args))
@@ -400,11 +398,17 @@ def _cmd_explain(args: argparse.Namespace, options: AgentOptions, plugins: Plugi
     config = loaded.config
     report = explain(args.addresses, ruleset, origins, live, masq_link_local=config.masq_link_local,
                      masq_link_local_ipv6=config.masq_link_local_ipv6)
-    if args.output == "json":
-        print(json.dumps(as_json(report), indent=2))
-    else:
-        sys.stdout.write(format_text(report))
+    _print_report(report, args.output)
     return EXIT_DRIFT if report.drift else EXIT_OK
+
+
+def _print_report(report, output: str) -> None:
+    """An explain report on stdout: ``text`` or ``json`` (a list of objects)."""
+    import json
+
+    from masqd.explain import as_json, format_text
+
+    sys.stdout.write(json.dumps(as_json(report), indent=2) + "\n" if output == "json" else format_text(report))
 
 
 def _read_back(args: argparse.Namespace, options: AgentOptions, plugins: Plugins, ruleset):
@@ -422,18 +426,15 @@ def _read_back(args: argparse.Namespace, options: AgentOptions, plugins: Plugins
 def _explain_kernel_only(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) -> int:
     """``explain --live`` with an invalid config (its problems already printed): each address from
     the rules the kernel holds alone; exits 1 all the same."""
-    import json
-
     from masqd.config import parse_config
-    from masqd.explain import as_json, explain_kernel, format_text
+    from masqd.explain import explain_kernel
     from masqd.ruleset import compute_ruleset
 
     # only which families and which chain to read come from this: the flags decide both
     shape = compute_ruleset(parse_config(None, options).config, options)
     live = _read_back(args, options, plugins, shape)
     if live is not None:
-        report = explain_kernel(args.addresses, live)
-        sys.stdout.write(json.dumps(as_json(report), indent=2) + "\n" if args.output == "json" else format_text(report))
+        _print_report(explain_kernel(args.addresses, live), args.output)
     return EXIT_INVALID_CONFIG
 
 

@@ -165,7 +165,6 @@ class HttpServer:
         self.max_connections = max_connections
         self.max_per_peer = max_per_peer
         self.active = 0  # connections being served now
-        self.served = 0  # requests answered
         self.dropped = 0  # connections closed for being slow, idle or one too many
         self.accept_errors = 0  # failed accept() calls
         self._per_peer: collections.Counter[str] = collections.Counter()
@@ -230,7 +229,6 @@ class HttpServer:
             request = parse_request_head(head)
         except BadRequest as exc:
             return format_response(Response.text(exc.status, str(exc)))
-        self.served += 1
         if request.method not in ("GET", "HEAD"):
             return format_response(Response.text(405, f"{request.method} is not allowed; use GET"),
                                    extra={"Allow": "GET, HEAD"})

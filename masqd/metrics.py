@@ -39,7 +39,6 @@ Metrics (all prefixed ``masqd_``):
 from __future__ import annotations
 
 import platform
-from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -48,12 +47,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from masqd import __version__
 from masqd.audit import RESULTS, AuditEvent
-from masqd.cidrs import LINK_LOCAL_V4, LINK_LOCAL_V6, parse_cidr
-from masqd.config import DEFAULTS_ORIGIN, RESERVED_CIDRS, AgentOptions, MergedConfig
-from masqd.default_plugins.egress import NAME as EGRESS_PLUGIN
-from masqd.plugins import Contribution
+from masqd.provenance import origin_counts
 from masqd.reconcile import Reconciler
-from masqd.ruleset import RuleSet
 
 disable_created_metrics()  # no *_created series: they double the output and no alert uses them
 
@@ -150,39 +145,6 @@ class _StateCollector:
             applied, *applied_from, self.reconciler.options)
         self._cidr_counts = (applied, applied_from, counts)
         return counts
-
-
-def origin_counts(ruleset: RuleSet, merged: MergedConfig, contributions: tuple[Contribution, ...],
-                  options: AgentOptions) -> dict[tuple[str, str], int]:
-    """CIDRs per (family label, origin kind), as :func:`masqd.provenance.cidr_origins` would
-    classify them, without building an origin per CIDR: ``ipaddress`` networks hash slowly
-    (0.5 s for 100k in ``cidr_origins``), and a scrape runs on the event loop. Here only the few
-    default CIDRs and, when two plugins of a kind contribute, their CIDRs are hashed (to count
-    a CIDR both list once)."""
-    counts: Tally[tuple[str, str]] = Tally()
-    config = merged.config
-    for family in ruleset.families:
-        masq_link_local = config.masq_link_local if family.family == 4 else config.masq_link_local_ipv6
-        link_local = LINK_LOCAL_V4 if family.family == 4 else LINK_LOCAL_V6
-        if not masq_link_local and family.nonmasq[:1] == (link_local,):
-            counts[family.label, "link-local"] += 1
-    # merge_configs names the defaults only when no config source lists any CIDR: either every
-    # CIDR comes from the defaults (a dozen at most) or every one from config sources
-    if DEFAULTS_ORIGIN in merged.sources or (DEFAULTS_ORIGIN,) not in merged.origins.values():
-        for version, count in Tally(net.version for net in merged.origins).items():
-            counts[f"ipv{version}", "config"] += count
-    else:
-        reserved = {parse_cidr(c) for c in RESERVED_CIDRS} if options.nomasq_all_reserved_ranges else set()
-        for net in merged.origins:
-            counts[f"ipv{net.version}", "reserved-ranges" if net in reserved else "defaults"] += 1
-    by_kind: dict[str, list[Contribution]] = {}
-    for contribution in contributions:
-        by_kind.setdefault("policy" if contribution.plugin == EGRESS_PLUGIN else "plugin", []).append(contribution)
-    for kind, group in by_kind.items():
-        nets = group[0].cidrs if len(group) == 1 else tuple(dict.fromkeys(n for c in group for n in c.cidrs))
-        for net in nets:
-            counts[f"ipv{net.version}", kind] += 1
-    return dict(counts)
 
 
 def _gauge(name: str, documentation: str, value: bool | float) -> GaugeMetricFamily:

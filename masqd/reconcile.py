@@ -74,11 +74,9 @@ class Reconciler:
         self.backend = backend
         self.plugins = plugins  # nonmasq_cidrs / validate_config hooks; None: no plugins
         self.on_audit = on_audit  # handed every AuditEvent; must not block
-        self.contributions: tuple[Contribution, ...] = ()  # plugin CIDRs of the last desired state
         self.options = options
         # Where the config comes from: a path (one file) or a loader over several inputs.
         self.loader = config if isinstance(config, ConfigLoader) else ConfigLoader([FileInput(config)], options)
-        self.origins: dict = {}  # CIDR -> config sources listing it, of the last good config
         self.on_resync_interval = on_resync_interval
         self.config: MasqConfig = default_config(options)  # last good config
         self.applied: RuleSet | None = None  # last rule set the backend confirmed
@@ -102,9 +100,20 @@ class Reconciler:
         self.latest_valid: RuleSet | None = None  # the newest desired state that was accepted
         self.repaired = False  # the last pass rewrote rules someone else had changed
         self.applied_at: float | None = None  # wall time of the last sync that succeeded
-        #: The merged config and plugin contributions the applied rules were computed from.
+        #: The merged config and plugin contributions of the last good desired state, and of the
+        #: rules applied (they differ while a newer state has not been applied yet).
+        self.desired_from: tuple[MergedConfig, tuple[Contribution, ...]] | None = None
         self.applied_from: tuple[MergedConfig, tuple[Contribution, ...]] | None = None
-        self._desired_from: tuple[MergedConfig, tuple[Contribution, ...]] | None = None
+
+    @property
+    def origins(self) -> dict:
+        """CIDR -> the config sources listing it, of the last good config."""
+        return {} if self.desired_from is None else self.desired_from[0].origins
+
+    @property
+    def contributions(self) -> tuple[Contribution, ...]:
+        """The plugins' CIDRs of the last good desired state."""
+        return () if self.desired_from is None else self.desired_from[1]
 
     @property
     def resync_interval(self) -> float:
@@ -133,9 +142,7 @@ class Reconciler:
                 log.warning("config warning", path=name, problem=str(warning))
         previous = self.config.resync_interval_ns
         self.config = config
-        self.origins = loaded.merged.origins
-        self.contributions = contributions
-        self._desired_from = (loaded.merged, contributions)
+        self.desired_from = (loaded.merged, contributions)
         self.latest_valid = ruleset
         if config.resync_interval_ns != previous and self.on_resync_interval is not None:
             self.on_resync_interval()
@@ -199,7 +206,7 @@ class Reconciler:
         else:
             log.debug("in sync", backend=self.backend.name, trigger=trigger)
         if config_error is None:
-            self.applied_from = self._desired_from
+            self.applied_from = self.desired_from
         self.applied = desired
         if desired is self.latest_valid or desired == self.latest_valid:
             # Only a sync of the newest valid state settles an earlier failure: healing the

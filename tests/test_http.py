@@ -575,9 +575,8 @@ def test_cidr_counts_by_origin_agree_with_explains_provenance(texts, options, co
 
     from masqd.cidrs import parse_cidr
     from masqd.config import merge_configs, parse_config
-    from masqd.metrics import origin_counts
     from masqd.plugins import Contribution
-    from masqd.provenance import Origin, cidr_origins
+    from masqd.provenance import Origin, cidr_origins, origin_counts
     from masqd.ruleset import compute_ruleset
 
     merged = merge_configs([(name, parse_config(text, options).config) for name, text in texts.items()], options)
