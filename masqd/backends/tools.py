@@ -14,6 +14,13 @@ Killing a write half-way is safe: ``iptables-restore`` commits each table in one
 transaction), and ``nft -f`` sends its whole script as one netlink batch that the kernel applies
 all or nothing. A killed write therefore leaves the kernel with the old rules or the new ones,
 never a mix; the next sync reads back which and writes again when needed.
+
+The input is never fed through a pipe. If masqd were killed (OOM, ``kill -9``, a node drain
+that does not wait) while writing a script into ``nft -f -``, nft would read end-of-file early
+and, when the cut fell between two statements, commit the first half as a complete transaction:
+a ``delete table`` without the table that replaces it, leaving pods unmasqueraded. Instead the
+whole script is written to an in-memory file first (``memfd_create``) and that file is the tool's
+standard input, so the tool reads all of it or is never started.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import signal
 import subprocess
 
 import anyio
-from anyio.abc import ByteReceiveStream, ByteSendStream, Process
+from anyio.abc import ByteReceiveStream, Process
 
 from masqd.errors import ReadBackError, ToolTimeoutError
 
@@ -44,7 +51,7 @@ KILL_GRACE_SECONDS = 5.0
 
 
 async def run_tool(command: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run ``command`` to completion, capturing its output (``stdin``: bytes fed to it).
+    """Run ``command`` to completion, capturing its output (``stdin``: its whole standard input).
 
     A missing binary is a :class:`~masqd.errors.ReadBackError`; a run longer than
     :data:`TOOL_TIMEOUT_SECONDS` is killed and raises :class:`~masqd.errors.ToolTimeoutError`.
@@ -52,14 +59,16 @@ async def run_tool(command: list[str], stdin: bytes | None = None) -> subprocess
     caller is cancelled instead, the tool is killed and reaped just the same.
     """
     timeout = TOOL_TIMEOUT_SECONDS
+    source = _input_file(stdin) if stdin is not None else subprocess.DEVNULL
     try:
         # A session of its own: the whole group can be killed, and a terminal's Ctrl-C reaches
         # masqd (which finishes the sync in progress), not the tool half-way through a write.
-        process = await anyio.open_process(
-            command, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            env=_ENV, start_new_session=True)
+        process = await anyio.open_process(command, stdin=source, env=_ENV, start_new_session=True)
     except OSError as exc:  # binary missing or not executable
         raise ReadBackError(command, f"cannot run {command[0]}: {exc.strerror or exc}") from None
+    finally:
+        if stdin is not None:
+            os.close(source)  # the tool holds its own copy as its standard input
     output: list[bytes] = [b"", b""]
     finished = exited = False
     try:
@@ -68,8 +77,6 @@ async def run_tool(command: list[str], stdin: bytes | None = None) -> subprocess
                 assert process.stdout is not None and process.stderr is not None
                 tg.start_soon(_drain, process.stdout, output, 0)
                 tg.start_soon(_drain, process.stderr, output, 1)
-                if process.stdin is not None:
-                    tg.start_soon(_feed, process.stdin, stdin or b"")
                 await process.wait()
             finished = True
     finally:
@@ -89,14 +96,19 @@ async def _drain(stream: ByteReceiveStream, output: list[bytes], index: int) -> 
     output[index] = b"".join(chunks)
 
 
-async def _feed(stream: ByteSendStream, data: bytes) -> None:
-    """Write ``data`` and close; a tool that exits without reading all of it (it rejected its
-    arguments) is reported by its exit code and stderr, not by a broken pipe here."""
+def _input_file(data: bytes) -> int:
+    """A file descriptor of an in-memory file holding all of ``data``, positioned at its start
+    (see the module docstring: a tool reading it can never see a truncated script)."""
+    fd = os.memfd_create("masqd-input", os.MFD_CLOEXEC)
     try:
-        await stream.send(data)
-        await stream.aclose()
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-        pass
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _kill_process_group(pid: int) -> None:
