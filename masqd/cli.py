@@ -24,7 +24,7 @@ from masqd.backends import leftover_backends
 from masqd.backends.iptables_mode import MODES
 from masqd.backends.base import Backend, BackendSettings
 from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, parse_to_ports, validate_chain_name
-from masqd.duration import format_go_duration
+from masqd.duration import format_go_duration, parse_go_duration
 from masqd.errors import BackendError, ConfigError, FlagError, KubeError, PluginLoadError
 from masqd.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS, parse_address
 from masqd.inputs import ConfigLoader, LoadedConfig, config_inputs
@@ -32,6 +32,7 @@ from masqd.kube import KubeSettings, parse_object_ref
 from masqd.logs import configure_logging, verbosity_to_level
 from masqd.plugins import Contribution, Plugins
 from masqd.reconcile import Reconciler, plan, reconcile_once
+from masqd.sources.drift import DRIFT_CHECK_SECONDS
 
 EXIT_OK = 0
 EXIT_INVALID_CONFIG = 1
@@ -157,8 +158,24 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="serve /metrics, /healthz and /readyz here (default "
                              f"{DEFAULT_HTTP_ADDRESS}: every interface); an empty value disables it; "
                              "not used with --once")
+    parser.add_argument("--drift-check-interval", default=DRIFT_CHECK_SECONDS, type=_drift_check_interval,
+                        metavar="DURATION",
+                        help="how often to read masqd's rules back between resyncs and restore them when "
+                             "another process changed them (Go duration: 10s, 500ms; default "
+                             f"{DRIFT_CHECK_SECONDS:g}s); the nftables backend follows `nft monitor` instead and "
+                             "restores at once; 0 turns both off (the resync still heals)")
     parser.set_defaults(command="run")
     return parser
+
+
+def _drift_check_interval(text: str) -> float:
+    try:
+        nanoseconds = parse_go_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; 0 turns the drift check off") from None
+    if nanoseconds < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must not be negative; 0 turns the drift check off")
+    return nanoseconds / 1e9
 
 
 def _explain_address(text: str):
@@ -483,7 +500,7 @@ def _cmd_run(args: argparse.Namespace, options: AgentOptions, plugins: Plugins) 
         load_kube_config(kube.kubeconfig)  # no credentials: a start-up error, not a retry loop
     reconciler = Reconciler(backend, options, loader, leftovers=leftover_backends, plugins=plugins)
     anyio.run(partial(run_daemon, backend, options, loader, reconciler=reconciler, plugins=plugins, kube=kube,
-                      http_address=args.http_address))
+                      http_address=args.http_address, drift_check_interval=args.drift_check_interval))
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -19,13 +20,14 @@ import structlog
 from masqd.audit import AuditEvent
 from masqd.backends.base import Backend
 from masqd.config import AgentOptions
-from masqd.errors import safe_repr
+from masqd.errors import MasqdError, safe_repr
 from masqd.events import Emit, Event, make_emit, notifier
 from masqd.http import Address, HttpServer, agent_routes, run_endpoint
 from masqd.inputs import ConfigLoader, FileInput
 from masqd.kube import KubeSettings
 from masqd.plugins import Plugins, RegisteredSource, SourceContext
 from masqd.reconcile import Reconciler
+from masqd.sources.drift import DRIFT_CHECK_SECONDS
 
 log = structlog.get_logger("masqd.daemon")
 
@@ -41,18 +43,23 @@ SOURCE_RESTART_MAX_SECONDS = 60.0
 async def _supervise(registered: RegisteredSource, emit: Emit) -> None:
     """Run a source forever: a failure is logged and the source restarted after a back-off, so a
     broken watch never stops the reconciler (the resync timer keeps the rules healed meanwhile).
+    The back-off doubles while the source keeps failing, and starts over after it ran for longer
+    than the longest back-off.
     An event is emitted on each restart, since changes may have been missed while it was down."""
     delay = SOURCE_RESTART_SECONDS
     notify = notifier(emit, registered.name)
     while True:
+        started = time.monotonic()
         try:
             await registered.source.run(notify)
             return
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as exc:  # even SystemExit from a plugin's source is only that source's failure
+            if time.monotonic() - started > SOURCE_RESTART_MAX_SECONDS:
+                delay = SOURCE_RESTART_SECONDS  # it had been working: a new failure, not a repeat
             log.error("event source failed; restarting it", source=registered.name, plugin=registered.plugin,
-                      error=repr(exc), retry_in_s=delay)
+                      error=str(exc) if isinstance(exc, MasqdError) else repr(exc), retry_in_s=delay)
         await anyio.sleep(delay)
         delay = min(delay * 2, SOURCE_RESTART_MAX_SECONDS)
         emit(Event(registered.name, "restarted"))
@@ -123,6 +130,7 @@ async def run_daemon(
     kube: KubeSettings | None = None,
     http_address: Address | None = None,
     on_http_ready: Callable[[list[str]], None] | None = None,
+    drift_check_interval: float = DRIFT_CHECK_SECONDS,
 ) -> Reconciler:
     """Run until SIGTERM/SIGINT (or cancellation). Returns the reconciler for inspection.
 
@@ -130,6 +138,8 @@ async def run_daemon(
     and the resync timer); ``plugins`` defaults to the default plugins alone. With
     ``http_address`` the HTTP endpoint runs too (an address that cannot be bound is retried, see
     :func:`masqd.http.run_endpoint`), and ``on_http_ready`` is called with the addresses bound.
+    ``drift_check_interval`` (seconds, 0: off) paces the read-back of a backend without a kernel
+    monitor; one with a monitor (nftables) follows the kernel's changes instead.
     """
     plugins = plugins or Plugins.load(entry_points=False)
     reconciler = reconciler or Reconciler(backend, options, config)
@@ -140,7 +150,8 @@ async def run_daemon(
     reconciler.on_resync_interval = partial(_call_each, interval_listeners)
     first_file = next((i.name for i in loader.inputs if isinstance(i, FileInput)), "")
     context = SourceContext(first_file, options, lambda: reconciler.resync_interval, interval_listeners.append,
-                            loader.inputs, kube)
+                            loader.inputs, kube, drift_check_interval, reconciler.kernel_monitor,
+                            reconciler.check_drift)
     sources = plugins.sources(context)
     send, receive = anyio.create_memory_object_stream[Event](max_buffer_size=EVENT_BUFFER)
     audit_send, audit_receive = anyio.create_memory_object_stream[AuditEvent](max_buffer_size=AUDIT_BUFFER)

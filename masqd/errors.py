@@ -10,6 +10,7 @@
     └── BackendError            the kernel could not be read or written
         ├── ApplyError          a write (``iptables-restore``) was refused; the kernel kept its old rules
         ├── ReadBackError       the current state could not be read (``iptables-save`` failed)
+        │   └── ToolExitedError a tool that reports until stopped (``nft monitor``) exited
         └── ToolTimeoutError    a kernel tool hung past its deadline and was killed (see
                                 :mod:`masqd.backends.tools`); the kernel kept its old rules or
                                 took the new ones whole
@@ -142,6 +143,17 @@ class ReadBackError(BackendError):
         self.detail = detail.strip()
         super().__init__(f"{' '.join(self.command)}: {self.detail}")
 
+
+
+class ToolExitedError(ReadBackError):
+    """A tool meant to run until masqd stops it (``nft monitor``) exited on its own: ``returncode``
+    is its exit status (negative: the signal that ended it), ``stderr`` what it printed."""
+
+    def __init__(self, command: list[str], returncode: int, stderr: str):
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        said = f": {self.stderr}" if self.stderr else " without a message"
+        super().__init__(command, f"exited with status {returncode}{said}")
 
 
 class ToolTimeoutError(BackendError):

@@ -86,6 +86,11 @@ class SourceContext:
         :mod:`masqd.inputs`); the built-in sources plugin registers each one's watcher.
     kube: the Kubernetes flags (:class:`masqd.kube.KubeSettings`), or ``None`` when masqd does not
         talk to the API.
+    drift_check_interval: ``--drift-check-interval`` in seconds; 0: no drift sources.
+    kernel_monitor: the backend's ``monitor(notify)``, following the kernel's changes to its
+        rules, or ``None`` when it has none (see :mod:`masqd.sources.drift`).
+    check_drift: reads the rules back and says why they differ from those last applied
+        (:meth:`masqd.reconcile.Reconciler.check_drift`), or ``None``.
     """
 
     config_path: str
@@ -94,6 +99,9 @@ class SourceContext:
     on_resync_interval_change: Callable[[Callable[[], None]], None]
     config_inputs: tuple = ()
     kube: Any = None
+    drift_check_interval: float = 0.0
+    kernel_monitor: Callable[..., Any] | None = None
+    check_drift: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

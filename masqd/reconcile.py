@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import structlog
@@ -267,6 +267,27 @@ class Reconciler:
             raise FlagError("backend", self.backend.name, "this backend cannot read its rules back (it has no "
                             "read_back method), which explain --live needs; run explain without --live")
         return await read_back(ruleset)
+
+    @property
+    def kernel_monitor(self) -> Callable[[Callable[[str], None]], Awaitable[None]] | None:
+        """The backend's ``monitor(notify)`` (optional: it follows the kernel's changes to its rules
+        and calls ``notify(change)`` for each made by someone else), or ``None``."""
+        return getattr(self.backend, "monitor", None)
+
+    async def check_drift(self) -> str | None:
+        """Read the kernel back and say why it no longer holds the rules last applied (one reason
+        per family, ``; ``-joined), or ``None``: it does, nothing has been applied yet, a pass ran
+        meanwhile (its sync read back already), or the backend cannot read back. Only reads.
+        Raises :class:`~masqd.errors.BackendError` when the kernel cannot be read."""
+        applied, generation = self.applied, self.generation
+        read_back = getattr(self.backend, "read_back", None)
+        if applied is None or read_back is None or self.busy_since is not None:
+            return None
+        live = await read_back(applied)
+        if self.generation != generation or self.busy_since is not None:
+            return None
+        drifted = [f"{family.label}: {family.drift}" for family in live.families if family.drift is not None]
+        return "; ".join(drifted) or None
 
     def _log_sync_error(self, exc: MasqdError, trigger: str) -> None:
         written = getattr(exc, "written", ())

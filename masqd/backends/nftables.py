@@ -24,14 +24,19 @@ import functools
 import ipaddress
 import json
 import re
+import secrets
 import socket
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from anyio.abc import ByteReceiveStream
 
 
 from masqd.backends.base import (AFTER, BEFORE, EITHER, INSIDE, KEEPS, MASQUERADES, ForeignRule, LiveFamily,
                                  LiveRules, SyncResult)
-from masqd.backends.tools import run_tool, script_line
+from masqd.backends.tools import run_tool, script_line, tool_output
 from masqd.cidrs import Network
 from masqd.errors import ApplyError, BackendError, ReadBackError
 from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
@@ -522,11 +527,21 @@ class NftExecutor(Protocol):
     async def apply(self, script: str) -> None: ...
 
 
+class NftMonitor(Protocol):
+    """An executor that can also follow the kernel's changes (``nft monitor``)."""
+
+    #: the name of the table each ``apply`` adds and deletes again, marking the transaction as masqd's
+    write_marker: str
+
+    def monitor(self) -> AbstractAsyncContextManager[ByteReceiveStream]: ...  # nft monitor's output
+
+
 class NftSubprocessExecutor:
     """Runs the real ``nft`` binary through anyio."""
 
     def __init__(self, binary: str = "nft"):
         self.binary = binary
+        self.write_marker = f"{TABLE}_write_{secrets.token_hex(6)}"
 
     async def list_table(self, family: int) -> str | None:
         command = [self.binary, "--json", "list", "table", _NFT_FAMILY[family], TABLE]
@@ -549,27 +564,58 @@ class NftSubprocessExecutor:
         await self._load([self.binary, "--check", "-f", "-"], script)
 
     async def apply(self, script: str) -> None:
-        await self._load([self.binary, "-f", "-"], script)
+        """Apply ``script`` as one transaction, marked as masqd's by a table added and deleted at
+        its end (after the script, so nft's line numbers in errors stay those of ``script``)."""
+        await self._load([self.binary, "-f", "-"], script + _marker_lines(self.write_marker), script)
 
-    async def _load(self, command: list[str], script: str) -> None:
-        result = await run_tool(command, script.encode())
+    def monitor(self) -> AbstractAsyncContextManager[ByteReceiveStream]:
+        return tool_output([self.binary, "monitor"])
+
+    async def _load(self, command: list[str], text: str, script: str | None = None) -> None:
+        """Run ``command`` on ``text``; ``script``: the part of it errors are quoted from."""
+        result = await run_tool(command, text.encode())
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace")
-            raise ApplyError(command, result.returncode, _first_error(stderr), _failed_line(stderr, script))
+            raise ApplyError(command, result.returncode, _first_error(stderr), _failed_line(stderr, script or text))
 
 
-def _first_error(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    return next((line for line in lines if "Error" in line), lines[0] if lines else stderr)
+def _marker_lines(marker: str) -> str:
+    return f"add table ip {marker}\ndelete table ip {marker}\n"
 
 
-def _failed_line(stderr: str, script: str) -> str | None:
-    """nft names errors as ``/dev/stdin:LINE:COL-COL: Error: ...``; return that script line."""
-    match = re.search(r":(\d+):\d+(?:-\d+)?: Error", stderr)
-    return script_line(script, int(match.group(1))) if match else None
+#: What ``nft monitor`` prints after the changes of each transaction.
+_GENERATION = "# new generation "
 
 
-# --- the backend ---------------------------------------------------------------------------------------
+class ChangeFilter:
+    """Reads ``nft monitor`` output, a line at a time, and says when a transaction made by another
+    process has changed masqd's tables. Pure: no I/O.
+
+    The monitor prints one line per object a transaction added or removed (``delete element ip
+    masqd nonmasq4 { 10.0.0.0/8 }``), then ``# new generation N by process PID (COMM)``. masqd's
+    own writes are told apart by the table named ``marker`` that each of them adds and deletes
+    (the PID would not do: the kernel reports it as the host sees it, not as masqd's container does).
+    """
+
+    def __init__(self, marker: str):
+        self._marker = marker
+        self._change: str | None = None  # the first line of this transaction touching masqd's tables
+        self._own = False  # this transaction is masqd's
+
+    def feed(self, line: str) -> str | None:
+        """Take one line; returns the first change of a foreign transaction that changed masqd's
+        tables when ``line`` ends it, else ``None``."""
+        if line.startswith(_GENERATION):
+            change = None if self._own else self._change
+            self._change, self._own = None, False
+            return change
+        words = line.split(" ", 4)
+        if len(words) >= 4 and words[2] in ("ip", "ip6"):
+            if words[3] == TABLE:
+                self._change = self._change or (line if len(line) <= 200 else line[:200] + "...")
+            elif words[:2] == ["add", "table"] and words[3] == self._marker:
+                self._own = True
+        return None
 
 
 class NftablesBackend:
@@ -648,6 +694,23 @@ class NftablesBackend:
             others = other_nat_chains(structure, family.family, priority if isinstance(priority, int) else SRCNAT_PRIORITY)
             families.append(live_family(state, desired, others))
         return LiveRules(self.name, f"table {TABLE}", tuple(families))
+
+    async def monitor(self, notify: Callable[[str], None]) -> None:
+        """Until cancelled, call ``notify(change)`` soon after another process changes masqd's
+        tables (``change``: the first thing it did, as ``nft monitor`` prints it), so that drift
+        is healed at once instead of at the next resync. masqd's own writes are not reported.
+        Raises :class:`~masqd.errors.BackendError` when ``nft monitor`` cannot run or exits."""
+        executor = self.executor
+        if not hasattr(executor, "monitor"):
+            raise BackendError(f"{type(executor).__name__} cannot follow nftables changes (it has no monitor())")
+        changes = ChangeFilter(executor.write_marker)
+        rest = b""
+        async with executor.monitor() as output:
+            async for chunk in output:
+                *lines, rest = (rest + chunk).split(b"\n")
+                for line in lines:
+                    if (change := changes.feed(line.decode(errors="replace"))) is not None:
+                        notify(change)
 
     async def cleanup(self, chain: str = "", families: tuple[int, ...] = (4, 6)) -> tuple[str, ...]:
         """Delete masqd's tables (``chain`` is the iptables backend's concern and is ignored).

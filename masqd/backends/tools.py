@@ -28,11 +28,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from masqd.errors import ReadBackError, ToolTimeoutError
+from masqd.errors import ReadBackError, ToolExitedError, ToolTimeoutError
 
 #: The tools' messages are parsed ("No such file or directory", "line N failed"): keep them English.
 _ENV = {**os.environ, "LC_ALL": "C"}
@@ -59,16 +61,7 @@ async def run_tool(command: list[str], stdin: bytes | None = None) -> subprocess
     caller is cancelled instead, the tool is killed and reaped just the same.
     """
     timeout = TOOL_TIMEOUT_SECONDS
-    source = _input_file(stdin) if stdin is not None else subprocess.DEVNULL
-    try:
-        # A session of its own: the whole group can be killed, and a terminal's Ctrl-C reaches
-        # masqd (which finishes the sync in progress), not the tool half-way through a write.
-        process = await anyio.open_process(command, stdin=source, env=_ENV, start_new_session=True)
-    except OSError as exc:  # binary missing or not executable
-        raise ReadBackError(command, f"cannot run {command[0]}: {exc.strerror or exc}") from None
-    finally:
-        if stdin is not None:
-            os.close(source)  # the tool holds its own copy as its standard input
+    process = await _spawn(command, stdin)
     output: list[bytes] = [b"", b""]
     finished = exited = False
     try:
@@ -87,6 +80,48 @@ async def run_tool(command: list[str], stdin: bytes | None = None) -> subprocess
     await process.aclose()  # it has exited: closes the pipes, returns at once
     assert process.returncode is not None
     return subprocess.CompletedProcess(command, process.returncode, output[0], output[1])
+
+
+async def _spawn(command: list[str], stdin: bytes | None) -> Process:
+    """Start ``command`` in a session of its own, ``stdin`` (or nothing) as its standard input.
+    A missing binary is a :class:`~masqd.errors.ReadBackError`."""
+    source = _input_file(stdin) if stdin is not None else subprocess.DEVNULL
+    try:
+        # A session of its own: the whole group can be killed, and a terminal's Ctrl-C reaches
+        # masqd (which finishes the sync in progress), not the tool half-way through a write.
+        return await anyio.open_process(command, stdin=source, env=_ENV, start_new_session=True)
+    except OSError as exc:  # binary missing or not executable
+        raise ReadBackError(command, f"cannot run {command[0]}: {exc.strerror or exc}") from None
+    finally:
+        if stdin is not None:
+            os.close(source)  # the tool holds its own copy as its standard input
+
+
+@asynccontextmanager
+async def tool_output(command: list[str]) -> AsyncIterator[ByteReceiveStream]:
+    """Run a tool that reports until stopped (``nft monitor``) and yield its standard output.
+
+    It has no deadline. A block that is cancelled or raises has the tool killed and reaped. A
+    block that ends normally has read to the end of the output, which means the tool exited on
+    its own: that raises :class:`~masqd.errors.ToolExitedError` with its exit status and what it
+    printed on stderr (a tool still running then is killed first).
+    """
+    process = await _spawn(command, None)
+    stderr: list[bytes] = [b"", b""]
+    exited = False
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_drain, process.stderr, stderr, 1)
+            yield process.stdout
+            with anyio.move_on_after(KILL_GRACE_SECONDS):
+                await process.wait()
+            exited = process.returncode is not None
+            tg.cancel_scope.cancel()
+    finally:
+        await _kill_and_reap(process)
+    raise ToolExitedError(command, process.returncode if exited else -signal.SIGKILL,
+                          stderr[1].decode(errors="replace"))
 
 
 async def _drain(stream: ByteReceiveStream, output: list[bytes], index: int) -> None:

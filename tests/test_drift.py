@@ -1,0 +1,253 @@
+"""Drift healed between resyncs: the nftables backend follows ``nft monitor`` and restores its
+tables as soon as another process changes them; the iptables backend reads its chain back every
+``--drift-check-interval``. The resync interval is an hour in these tests, so a restore can only
+come from the drift sources (each restore names its trigger)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+import structlog
+
+import netns
+from test_daemon import NO_RESYNC, wait_until
+from test_daemon_kernel import CHAIN, chain_lines, jumps
+
+from masqd.backends.dryrun import DryRunBackend
+from masqd.backends.nftables import ChangeFilter
+from masqd.cli import build_parser
+from masqd.config import AgentOptions
+from masqd.daemon import run_daemon
+from masqd.errors import ReadBackError
+from masqd.reconcile import Reconciler
+from masqd.sources.drift import DriftCheckSource
+
+MARKER = "masqd_write_0123456789ab"
+HOUR = "resyncInterval: 1h\nnonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24]\n"
+
+
+def transaction(*lines: str, pid: int = 4242) -> list[str]:
+    return [*lines, f"# new generation 7 by process {pid} (nft)"]
+
+
+def changes_reported(lines: list[str]) -> list[str]:
+    changes = ChangeFilter(MARKER)
+    return [change for line in lines if (change := changes.feed(line)) is not None]
+
+
+# --- which nft monitor output asks for a restore (pure) ----------------------------------------------
+
+
+@pytest.mark.parametrize(("lines", "expected"), [
+    pytest.param(transaction("delete element ip masqd nonmasq4 { 10.0.0.0/8 }"),
+                 ["delete element ip masqd nonmasq4 { 10.0.0.0/8 }"], id="element-deleted"),
+    pytest.param(transaction("delete rule ip6 masqd nat handle 3", "delete rule ip6 masqd nat handle 4"),
+                 ["delete rule ip6 masqd nat handle 3"], id="one-report-per-transaction"),
+    pytest.param(transaction("add table ip masqd", "delete table ip masqd", "add table ip masqd",
+                             "add element ip masqd nonmasq4 { 10.0.0.0/8 }",
+                             f"add table ip {MARKER}", f"delete table ip {MARKER}"),
+                 [], id="masqd-own-write"),
+    pytest.param(transaction("add table ip masqd", f"add table ip {MARKER}", f"delete table ip {MARKER}")
+                 + transaction("delete table ip masqd"),
+                 ["delete table ip masqd"], id="own-write-then-foreign"),
+    pytest.param(transaction("add table ip masqd_write_ffffffffffff", "delete table ip masqd"),
+                 ["delete table ip masqd"], id="another-marker-is-not-ours"),
+    pytest.param(transaction("add table ip filter", "add chain ip filter input { type filter hook input priority 0; }",
+                             "add table inet masqd", "add rule ip nat POSTROUTING masquerade"),
+                 [], id="other-tables"),
+    pytest.param(["trace id 9c01f8 ip masqd nat packet: oif \"eth0\""], [], id="trace-lines"),
+    pytest.param(["delete element ip masqd nonmasq4 { 10.0.0.0/8 }"], [], id="not-reported-before-its-end"),
+])
+def test_change_filter_reports_foreign_transactions_on_masqd_tables(lines, expected):
+    assert changes_reported(lines) == expected
+
+
+def test_change_filter_shortens_a_long_change():
+    line = "add element ip masqd nonmasq4 { " + ", ".join(f"10.0.{i}.0/24" for i in range(200)) + " }"
+    (change,) = changes_reported(transaction(line))
+    assert change == line[:200] + "..."
+
+
+# --- the drift check, in process ---------------------------------------------------------------------
+
+
+async def test_drift_check_restores_rules_lost_between_resyncs(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    backend = DryRunBackend()
+    reconciler = Reconciler(backend, AgentOptions(), config)
+    audits = []
+    reconciler.on_audit = audits.append
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
+                                         handle_signals=False, drift_check_interval=0.02))
+        await wait_until(lambda: backend.writes == 1, "the first apply")
+        backend.applied = None  # what the dry-run backend holds is lost, as if flushed by hand
+        await wait_until(lambda: backend.writes == 2, "the restore")
+        tg.cancel_scope.cancel()
+    assert [(a.trigger, a.result, a.repair) for a in audits if a.result == "applied"] == [
+        ("startup", "applied", False), ("drift-check", "applied", True)]
+
+
+async def test_drift_check_reads_only_and_logs_a_failing_read_once() -> None:
+    reads, notified = [], []
+
+    async def check():
+        reads.append(1)
+        if len(reads) <= 3:
+            raise ReadBackError(["iptables-save", "-t", "nat"], "Permission denied")
+        return "ipv4: chain IP-MASQ-AGENT differs" if len(reads) == 5 else None
+
+    with structlog.testing.capture_logs() as logs:
+        with anyio.move_on_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(DriftCheckSource(check, 0.001).run, notified.append)
+                await wait_until(lambda: len(reads) >= 6, "six checks")
+                tg.cancel_scope.cancel()
+    assert notified == ["ipv4: chain IP-MASQ-AGENT differs"]
+    failures = [e for e in logs if e["event"].startswith("drift check could not read")]
+    assert len(failures) == 1 and "Permission denied" in failures[0]["error"]
+
+
+def test_check_drift_is_quiet_before_the_first_apply(tmp_path: Path) -> None:
+    reconciler = Reconciler(DryRunBackend(), AgentOptions(), tmp_path / "missing")
+    assert anyio.run(reconciler.check_drift) is None
+    anyio.run(reconciler.reconcile)
+    assert anyio.run(reconciler.check_drift) is None
+    reconciler.backend.applied = None
+    assert anyio.run(reconciler.check_drift) == "ipv4: nothing applied"
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    pytest.param(None, 10.0, id="default"), pytest.param("500ms", 0.5, id="millis"),
+    pytest.param("1m30s", 90.0, id="minutes"), pytest.param("0", 0.0, id="off"),
+])
+def test_drift_check_interval_flag(value, seconds):
+    argv = ["run"] + ([] if value is None else [f"--drift-check-interval={value}"])
+    assert build_parser().parse_args(argv).drift_check_interval == seconds
+
+
+@pytest.mark.parametrize("value", ["10", "-1s", "soon"])
+def test_drift_check_interval_flag_rejects(value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["run", f"--drift-check-interval={value}"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--drift-check-interval" in err and "0 turns the drift check off" in err
+
+
+# --- against the kernel --------------------------------------------------------------------------------
+
+
+def nft_table(ns: str) -> str:
+    return netns.run(ns, "nft", "list", "table", "ip", "masqd").stdout
+
+
+def started_sources(process) -> list[str]:
+    return next(e for e in process.events if e.get("event") == "masqd starting")["sources"]
+
+
+def is_restore(event: dict) -> bool:
+    return event.get("event") == "rules restored after outside change"
+
+
+NFT_DAMAGE = [
+    pytest.param(["nft", "delete", "element", "ip", "masqd", "nonmasq4", "{ 10.0.0.0/8 }"], id="element-deleted"),
+    pytest.param(["nft", "add", "element", "ip", "masqd", "nonmasq4", "{ 203.0.113.0/24 }"], id="element-added"),
+    pytest.param(["nft", "flush", "set", "ip", "masqd", "nonmasq4"], id="set-flushed"),
+    pytest.param(["nft", "flush", "chain", "ip", "masqd", "nat"], id="chain-flushed"),
+    pytest.param(["nft", "insert", "rule", "ip", "masqd", "nat", "accept"], id="rule-inserted"),
+    pytest.param(["nft", "delete", "table", "ip", "masqd"], id="table-deleted"),
+    pytest.param(["nft", "flush", "ruleset"], id="ruleset-flushed"),
+]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("damage", NFT_DAMAGE)
+def test_nft_monitor_restores_masqd_tables_at_once(node_ns, daemon, damage):
+    d = daemon(HOUR, backend="nftables")
+    assert "kernel-monitor" in started_sources(d)
+    good = nft_table(node_ns)
+    netns.run(node_ns, *damage)
+    restored = d.next_event(is_restore)
+    assert restored["trigger"] == "kernel-monitor"
+    assert nft_table(node_ns) == good
+    seen = [e for e in d.events if e.get("event") == "another process changed masqd's rules; restoring them"]
+    assert len(seen) == 1 and " masqd" in seen[0]["change"]
+
+
+@pytest.mark.netns
+def test_nft_monitor_ignores_masqd_own_writes(node_ns, daemon, tmp_path):
+    d = daemon(HOUR, backend="nftables")
+    for n, cidr in enumerate(["192.0.2.0/24", "203.0.113.0/24", "100.64.0.0/10"]):
+        (tmp_path / "staged").write_text(f"resyncInterval: 1h\nnonMasqueradeCIDRs: [{cidr}]\n")
+        os.replace(tmp_path / "staged", tmp_path / "config")
+        d.next_event(lambda e: e.get("event") == "rules updated" and e["cidrs_added"] == [cidr])
+    # the monitor reports in order: once this outside change is restored, it has read past all of
+    # masqd's own writes, and none of them may have caused a pass
+    netns.run(node_ns, "nft", "delete", "element", "ip", "masqd", "nonmasq4", "{ 100.64.0.0/10 }")
+    d.next_event(is_restore)
+    passes = [e for e in d.events if "kernel-monitor" in e.get("trigger", "")]
+    assert [e["event"] for e in passes] == ["rules restored after outside change"]
+
+
+def monitor_pid(masqd_pid: int) -> int:
+    children = Path(f"/proc/{masqd_pid}/task/{masqd_pid}/children").read_text().split()
+    for child in children:
+        if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[:2] == [b"nft", b"monitor"]:
+            return int(child)
+    raise AssertionError(f"masqd {masqd_pid} runs no nft monitor; its children: {children}")
+
+
+@pytest.mark.netns
+def test_a_killed_nft_monitor_is_restarted_and_heals_again(node_ns, daemon):
+    d = daemon(HOUR, backend="nftables")
+    first = monitor_pid(d.proc.pid)
+    os.kill(first, signal.SIGKILL)
+    failed = d.next_event(lambda e: e.get("event") == "event source failed; restarting it")
+    assert failed["source"] == "kernel-monitor" and "nft monitor: exited with status -9" in failed["error"]
+    # the restart asks for a pass (changes may have been missed meanwhile)
+    d.next_event(lambda e: e.get("trigger") == "kernel-monitor" and e.get("event") == "in sync")
+    assert netns.wait_for(lambda: monitor_pid(d.proc.pid) != first, timeout=5)
+    netns.run(node_ns, "nft", "flush", "set", "ip", "masqd", "nonmasq4")
+    assert d.next_event(is_restore)["trigger"] == "kernel-monitor"
+
+
+IPTABLES_DAMAGE = [
+    pytest.param(["iptables", "-t", "nat", "-F", CHAIN], id="chain-flushed"),
+    pytest.param(["iptables", "-t", "nat", "-F", "POSTROUTING"], id="jump-flushed"),
+    pytest.param(["iptables", "-t", "nat", "-I", CHAIN, "1", "-j", "RETURN"], id="rule-inserted"),
+    pytest.param(["iptables", "-t", "nat", "-D", CHAIN, "2"], id="rule-deleted"),
+]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("damage", IPTABLES_DAMAGE)
+def test_drift_check_restores_the_iptables_chain_between_resyncs(node_ns, daemon, damage):
+    d = daemon(HOUR, "--drift-check-interval=100ms")
+    assert "drift-check" in started_sources(d)
+    good_chain = chain_lines(node_ns)
+    netns.run(node_ns, *damage)
+    assert d.next_event(is_restore)["trigger"] == "drift-check"
+    assert chain_lines(node_ns) == good_chain and jumps(node_ns) == 1
+
+
+@pytest.mark.netns
+def test_drift_check_of_an_unchanged_chain_writes_nothing(node_ns, daemon):
+    d = daemon(HOUR, "--drift-check-interval=50ms")
+    listing = netns.run(node_ns, "nft", "-a", "list", "table", "ip", "nat").stdout
+    for _ in range(10):
+        d.next_event(lambda e: e.get("event") == "drift check: the kernel holds the rules last applied")
+    assert d.writes()[1:] == []
+    assert netns.run(node_ns, "nft", "-a", "list", "table", "ip", "nat").stdout == listing
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_drift_check_interval_zero_turns_drift_sources_off(node_ns, daemon, backend):
+    d = daemon(HOUR, "--drift-check-interval=0", backend=backend)
+    assert started_sources(d) == ["file", "timer"]
