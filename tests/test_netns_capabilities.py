@@ -39,6 +39,7 @@ import pytest
 
 import masqd
 import netns
+from masqd_proc import log_events
 from deploy_files import (EXAMPLES, image_capabilities, image_user, masqd_tools, setcap_grants, unit,
                           unit_capabilities, unit_exec_start)
 
@@ -251,6 +252,35 @@ def test_without_the_file_capabilities_masqd_fails_clearly_and_writes_nothing(sa
     assert "you must be root" in error[0], error  # iptables: Permission denied, nft: Operation not permitted
     assert _iptables_rules(sandbox.ns) == []
     assert "masqd" not in _nft_tables(sandbox.ns)
+
+
+def test_non_root_daemon_follows_nft_monitor_and_restores_its_table(sandbox):
+    """The kernel monitor needs what the writes need: ``nft monitor`` joins nftables' netlink
+    group, which takes CAP_NET_ADMIN, and the capped nft has it. A table element deleted from
+    outside is restored by the unprivileged daemon, woken by the monitor (the resync is an hour)."""
+    logs = sandbox.root / "logs"
+    logs.mkdir(mode=0o777)
+    logs.chmod(0o777)
+    sandbox.config.write_text("resyncInterval: 1h\n" + CONFIG)
+    log = logs / "daemon.log"
+    script = f"""
+{MASQD} run --backend nftables --config {sandbox.config} --log-format json --v=4 --http-address= 2>{log} &
+pid=$!
+seen() {{ for _ in $(seq 200); do grep -q "$1" {log} && return 0; sleep 0.05; done; return 1; }}
+seen '"rules applied"'
+nft delete element ip masqd nonmasq4 '{{ 10.0.0.0/8 }}'
+seen 'restored after outside change'
+kill $pid
+wait $pid
+"""
+    result = sandbox.run("/bin/sh", "-c", script)
+    events = log_events(log.read_text())
+    assert result.returncode == 0, _failure(result) + log.read_text()
+    restored = [e for e in events if e["event"] == "rules restored after outside change"]
+    assert [e["trigger"] for e in restored] == ["kernel-monitor"], log.read_text()
+    assert not [e for e in events if e["level"] in ("error", "warning") and e is not restored[0]], log.read_text()
+    listing = netns.run(sandbox.ns, "nft", "list", "table", "ip", "masqd").stdout
+    assert "elements = { 10.0.0.0/8, 169.254.0.0/16," in listing, listing
 
 
 def test_net_raw_missing_from_the_pod_stops_the_binaries_from_starting(sandbox):
