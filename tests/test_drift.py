@@ -195,12 +195,30 @@ def test_nft_monitor_ignores_masqd_own_writes(node_ns, daemon, tmp_path):
     assert [e["event"] for e in passes] == ["rules restored after outside change"]
 
 
+def monitor_pids(masqd_pid: int) -> list[int]:
+    """The ``nft monitor`` processes masqd runs (once started: they begin as a small Python
+    wrapper that then becomes nft)."""
+    pids = []
+    for child in Path(f"/proc/{masqd_pid}/task/{masqd_pid}/children").read_text().split():
+        try:
+            if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[:2] == [b"nft", b"monitor"]:
+                pids.append(int(child))
+        except FileNotFoundError:  # it exited meanwhile
+            pass
+    return pids
+
+
 def monitor_pid(masqd_pid: int) -> int:
-    children = Path(f"/proc/{masqd_pid}/task/{masqd_pid}/children").read_text().split()
-    for child in children:
-        if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[:2] == [b"nft", b"monitor"]:
-            return int(child)
-    raise AssertionError(f"masqd {masqd_pid} runs no nft monitor; its children: {children}")
+    assert netns.wait_for(lambda: len(monitor_pids(masqd_pid)) == 1), f"masqd {masqd_pid} runs no nft monitor"
+    (pid,) = monitor_pids(masqd_pid)
+    return pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.netns
@@ -212,9 +230,21 @@ def test_a_killed_nft_monitor_is_restarted_and_heals_again(node_ns, daemon):
     assert failed["source"] == "kernel-monitor" and "nft monitor: exited with status -9" in failed["error"]
     # the restart asks for a pass (changes may have been missed meanwhile)
     d.next_event(lambda e: e.get("trigger") == "kernel-monitor" and e.get("event") == "in sync")
-    assert netns.wait_for(lambda: monitor_pid(d.proc.pid) != first, timeout=5)
+    assert netns.wait_for(lambda: monitor_pids(d.proc.pid) not in ([], [first]), timeout=5)
     netns.run(node_ns, "nft", "flush", "set", "ip", "masqd", "nonmasq4")
     assert d.next_event(is_restore)["trigger"] == "kernel-monitor"
+
+
+@pytest.mark.netns
+def test_nft_monitor_dies_with_a_killed_masqd(node_ns, daemon):
+    """SIGKILL gives masqd no chance to stop its monitor: the kernel kills it (parent-death
+    signal), instead of leaving it blocked on netlink, holding the namespace, until some later
+    nftables change makes it write to the closed pipe."""
+    d = daemon(HOUR, backend="nftables")
+    monitor = monitor_pid(d.proc.pid)
+    d.proc.kill()
+    d.proc.wait(timeout=10)
+    assert netns.wait_for(lambda: not alive(monitor), timeout=5), "nft monitor outlived the killed masqd"
 
 
 IPTABLES_DAMAGE = [

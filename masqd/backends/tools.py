@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -104,9 +105,11 @@ async def tool_output(command: list[str]) -> AsyncIterator[ByteReceiveStream]:
     It has no deadline. A block that is cancelled or raises has the tool killed and reaped. A
     block that ends normally has read to the end of the output, which means the tool exited on
     its own: that raises :class:`~masqd.errors.ToolExitedError` with its exit status and what it
-    printed on stderr (a tool still running then is killed first).
+    printed on stderr (a tool still running then is killed first). If masqd itself dies without
+    a chance to kill it (SIGKILL, the OOM killer), the kernel kills the tool too (see
+    :func:`_dies_with_masqd`).
     """
-    process = await _spawn(command, None)
+    process = await _spawn(_dies_with_masqd(command), None)
     stderr: list[bytes] = [b"", b""]
     exited = False
     try:
@@ -122,6 +125,32 @@ async def tool_output(command: list[str]) -> AsyncIterator[ByteReceiveStream]:
         await _kill_and_reap(process)
     raise ToolExitedError(command, process.returncode if exited else -signal.SIGKILL,
                           stderr[1].decode(errors="replace"))
+
+
+#: Run as ``python -c`` before the tool: ask the kernel to SIGKILL this process when its parent
+#: (masqd) dies (``PR_SET_PDEATHSIG``, kept across ``exec``), give up if masqd already died, then
+#: become the tool. A missing tool exits 127 with one line, like a shell.
+_EXEC_DYING_WITH_PARENT = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    sys.stderr.write(f"cannot run {sys.argv[2]}: {exc.strerror}\\n")
+    sys.exit(127)
+"""
+
+
+def _dies_with_masqd(command: list[str]) -> list[str]:
+    """``command``, made to die with masqd. A tool that runs until stopped and outlived a killed
+    masqd would linger (``nft monitor`` blocks in the kernel and exits only when it next writes to
+    the closed pipe), holding a deleted network namespace alive, one more after each restart.
+    (In a pod or a systemd unit the container or cgroup goes with masqd anyway; but the kernel
+    clears the death signal when exec'ing a binary with file capabilities, as the image's nft has,
+    so this is what covers masqd run as root on a host.)"""
+    return [sys.executable, "-I", "-S", "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *command]
 
 
 async def _drain(stream: ByteReceiveStream, output: list[bytes], index: int) -> None:
