@@ -4,7 +4,7 @@ A backend turns a :class:`~masqd.ruleset.RuleSet` into kernel state. ``render`` 
 exact text the backend would write to an empty kernel); ``sync`` reads the kernel back, writes
 only what differs, atomically, and says what it wrote. Only the reconciler calls ``sync``.
 ``read_back`` (optional) only reads: it says what the kernel holds as a :class:`LiveRules`, for
-``masqd explain --live``.
+``masqd explain --live`` and the drift check; ``monitor`` (optional) follows the kernel's changes.
 """
 
 from __future__ import annotations
@@ -148,7 +148,15 @@ class Backend(Protocol):
     family whether a sync of ``ruleset`` would write (``LiveFamily.drift``). Parsing what the
     tools print into that value is pure. ``masqd explain --live`` needs it; a backend without it
     (a plugin's) is refused there with a message saying so. Raises
-    :class:`~masqd.errors.BackendError` when the kernel cannot be read.
+    :class:`~masqd.errors.BackendError` when the kernel cannot be read. The daemon also calls it
+    every ``--drift-check-interval`` to notice rules changed by someone else between resyncs.
+
+    Optional: ``async def monitor(self, notify: Callable[[str], None]) -> None`` follows the
+    kernel's changes until cancelled and calls ``notify(change)`` for each one another process
+    made to this backend's rules (not for its own writes); it raises
+    :class:`~masqd.errors.BackendError` when it cannot go on, and is restarted after a back-off.
+    A backend with it is not polled: the monitor replaces the drift check
+    (:mod:`masqd.sources.drift`).
     """
 
     name: str
