@@ -579,6 +579,17 @@ class NftSubprocessExecutor:
             raise ApplyError(command, result.returncode, _first_error(stderr), _failed_line(stderr, script or text))
 
 
+def _first_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return next((line for line in lines if "Error" in line), lines[0] if lines else stderr)
+
+
+def _failed_line(stderr: str, script: str) -> str | None:
+    """nft names errors as ``/dev/stdin:LINE:COL-COL: Error: ...``; return that script line."""
+    match = re.search(r":(\d+):\d+(?:-\d+)?: Error", stderr)
+    return script_line(script, int(match.group(1))) if match else None
+
+
 def _marker_lines(marker: str) -> str:
     return f"add table ip {marker}\ndelete table ip {marker}\n"
 
@@ -616,6 +627,9 @@ class ChangeFilter:
             elif words[:2] == ["add", "table"] and words[3] == self._marker:
                 self._own = True
         return None
+
+
+# --- the backend ---------------------------------------------------------------------------------------
 
 
 class NftablesBackend:
