@@ -41,6 +41,15 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
 
 
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of ``pid`` from /proc/PID/status, in MiB: ``VmRSS`` (resident now) or
+    ``VmHWM`` (the peak resident size since it started)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
 class CallTimer:
     """Wall time per label of the functions :meth:`wrap` instruments. A timed call made inside
     another timed call counts only in the outer one, so the parts never add up to more than
@@ -90,6 +99,17 @@ def _stamp_lines(stream, lines) -> None:
         lines.put((time.perf_counter(), line))
 
 
+def stamped_lines(stream):
+    """A queue of ``(time.perf_counter() stamp, line)`` for every line of the text ``stream``
+    (a child's stdout or stderr), read by a daemon thread as the lines arrive."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_stamp_lines, args=(stream, lines), daemon=True).start()
+    return lines
+
+
 def wait_for_line(lines, needle: str, timeout: float = 10.0) -> float:
     """The ``time.perf_counter()`` stamp of the next line holding ``needle`` (earlier lines are
     consumed); raises ``TimeoutError``."""
@@ -103,19 +123,16 @@ def wait_for_line(lines, needle: str, timeout: float = 10.0) -> float:
             break
         if needle in line:
             return stamp
-    raise TimeoutError(f"kernel never showed {needle!r} within {timeout} s")
+    raise TimeoutError(f"no line with {needle!r} within {timeout} s")
 
 
 def nft_monitor(ns: str):
     """``nft monitor`` in namespace ``ns``, subscribed: ``(process, queue of (stamp, line))``.
     Every rule a write adds is announced as it lands (iptables here is the nf_tables variant)."""
-    import queue
     import subprocess
-    import threading
 
-    lines: queue.Queue = queue.Queue()
     monitor = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor"], stdout=subprocess.PIPE, text=True)
-    threading.Thread(target=_stamp_lines, args=(monitor.stdout, lines), daemon=True).start()
+    lines = stamped_lines(monitor.stdout)
     # subscribed once it reports a table created for that purpose
     while True:
         subprocess.run(["ip", "netns", "exec", ns, "nft", "add", "table", "ip", "probe"], check=True)
@@ -154,6 +171,13 @@ def bench_namespace() -> str | None:
     subprocess.run(["ip", "netns", "add", ns], check=True)
     subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
     return ns
+
+
+def delete_namespace(ns: str) -> None:
+    """Delete a namespace :func:`bench_namespace` made (quietly: it may be gone already)."""
+    import subprocess
+
+    subprocess.run(["ip", "netns", "del", ns], check=False, stderr=subprocess.DEVNULL)
 
 
 def wrap_config_stages(timer: CallTimer) -> None:

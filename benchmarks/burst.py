@@ -28,17 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import rss_mib
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from netns import LineReader  # noqa: E402
 
 MASQD = Path(sys.executable).with_name("masqd")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def cidr(i: int) -> str:

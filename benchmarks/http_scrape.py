@@ -7,7 +7,8 @@ endpoint on 127.0.0.1 (a free port) and a config of N non-masquerade CIDRs; for 
 - the first ``/metrics`` after an apply (the CIDR-by-origin counts are computed once per applied
   state), then the median of 50 more (the cached counts);
 - the median ``/readyz`` and ``/healthz`` of 50 each;
-- the median ``/healthz`` while 60 idle connections (just under the connection limit) and one
+- the median ``/healthz`` while 60 idle connections (from several loopback addresses, each just
+  under the per-peer connection limit, so the probes from 127.0.0.1 are not refused) and one
   client that never reads a 64 MiB answer are held open: a misbehaving client must not slow the
   probes down.
 
@@ -35,7 +36,7 @@ from bench_common import cidr_blocks  # noqa: E402
 from masqd.backends.dryrun import DryRunBackend  # noqa: E402
 from masqd.config import AgentOptions  # noqa: E402
 from masqd.daemon import run_daemon  # noqa: E402
-from masqd.http import Address, HttpServer, Response  # noqa: E402
+from masqd.http import MAX_PER_PEER, Address, HttpServer, Response  # noqa: E402
 from masqd.logs import configure_logging  # noqa: E402
 from masqd.reconcile import Reconciler  # noqa: E402
 
@@ -79,7 +80,7 @@ async def measure(count: int, workdir: Path) -> str:
         metrics = await median_ms(port, "/metrics")
         ready = await median_ms(port, "/readyz")
         health = await median_ms(port, "/healthz")
-        idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(IDLE_CLIENTS)]
+        idle = [await anyio.connect_tcp("127.0.0.1", port, local_host=idle_peer(i)) for i in range(IDLE_CLIENTS)]
         busy = await misbehaving_health(port)
         for stream in idle:
             await stream.aclose()
@@ -87,6 +88,12 @@ async def measure(count: int, workdir: Path) -> str:
     return (f"{count:>7} CIDRs: /metrics first {first * 1000:7.1f} ms, then {metrics:5.2f} ms ({size} bytes); "
             f"/readyz {ready:5.2f} ms; /healthz {health:5.2f} ms, with {IDLE_CLIENTS} idle clients and a "
             f"non-reader {busy:5.2f} ms")
+
+
+def idle_peer(index: int) -> str:
+    """The loopback address idle client ``index`` connects from: at most MAX_PER_PEER - 1 per
+    address, none from 127.0.0.1 (the probes' own address)."""
+    return f"127.0.0.{2 + index // (MAX_PER_PEER - 1)}"
 
 
 async def misbehaving_health(port: int) -> float:

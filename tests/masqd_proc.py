@@ -36,12 +36,14 @@ def writes_logged(stderr: str) -> list[dict]:
 
 
 class DaemonProcess:
-    """``masqd run`` (no ``--once``) inside namespace ``ns``, debug JSON logs read from stderr."""
+    """``masqd run`` (no ``--once``) inside namespace ``ns``, debug JSON logs read from stderr.
+    ``command``: what stands for ``masqd`` (e.g. an interpreter running a script that adjusts a
+    constant, then calls ``masqd.cli.main``)."""
 
     def __init__(self, ns: str, config: Path, *flags: str, backend: str = "iptables",
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, command: tuple[str, ...] = (str(MASQD),)):
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, str(MASQD), "run", "--backend", backend, "--config", str(config),
+            ["ip", "netns", "exec", ns, *command, "run", "--backend", backend, "--config", str(config),
              "--log-format", "json", "--v=4", *flags],
             stderr=subprocess.PIPE, text=True, env=None if env is None else {**os.environ, **env},
         )

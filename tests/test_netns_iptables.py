@@ -15,9 +15,11 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -508,17 +510,25 @@ def _legacy_chain(ns: str) -> list[str]:
 
 
 @pytest.fixture
-def held_lock(tmp_path):
-    """An exclusive flock on a private xtables lock file, as another iptables process would hold."""
+def xtables_lock(tmp_path):
+    """A private xtables lock file (passed to iptables as XTABLES_LOCKFILE, so the host's
+    /run/xtables.lock is never contended) and a descriptor on it, not locked yet. Locking it with
+    ``fcntl.flock`` holds the lock as another iptables process would."""
     if shutil.which("iptables-legacy-restore") is None or shutil.which("iptables-legacy-save") is None:
         pytest.skip("iptables-legacy is not installed")
     lockfile = tmp_path / "xtables.lock"
     fd = os.open(lockfile, os.O_CREAT | os.O_RDWR, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         yield lockfile, fd
     finally:
         os.close(fd)  # releases the lock if the test has not
+
+
+@pytest.fixture
+def held_lock(xtables_lock):
+    """An exclusive flock on a private xtables lock file, as another iptables process would hold."""
+    fcntl.flock(xtables_lock[1], fcntl.LOCK_EX)
+    return xtables_lock
 
 
 def test_restore_waits_for_the_xtables_lock(node_ns, held_lock):
@@ -555,3 +565,161 @@ def test_lock_held_past_the_wait_is_an_apply_error(node_ns, held_lock):
     assert message.startswith("iptables-legacy-restore -w 1 --noflush exited 4:"), stdout
     assert "holding the xtables lock" in message
     assert _legacy_chain(node_ns) == []
+
+
+# --- the daemon and a held xtables lock ------------------------------------------------------------
+
+LOCK_BEFORE = "resyncInterval: 1h\nnonMasqueradeCIDRs: [198.51.100.0/24]\n"
+LOCK_AFTER = "resyncInterval: 1h\nnonMasqueradeCIDRs: [203.0.113.0/24]\n"
+LOCK_HELD_SECONDS = 3.0
+HTTP_ADDRESS = "127.0.0.1:9142"  # inside the test's namespace
+#: ``masqd`` with a shorter xtables lock wait, so a lock held past it costs seconds, not tens.
+_MASQD_SHORT_LOCK_WAIT = """
+import sys
+import masqd.backends.iptables as backend
+backend.LOCK_WAIT_SECONDS = int(sys.argv.pop(1))
+from masqd.cli import main
+sys.exit(main())
+"""
+_HTTP_GET = """
+import sys, urllib.error, urllib.request
+try:
+    answer = urllib.request.urlopen(sys.argv[1], timeout=5)
+except urllib.error.HTTPError as exc:
+    answer = exc
+print(answer.status)
+print(answer.read().decode())
+"""
+
+
+def _http_get(ns: str, path: str) -> tuple[int, str]:
+    """Status and body of ``GET path`` from the daemon's endpoint inside ``ns``."""
+    out = netns.run(ns, sys.executable, "-c", _HTTP_GET, f"http://{HTTP_ADDRESS}{path}").stdout
+    status, body = out.split("\n", 1)
+    return int(status), body.strip()
+
+
+def _legacy_ours(ns: str) -> list[str]:
+    """masqd's lines in the legacy nat table (plain iptables-legacy-save takes no lock)."""
+    return ours(netns.iptables_save(ns, binary="iptables-legacy-save"))
+
+
+def _legacy_expected(cidr: str) -> list[str]:
+    return [f":{CHAIN} - [0:0]", jump(), keep("169.254.0.0/16"), keep(cidr), masq()]
+
+
+def _replace_config(path: Path, text: str) -> None:
+    staged = path.with_name(".staged")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
+def _is_lock_wait(event: dict) -> bool:
+    return "xtables lock" in event.get("event", "")
+
+
+def _is_sync_failure(event: dict) -> bool:
+    return event.get("event", "").startswith("sync failed")
+
+
+@pytest.fixture
+def legacy_daemon(node_ns, xtables_lock, tmp_path):
+    """Start ``masqd run --iptables-mode legacy`` in ``node_ns`` on LOCK_BEFORE, with the private
+    lock file as its XTABLES_LOCKFILE and its endpoint on HTTP_ADDRESS; returns once the first
+    apply is in the kernel. ``lock_wait``: a shorter LOCK_WAIT_SECONDS. Killed at teardown."""
+    from masqd_proc import MASQD, DaemonProcess
+
+    started: list[DaemonProcess] = []
+    config = tmp_path / "config"
+
+    def start(lock_wait: int | None = None) -> DaemonProcess:
+        config.write_text(LOCK_BEFORE)
+        command = (str(MASQD),) if lock_wait is None else (sys.executable, "-c", _MASQD_SHORT_LOCK_WAIT, str(lock_wait))
+        process = DaemonProcess(node_ns, config, "--iptables-mode", "legacy", f"--http-address={HTTP_ADDRESS}",
+                                env={"XTABLES_LOCKFILE": str(xtables_lock[0])}, command=command)
+        started.append(process)
+        process.next_event(lambda e: e.get("event") == "rules applied")
+        assert _legacy_ours(node_ns) == _legacy_expected("198.51.100.0/24")
+        return process
+
+    yield start
+    for process in started:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait(timeout=10)
+            process.lines.close()
+
+
+def test_daemon_waits_for_a_held_xtables_lock_then_applies_and_logs_the_wait_once(node_ns, xtables_lock,
+                                                                                 legacy_daemon, tmp_path):
+    """Another process holds the xtables lock for a few seconds while the config changes: the
+    daemon's restore waits on it (on the private lock file: XTABLES_LOCKFILE is honoured), the
+    kernel keeps the old rules meanwhile, the daemon stays healthy, says once that it is waiting,
+    and applies the change as soon as the lock is released; no error, no failed sync, ready."""
+    lockfile, fd = xtables_lock
+    d = legacy_daemon()
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    locked = time.monotonic()
+    try:
+        _replace_config(tmp_path / "config", LOCK_AFTER)
+        # the kernel lists masqd's iptables-legacy-restore as a waiter on *our* lock file
+        assert netns.wait_for(lambda: _lock_waiters(lockfile) > 0, timeout=10), "masqd never waited for the lock"
+        wait = d.next_event(_is_lock_wait)
+        assert wait["level"] == "warning", wait
+        assert _legacy_ours(node_ns) == _legacy_expected("198.51.100.0/24"), "applied while the lock was held"
+        assert d.proc.poll() is None
+        status, body = _http_get(node_ns, "/healthz")
+        assert status == 200, body  # a pass waiting on the lock is not a stuck reconciler
+        time.sleep(max(0.0, LOCK_HELD_SECONDS - (time.monotonic() - locked)))
+        assert _lock_waiters(lockfile) > 0, "masqd stopped waiting before the lock was released"
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    update = d.next_event(lambda e: e.get("event") == "rules updated", timeout=15)
+    assert update["trigger"] == "file" and update["cidrs_added"] == ["203.0.113.0/24"], update
+    assert _legacy_ours(node_ns) == _legacy_expected("203.0.113.0/24")
+    # one more pass (SIGHUP), so every line the waiting pass could have logged has been read
+    d.proc.send_signal(signal.SIGHUP)
+    d.next_event(lambda e: e.get("event") == "in sync" and e.get("trigger") == "sighup")
+    assert [e for e in d.events if _is_lock_wait(e)] == [wait], "the wait must be logged exactly once"
+    assert [e for e in d.events if e.get("level") == "error" or _is_sync_failure(e)] == []
+    assert [e["event"] for e in d.writes()] == ["rules applied", "rules updated"]
+    assert _http_get(node_ns, "/readyz")[0] == 200
+    assert _http_get(node_ns, "/healthz")[0] == 200
+    assert d.stop() == 0
+
+
+def test_lock_held_past_the_wait_fails_the_sync_once_then_retries_until_it_applies(node_ns, xtables_lock,
+                                                                                  legacy_daemon, tmp_path):
+    """Held past the restore's lock wait (shortened to 1 s here), the sync fails: logged once as
+    an error naming the lock, /readyz not ready with the reason, the kernel keeping the old rules;
+    the reconciler retries with back-off (repeats logged at debug level only) and applies the
+    change once the lock is released. The wait itself is logged once for the whole episode."""
+    lockfile, fd = xtables_lock
+    d = legacy_daemon(lock_wait=1)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        _replace_config(tmp_path / "config", LOCK_AFTER)
+        first = d.next_event(_is_sync_failure)
+        assert first["level"] == "error" and first["trigger"] == "file", first
+        assert "holding the xtables lock" in first["error"], first
+        status, body = _http_get(node_ns, "/readyz")
+        assert status == 503 and "the last apply failed" in body and "xtables lock" in body, body
+        assert _http_get(node_ns, "/healthz")[0] == 200
+        # two retries fail the same way (the lock is still held): debug level, marked repeated
+        for _ in range(2):
+            again = d.next_event(_is_sync_failure)
+            assert again["level"] == "debug" and again["repeated"] is True and again["trigger"] == "retry", again
+        assert _legacy_ours(node_ns) == _legacy_expected("198.51.100.0/24")
+        assert netns.wait_for(lambda: _lock_waiters(lockfile) > 0, timeout=10), "no retry waits for the lock"
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    update = d.next_event(lambda e: e.get("event") == "rules updated", timeout=30)
+    assert update["trigger"] == "retry" and update["cidrs_added"] == ["203.0.113.0/24"], update
+    assert _legacy_ours(node_ns) == _legacy_expected("203.0.113.0/24")
+    assert _http_get(node_ns, "/readyz")[0] == 200
+    d.proc.send_signal(signal.SIGHUP)
+    d.next_event(lambda e: e.get("event") == "in sync" and e.get("trigger") == "sighup")
+    assert [e for e in d.events if e.get("level") == "error"] == [first]
+    waits = [e for e in d.events if _is_lock_wait(e)]
+    assert len(waits) == 1 and waits[0]["level"] == "warning", waits
+    assert d.stop() == 0

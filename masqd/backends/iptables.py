@@ -11,6 +11,7 @@ writes only when the chain or the POSTROUTING jump differs from the desired ones
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shlex
 import struct
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol
 
+import anyio
 import structlog
 
 from masqd.backends.base import (AFTER, BEFORE, EITHER, INSIDE, KEEPS, MASQUERADES, ForeignRule, LiveFamily,
@@ -37,6 +39,8 @@ log = structlog.get_logger("masqd.backend.iptables")
 
 #: Seconds iptables-restore waits for a held xtables lock before giving up (the reconciler retries).
 LOCK_WAIT_SECONDS = 10
+#: How often a running iptables-restore is checked for waiting on the xtables lock (logged once).
+LOCK_CHECK_SECONDS = 0.25
 #: ``--random-fully`` needs iptables >= 1.6.2.
 RANDOM_FULLY_MIN_VERSION = (1, 6, 2)
 
@@ -343,6 +347,7 @@ class SubprocessExecutor:
 
     def __init__(self, binaries: dict[int, Binaries] | None = None):
         self.binaries = binaries or DEFAULT_BINARIES
+        self._lock_wait_logged = False  # until a restore gets the lock: retries do not log it again
 
     async def save(self, family: int) -> str:
         binaries = self.binaries[family]
@@ -356,10 +361,31 @@ class SubprocessExecutor:
 
     async def restore(self, family: int, text: str) -> None:
         command = [self.binaries[family].restore, "-w", str(LOCK_WAIT_SECONDS), "--noflush"]
-        result = await run_tool(command, text.encode())
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._log_lock_wait, command)
+            try:
+                result = await run_tool(command, text.encode())
+            except Exception as exc:  # raised as it is below, not wrapped in an exception group
+                error = exc
+            tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace")
             raise ApplyError(command, result.returncode, stderr, _failed_line(stderr, text))
+        self._lock_wait_logged = False
+
+    async def _log_lock_wait(self, command: list[str]) -> None:
+        """While the restore runs: say once that it waits for the xtables lock (iptables itself
+        prints nothing when the wait ends in success, and a failure after the wait is logged by
+        the reconciler); not again on retries until a restore has had the lock."""
+        while not self._lock_wait_logged:
+            await anyio.sleep(LOCK_CHECK_SECONDS)
+            if _child_waits_for_flock():
+                log.warning("waiting for the xtables lock, held by another process", command=" ".join(command),
+                            wait_seconds=LOCK_WAIT_SECONDS)
+                self._lock_wait_logged = True
 
     async def version(self, family: int) -> str:
         command = [self.binaries[family].main, "--version"]
@@ -367,6 +393,25 @@ class SubprocessExecutor:
         if result.returncode != 0:
             raise ReadBackError(command, result.stderr.decode(errors="replace"))
         return result.stdout.decode(errors="replace")
+
+
+def _child_waits_for_flock() -> bool:
+    """Whether a child of this process (the running iptables-restore) is blocked on a flock, as
+    ``/proc/locks`` lists it (``N: -> FLOCK ADVISORY WRITE PID ...``); legacy iptables takes the
+    xtables lock with flock, the nft variant takes none."""
+    try:
+        with open("/proc/locks") as locks:
+            waiters = [line.split()[5] for line in locks if " -> FLOCK " in line]
+    except (OSError, IndexError):
+        return False
+    for pid in waiters:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
 
 
 def _failed_line(stderr: str, text: str) -> str | None:
