@@ -9,7 +9,9 @@ field selector), then watches from the list's ``resourceVersion``, and keeps ``o
   made while disconnected is not missed either;
 - any other failure (connection refused, 5xx, 429, timeouts) is retried after an exponential back-off
   with jitter (each delay drawn from the upper half of the current step), so thousands of nodes
-  reconnecting after an API server restart spread their requests instead of arriving at once;
+  reconnecting after an API server restart spread their requests instead of arriving at once; an
+  object that cannot be decoded (wrong types, nested too deeply) is such a failure, and the retry
+  relists, so the watch recovers once the object is fixed or deleted;
 - each watch asks the server to end it after a random 1-2x ``watch_timeout`` seconds, so reconnects
   spread out in steady state too; a watch still open 30 s after that is abandoned and resumed, so a
   connection that died silently (a watch has no read timeout) cannot leave the copy stale forever.
@@ -147,8 +149,9 @@ def status_code(exc: BaseException) -> int | None:
 #: (and resumed from the last version seen): the connection died without the client noticing.
 WATCH_GRACE_SECONDS = 30.0
 
-#: Failures a reflector retries: transport errors, HTTP errors, a body it cannot decode.
-RETRIED = (httpx2.HTTPError, OSError, ValueError, anyio.BrokenResourceError, anyio.EndOfStream)
+#: Failures a reflector retries: transport errors, HTTP errors, a body it cannot decode (a
+#: RecursionError is an object nested deeper than the decoder goes: a schema-less object can be).
+RETRIED = (httpx2.HTTPError, OSError, ValueError, RecursionError, anyio.BrokenResourceError, anyio.EndOfStream)
 
 
 def object_name(obj: Any) -> str:
@@ -212,6 +215,10 @@ class Reflector:
                     self.resource_version = None
                     await anyio.sleep(self._rng.uniform(0, self.settings.backoff_initial))
                     continue
+                if status_code(exc) is None and isinstance(exc, (ValueError, RecursionError)):
+                    # An object that cannot be decoded: resuming would read it again, forever; a
+                    # relist (after the back-off) sees it once it is fixed or deleted.
+                    self.resource_version = None
                 self.failures += 1
                 delay = self._backoff.next_delay()
                 self._log_failure(exc, delay)

@@ -56,11 +56,14 @@ def parse_policy(obj: Any, *, allow_ipv6: bool) -> Policy:
     listing every problem; ``allow_ipv6`` is false on an agent without ``--enable-ipv6``."""
     data = as_mapping(obj)
     name = policy_name(data)
+    # An API server only sends DNS names; anything unprintable is quoted, so that a newline in a
+    # name cannot start a line of its own in a log or a status message.
+    source = f"EgressNATPolicy {name if name.isprintable() else repr(name)}"
     metadata = data.get("metadata") or {}
     problems: list[Problem] = []
     spec = data.get("spec")
     if not isinstance(spec, Mapping):
-        raise ConfigError(f"EgressNATPolicy {name}", [Problem("spec", shorten(spec), "expected a mapping with action and destinations")])
+        raise ConfigError(source, [Problem("spec", shorten(spec), "expected a mapping with action and destinations")])
     action = spec.get("action")
     if action not in ACTIONS:
         problems.append(Problem("spec.action", shorten(action), f"expected one of {', '.join(ACTIONS)}"))
@@ -84,7 +87,7 @@ def parse_policy(obj: Any, *, allow_ipv6: bool) -> Policy:
             if net not in kept:
                 kept.append(net)
     if problems:
-        raise ConfigError(f"EgressNATPolicy {name}", problems)
+        raise ConfigError(source, problems)
     generation = metadata.get("generation") if isinstance(metadata, Mapping) else None
     return Policy(name, action, tuple(cidrs), generation if isinstance(generation, int) else None, tuple(ignored))
 

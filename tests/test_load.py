@@ -1,4 +1,5 @@
-"""Load: a burst of config changes is coalesced, and the agent ends on the last one.
+"""Load: a burst of config changes (or of Kubernetes watch events) is coalesced, other sources are
+still served meanwhile, and the agent ends on the last change.
 
 ``benchmarks/burst.py`` measures the same with the real command (passes, time, RSS before and
 after); here the behaviour is asserted, never a time.
@@ -6,15 +7,21 @@ after); here the behaviour is asserted, never a time.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import anyio
+import pytest
 
+from kubeapi import FakeKubeAPI
 from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
+from masqd.default_plugins.egress import EgressNATPolicies
 from masqd.events import Event, make_emit
+from masqd.kube import KubeSettings
 from masqd.reconcile import Reconciler
 from test_daemon import NO_RESYNC, Running, cidrs_of, wait_until, write_atomically
+from test_kube import REF, Agent, cidrs_only, configmap, policy
 
 BURST = 10_000
 
@@ -58,3 +65,114 @@ async def test_an_event_flood_costs_a_bounded_number_of_passes(tmp_path: Path) -
         send.close()
     assert reconciler.generation <= BURST // 1000 + 2  # one pass per yield at most, not per event
     assert cidrs_of(backend.applied)[1:] == ["198.51.100.0/24"] and backend.writes == 1
+
+
+# --- a Kubernetes watch that floods events ------------------------------------------------------------
+
+WATCH_FLOOD = 3_000  # the flood sends at least this many MODIFIED events...
+WATCH_FLOOD_MAX = 50_000  # ...and at most this many (a starved event loop fails the test, not hangs it)
+WAIT_FLOOD = 60
+
+
+class _Flood:
+    """A writer thread replacing one object on the fake API server as fast as it can (each a new
+    MODIFIED event on every watch of it), until told to stop once at least ``minimum`` were sent."""
+
+    def __init__(self, api: FakeKubeAPI, make_object, minimum: int = WATCH_FLOOD, maximum: int = WATCH_FLOOD_MAX):
+        self.api = api
+        self.make_object = make_object
+        self.minimum = minimum
+        self.maximum = maximum
+        self.sent = 0
+        self.last: dict | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watch-flood", daemon=True)
+
+    def _run(self) -> None:
+        while self.sent < self.maximum and (self.sent < self.minimum or not self._stop.is_set()):
+            self.last = self.api.put(self.make_object(self.sent))
+            self.sent += 1
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT_FLOOD)
+        assert not self._thread.is_alive(), "the flood did not stop"
+
+    def __enter__(self) -> _Flood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(WAIT_FLOOD)
+
+
+def _steady(kind: str, cidr: str) -> dict:
+    """The object that is not flooded: edited once during the flood (the other watch)."""
+    return policy("steady", "NoSNAT", cidr) if kind == "configmap" else configmap(cidrs_only(cidr))
+
+
+def _flooded(kind: str, i: int) -> dict:
+    return configmap(cidrs_only(nth(i))) if kind == "configmap" else policy("flood", "NoSNAT", nth(i))
+
+
+@pytest.mark.parametrize("kind", ["configmap", "policy"])
+async def test_a_flooding_watch_cannot_starve_the_reconciler(tmp_path: Path, kind: str) -> None:
+    """One watched object (the ConfigMap, or an EgressNATPolicy) is replaced thousands of times as
+    fast as the API server takes it, each replacement streamed to the agent's watch. Meanwhile a
+    config-file edit and an edit of the other watched kind are still applied and passes go on
+    completing; the flood costs far fewer passes than events, and the agent ends on the last
+    object sent."""
+    file = tmp_path / "ip-masq-agent"
+    file.write_text(cidrs_only("192.0.2.0/24"))
+    with FakeKubeAPI(bookmark_interval=None) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        settings = KubeSettings(configmap=REF, egress_nat_policies=True, kubeconfig=str(kubeconfig),
+                                backoff_initial=0.05, backoff_max=0.4, request_timeout=5)
+        api.put(_flooded(kind, 0))
+        api.put(_steady(kind, "198.51.100.0/24"))
+        async with Agent(settings, file) as agent:
+            plugin = next(p for p in agent.plugins.pm.get_plugins() if isinstance(p, EgressNATPolicies))
+
+            def flooded_object():
+                """The agent's copy of the flooded object: its config text or spec, and version."""
+                if kind == "configmap":
+                    return agent.configmap.text, agent.configmap.resource_version
+                obj = plugin.objects.get("flood") or {"spec": None, "metadata": {}}
+                return obj["spec"], obj["metadata"].get("resourceVersion")
+
+            def versions_seen() -> int:
+                return int(flooded_object()[1] or 0)
+
+            await wait_until(lambda: {"192.0.2.0/24", "198.51.100.0/24", nth(0)} <= agent.applied(), "the first state")
+            start = int(api.resource_version)
+            with _Flood(api, lambda i: _flooded(kind, i + 1)) as flood:
+                await wait_until(lambda: versions_seen() > start + 100, "the agent's watch receiving the flood")
+                passes_before = agent.reconciler.generation
+                seen_before = versions_seen()
+
+                write_atomically(file, cidrs_only("192.0.2.0/24 203.0.113.0/24"))  # another source
+                await wait_until(lambda: "203.0.113.0/24" in agent.applied(), "the file edit during the flood")
+                assert flood.running, "the flood was over before the file edit was applied: nothing shown"
+                api.put(_steady(kind, "198.51.100.0/25"))  # another watch
+                await wait_until(lambda: "198.51.100.0/25" in agent.applied(), "the other watch's edit, during it")
+                assert flood.running, "the flood was over before the other watch's edit was applied: nothing shown"
+                assert versions_seen() > seen_before  # the flood kept arriving meanwhile
+                assert agent.reconciler.generation >= passes_before + 2  # and passes kept completing
+                flood.stop()
+            last = flood.last
+            last_cidr = nth(flood.sent)  # object i carries nth(i + 1)
+            final = {"192.0.2.0/24", "203.0.113.0/24", "198.51.100.0/25", last_cidr}
+            await wait_until(lambda: agent.applied() == final, "the last object sent")
+            content = last["data"]["config"] if kind == "configmap" else last["spec"]
+            assert flooded_object() == (content, last["metadata"]["resourceVersion"])
+            passes, events = agent.reconciler.generation, flood.sent
+            assert WATCH_FLOOD <= events < WATCH_FLOOD_MAX
+            assert passes < events // 10, f"{passes} passes for {events} watch events: not coalesced"
+            assert agent.reconciler.errors == 0 and agent.reconciler.last_error is None
+            await anyio.sleep(0.3)  # nothing left queued: no pass after the last state
+            assert agent.reconciler.generation == passes

@@ -11,6 +11,7 @@ import anyio
 import structlog
 from lightkube.resources.core_v1 import ConfigMap
 
+from masqd.errors import ConfigError, Problem, shorten
 from masqd.events import Notify
 from masqd.inputs import SourceText
 from masqd.kube import KubeSettings, ObjectRef, Reflector, make_client
@@ -34,7 +35,7 @@ class ConfigMapInput:
         self.ref = ref
         self.settings = settings
         self.name = f"configmap {ref}"
-        self.text: str | None = None
+        self.text: object = None  # the ``config`` value: a str, or anything else a server sent (read() refuses it)
         self.resource_version: str | None = None  # of the object whose text is held
         self._missing_key_logged: str | None = None
         self.source: ReflectorSource | None = None  # the watch, once the daemon asked for it
@@ -45,7 +46,12 @@ class ConfigMapInput:
         return None if self.source is None else self.source.reflector
 
     def read(self) -> list[SourceText]:
-        return [] if self.text is None else [SourceText(self.name, self.text)]
+        if self.text is None:
+            return []
+        if not isinstance(self.text, str):  # the API types it as a string; refuse anything else by name
+            raise ConfigError(self.name, [Problem(f"data.{CONFIG_KEY}", shorten(self.text),
+                                                  "expected a string holding the config (YAML or JSON)")])
+        return [SourceText(self.name, self.text)]
 
     def make_source(self) -> ReflectorSource:
         """A source reading this one ConfigMap (``fieldSelector=metadata.name=NAME``) into :meth:`update`."""
