@@ -124,7 +124,4 @@ def daemon(node_ns, tmp_path):
 
     yield start
     for process in started:
-        if process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait(timeout=10)
-            process.lines.close()
+        process.kill()

@@ -76,3 +76,10 @@ class DaemonProcess:
         finally:
             self.lines.close()
             self.proc.stderr.close()
+
+    def kill(self) -> None:
+        """Teardown: kill the daemon unless it has exited, and stop reading its stderr."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.lines.close()

@@ -644,10 +644,7 @@ def legacy_daemon(node_ns, xtables_lock, tmp_path):
 
     yield start
     for process in started:
-        if process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait(timeout=10)
-            process.lines.close()
+        process.kill()
 
 
 def test_daemon_waits_for_a_held_xtables_lock_then_applies_and_logs_the_wait_once(node_ns, xtables_lock,
