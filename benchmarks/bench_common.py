@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -129,7 +130,6 @@ def wait_for_line(lines, needle: str, timeout: float = 10.0) -> float:
 def nft_monitor(ns: str):
     """``nft monitor`` in namespace ``ns``, subscribed: ``(process, queue of (stamp, line))``.
     Every rule a write adds is announced as it lands (iptables here is the nf_tables variant)."""
-    import subprocess
 
     monitor = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor"], stdout=subprocess.PIPE, text=True)
     lines = stamped_lines(monitor.stdout)
@@ -160,7 +160,6 @@ def bench_namespace() -> str | None:
     import os
     import secrets
     import shutil
-    import subprocess
     import sys
 
     if os.geteuid() != 0 or not shutil.which("nft"):
@@ -173,9 +172,19 @@ def bench_namespace() -> str | None:
     return ns
 
 
+def stop_process(proc) -> None:
+    """SIGTERM a process still running, SIGKILL it after 10 s, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def delete_namespace(ns: str) -> None:
     """Delete a namespace :func:`bench_namespace` made (quietly: it may be gone already)."""
-    import subprocess
 
     subprocess.run(["ip", "netns", "del", ns], check=False, stderr=subprocess.DEVNULL)
 

@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import (bench_namespace, cpu_ticks, delete_namespace, ignore_signals, rss_mib, stamped_lines,
+from bench_common import (bench_namespace, stop_process, cpu_ticks, delete_namespace, ignore_signals, rss_mib, stamped_lines,
                           wait_for_line)
 
 BACKENDS = ("nftables", "iptables")
@@ -110,13 +110,7 @@ class Daemon:
         return count
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def report(backend: str, before: dict, after: dict, log_lines: int) -> str:

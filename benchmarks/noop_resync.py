@@ -50,7 +50,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_common import child_script, cidr_blocks, cpu_ticks, exit_on_signals, ignore_signals
+from bench_common import child_script, cidr_blocks, cpu_ticks, exit_on_signals, ignore_signals, stop_process
 
 BACKENDS = ("nftables", "iptables")
 MASQD = Path(sys.executable).with_name("masqd")
@@ -282,12 +282,7 @@ def measure(backend: str, config: Path, ticks: int) -> dict:
         }
     finally:
         for proc in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
             if proc in _procs:
                 _procs.remove(proc)
         subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -225,19 +225,32 @@ def run_benchmark(benchmark: Benchmark, quick: bool, timeout: float | None = Non
     except subprocess.TimeoutExpired:
         returncode = None
         lines.append(f"\n[run_all: still running after {limit:g} s: SIGTERM]\n")
-        proc.send_signal(signal.SIGTERM)  # the scripts delete their namespaces on SIGTERM
-        try:
-            proc.wait(timeout=KILL_GRACE_S)
-        except subprocess.TimeoutExpired:
-            lines.append(f"[run_all: still running {KILL_GRACE_S:g} s later: SIGKILL to its process group]\n")
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc, lines)
     except BaseException:  # Ctrl-C: stop the benchmark too, letting it clean up
-        proc.send_signal(signal.SIGTERM)
-        proc.wait()
+        _stop(proc, lines)
         raise
+    finally:
+        _kill_group(proc.pid)  # whatever the benchmark started and left behind
     reader.join(timeout=10)
     return Outcome(benchmark, argv, "".join(lines), time.monotonic() - start, returncode)
+
+
+def _stop(proc: subprocess.Popen, lines: list[str]) -> None:
+    """SIGTERM (the scripts delete their namespaces on it), then SIGKILL to the whole group."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        lines.append(f"[run_all: still running {KILL_GRACE_S:g} s later: SIGKILL to its process group]\n")
+        _kill_group(proc.pid)
+        proc.wait()
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing of it is left
+        pass
 
 
 def _namespaces() -> set[str]:

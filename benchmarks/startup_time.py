@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import (bench_namespace, delete_namespace, ignore_signals, nft_monitor, stamped_lines,
+from bench_common import (bench_namespace, stop_process, delete_namespace, ignore_signals, nft_monitor, stamped_lines,
                           wait_for_line)
 
 BACKENDS = ("nftables", "iptables")
@@ -41,16 +41,6 @@ MASQD = Path(sys.executable).with_name("masqd")
 #: What ``nft monitor`` prints for the transaction carrying each backend's first rules.
 KERNEL_LINE = {"nftables": "add rule ip masqd ", "iptables": "IP-MASQ-AGENT"}
 STAMPS = ("started", "logged", "kernel")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def one_run(backend: str) -> dict[str, float] | None:
@@ -74,7 +64,7 @@ def one_run(backend: str) -> dict[str, float] | None:
         return {"started": started - start, "logged": logged - start, "kernel": seen - start}
     finally:
         for proc in reversed(procs):
-            stop(proc)
+            stop_process(proc)
         delete_namespace(ns)
 
 

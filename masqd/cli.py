@@ -32,7 +32,7 @@ from masqd.kube import KubeSettings, parse_object_ref
 from masqd.logs import configure_logging, verbosity_to_level
 from masqd.plugins import Contribution, Plugins
 from masqd.reconcile import Reconciler, plan, reconcile_once
-from masqd.sources.drift import DRIFT_CHECK_SECONDS
+from masqd.sources.drift import DRIFT_CHECK_SECONDS, MIN_DRIFT_CHECK_SECONDS
 
 EXIT_OK = 0
 EXIT_INVALID_CONFIG = 1
@@ -173,9 +173,11 @@ def _drift_check_interval(text: str) -> float:
         nanoseconds = parse_go_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{exc}; 0 turns the drift check off") from None
-    if nanoseconds < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must not be negative; 0 turns the drift check off")
-    return nanoseconds / 1e9
+    seconds = nanoseconds / 1e9
+    if seconds != 0 and not seconds >= MIN_DRIFT_CHECK_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least {MIN_DRIFT_CHECK_SECONDS * 1000:g}ms (each check "
+                                         "reads the rules back); 0 turns the drift check off")
+    return seconds
 
 
 def _explain_address(text: str):

@@ -82,4 +82,4 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
-            self.lines.close()
+        self.lines.close()

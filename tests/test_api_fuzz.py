@@ -51,6 +51,7 @@ from masqd.reconcile import plan
 from masqd.ruleset import RuleSet, compute_ruleset
 from masqd.sources.kube import CONFIG_KEY, ConfigMapInput
 from test_config_fuzz import (
+    HANG_SECONDS,
     INJECTIONS,
     SAFE_RULE_CHARS,
     V4,
@@ -70,7 +71,7 @@ from test_daemon import write_atomically
 import test_kube
 from test_kube import REF, Agent, cidrs_only, configmap, policy, wait_until
 
-FUZZ = settings(max_examples=100, deadline=2000,
+FUZZ = settings(max_examples=100, deadline=HANG_SECONDS * 1000,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 SOURCE = f"configmap {REF}"
 

@@ -5,8 +5,11 @@ come from the drift sources (each restore names its trigger)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import time
 from pathlib import Path
 
 import anyio
@@ -22,9 +25,10 @@ from masqd.backends.nftables import ChangeFilter
 from masqd.cli import build_parser
 from masqd.config import AgentOptions
 from masqd.daemon import run_daemon
-from masqd.errors import ReadBackError
+from masqd.errors import BackendError, ReadBackError
 from masqd.reconcile import Reconciler
-from masqd.sources.drift import DriftCheckSource
+from masqd.sources import drift
+from masqd.sources.drift import DriftCheckSource, KernelMonitorSource, RepairBudget
 
 MARKER = "masqd_write_0123456789ab"
 HOUR = "resyncInterval: 1h\nnonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24]\n"
@@ -44,18 +48,18 @@ def changes_reported(lines: list[str]) -> list[str]:
 
 @pytest.mark.parametrize(("lines", "expected"), [
     pytest.param(transaction("delete element ip masqd nonmasq4 { 10.0.0.0/8 }"),
-                 ["delete element ip masqd nonmasq4 { 10.0.0.0/8 }"], id="element-deleted"),
+                 ["delete element ip masqd nonmasq4 { 10.0.0.0/8 }; by process 4242 (nft)"], id="element-deleted"),
     pytest.param(transaction("delete rule ip6 masqd nat handle 3", "delete rule ip6 masqd nat handle 4"),
-                 ["delete rule ip6 masqd nat handle 3"], id="one-report-per-transaction"),
+                 ["delete rule ip6 masqd nat handle 3; by process 4242 (nft)"], id="one-report-per-transaction"),
     pytest.param(transaction("add table ip masqd", "delete table ip masqd", "add table ip masqd",
                              "add element ip masqd nonmasq4 { 10.0.0.0/8 }",
                              f"add table ip {MARKER}", f"delete table ip {MARKER}"),
                  [], id="masqd-own-write"),
     pytest.param(transaction("add table ip masqd", f"add table ip {MARKER}", f"delete table ip {MARKER}")
                  + transaction("delete table ip masqd"),
-                 ["delete table ip masqd"], id="own-write-then-foreign"),
+                 ["delete table ip masqd; by process 4242 (nft)"], id="own-write-then-foreign"),
     pytest.param(transaction("add table ip masqd_write_ffffffffffff", "delete table ip masqd"),
-                 ["delete table ip masqd"], id="another-marker-is-not-ours"),
+                 ["delete table ip masqd; by process 4242 (nft)"], id="another-marker-is-not-ours"),
     pytest.param(transaction("add table ip filter", "add chain ip filter input { type filter hook input priority 0; }",
                              "add table inet masqd", "add rule ip nat POSTROUTING masquerade"),
                  [], id="other-tables"),
@@ -69,7 +73,7 @@ def test_change_filter_reports_foreign_transactions_on_masqd_tables(lines, expec
 def test_change_filter_shortens_a_long_change():
     line = "add element ip masqd nonmasq4 { " + ", ".join(f"10.0.{i}.0/24" for i in range(200)) + " }"
     (change,) = changes_reported(transaction(line))
-    assert change == line[:200] + "..."
+    assert change == line[:200] + "...; by process 4242 (nft)"
 
 
 # --- the drift check, in process ---------------------------------------------------------------------
@@ -93,7 +97,7 @@ async def test_drift_check_restores_rules_lost_between_resyncs(tmp_path: Path) -
         ("startup", "applied", False), ("drift-check", "applied", True)]
 
 
-async def test_drift_check_reads_only_and_logs_a_failing_read_once() -> None:
+async def test_drift_check_logs_a_failing_read_once_and_notifies_on_drift() -> None:
     reads, notified = [], []
 
     async def check():
@@ -113,6 +117,68 @@ async def test_drift_check_reads_only_and_logs_a_failing_read_once() -> None:
     assert len(failures) == 1 and "Permission denied" in failures[0]["error"]
 
 
+def test_repair_budget_allows_a_burst_then_one_repair_per_refill():
+    budget = RepairBudget(burst=3, refill=10.0, now=0.0)
+    assert [budget.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert budget.take(0.0) == 10.0  # the 4th waits for a token
+    assert budget.take(0.0) == 20.0
+    assert not budget.full(40.0) and budget.full(50.0)  # 2 owed + 3 to refill: 50 s
+    assert budget.take(50.0) == 0.0
+
+
+def restored(logs: list[dict]) -> int:
+    """How many outside changes the monitor's log lines say were handed on for restoring."""
+    return sum(1 + e.get("more_changes", 0) for e in logs
+               if e["event"] == "another process changed masqd's rules; restoring them")
+
+
+async def test_a_fight_over_the_rules_is_slowed_down_and_logged_once() -> None:
+    """Another writer changes masqd's tables again as soon as they are restored: masqd restores
+    a burst at once, then only within its budget, taking all changes made meanwhile together."""
+    notified: list[str] = []
+
+    async def fighting_writer(changed):
+        for n in range(30):
+            changed(f"delete table ip masqd; by process 4242 (nft) #{n}")
+            await anyio.sleep(0.005)
+        await anyio.sleep_forever()
+
+    source = KernelMonitorSource(fighting_writer)
+    source.budget = RepairBudget(burst=3, refill=0.05, now=0.0)
+    with structlog.testing.capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(source.run, notified.append)
+            await wait_until(lambda: restored(logs) == 30, "every change restored")
+            tg.cancel_scope.cancel()
+    assert notified[:3] == [f"delete table ip masqd; by process 4242 (nft) #{n}" for n in range(3)]
+    assert len(notified) < 20  # not one pass per change
+    fights = [e for e in logs if e["event"].startswith("masqd's rules keep being changed by another process")]
+    assert len(fights) == 1 and "another masqd" in fights[0]["event"]
+
+
+async def test_a_failing_monitor_falls_back_to_reading_back_until_it_runs_again(monkeypatch) -> None:
+    monkeypatch.setattr(drift, "MONITOR_RETRY_SECONDS", 0.2)
+    runs, notified = [], []
+
+    async def monitor(changed):
+        runs.append(1)
+        if len(runs) == 1:
+            raise BackendError("nft monitor: exited with status 1: Operation not permitted")
+        await anyio.sleep_forever()
+
+    async def check():
+        return "ipv4: table ip masqd missing" if "ipv4: table ip masqd missing" not in notified else None
+
+    with structlog.testing.capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(KernelMonitorSource(monitor, check, 0.02).run, notified.append)
+            await wait_until(lambda: len(runs) == 2, "the monitor started again")
+            tg.cancel_scope.cancel()
+    assert notified == ["monitor restarted", "ipv4: table ip masqd missing"]
+    (failed,) = [e for e in logs if e["event"].startswith("cannot follow the kernel's changes")]
+    assert "Operation not permitted" in failed["error"] and failed["retry_in_s"] == 0.2
+
+
 def test_check_drift_is_quiet_before_the_first_apply(tmp_path: Path) -> None:
     reconciler = Reconciler(DryRunBackend(), AgentOptions(), tmp_path / "missing")
     assert anyio.run(reconciler.check_drift) is None
@@ -123,7 +189,7 @@ def test_check_drift_is_quiet_before_the_first_apply(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("value", "seconds"), [
-    pytest.param(None, 10.0, id="default"), pytest.param("500ms", 0.5, id="millis"),
+    pytest.param(None, 10.0, id="default"), pytest.param("500ms", 0.5, id="millis"), pytest.param("100ms", 0.1, id="floor"),
     pytest.param("1m30s", 90.0, id="minutes"), pytest.param("0", 0.0, id="off"),
 ])
 def test_drift_check_interval_flag(value, seconds):
@@ -131,7 +197,7 @@ def test_drift_check_interval_flag(value, seconds):
     assert build_parser().parse_args(argv).drift_check_interval == seconds
 
 
-@pytest.mark.parametrize("value", ["10", "-1s", "soon"])
+@pytest.mark.parametrize("value", ["10", "-1s", "soon", "1ns", "99ms"])
 def test_drift_check_interval_flag_rejects(value, capsys):
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["run", f"--drift-check-interval={value}"])
@@ -226,9 +292,9 @@ def test_a_killed_nft_monitor_is_restarted_and_heals_again(node_ns, daemon):
     d = daemon(HOUR, backend="nftables")
     first = monitor_pid(d.proc.pid)
     os.kill(first, signal.SIGKILL)
-    failed = d.next_event(lambda e: e.get("event") == "event source failed; restarting it")
-    assert failed["source"] == "kernel-monitor" and "nft monitor: exited with status -9" in failed["error"]
-    # the restart asks for a pass (changes may have been missed meanwhile)
+    failed = d.next_event(lambda e: e.get("event", "").startswith("cannot follow the kernel's changes"))
+    assert "nft monitor: exited with status -9" in failed["error"] and failed["read_back_every_s"] == 10
+    # a pass at once, since changes may have been missed; the monitor is started again after 1 s
     d.next_event(lambda e: e.get("trigger") == "kernel-monitor" and e.get("event") == "in sync")
     assert netns.wait_for(lambda: monitor_pids(d.proc.pid) not in ([], [first]), timeout=5)
     netns.run(node_ns, "nft", "flush", "set", "ip", "masqd", "nonmasq4")
@@ -268,7 +334,7 @@ def test_drift_check_restores_the_iptables_chain_between_resyncs(node_ns, daemon
 
 @pytest.mark.netns
 def test_drift_check_of_an_unchanged_chain_writes_nothing(node_ns, daemon):
-    d = daemon(HOUR, "--drift-check-interval=50ms")
+    d = daemon(HOUR, "--drift-check-interval=100ms")
     listing = netns.run(node_ns, "nft", "-a", "list", "table", "ip", "nat").stdout
     for _ in range(10):
         d.next_event(lambda e: e.get("event") == "drift check: the kernel holds the rules last applied")
@@ -281,3 +347,46 @@ def test_drift_check_of_an_unchanged_chain_writes_nothing(node_ns, daemon):
 def test_drift_check_interval_zero_turns_drift_sources_off(node_ns, daemon, backend):
     d = daemon(HOUR, "--drift-check-interval=0", backend=backend)
     assert started_sources(d) == ["file", "timer"]
+
+
+def fights(process) -> list[dict]:
+    return [e for e in process.events if e.get("event", "").startswith("masqd's rules keep being changed")]
+
+
+@pytest.mark.netns
+def test_two_masqd_fighting_over_the_tables_slow_down_and_say_so(node_ns, tmp_path):
+    """A second masqd with another config on the same node (a botched rollout): each one's write
+    is an outside change to the other. Both restore a burst at once, then at most one per
+    REPAIR_REFILL_SECONDS, and each says once that something else keeps changing its rules."""
+    from masqd_proc import DaemonProcess
+
+    daemons = []
+    try:
+        for n, cidr in enumerate(["10.0.0.0/8", "192.0.2.0/24"]):
+            config = tmp_path / f"config{n}"
+            config.write_text(f"resyncInterval: 1h\nnonMasqueradeCIDRs: [{cidr}]\n")
+            daemons.append(DaemonProcess(node_ns, config, "--http-address=", backend="nftables"))
+            daemons[-1].next_event(lambda e: e.get("event") in ("rules applied", "rules updated"))
+        started = time.monotonic()
+        # the one that runs out of budget first says so, and stops writing: the other then sees
+        # no more changes (until the first one's next repair, REPAIR_REFILL_SECONDS later)
+        deadline = started + 20
+        while not any(fights(d) for d in daemons) and time.monotonic() < deadline:
+            for d in daemons:
+                if (line := d.lines.readline(0.05)) is not None and line.startswith("{"):
+                    d.events.append(json.loads(line))
+        for d in daemons:  # stop both, reading their logs to the end
+            d.proc.terminate()
+        for d in daemons:
+            d.next_event(lambda e: e.get("event") == "masqd stopped")
+        elapsed = time.monotonic() - started
+        assert [len(fights(d)) for d in daemons] in ([1, 0], [0, 1], [1, 1])
+        (fight,) = [f for d in daemons for f in fights(d)][:1]
+        assert re.search(r"; by process \d+ \(nft\)$", fight["change"]), fight
+        for d in daemons:
+            restores = [e for e in d.events if e.get("event") == "rules restored after outside change"]
+            # the burst, plus what the budget refilled while the test watched (an upper bound)
+            assert len(restores) <= drift.REPAIR_BURST + 1 + elapsed / drift.REPAIR_REFILL_SECONDS, len(restores)
+    finally:
+        for d in daemons:
+            d.kill()

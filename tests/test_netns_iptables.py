@@ -26,6 +26,7 @@ import pytest
 
 import netns
 from masqd_proc import writes_logged
+from test_daemon import write_atomically
 
 pytestmark = pytest.mark.netns
 
@@ -608,12 +609,6 @@ def _legacy_expected(cidr: str) -> list[str]:
     return [f":{CHAIN} - [0:0]", jump(), keep("169.254.0.0/16"), keep(cidr), masq()]
 
 
-def _replace_config(path: Path, text: str) -> None:
-    staged = path.with_name(".staged")
-    staged.write_text(text)
-    os.replace(staged, path)
-
-
 def _is_lock_wait(event: dict) -> bool:
     return "xtables lock" in event.get("event", "")
 
@@ -658,7 +653,7 @@ def test_daemon_waits_for_a_held_xtables_lock_then_applies_and_logs_the_wait_onc
     fcntl.flock(fd, fcntl.LOCK_EX)
     locked = time.monotonic()
     try:
-        _replace_config(tmp_path / "config", LOCK_AFTER)
+        write_atomically(tmp_path / "config", LOCK_AFTER)
         # the kernel lists masqd's iptables-legacy-restore as a waiter on *our* lock file
         assert netns.wait_for(lambda: _lock_waiters(lockfile) > 0, timeout=10), "masqd never waited for the lock"
         wait = d.next_event(_is_lock_wait)
@@ -695,7 +690,7 @@ def test_lock_held_past_the_wait_fails_the_sync_once_then_retries_until_it_appli
     d = legacy_daemon(lock_wait=1)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        _replace_config(tmp_path / "config", LOCK_AFTER)
+        write_atomically(tmp_path / "config", LOCK_AFTER)
         first = d.next_event(_is_sync_failure)
         assert first["level"] == "error" and first["trigger"] == "file", first
         assert "holding the xtables lock" in first["error"], first

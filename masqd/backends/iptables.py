@@ -377,14 +377,16 @@ class SubprocessExecutor:
         self._lock_wait_logged = False
 
     async def _log_lock_wait(self, command: list[str]) -> None:
-        """While the restore runs: say once that it waits for the xtables lock (iptables itself
-        prints nothing when the wait ends in success, and a failure after the wait is logged by
-        the reconciler); not again on retries until a restore has had the lock."""
+        """While the restore runs: say once that it waits for the xtables lock (iptables 1.8.8
+        and later print nothing when the wait ends in success, and a failure after the wait is
+        logged by the reconciler); not again on retries until a restore has had the lock.
+        Earlier versions poll the lock instead of blocking on it, so they are not seen waiting
+        here; their own message is in the error when the wait fails."""
         while not self._lock_wait_logged:
             await anyio.sleep(LOCK_CHECK_SECONDS)
-            if _child_waits_for_flock():
+            if _child_waits_for_xtables_lock():
                 log.warning("waiting for the xtables lock, held by another process", command=" ".join(command),
-                            wait_seconds=LOCK_WAIT_SECONDS)
+                            wait_seconds=LOCK_WAIT_SECONDS, lock=xtables_lock_path())
                 self._lock_wait_logged = True
 
     async def version(self, family: int) -> str:
@@ -395,23 +397,33 @@ class SubprocessExecutor:
         return result.stdout.decode(errors="replace")
 
 
-def _child_waits_for_flock() -> bool:
-    """Whether a child of this process (the running iptables-restore) is blocked on a flock, as
-    ``/proc/locks`` lists it (``N: -> FLOCK ADVISORY WRITE PID ...``); legacy iptables takes the
-    xtables lock with flock, the nft variant takes none."""
+def xtables_lock_path() -> str:
+    """The xtables lock file legacy iptables takes: ``XTABLES_LOCKFILE``, else ``/run/xtables.lock``."""
+    return os.environ.get("XTABLES_LOCKFILE") or "/run/xtables.lock"
+
+
+def _child_waits_for_xtables_lock() -> bool:
+    """Whether a child of this process (the running iptables-restore) is blocked on a flock of
+    the xtables lock file, as ``/proc/locks`` lists waiters (``N: -> FLOCK ADVISORY WRITE PID
+    MAJ:MIN:INODE ...``); the nft variant takes no lock and is never seen waiting."""
     try:
+        lock = os.stat(xtables_lock_path())
         with open("/proc/locks") as locks:
-            waiters = [line.split()[5] for line in locks if " -> FLOCK " in line]
-    except (OSError, IndexError):
+            waiters = [line.split() for line in locks if " -> FLOCK " in line]
+    except OSError:
         return False
-    for pid in waiters:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
-                    return True
-        except (OSError, ValueError, IndexError):
-            continue
-    return False
+    device = f"{os.major(lock.st_dev):02x}:{os.minor(lock.st_dev):02x}:{lock.st_ino}"
+    return any(len(fields) > 6 and fields[6] == device and parent_pid(fields[5]) == os.getpid()
+               for fields in waiters)
+
+
+def parent_pid(pid: str | int) -> int | None:
+    """The parent of process ``pid`` (``/proc/PID/stat``), or None when it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _failed_line(stderr: str, text: str) -> str | None:

@@ -615,9 +615,10 @@ class ChangeFilter:
 
     def feed(self, line: str) -> str | None:
         """Take one line; returns the first change of a foreign transaction that changed masqd's
-        tables when ``line`` ends it, else ``None``."""
+        tables, and who made it (``...; by process PID (COMM)``, the PID as the host sees it),
+        when ``line`` ends it, else ``None``."""
         if line.startswith(_GENERATION):
-            change = None if self._own else self._change
+            change = None if self._own or self._change is None else f"{self._change}; {_writer(line)}"
             self._change, self._own = None, False
             return change
         words = line.split(" ", 4)
@@ -627,6 +628,12 @@ class ChangeFilter:
             elif words[:2] == ["add", "table"] and words[3] == self._marker:
                 self._own = True
         return None
+
+
+def _writer(generation: str) -> str:
+    """``by process 4242 (nft)`` from ``# new generation 7 by process 4242 (nft)``."""
+    at = generation.find(" by ")
+    return generation[at + 1:] if at >= 0 else "by an unknown process"
 
 
 # --- the backend ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ standard input, so the tool reads all of it or is never started.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -83,14 +84,14 @@ async def run_tool(command: list[str], stdin: bytes | None = None) -> subprocess
     return subprocess.CompletedProcess(command, process.returncode, output[0], output[1])
 
 
-async def _spawn(command: list[str], stdin: bytes | None) -> Process:
+async def _spawn(command: list[str], stdin: bytes | None, stderr: int = subprocess.PIPE) -> Process:
     """Start ``command`` in a session of its own, ``stdin`` (or nothing) as its standard input.
     A missing binary is a :class:`~masqd.errors.ReadBackError`."""
     source = _input_file(stdin) if stdin is not None else subprocess.DEVNULL
     try:
         # A session of its own: the whole group can be killed, and a terminal's Ctrl-C reaches
         # masqd (which finishes the sync in progress), not the tool half-way through a write.
-        return await anyio.open_process(command, stdin=source, env=_ENV, start_new_session=True)
+        return await anyio.open_process(command, stdin=source, stderr=stderr, env=_ENV, start_new_session=True)
     except OSError as exc:  # binary missing or not executable
         raise ReadBackError(command, f"cannot run {command[0]}: {exc.strerror or exc}") from None
     finally:
@@ -98,33 +99,37 @@ async def _spawn(command: list[str], stdin: bytes | None) -> Process:
             os.close(source)  # the tool holds its own copy as its standard input
 
 
+#: At most this much of what a long-running tool printed on stderr is kept for its error.
+STDERR_KEPT_BYTES = 4096
+
+
 @asynccontextmanager
 async def tool_output(command: list[str]) -> AsyncIterator[ByteReceiveStream]:
     """Run a tool that reports until stopped (``nft monitor``) and yield its standard output.
 
-    It has no deadline. A block that is cancelled or raises has the tool killed and reaped. A
-    block that ends normally has read to the end of the output, which means the tool exited on
-    its own: that raises :class:`~masqd.errors.ToolExitedError` with its exit status and what it
-    printed on stderr (a tool still running then is killed first). If masqd itself dies without
-    a chance to kill it (SIGKILL, the OOM killer), the kernel kills the tool too (see
-    :func:`_dies_with_masqd`).
+    It has no deadline. A block that is cancelled or raises has the tool killed and reaped, and
+    its exception propagates as it is. A block that ends normally has read to the end of the
+    output, which means the tool exited on its own: that raises
+    :class:`~masqd.errors.ToolExitedError` with its exit status and the start of what it printed
+    on stderr (a tool still running then is killed first). If masqd itself dies without a chance
+    to kill it (SIGKILL, the OOM killer), the kernel kills the tool too (see :func:`_dies_with_masqd`).
     """
-    process = await _spawn(_dies_with_masqd(command), None)
-    stderr: list[bytes] = [b"", b""]
-    exited = False
+    errors = _bounded_file(STDERR_KEPT_BYTES)  # read after exit: no task draining a pipe
     try:
-        assert process.stdout is not None and process.stderr is not None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_drain, process.stderr, stderr, 1)
+        process = await _spawn(_dies_with_masqd(command), None, stderr=errors)
+        exited = False
+        try:
+            assert process.stdout is not None
             yield process.stdout
             with anyio.move_on_after(KILL_GRACE_SECONDS):
                 await process.wait()
             exited = process.returncode is not None
-            tg.cancel_scope.cancel()
+        finally:
+            await _kill_and_reap(process)
+        printed = os.pread(errors, STDERR_KEPT_BYTES, 0).rstrip(b"\0").decode(errors="replace")
     finally:
-        await _kill_and_reap(process)
-    raise ToolExitedError(command, process.returncode if exited else -signal.SIGKILL,
-                          stderr[1].decode(errors="replace"))
+        os.close(errors)
+    raise ToolExitedError(command, process.returncode if exited else -signal.SIGKILL, printed)
 
 
 #: Run as ``python -c`` before the tool: ask the kernel to SIGKILL this process when its parent
@@ -158,6 +163,19 @@ async def _drain(stream: ByteReceiveStream, output: list[bytes], index: int) -> 
     async for chunk in stream:
         chunks.append(chunk)
     output[index] = b"".join(chunks)
+
+
+def _bounded_file(size: int) -> int:
+    """A file descriptor of an in-memory file of ``size`` zero bytes that cannot grow: a tool
+    writing to it keeps at most ``size`` bytes, and writes beyond fail (ENOSPC-like ``EPERM``)."""
+    fd = os.memfd_create("masqd-output", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _input_file(data: bytes) -> int:

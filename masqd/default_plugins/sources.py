@@ -23,6 +23,6 @@ def register_sources(register, context):
     register(timer)
     if context.drift_check_interval > 0:
         if context.kernel_monitor is not None:
-            register(KernelMonitorSource(context.kernel_monitor))
+            register(KernelMonitorSource(context.kernel_monitor, context.check_drift, context.drift_check_interval))
         elif context.check_drift is not None:
             register(DriftCheckSource(context.check_drift, context.drift_check_interval))

@@ -6,7 +6,11 @@ at the next ``resyncInterval`` (default 60 s); these sources shorten the window:
 
 - :class:`KernelMonitorSource`, for a backend that can follow the kernel's changes (nftables:
   ``nft monitor``): the kernel reports every transaction, and one made by another process on
-  masqd's tables asks for a reconcile at once, which restores them within milliseconds.
+  masqd's tables asks for a reconcile at once, which restores them within milliseconds. Repairs
+  have a budget (:data:`REPAIR_BURST` at once, then one per :data:`REPAIR_REFILL_SECONDS`), so two
+  writers fighting over the tables (a second masqd with another config, say) do not rewrite them
+  in a tight loop: the fight is logged once, naming the other writer, and slowed down. While the
+  monitor cannot run, the rules are read back every ``--drift-check-interval`` instead.
 - :class:`DriftCheckSource`, for a backend that can only read back (iptables: there is no change
   notification for legacy xtables): every ``--drift-check-interval`` (default 10 s) it reads the
   chain back and asks for a reconcile only when it differs from the rules last applied.
@@ -17,6 +21,7 @@ turns both off (the resync timer still heals).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -29,40 +34,53 @@ log = structlog.get_logger("masqd.sources.drift")
 
 #: Default seconds between two read-backs of the rules by :class:`DriftCheckSource`.
 DRIFT_CHECK_SECONDS = 10.0
+#: The shortest ``--drift-check-interval`` (each check runs ``iptables-save``); 0 turns it off.
+MIN_DRIFT_CHECK_SECONDS = 0.1
+#: Outside changes restored at once, in a burst; beyond, one restore per REPAIR_REFILL_SECONDS.
+REPAIR_BURST = 5
+REPAIR_REFILL_SECONDS = 10.0
+#: After the kernel monitor fails, it is started again after this many seconds, doubled per
+#: failure up to the max (and back to the first after it ran longer than the max).
+MONITOR_RETRY_SECONDS = 1.0
+MONITOR_RETRY_MAX_SECONDS = 60.0
+
+Check = Callable[[], Awaitable[str | None]]
+Monitor = Callable[[Callable[[str], None]], Awaitable[None]]
 
 
-class KernelMonitorSource:
-    """Runs the backend's ``monitor(notify)``: a reconcile for each outside change it reports.
-    When the monitor fails (``nft monitor`` exits), the daemon restarts this source after a
-    back-off and asks for a reconcile, since changes may have been missed meanwhile."""
+class RepairBudget:
+    """A token bucket for repairs: ``burst`` at once, then one per ``refill`` seconds. Pure: the
+    caller passes the time."""
 
-    name = "kernel-monitor"
+    def __init__(self, burst: int = REPAIR_BURST, refill: float = REPAIR_REFILL_SECONDS, now: float = 0.0):
+        self.burst, self.refill = burst, refill
+        self._tokens, self._at = float(burst), now
 
-    def __init__(self, monitor: Callable[[Callable[[str], None]], Awaitable[None]]):
-        self._monitor = monitor
+    def take(self, now: float) -> float:
+        """Spend one repair; returns how many seconds to wait before making it (0: at once)."""
+        self._tokens = min(self.burst, self._tokens + (now - self._at) / self.refill)
+        self._at = now
+        self._tokens -= 1
+        return 0.0 if self._tokens >= 0 else -self._tokens * self.refill
 
-    async def run(self, notify: Notify) -> None:
-        def changed(change: str) -> None:
-            log.info("another process changed masqd's rules; restoring them", change=change)
-            notify(change)
-
-        log.debug("following the kernel's changes to masqd's rules")
-        await self._monitor(changed)
+    def full(self, now: float) -> bool:
+        return self._tokens + (now - self._at) / self.refill >= self.burst
 
 
 class DriftCheckSource:
     """Every ``interval`` seconds, ``check()`` (the reconciler's read-back); a reconcile when it
-    names a difference. A read that fails is logged once (until one succeeds again) and tried
-    again at the next interval; the reconciler's own syncs report the failure too."""
+    names a difference. A difference is logged when it is new (the same one again, when the
+    repair did not take, is a debug event); a read that fails is logged once until one succeeds."""
 
     name = "drift-check"
 
-    def __init__(self, check: Callable[[], Awaitable[str | None]], interval: float):
+    def __init__(self, check: Check, interval: float):
         self._check = check
         self.interval = interval
 
     async def run(self, notify: Notify) -> None:
         failing = False
+        logged: str | None = None
         while True:
             await anyio.sleep(self.interval)
             try:
@@ -76,6 +94,79 @@ class DriftCheckSource:
             failing = False
             if drift is None:
                 log.debug("drift check: the kernel holds the rules last applied")
-            else:
-                log.info("drift check: the kernel no longer holds the rules last applied", drift=drift)
-                notify(drift)
+                logged = None
+                continue
+            level = log.debug if drift == logged else log.info
+            level("drift check: the kernel no longer holds the rules last applied", drift=drift)
+            logged = drift
+            notify(drift)
+
+
+class KernelMonitorSource:
+    """Runs the backend's ``monitor(changed)`` and asks for a reconcile per outside change, within
+    the repair budget. When the monitor fails (``nft monitor`` exits or cannot start), the rules
+    are read back every ``interval`` (``check``) until it is started again after a back-off, and
+    a reconcile is asked for at once, since changes may have been missed."""
+
+    name = "kernel-monitor"
+
+    def __init__(self, monitor: Monitor, check: Check | None = None, interval: float = DRIFT_CHECK_SECONDS):
+        self._monitor = monitor
+        self._check = check
+        self._interval = interval
+        self.budget = RepairBudget(now=time.monotonic())
+        self._changes: list[str] = []
+        self._arrived = anyio.Event()
+
+    def _changed(self, change: str) -> None:
+        self._changes.append(change)
+        self._arrived.set()
+
+    async def run(self, notify: Notify) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._deliver, notify)
+            await self._follow(notify)
+
+    async def _follow(self, notify: Notify) -> None:
+        delay = MONITOR_RETRY_SECONDS
+        while True:
+            started = time.monotonic()
+            try:
+                log.debug("following the kernel's changes to masqd's rules")
+                await self._monitor(self._changed)
+                error = "the monitor ended"
+            except MasqdError as exc:
+                error = str(exc)
+            if time.monotonic() - started > MONITOR_RETRY_MAX_SECONDS:
+                delay = MONITOR_RETRY_SECONDS  # it had been working: a new failure, not a repeat
+            log.warning("cannot follow the kernel's changes to masqd's rules; reading them back meanwhile",
+                        error=error, retry_in_s=delay, read_back_every_s=self._interval if self._check else None)
+            notify("monitor restarted")
+            with anyio.move_on_after(delay):
+                if self._check is not None:
+                    await DriftCheckSource(self._check, self._interval).run(notify)
+                else:
+                    await anyio.sleep_forever()
+            delay = min(delay * 2, MONITOR_RETRY_MAX_SECONDS)
+
+    async def _deliver(self, notify: Notify) -> None:
+        fighting = False
+        while True:
+            await self._arrived.wait()
+            now = time.monotonic()
+            calm = self.budget.full(now)  # no repair for a while: any fight is over
+            wait = self.budget.take(now)
+            if wait > 0:
+                if not fighting:
+                    log.warning("masqd's rules keep being changed by another process; restoring them at most "
+                                f"every {self.budget.refill:g} s while this goes on (is another masqd or "
+                                "ip-masq-agent running?)", change=self._changes[-1], changes=len(self._changes))
+                fighting = True
+                await anyio.sleep(wait)  # changes meanwhile are restored together, by the next pass
+            elif calm:
+                fighting = False
+            self._arrived = anyio.Event()
+            changes, self._changes = self._changes, []
+            log.info("another process changed masqd's rules; restoring them", change=changes[0],
+                     **({"more_changes": len(changes) - 1} if len(changes) > 1 else {}))
+            notify(changes[0])
