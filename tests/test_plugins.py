@@ -15,17 +15,20 @@ from pathlib import Path
 import anyio
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import masqd
 from masqd import hookspecs
 from masqd.backends.dryrun import DryRunBackend
 from masqd.cli import main
-from masqd.config import AgentOptions
+from masqd.config import AgentOptions, parse_config
 from masqd.daemon import run_daemon
 from masqd.errors import FlagError, PluginError, PluginLoadError
 from masqd.plugins import Plugins, SourceContext
 from masqd.provenance import Origin
-from masqd.reconcile import Reconciler
+from masqd.reconcile import Reconciler, _family_changes
+from masqd.ruleset import compute_ruleset
 from masqd.testing import make_plugins
 
 COVERED: set[str] = set()
@@ -212,6 +215,32 @@ def test_audit_sees_every_attempt_with_its_result(masqd_dry_run):
     assert rejected.error and "10.0.0.1/8" in rejected.error and rejected.added == {}
     with pytest.raises(TypeError):
         change.added["ipv4"] = ()  # frozen: one hook cannot change what the next one sees
+
+
+IPV6 = AgentOptions(enable_ipv6=True)
+#: Aligned networks that sort differently as text and as addresses (10.0.0.0/8 vs 9.0.0.0/8),
+#: nest (10.0.0.0/8, 10.0.0.0/16), and mix families.
+NETWORK_POOL = [ipaddress.ip_network(text) for text in (
+    "9.0.0.0/8", "10.0.0.0/8", "10.0.0.0/16", "10.0.0.0/24", "10.1.0.0/16", "100.64.0.0/10", "192.0.2.0/24",
+    "192.0.2.128/25", "198.51.100.7/32", "203.0.113.0/24", "2001:db8::/32", "2001:db8::/48", "2001:db8:1::/48",
+    "fd00::/8", "fec0::/10", "::ffff:192.0.2.0/120")]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(NETWORK_POOL), unique=True), st.lists(st.sampled_from(NETWORK_POOL), unique=True))
+def test_audit_changes_are_the_sorted_set_differences_per_family(old, new):
+    """What an audit event (and a write's log line) lists as added and removed: exactly the set
+    differences, in ipaddress order, per family, whatever the rule order."""
+    def ruleset(networks):
+        text = "nonMasqueradeCIDRs: [" + ", ".join(f'"{n}"' for n in networks) + "]\ncidrLimit: 1000\n"
+        return compute_ruleset(parse_config(text, IPV6).config, IPV6)
+
+    added, removed = _family_changes(ruleset(old), ruleset(new))
+    for label, version in (("ipv4", 4), ("ipv6", 6)):
+        was = {n for n in old if n.version == version}
+        now = {n for n in new if n.version == version}
+        assert added.get(label, ()) == tuple(map(str, sorted(now - was)))
+        assert removed.get(label, ()) == tuple(map(str, sorted(was - now)))
 
 
 @covers("audit")
