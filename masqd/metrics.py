@@ -52,7 +52,7 @@ from masqd.reconcile import Reconciler
 
 disable_created_metrics()  # no *_created series: they double the output and no alert uses them
 
-#: Seconds: from a dry-run pass (~1 ms) to a 100k-CIDR nftables apply (~1.5 s) and lock waits.
+#: Seconds: from a dry-run pass (~1 ms) to a 100k-CIDR nftables apply (~2.5 s) and lock waits.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 

@@ -34,7 +34,7 @@ RETRY_MAX_SECONDS = 30.0
 REPEAT_ERROR_LOG_SECONDS = 60.0
 #: A pass still running after this many seconds makes the reconciler unhealthy (``/healthz``).
 #: A pass is bounded well below it: plugin hooks have 5 s deadlines, iptables-restore waits at
-#: most 10 s for the xtables lock per family, 100k CIDRs apply in about 1.5 s, and a kernel tool
+#: most 10 s for the xtables lock per family, a 100k-CIDR pass takes about 2.5 s, and a kernel tool
 #: that hangs is killed after 30 s (masqd.backends.tools.TOOL_TIMEOUT_SECONDS), failing the sync.
 HEALTH_DEADLINE_SECONDS = 60.0
 #: A write's log line lists at most this many added (and removed) CIDRs, and counts the rest.
