@@ -29,10 +29,9 @@ import socket
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from anyio.abc import ByteReceiveStream
-
 
 from masqd.backends.base import (AFTER, BEFORE, EITHER, INSIDE, KEEPS, MASQUERADES, ForeignRule, LiveFamily,
                                  LiveRules, SyncResult)
@@ -527,6 +526,7 @@ class NftExecutor(Protocol):
     async def apply(self, script: str) -> None: ...
 
 
+@runtime_checkable
 class NftMonitor(Protocol):
     """An executor that can also follow the kernel's changes (``nft monitor``)."""
 
@@ -722,7 +722,7 @@ class NftablesBackend:
         is healed at once instead of at the next resync. masqd's own writes are not reported.
         Raises :class:`~masqd.errors.BackendError` when ``nft monitor`` cannot run or exits."""
         executor = self.executor
-        if not hasattr(executor, "monitor"):
+        if not isinstance(executor, NftMonitor):
             raise BackendError(f"{type(executor).__name__} cannot follow nftables changes (it has no monitor())")
         changes = ChangeFilter(executor.write_marker)
         rest = b""

@@ -44,9 +44,10 @@ _ENV = {**os.environ, "LC_ALL": "C"}
 #: Seconds one tool run (``iptables-save``, ``iptables-restore``, ``nft``) may take before it is
 #: killed and the sync fails. Longer than anything a healthy tool does: iptables-restore waits at
 #: most ``LOCK_WAIT_SECONDS`` (10 s) for the xtables lock, and at 100k CIDRs one run takes about
-#: 0.6 s (nft) to 2 s (iptables-restore, iptables-save). Well under the reconciler's ``HEALTH_DEADLINE_SECONDS`` (60 s),
-#: even with :data:`KILL_GRACE_SECONDS` added, so a hung tool shows up as a failed sync that names
-#: the command, not as a silent liveness failure and a pod restart.
+#: 0.6 s (nft) to 2 s (iptables-restore, iptables-save). Well under the reconciler's
+#: ``HEALTH_DEADLINE_SECONDS`` (60 s), even with :data:`KILL_GRACE_SECONDS` added, so a hung tool
+#: shows up as a failed sync that names the command, not as a silent liveness failure and a pod
+#: restart.
 TOOL_TIMEOUT_SECONDS = 30.0
 #: Seconds to wait for a killed tool to exit. SIGKILL takes effect only when the process leaves
 #: the kernel; one stuck in uninterruptible I/O (state D) exits later, and is reaped then (by the
