@@ -278,12 +278,12 @@ class Reconciler:
     async def check_drift(self) -> str | None:
         """Read the kernel back and say why it no longer holds the rules last applied (one reason
         per family, ``; ``-joined), or ``None``: it does, nothing has been applied yet, a pass ran
-        meanwhile (its sync read back already), the last sync failed (its retries, with their
-        back-off, are already under way), or the backend cannot read back. Only reads.
+        meanwhile (its sync read back already), a retry of a failed sync is scheduled (with its
+        back-off; it reads back too), or the backend cannot read back. Only reads.
         Raises :class:`~masqd.errors.BackendError` when the kernel cannot be read."""
         applied, generation = self.applied, self.generation
         read_back = getattr(self.backend, "read_back", None)
-        if applied is None or read_back is None or self.busy_since is not None or self.sync_failure is not None:
+        if applied is None or read_back is None or self.busy_since is not None or self._retry_delay is not None:
             return None
         live = await read_back(applied)
         if self.generation != generation or self.busy_since is not None:

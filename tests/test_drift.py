@@ -25,7 +25,8 @@ from masqd.backends.nftables import ChangeFilter
 from masqd.cli import build_parser
 from masqd.config import AgentOptions
 from masqd.daemon import run_daemon
-from masqd.errors import BackendError, ReadBackError
+from masqd.errors import ApplyError, BackendError, ReadBackError
+from masqd.events import Event
 from masqd.reconcile import Reconciler
 from masqd.sources import drift
 from masqd.sources.drift import DriftCheckSource, KernelMonitorSource, RepairBudget
@@ -65,6 +66,10 @@ def changes_reported(lines: list[str]) -> list[str]:
                  [], id="other-tables"),
     pytest.param(["trace id 9c01f8 ip masqd nat packet: oif \"eth0\""], [], id="trace-lines"),
     pytest.param(["delete element ip masqd nonmasq4 { 10.0.0.0/8 }"], [], id="not-reported-before-its-end"),
+    pytest.param(["add table ip masqd", f"add table ip {MARKER}", "# ERROR: We lost some netlink events!"]
+                 + transaction("delete table ip masqd"),
+                 ["nft monitor: ERROR: We lost some netlink events!", "delete table ip masqd; by process 4242 (nft)"],
+                 id="lost-events-ask-for-a-pass-and-forget-the-transaction"),
 ])
 def test_change_filter_reports_foreign_transactions_on_masqd_tables(lines, expected):
     assert changes_reported(lines) == expected
@@ -157,7 +162,10 @@ async def test_a_fight_over_the_rules_is_slowed_down_and_logged_once() -> None:
 
 
 async def test_a_failing_monitor_falls_back_to_reading_back_until_it_runs_again(monkeypatch) -> None:
+    """The monitor fails: the rules are read back at once (not an interval later: a back-off is
+    shorter than the check interval), and a pass follows once the monitor runs again."""
     monkeypatch.setattr(drift, "MONITOR_RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(drift, "MONITOR_SETTLE_SECONDS", 0.01)
     runs, notified = [], []
 
     async def monitor(changed):
@@ -167,16 +175,36 @@ async def test_a_failing_monitor_falls_back_to_reading_back_until_it_runs_again(
         await anyio.sleep_forever()
 
     async def check():
-        return "ipv4: table ip masqd missing" if "ipv4: table ip masqd missing" not in notified else None
+        return "ipv4: table ip masqd missing"
 
     with structlog.testing.capture_logs() as logs:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(KernelMonitorSource(monitor, check, 0.02).run, notified.append)
-            await wait_until(lambda: len(runs) == 2, "the monitor started again")
+            tg.start_soon(KernelMonitorSource(monitor, check, 3600).run, notified.append)
+            await wait_until(lambda: "monitor restarted" in notified, "the pass after the restart")
             tg.cancel_scope.cancel()
-    assert notified == ["monitor restarted", "ipv4: table ip masqd missing"]
+    assert notified == ["ipv4: table ip masqd missing", "monitor restarted"] and len(runs) == 2
     (failed,) = [e for e in logs if e["event"].startswith("cannot follow the kernel's changes")]
     assert "Operation not permitted" in failed["error"] and failed["retry_in_s"] == 0.2
+
+
+async def test_a_monitor_that_fails_with_a_bug_is_still_only_restarted(monkeypatch) -> None:
+    monkeypatch.setattr(drift, "MONITOR_RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(drift, "MONITOR_SETTLE_SECONDS", 0.01)
+    runs, notified = [], []
+
+    async def monitor(changed):
+        runs.append(1)
+        if len(runs) == 1:
+            raise OSError(24, "Too many open files")
+        await anyio.sleep_forever()
+
+    with structlog.testing.capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(KernelMonitorSource(monitor).run, notified.append)
+            await wait_until(lambda: notified == ["monitor restarted"], "the restart")
+            tg.cancel_scope.cancel()
+    (failed,) = [e for e in logs if e["event"].startswith("cannot follow the kernel's changes")]
+    assert "Too many open files" in failed["error"]
 
 
 def test_check_drift_is_quiet_before_the_first_apply(tmp_path: Path) -> None:
@@ -185,6 +213,29 @@ def test_check_drift_is_quiet_before_the_first_apply(tmp_path: Path) -> None:
     anyio.run(reconciler.reconcile)
     assert anyio.run(reconciler.check_drift) is None
     reconciler.backend.applied = None
+    assert anyio.run(reconciler.check_drift) == "ipv4: nothing applied"
+
+
+def test_check_drift_leaves_a_failed_sync_to_its_retries(tmp_path: Path) -> None:
+    """While a failed apply waits for its retry (with back-off), the drift check does not ask for
+    passes of its own every interval; once a sync succeeds it checks again."""
+    class Refusing(DryRunBackend):
+        refuse = False
+
+        async def sync(self, ruleset):
+            if self.refuse:
+                raise ApplyError(["iptables-restore"], 4, "Another app is currently holding the xtables lock")
+            return await super().sync(ruleset)
+
+    backend = Refusing()
+    reconciler = Reconciler(backend, AgentOptions(), tmp_path / "missing")
+    anyio.run(reconciler._reconcile_guarded, (Event("startup"),))
+    backend.applied, backend.refuse = None, True  # lost, and the restore is refused
+    anyio.run(reconciler._reconcile_guarded, (Event("timer"),))
+    assert reconciler.sync_failure is not None and anyio.run(reconciler.check_drift) is None
+    backend.refuse = False
+    anyio.run(reconciler._reconcile_guarded, (Event("retry"),))
+    backend.applied = None
     assert anyio.run(reconciler.check_drift) == "ipv4: nothing applied"
 
 

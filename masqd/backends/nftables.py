@@ -596,6 +596,8 @@ def _marker_lines(marker: str) -> str:
 
 #: What ``nft monitor`` prints after the changes of each transaction.
 _GENERATION = "# new generation "
+#: What it prints when the kernel dropped events it could not deliver (``ENOBUFS``); it goes on.
+_LOST = "# ERROR"
 
 
 class ChangeFilter:
@@ -621,6 +623,9 @@ class ChangeFilter:
             change = None if self._own or self._change is None else f"{self._change}; {_writer(line)}"
             self._change, self._own = None, False
             return change
+        if line.startswith(_LOST):  # the kernel dropped events (socket buffer full): anything may have changed
+            self._change, self._own = None, False
+            return f"nft monitor: {line[2:].strip()}"
         words = line.split(" ", 4)
         if len(words) >= 4 and words[2] in ("ip", "ip6"):
             if words[3] == TABLE:

@@ -10,7 +10,7 @@ at the next ``resyncInterval`` (default 60 s); these sources shorten the window:
   have a budget (:data:`REPAIR_BURST` at once, then one per :data:`REPAIR_REFILL_SECONDS`), so two
   writers fighting over the tables (a second masqd with another config, say) do not rewrite them
   in a tight loop: the fight is logged once, naming the other writer, and slowed down. While the
-  monitor cannot run, the rules are read back every ``--drift-check-interval`` instead.
+  monitor cannot run, the rules are read back at once and every ``--drift-check-interval``.
 - :class:`DriftCheckSource`, for a backend that can only read back (iptables: there is no change
   notification for legacy xtables): every ``--drift-check-interval`` (default 10 s) it reads the
   chain back and asks for a reconcile only when it differs from the rules last applied.
@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import anyio
+import anyio.abc
 import structlog
 
 from masqd.errors import MasqdError
@@ -43,6 +44,9 @@ REPAIR_REFILL_SECONDS = 10.0
 #: failure up to the max (and back to the first after it ran longer than the max).
 MONITOR_RETRY_SECONDS = 1.0
 MONITOR_RETRY_MAX_SECONDS = 60.0
+#: Seconds after starting the monitor again before the pass that covers the time without one
+#: (nft says nothing when it is listening; it is, well before this).
+MONITOR_SETTLE_SECONDS = 0.5
 
 Check = Callable[[], Awaitable[str | None]]
 Monitor = Callable[[Callable[[str], None]], Awaitable[None]]
@@ -77,43 +81,51 @@ class DriftCheckSource:
     def __init__(self, check: Check, interval: float):
         self._check = check
         self.interval = interval
+        self._failing = False
+        self._logged: str | None = None
 
     async def run(self, notify: Notify) -> None:
-        failing = False
-        logged: str | None = None
-        while True:
+        await self.poll(notify, at_once=False)
+
+    async def poll(self, notify: Notify, *, at_once: bool) -> None:
+        """Check every ``interval`` until cancelled; the first check at once with ``at_once``."""
+        if not at_once:
             await anyio.sleep(self.interval)
-            try:
-                drift = await self._check()
-            except MasqdError as exc:
-                if not failing:
-                    log.warning("drift check could not read the rules back; will retry", error=str(exc),
-                                retry_in_s=self.interval)
-                failing = True
-                continue
-            failing = False
-            if drift is None:
-                log.debug("drift check: the kernel holds the rules last applied")
-                logged = None
-                continue
-            level = log.debug if drift == logged else log.info
-            level("drift check: the kernel no longer holds the rules last applied", drift=drift)
-            logged = drift
-            notify(drift)
+        while True:
+            await self._check_once(notify)
+            await anyio.sleep(self.interval)
+
+    async def _check_once(self, notify: Notify) -> None:
+        try:
+            drift = await self._check()
+        except MasqdError as exc:
+            if not self._failing:
+                log.warning("drift check could not read the rules back; will retry", error=str(exc),
+                            retry_in_s=self.interval)
+            self._failing = True
+            return
+        self._failing = False
+        if drift is None:
+            log.debug("drift check: the kernel holds the rules last applied")
+            self._logged = None
+            return
+        level = log.debug if drift == self._logged else log.info
+        level("drift check: the kernel no longer holds the rules last applied", drift=drift)
+        self._logged = drift
+        notify(drift)
 
 
 class KernelMonitorSource:
     """Runs the backend's ``monitor(changed)`` and asks for a reconcile per outside change, within
     the repair budget. When the monitor fails (``nft monitor`` exits or cannot start), the rules
-    are read back every ``interval`` (``check``) until it is started again after a back-off, and
-    a reconcile is asked for at once, since changes may have been missed."""
+    are read back at once and every ``interval`` (``check``) until it is started again after a
+    back-off; once it listens again, a reconcile covers the time without one."""
 
     name = "kernel-monitor"
 
     def __init__(self, monitor: Monitor, check: Check | None = None, interval: float = DRIFT_CHECK_SECONDS):
         self._monitor = monitor
-        self._check = check
-        self._interval = interval
+        self._fallback = DriftCheckSource(check, interval) if check is not None else None
         self.budget = RepairBudget(now=time.monotonic())
         self._changes: list[str] = []
         self._arrived = anyio.Event()
@@ -125,9 +137,9 @@ class KernelMonitorSource:
     async def run(self, notify: Notify) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._deliver, notify)
-            await self._follow(notify)
+            await self._follow(notify, tg)
 
-    async def _follow(self, notify: Notify) -> None:
+    async def _follow(self, notify: Notify, tg: anyio.abc.TaskGroup) -> None:
         delay = MONITOR_RETRY_SECONDS
         while True:
             started = time.monotonic()
@@ -137,17 +149,21 @@ class KernelMonitorSource:
                 error = "the monitor ended"
             except MasqdError as exc:
                 error = str(exc)
+            except Exception as exc:  # a bug: still only this source's failure, and read back meanwhile
+                error = repr(exc)
             if time.monotonic() - started > MONITOR_RETRY_MAX_SECONDS:
                 delay = MONITOR_RETRY_SECONDS  # it had been working: a new failure, not a repeat
             log.warning("cannot follow the kernel's changes to masqd's rules; reading them back meanwhile",
-                        error=error, retry_in_s=delay, read_back_every_s=self._interval if self._check else None)
-            notify("monitor restarted")
+                        error=error, retry_in_s=delay,
+                        read_back_every_s=None if self._fallback is None else self._fallback.interval)
             with anyio.move_on_after(delay):
-                if self._check is not None:
-                    await DriftCheckSource(self._check, self._interval).run(notify)
+                if self._fallback is not None:
+                    await self._fallback.poll(notify, at_once=True)
                 else:
                     await anyio.sleep_forever()
             delay = min(delay * 2, MONITOR_RETRY_MAX_SECONDS)
+            # a pass once the new monitor is listening, for what changed while none was
+            tg.start_soon(_notify_later, notify, MONITOR_SETTLE_SECONDS, "monitor restarted")
 
     async def _deliver(self, notify: Notify) -> None:
         fighting = False
@@ -170,3 +186,8 @@ class KernelMonitorSource:
             log.info("another process changed masqd's rules; restoring them", change=changes[0],
                      **({"more_changes": len(changes) - 1} if len(changes) > 1 else {}))
             notify(changes[0])
+
+
+async def _notify_later(notify: Notify, delay: float, reason: str) -> None:
+    await anyio.sleep(delay)
+    notify(reason)
