@@ -19,6 +19,8 @@ import structlog
 import netns
 from test_daemon import NO_RESYNC, wait_until
 from test_daemon_kernel import CHAIN, chain_lines, jumps
+from test_netns_nftables import tables
+from test_tool_timeout import dead
 
 from masqd.backends.dryrun import DryRunBackend
 from masqd.backends.nftables import ChangeFilter
@@ -248,10 +250,6 @@ def test_drift_check_interval_flag_rejects(value, capsys):
 # --- against the kernel --------------------------------------------------------------------------------
 
 
-def nft_table(ns: str) -> str:
-    return netns.run(ns, "nft", "list", "table", "ip", "masqd").stdout
-
-
 def started_sources(process) -> list[str]:
     return next(e for e in process.events if e.get("event") == "masqd starting")["sources"]
 
@@ -276,11 +274,11 @@ NFT_DAMAGE = [
 def test_nft_monitor_restores_masqd_tables_at_once(node_ns, daemon, damage):
     d = daemon(HOUR, backend="nftables")
     assert "kernel-monitor" in started_sources(d)
-    good = nft_table(node_ns)
+    good = tables(node_ns)
     netns.run(node_ns, *damage)
     restored = d.next_event(is_restore)
     assert restored["trigger"] == "kernel-monitor"
-    assert nft_table(node_ns) == good
+    assert tables(node_ns) == good
     seen = [e for e in d.events if e.get("event") == "another process changed masqd's rules; restoring them"]
     assert len(seen) == 1 and " masqd" in seen[0]["change"]
 
@@ -319,13 +317,6 @@ def monitor_pid(masqd_pid: int) -> int:
     return pid
 
 
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.netns
 def test_a_killed_nft_monitor_is_restarted_and_heals_again(node_ns, daemon):
     d = daemon(HOUR, backend="nftables")
@@ -349,7 +340,7 @@ def test_nft_monitor_dies_with_a_killed_masqd(node_ns, daemon):
     monitor = monitor_pid(d.proc.pid)
     d.proc.kill()
     d.proc.wait(timeout=10)
-    assert netns.wait_for(lambda: not alive(monitor), timeout=5), "nft monitor outlived the killed masqd"
+    assert netns.wait_for(lambda: dead(monitor), timeout=5), "nft monitor outlived the killed masqd"
 
 
 IPTABLES_DAMAGE = [

@@ -9,6 +9,7 @@ daemon's memory are checked too.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from masqd.events import Event, make_emit
 from masqd.kube import KubeSettings
 from masqd.reconcile import Reconciler
 from test_daemon import NO_RESYNC, Running, cidrs_of, wait_until, write_atomically
+from test_daemon_kernel import chain_lines
+from test_netns_nftables import set_intervals
 from test_kube import REF, Agent, cidrs_only, configmap, policy
 
 BURST = 10_000
@@ -187,14 +190,12 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def _kernel_cidrs(ns: str, backend: str) -> list[str]:
-    import netns
-
+def _kernel_holds(ns: str, backend: str, cidrs: list[str]) -> bool:
+    """The kernel keeps exactly ``cidrs`` (in chain order for iptables) and nothing else."""
     if backend == "iptables":
-        return [line.split()[3] for line in netns.iptables_save(ns).splitlines()
-                if line.startswith("-A IP-MASQ-AGENT -d ")]
-    listing = netns.run(ns, "nft", "list", "set", "ip", "masqd", "nonmasq4").stdout
-    return sorted(listing.split("elements = {", 1)[1].split("}", 1)[0].replace(",", " ").split())
+        return [line.split()[3] for line in chain_lines(ns)[:-1]] == cidrs
+    nets = sorted(ipaddress.ip_network(cidr) for cidr in cidrs)
+    return set_intervals(ns, 4) == tuple((int(n.network_address), int(n.broadcast_address)) for n in nets)
 
 
 #: RSS the daemon may gain over the whole burst: a leak of 1.6 KiB per change would exceed it.
@@ -218,10 +219,9 @@ def test_a_burst_against_the_kernel_ends_on_the_last_config_with_flat_memory(nod
         before = _rss_kib(process.proc.pid)
         for i in range(BURST):
             write_atomically(config, NO_RESYNC + f"nonMasqueradeCIDRs: [{nth(i)}]\n")
-        expected = sorted(["169.254.0.0/16", nth(BURST - 1)]) if backend == "nftables" else ["169.254.0.0/16",
-                                                                                               nth(BURST - 1)]
-        assert netns.wait_for(lambda: _kernel_cidrs(node_ns, backend) == expected, timeout=60), \
-            _kernel_cidrs(node_ns, backend)
+        final = ["169.254.0.0/16", nth(BURST - 1)]
+        assert netns.wait_for(lambda: _kernel_holds(node_ns, backend, final), timeout=60), \
+            netns.iptables_save(node_ns) if backend == "iptables" else set_intervals(node_ns, 4)
         after = _rss_kib(process.proc.pid)
         process.proc.terminate()
         process.next_event(lambda e: e.get("event") == "masqd stopped")  # every event, read to the end
