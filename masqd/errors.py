@@ -1,13 +1,22 @@
 """Every error masqd raises on purpose, in one hierarchy.
 
     MasqdError                  base: anything masqd reports as a user-facing problem
-    ├── ConfigError             the config file (or a flag) cannot be used; carries every Problem found
+    ├── ConfigError             the config (a file, a ConfigMap) cannot be used; carries every Problem found
     │   └── PluginError         a plugin raised, hung, returned something unusable, or vetoed the
     │                           config; each Problem's key is PLUGIN.HOOK
     ├── PluginLoadError         a plugin cannot be loaded at start-up
-    ├── FlagError               a command-line flag value is invalid (e.g. ``--to-ports 70000``)
-    ├── KubeError               the Kubernetes API cannot be used (no credentials, a refused write)
+    ├── FlagError               a command-line flag value is invalid (e.g. ``--to-ports 70000``);
+    │                           raised only while a command line is read, never by the running daemon
+    ├── SourceReadError         a one-shot command could not read an event source it needs (the
+    │                           Kubernetes API objects of ``--kube-configmap``, a plugin's source)
+    ├── EndpointError           the HTTP endpoint cannot listen on its address (the daemon retries)
+    ├── KubeError               the Kubernetes API cannot be used
+    │   ├── CredentialsError    no usable credentials at start-up
+    │   └── ApiWriteError       the API refused a write, or kept conflicting (the controller)
     └── BackendError            the kernel could not be read or written
+        ├── BackendUnsupported  the backend cannot do what was asked (``explain --live`` of a
+        │                       backend without ``read_back``)
+        ├── ToolMissingError    a kernel tool could not be started (not installed, not executable)
         ├── ApplyError          a write (``iptables-restore``) was refused; the kernel kept its old rules
         ├── ReadBackError       the current state could not be read (``iptables-save`` failed)
         │   └── ToolExitedError a tool that reports until stopped (``nft monitor``) exited
@@ -104,9 +113,38 @@ class FlagError(MasqdError):
         super().__init__(f"--{flag}={value}: {reason}")
 
 
+class SourceReadError(MasqdError):
+    """A one-shot command (``validate``, ``render``, ``run --once``, ``explain``) could not read an
+    event source it needs once (see :func:`masqd.hookspecs.register_sources`): the Kubernetes API
+    did not answer, or a plugin's source failed. ``source`` names it."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"cannot read {source}: {reason}")
+
+
+class EndpointError(MasqdError):
+    """The HTTP endpoint (``--http-address``) cannot listen on ``address``; the daemon logs it and
+    tries again later, masquerading all the while."""
+
+    def __init__(self, address: str, reason: str):
+        self.address = address
+        self.reason = reason
+        super().__init__(f"cannot listen on {address}: {reason}")
+
+
 class KubeError(MasqdError):
-    """The Kubernetes API cannot be used: no credentials at start-up, or a write the API refused
-    (the controller). Watches never raise it: they retry (see :mod:`masqd.kube`)."""
+    """The Kubernetes API cannot be used (one of the subclasses says how). Watches never raise it:
+    they retry (see :mod:`masqd.kube`)."""
+
+
+class CredentialsError(KubeError):
+    """No usable Kubernetes credentials: the message says what was tried and what to pass."""
+
+
+class ApiWriteError(KubeError):
+    """The API refused a write, or it kept conflicting past the retries (the controller)."""
 
 
 class BackendError(MasqdError):
@@ -117,6 +155,25 @@ class BackendError(MasqdError):
     """
 
     written: tuple[str, ...] = ()
+
+
+class BackendUnsupported(BackendError):
+    """The backend cannot do what was asked: ``backend`` names it, ``reason`` says what it lacks and
+    what to do instead."""
+
+    def __init__(self, backend: str, reason: str):
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"backend {backend}: {reason}")
+
+
+class ToolMissingError(BackendError):
+    """A kernel tool could not be started (``command[0]`` is not installed, or not executable)."""
+
+    def __init__(self, command: list[str], detail: str):
+        self.command = list(command)
+        self.detail = detail.strip()
+        super().__init__(f"cannot run {self.command[0]}: {self.detail}")
 
 
 class ApplyError(BackendError):
@@ -142,7 +199,6 @@ class ReadBackError(BackendError):
         self.command = list(command)
         self.detail = detail.strip()
         super().__init__(f"{' '.join(self.command)}: {self.detail}")
-
 
 
 class ToolExitedError(ReadBackError):
