@@ -28,10 +28,9 @@ from masqd.config import (
     AgentOptions,
     MasqConfig,
     ParsedConfig,
-    _AnchorRefusingLoader,
-    _ConfigLoader,
     parse_config,
 )
+from masqd.config.parse import _AnchorRefusingLoader, _ConfigLoader
 from masqd.errors import ConfigError, PluginError
 from masqd.inputs import ConfigLoader, FileInput
 from masqd.ruleset import compute_ruleset

@@ -1,19 +1,21 @@
-"""The config file and the command-line options, as frozen, validated values. Pure: no I/O.
+"""Parsing the config file (YAML or JSON) into a :class:`~masqd.config.model.MasqConfig`, with
+every problem named. Pure: no I/O.
 
-The config file is the upstream ``ip-masq-agent`` file (a ConfigMap key mounted at
-``/etc/config/ip-masq-agent``), YAML or JSON, every key optional. :func:`parse_config` turns its
-text into a :class:`MasqConfig` or raises :class:`~masqd.errors.ConfigError` listing *every*
-problem (key, offending value, what would be valid). Keys are matched like Go's ``encoding/json``
+:func:`parse_config` turns a file's text into a :class:`~masqd.config.model.ParsedConfig` or raises
+:class:`~masqd.errors.ConfigError` listing *every* problem (key, offending value, what would be
+valid), at most :data:`MAX_REPORTED_FINDINGS` of them. Keys are matched like Go's ``encoding/json``
 matches them (exactly, else case-insensitively) so a file behaves as it does upstream, but anything
-that is not the canonical spelling, and any unknown key, is reported as a warning.
+that is not the canonical spelling, and any unknown key, is reported as a warning. YAML is read by a
+safe loader that keeps dates as strings and refuses anchors and aliases; a document starting with
+``{`` is JSON only. :func:`too_large_problem` and :func:`limit_problem` are the problems other
+config readers (files, the reconciler counting plugin CIDRs) report in the same words.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -21,123 +23,22 @@ import yaml.composer
 import yaml.events
 
 from masqd.cidrs import CIDRError, Network, duplicates, parse_cidr
-from masqd.duration import format_go_duration, parse_go_duration
-from masqd.errors import ConfigError, FlagError, Problem, shorten
-
-DEFAULT_CONFIG_PATH = "/etc/config/ip-masq-agent"
-DEFAULT_MASQ_CHAIN = "IP-MASQ-AGENT"
-
-#: RFC 1918 private ranges: the upstream default non-masquerade list.
-RFC1918_CIDRS: tuple[str, ...] = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
-#: Added to the defaults by ``--nomasq-all-reserved-ranges`` (the upstream list, same order).
-RESERVED_CIDRS: tuple[str, ...] = (
-    "100.64.0.0/10",  # RFC 6598 carrier-grade NAT
-    "192.0.0.0/24",  # RFC 6890 IETF protocol assignments
-    "192.0.2.0/24",  # RFC 5737 TEST-NET-1
-    "192.88.99.0/24",  # RFC 7526 6to4 relay anycast
-    "198.18.0.0/15",  # RFC 6815 benchmarking
-    "198.51.100.0/24",  # RFC 5737 TEST-NET-2
-    "203.0.113.0/24",  # RFC 5737 TEST-NET-3
-    "240.0.0.0/4",  # RFC 5735 former class E
+from masqd.config.model import (
+    MAX_CONFIG_BYTES,
+    MIN_RESYNC_INTERVAL_NS,
+    AgentOptions,
+    MasqConfig,
+    ParsedConfig,
+    default_config,
 )
+from masqd.duration import format_go_duration, parse_go_duration
+from masqd.errors import ConfigError, Problem, shorten
 
-_SECOND_NS = 1_000_000_000
-#: Largest config accepted, in bytes (a file) or characters (a ConfigMap's text). A file listing
-#: 100k CIDRs is about 2 MB, so this leaves room for any real config while a runaway file (a log
-#: written to the wrong path, a 50 MB upload) is refused at once, before it is read into memory.
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
 #: At most this many problems (and, separately, warnings) are reported for one config; the rest
 #: are counted in a last entry, so a list of a million bad CIDRs gives a readable error.
 MAX_REPORTED_FINDINGS = 100
 #: Longest key, reason or duration text shown in a problem; longer ones are cut with "...".
 _MAX_SHOWN_CHARS = 200
-
-#: Shortest resync honoured. Each resync runs iptables-save; at 1 ms that is a busy loop (over
-#: 100% CPU measured), so shorter values are raised to this, with a warning.
-MIN_RESYNC_INTERVAL_NS = 100_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class PortRange:
-    """An inclusive source-port interval for ``--to-ports`` (``first`` .. ``last``, 1..65535)."""
-
-    first: int
-    last: int
-
-    @property
-    def size(self) -> int:
-        return self.last - self.first + 1
-
-    def __str__(self) -> str:
-        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
-
-
-@dataclass(frozen=True, slots=True)
-class AgentOptions:
-    """The command-line flags shared with the upstream agent, validated.
-
-    masq_chain: nat chain masqd owns (``--masq-chain``, default ``IP-MASQ-AGENT``).
-    nomasq_all_reserved_ranges: default list also holds every RFC-reserved IPv4 range.
-    enable_ipv6: program ip6tables too, and accept IPv6 CIDRs in the config.
-    random_fully: add ``--random-fully`` to MASQUERADE (when the iptables binary supports it).
-    to_ports: source-port intervals MASQUERADE maps to; empty means the kernel's choice.
-    """
-
-    masq_chain: str = DEFAULT_MASQ_CHAIN
-    nomasq_all_reserved_ranges: bool = False
-    enable_ipv6: bool = False
-    random_fully: bool = True
-    to_ports: tuple[PortRange, ...] = ()
-
-    def __post_init__(self) -> None:
-        validate_chain_name(self.masq_chain)
-
-
-@dataclass(frozen=True, slots=True)
-class MasqConfig:
-    """The validated contents of the config file.
-
-    non_masquerade_cidrs: destinations that keep the pod source address, in file order
-        (default: RFC 1918, plus the reserved ranges with ``--nomasq-all-reserved-ranges``).
-    masq_link_local: masquerade 169.254.0.0/16 too (default false: link-local keeps the pod IP).
-    masq_link_local_ipv6: masquerade fe80::/10 too (default false).
-    resync_interval_ns: how often the kernel is re-checked for drift, in nanoseconds (default 60 s).
-    cidr_limit: maximum number of ``nonMasqueradeCIDRs`` (link-local not counted; default 64),
-        a guard against a runaway list.
-    cidr_limit_set: the file sets ``cidrLimit``; only then do plugin contributions count toward
-        it (the default 64 is for compatibility, not a limit plugin authors signed up for).
-    keys: the canonical keys the file sets (a null value counts only for ``nonMasqueradeCIDRs``,
-        where it means an empty list); when several config sources merge, a key no source sets
-        keeps its default (see :func:`merge_configs`).
-    """
-
-    non_masquerade_cidrs: tuple[Network, ...] = tuple(parse_cidr(c) for c in RFC1918_CIDRS)
-    masq_link_local: bool = False
-    masq_link_local_ipv6: bool = False
-    resync_interval_ns: int = 60 * _SECOND_NS
-    cidr_limit: int = 64
-    cidr_limit_set: bool = False
-    keys: frozenset[str] = field(default=frozenset(), compare=False)
-
-    @property
-    def resync_interval(self) -> float:
-        """``resync_interval_ns`` in seconds."""
-        return self.resync_interval_ns / _SECOND_NS
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedConfig:
-    """A valid config and the warnings found on the way (unknown keys, duplicates, ...)."""
-
-    config: MasqConfig
-    warnings: tuple[Problem, ...] = field(default=())
-
-
-def default_config(options: AgentOptions) -> MasqConfig:
-    """The config used when the file is missing (or a key is absent from it)."""
-    cidrs = RFC1918_CIDRS + (RESERVED_CIDRS if options.nomasq_all_reserved_ranges else ())
-    return MasqConfig(non_masquerade_cidrs=tuple(parse_cidr(c) for c in cidrs))
-
 
 _KEYS = ("nonMasqueradeCIDRs", "masqLinkLocal", "masqLinkLocalIPv6", "resyncInterval", "cidrLimit")
 
@@ -201,7 +102,9 @@ def too_large_problem(key: str, size: str) -> Problem:
 def _bounded(findings: list[Problem], what: str) -> tuple[Problem, ...]:
     """``findings`` made safe to log: at most :data:`MAX_REPORTED_FINDINGS` of them, each key and
     reason one printable line of bounded length (YAML's messages can quote the input)."""
-    shown = tuple(Problem(_cut(p.key), p.value, _one_line(p.reason)) for p in findings[:MAX_REPORTED_FINDINGS])
+    shown = tuple(
+        Problem(_truncate_to_shown_length(p.key), p.value, _one_line(p.reason)) for p in findings[:MAX_REPORTED_FINDINGS]
+    )
     hidden = len(findings) - len(shown)
     if hidden > 0:
         shown += (Problem("<document>", None, f"{hidden} more {what} not shown; fix the ones above first"),)
@@ -212,10 +115,11 @@ def _one_line(text: str) -> str:
     text = " ".join(text.split()) if not text.isprintable() else text
     if not text.isprintable():  # what split() left: NUL, lone surrogates, other control characters
         text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return _cut(text)
+    return _truncate_to_shown_length(text)
 
 
-def _cut(text: str) -> str:
+def _truncate_to_shown_length(text: str) -> str:
+    """``text`` cut to :data:`_MAX_SHOWN_CHARS`, ending in "..." when cut."""
     # (a key is shown quoted by Problem when unprintable, so only its length is bounded here)
     return text if len(text) <= _MAX_SHOWN_CHARS else text[: _MAX_SHOWN_CHARS - 3] + "..."
 
@@ -242,7 +146,7 @@ def _defaults_as_fields(config: MasqConfig) -> dict[str, Any]:
     }
 
 
-class _ConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: ~20x faster on big lists
+class _ConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when present: far faster on big lists
     """YAML's safe loader without timestamp resolution: as upstream, ``2024-01-01`` stays a string
     (and then fails as a duration with a clear message instead of becoming a date)."""
 
@@ -445,101 +349,3 @@ def _validate(config: MasqConfig, count: int, cidr_key: str, problems: list[Prob
     for net in duplicates(cidrs):
         warnings.append(Problem(cidr_key, str(net), "listed more than once; one entry is enough"))
 
-
-# --- several config sources ------------------------------------------------------------------------
-
-#: The origin shown for CIDRs that come from the defaults (no present source lists any).
-DEFAULTS_ORIGIN = "defaults"
-
-
-@dataclass(frozen=True, slots=True)
-class MergedConfig:
-    """The config masqd applies, merged from every config source present, and where each
-    non-masquerade CIDR came from.
-
-    config: the merged values (see :func:`merge_configs`).
-    origins: each CIDR of ``config.non_masquerade_cidrs`` -> the sources listing it, in source
-        order (``("defaults",)`` for default CIDRs).
-    sources: the names of the sources present (a missing file or ConfigMap is not present).
-    """
-
-    config: MasqConfig
-    origins: dict[Network, tuple[str, ...]]
-    sources: tuple[str, ...]
-
-
-def merge_configs(parts: list[tuple[str, MasqConfig]] | tuple[tuple[str, MasqConfig], ...], options: AgentOptions) -> MergedConfig:
-    """Merge the valid configs of the present sources, ``(name, config)`` in source order.
-
-    No source present: the defaults. One source: that source's config, exactly. Several:
-    ``nonMasqueradeCIDRs`` are unioned (first listing wins the order), ``masqLinkLocal`` and
-    ``masqLinkLocalIPv6`` are OR'ed, the smallest ``resyncInterval`` wins, and a key no source
-    sets keeps its default. ``cidrLimit`` was already checked per source by :func:`parse_config`;
-    with several sources plugin contributions are not counted against any one source's limit.
-    """
-    defaults = default_config(options)
-    listing = [(name, c) for name, c in parts if "nonMasqueradeCIDRs" in c.keys]
-    origins: dict[Network, list[str]] = {}
-    for name, config in listing:
-        for net in config.non_masquerade_cidrs:
-            names = origins.setdefault(net, [])
-            if name not in names:
-                names.append(name)
-    if not listing:
-        origins = {net: [DEFAULTS_ORIGIN] for net in defaults.non_masquerade_cidrs}
-    merged_origins = {net: tuple(names) for net, names in origins.items()}
-    names = tuple(name for name, _ in parts)
-    if len(parts) == 1:
-        return MergedConfig(parts[0][1], merged_origins, names)
-    if not parts:
-        return MergedConfig(defaults, merged_origins, names)
-    resyncs = [c.resync_interval_ns for _, c in parts if "resyncInterval" in c.keys]
-    config = MasqConfig(
-        non_masquerade_cidrs=tuple(origins),
-        masq_link_local=any(c.masq_link_local for _, c in parts),
-        masq_link_local_ipv6=any(c.masq_link_local_ipv6 for _, c in parts),
-        resync_interval_ns=min(resyncs) if resyncs else defaults.resync_interval_ns,
-        cidr_limit=max(c.cidr_limit for _, c in parts),
-        cidr_limit_set=False,
-        keys=frozenset().union(*(c.keys for _, c in parts)),
-    )
-    return MergedConfig(config, merged_origins, names)
-
-
-# --- flags ----------------------------------------------------------------------------------------
-
-_CHAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,27}")
-_BUILTIN_CHAINS = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
-_TARGET_NAMES = {"ACCEPT", "DROP", "RETURN", "QUEUE", "MASQUERADE", "SNAT", "DNAT", "REDIRECT", "MARK", "LOG"}
-
-
-def validate_chain_name(name: str) -> str:
-    """Return ``name`` if it can be an iptables chain masqd owns, else raise :class:`FlagError`."""
-    if not isinstance(name, str) or not _CHAIN_NAME.fullmatch(name):
-        raise FlagError(
-            "masq-chain", name, "expected 1-28 characters of letters, digits, '_', '.', '-', not starting with '-' or '.'"
-        )
-    if name in _BUILTIN_CHAINS | _TARGET_NAMES:
-        raise FlagError("masq-chain", name, "is a built-in chain or target name; choose a name of your own such as IP-MASQ-AGENT")
-    return name
-
-
-def parse_to_ports(text: str) -> tuple[PortRange, ...]:
-    """Parse ``--to-ports`` (``1024-29999,32768-65535`` or ``8000``); empty text means no port mapping."""
-    if text.strip() == "":
-        return ()
-    ranges: list[PortRange] = []
-    for piece in text.split(","):
-        match = re.fullmatch(r"([0-9]{1,5})(?:-([0-9]{1,5}))?", piece)
-        if not match:
-            raise FlagError("to-ports", text, f"{piece!r} is not a port or a range; expected e.g. '1024-29999,32768-65535'")
-        first = int(match.group(1))
-        last = int(match.group(2) or first)
-        if not 1 <= first <= last <= 65535:
-            raise FlagError("to-ports", text, f"{piece!r}: ports must be 1-65535 with the first not above the last")
-        ranges.append(PortRange(first, last))
-    ordered = sorted(ranges, key=lambda r: r.first)
-    for before, after in zip(ordered, ordered[1:]):
-        if after.first <= before.last:
-            raise FlagError("to-ports", text, f"ranges {before} and {after} overlap; give each port once")
-    return tuple(ranges)
