@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from masqd.cidrs import parse_cidr
 from masqd.hookspecs import hookimpl
@@ -22,6 +23,7 @@ from masqd.plugins import Plugins
 from masqd.cli import main
 from masqd.config import AgentOptions, parse_config
 from masqd.controller import (
+    CONFLICT_RETRIES,
     DEFAULT_POLICY,
     MANAGED_BY_LABEL,
     MANAGED_POLICY,
@@ -544,6 +546,25 @@ async def test_conflict_is_reread_and_retried(api, kubeconfig) -> None:
         await eventually(lambda: "198.51.100.0/24" in config_cidrs(api), "the ConfigMap updated")
         seen = [(r.method, r.status) for r in api.requests[mark:] if r.path == f"{CONFIGMAP_PATH}/{CONFIGMAP.name}"]
         assert seen == [("GET", 200), ("PUT", 409), ("GET", 200), ("PUT", 409), ("GET", 200), ("PUT", 200)]
+
+
+async def test_a_write_conflicting_past_the_retries_is_refused_then_retried_after_a_backoff(api, kubeconfig) -> None:
+    async with Cluster(kubeconfig) as cluster:
+        cluster.start()
+        await eventually(lambda: config_cidrs(api) == RFC1918, "the ConfigMap")
+        mark = len(api.requests)
+        api.fail_next(CONFLICT_RETRIES, status=409, path_contains=f"{CONFIGMAP.name}?")  # every PUT of one pass
+        with capture_logs() as logs:
+            api.put(policy("extra", "198.51.100.0/24"))
+            await eventually(lambda: "198.51.100.0/24" in config_cidrs(api), "the ConfigMap updated")
+            await eventually(lambda: accepted(api, "extra"), "the policy's status written all the same")
+        seen = [(r.method, r.status) for r in api.requests[mark:] if r.path == f"{CONFIGMAP_PATH}/{CONFIGMAP.name}"]
+        seen = seen[: seen.index(("PUT", 200)) + 1]  # (a later pass may still GET before its watch catches up)
+        assert seen == [("GET", 200), ("PUT", 409)] * CONFLICT_RETRIES + [("GET", 200), ("PUT", 200)]
+        refused = [e for e in logs if e["event"] == "controller write failed; the other objects are still converged"]
+        assert [e["error"] for e in refused] == [
+            f"ApiWriteError: configmap {CONFIGMAP}: still conflicting after {CONFLICT_RETRIES} attempts"]
+        assert [e["log_level"] for e in logs if e["event"] == "controller sync failed; retrying"] == ["warning"]
 
 
 async def test_api_outage_then_recovery_converges(api, kubeconfig) -> None:
