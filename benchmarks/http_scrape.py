@@ -73,7 +73,7 @@ async def measure(count: int, workdir: Path) -> str:
         tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler, handle_signals=False,
                                          http_address=Address("127.0.0.1", 0),
                                          on_http_ready=lambda a: bound.append(int(a[0].rsplit(":", 1)[1]))))
-        while not bound or reconciler.generation < 1:
+        while not bound or reconciler.status.generation < 1:
             await anyio.sleep(0.01)
         port = bound[0]
         first, size = await fetch(port, "/metrics")

@@ -1,7 +1,12 @@
-"""Events: the one message type sources send to the reconciler.
+"""Events: the one message type event sources send to the reconciler, and the event source protocol.
 
-An event only says *something may have changed* and where it came from; the reconciler always
+An event only says *something may have changed* and what noticed it; the reconciler always
 recomputes the whole desired state, so events may be coalesced, dropped or duplicated safely.
+
+Vocabulary: an *event source* (:class:`EventSource`: the file watch, the resync timer, an API
+watch, a plugin's) only says that something may have changed; a *config input*
+(:mod:`masqd.inputs`) is what the reconciler reads the config from. A config input names the
+event source that watches it.
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A reason to reconcile. ``source`` is e.g. ``file``, ``timer``, ``sighup``, ``startup``."""
+    """A reason to reconcile. ``trigger`` names what noticed it: an event source (``file``,
+    ``timer``, ``configmap``, ``egress-nat-policies``, ``kernel-monitor``, ``drift-check``, a
+    plugin's source), ``sighup``, ``startup``, ``retry`` (a failed sync tried again), or
+    ``manual`` (one pass outside the daemon: ``run --once``, the test harness); it labels the pass
+    in logs, audit events and metrics."""
 
-    source: str
+    trigger: str
     detail: str = ""
 
 
@@ -30,20 +39,20 @@ Emit = Callable[[Event], None]
 Notify = Callable[..., None]
 
 
-class Source(Protocol):
+class EventSource(Protocol):
     """Something that watches the world and asks for reconciles until cancelled (see
-    :func:`masqd.hookspecs.register_sources`). ``name`` becomes the event's trigger in logs."""
-
-    name: str
+    :func:`masqd.hookspecs.register_sources`). ``name`` (optional for plugins' sources) becomes
+    the event's trigger. Optional: ``async def read_once()``, which one-shot commands call instead
+    of ``run`` to bring what the source holds up to date once."""
 
     async def run(self, notify: Notify) -> None: ...
 
 
-def notifier(emit: Emit, source: str) -> Notify:
-    """The ``notify`` handed to the source called ``source``: each call emits one event."""
+def notifier(emit: Emit, trigger: str) -> Notify:
+    """The ``notify`` handed to the event source called ``trigger``: each call emits one event."""
 
     def notify(reason: object = "") -> None:
-        emit(Event(source, str(reason)))
+        emit(Event(trigger, str(reason)))
 
     return notify
 

@@ -111,7 +111,7 @@ class Explanation:
         return self.live.masquerades != self.desired.masquerades
 
 
-def parse_address(text: str) -> Address:
+def parse_destination(text: str) -> Address:
     """An IPv4 or IPv6 address (``10.1.2.3``, ``2001:db8::1``); raises ``ValueError`` saying what is
     valid (a CIDR is not an address)."""
     try:

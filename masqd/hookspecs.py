@@ -13,7 +13,15 @@ last applied stay, exactly as for an invalid config file. Implementations run in
 last registered first, ``tryfirst`` / ``trylast`` respected. Hook wrappers are not supported.
 
 masqd's own backends and event sources are registered through these hooks by the default
-plugins in :mod:`masqd.default_plugins`, exactly as a third-party plugin registers its own.
+plugins in :mod:`masqd.default_plugins`, exactly as a third-party plugin registers its own; the
+rest of masqd never names a default plugin.
+
+Changes to the hooks, newest first (each keeps plugins written against the earlier hooks working):
+
+- 0.1: ``register_sources`` is also called by the one-shot commands (``context.once``), which
+  call an event source's optional ``read_once()`` instead of ``run``; ``SourceContext`` is
+  keyword-only and no longer carries masqd's drift-check wiring. A plugin may declare what its
+  contributed CIDRs are with a ``masqd_origin_kind`` attribute (see :func:`nonmasq_cidrs`).
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ def nonmasq_cidrs(config, options):
         the whole new state. Contributions count toward ``cidrLimit`` only when the config file
         sets ``cidrLimit``; a CIDR already listed (in the config or by another plugin) is kept
         once. Each is reported with the plugin's name by ``render``, the logs and ``explain``.
+
+    What the CIDRs are: a plugin object (or module) may set ``masqd_origin_kind = "policy"`` when
+    each CIDR it contributes stands for a policy object of the cluster (as the built-in
+    ``EgressNATPolicy`` plugin does); the metrics then count them as ``source="policy"``. The
+    default is ``"plugin"``; any other value is refused at start-up.
     """
 
 
@@ -61,10 +74,13 @@ def audit(event):
     """Record an apply attempt.
 
     Called after every apply attempt, successful or not, with a frozen
-    :class:`masqd.audit.AuditEvent` (time, trigger, backend, result ``applied`` / ``unchanged`` /
-    ``rejected`` / ``failed``, CIDRs added and removed per family, error text). In the daemon the
-    call is made from a task of its own, so a slow audit hook never delays an apply. Return value
-    ignored; an exception is logged with the plugin's name.
+    :class:`masqd.audit.AuditEvent`: ``time``, ``trigger``, ``backend``, ``result`` (``applied`` /
+    ``unchanged`` / ``rejected`` / ``failed``), ``added`` / ``removed`` (per family label
+    ``ipv4`` / ``ipv6``, the CIDRs as strings), ``written``, ``error`` (text or ``None``),
+    ``duration``, ``repair``; ``event.as_dict()`` gives them as plain values. In the daemon the
+    call is made from a task of its own, so a slow audit hook never delays an apply. A one-shot
+    command whose event sources could not be read (``read_once`` failed) made no attempt: no
+    event. Return value ignored; an exception is logged with the plugin's name.
     """
 
 
@@ -83,9 +99,29 @@ def register_backends(register):
 
 @hookspec
 def register_sources(register, context):
-    """Offer event sources, run for as long as the daemon runs.
+    """Offer event sources: the daemon runs them for as long as it runs; one-shot commands read them once.
 
-    Called once when the daemon starts (not for ``run --once``, ``render`` or ``validate``).
+    Called once when an agent is built: by the daemon, and by the one-shot commands
+    (``validate``, ``render``, ``run --once``, ``explain``; ``context.once`` is then true). The
+    daemon runs each source's ``run``; a one-shot command never does. Instead, before it computes
+    the rules, it awaits each source's optional ``async def read_once()``, which brings what the
+    source holds up to date once, as the first list of a watch would (the built-in Kubernetes
+    sources list their objects). ``read_once`` that raises (or takes longer than 30 s) makes the
+    command fail with exit code 4, naming the source and its plugin
+    (:class:`masqd.errors.SourceReadError`); one that raises
+    :class:`masqd.errors.CredentialsError` is a usage error (exit code 2).
+
+    The daemon's first pass does not wait for any source: it applies what the config and the
+    plugins offer at once (so a restarted agent puts the file's rules back immediately), and
+    a source's data follows through ``notify``. A plugin whose contributions must not be applied
+    without its data (the masquerading they prevent would break something) says so from
+    ``validate_config`` until its source has read once: the state is then rejected and the rules
+    last applied stay.
+
+    Sharing state with the hooks: ``run`` and ``read_once`` run on the event loop, while a
+    third-party plugin's other hooks run in a worker thread, one call at a time. Hand data over
+    by replacing an immutable value in one assignment (a tuple of CIDRs), or guard it with a
+    ``threading.Lock``.
 
     :param register: call ``register(source)`` for each source: an object with ``async def
         run(notify)`` and optionally ``name`` (default: the plugin's name). ``run`` is scheduled in
@@ -94,8 +130,9 @@ def register_sources(register, context):
         watches may have changed, and masqd reconciles soon after. ``run`` must be a coroutine
         function and must not block the event loop (use ``anyio.to_thread`` for blocking work). A source that raises is logged
         with its plugin's name and restarted after a back-off; one that returns is not restarted.
-    :param context: a :class:`masqd.plugins.SourceContext` (config path, agent flags, the current
-        resync interval), for sources that need them.
+    :param context: a :class:`masqd.plugins.SourceContext` (config path and inputs, agent flags,
+        Kubernetes flags, the current resync interval, whether this is a one-shot command), for
+        sources that need them.
     """
 
 

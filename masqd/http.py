@@ -16,7 +16,7 @@ neither does an address that cannot be bound: masquerading goes on and the bind 
 (:func:`run_endpoint`). Handlers run on the event loop, so they must not block: they read state
 the reconciler keeps, they never do I/O.
 
-:func:`parse_address` (the flag) and :func:`parse_request_head` (the protocol) are pure.
+:func:`parse_listen_address` (the flag) and :func:`parse_request_head` (the protocol) are pure.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import anyio
 import anyio.abc
 import structlog
 
-from masqd.errors import FlagError
+from masqd.aio import Backoff
+from masqd.errors import EndpointError, FlagError
 
 log = structlog.get_logger("masqd.http")
 
@@ -86,7 +87,7 @@ class Address:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
 
-def parse_address(text: str) -> Address | None:
+def parse_listen_address(text: str) -> Address | None:
     """``--http-address``: ``HOST:PORT``, ``:PORT`` (every interface), ``[IPv6]:PORT``; the empty
     string disables the endpoint (``None``). Port 0 picks a free port (logged at start)."""
     if text == "":
@@ -177,7 +178,7 @@ class HttpServer:
                 tg.start_soon(self._accept_loop, one, tg)
 
     async def _accept_loop(self, listener: anyio.abc.Listener, tg: anyio.abc.TaskGroup) -> None:
-        delay = ACCEPT_RETRY_SECONDS
+        backoff = Backoff(ACCEPT_RETRY_SECONDS, ACCEPT_RETRY_MAX_SECONDS)
         while True:
             try:
                 stream = await listener.accept()
@@ -185,13 +186,13 @@ class HttpServer:
                 return
             except OSError as exc:  # out of descriptors or buffers: pause instead of spinning or dying
                 self.accept_errors += 1
+                delay = backoff.next_delay()
                 if self.accept_errors == 1 or self.accept_errors % 100 == 0:
                     log.warning("HTTP endpoint cannot accept connections; pausing", error=str(exc),
-                                failures=self.accept_errors, retry_in_s=delay)
+                                failures=self.accept_errors, retry_in_s=round(delay, 3))
                 await anyio.sleep(delay)
-                delay = min(delay * 2, ACCEPT_RETRY_MAX_SECONDS)
                 continue
-            delay = ACCEPT_RETRY_SECONDS
+            backoff.reset()
             tg.start_soon(self.handle, stream)
 
     async def handle(self, stream: anyio.abc.ByteStream) -> None:
@@ -286,7 +287,7 @@ async def run_endpoint(address: Address, server: HttpServer,
     while True:
         try:
             listener = await open_listener(address)
-        except FlagError as exc:
+        except EndpointError as exc:
             if str(exc) != logged:
                 log.error("HTTP endpoint cannot listen; masquerading goes on without it, binding is retried",
                           error=str(exc), retry_in_s=BIND_RETRY_SECONDS)
@@ -301,13 +302,13 @@ async def run_endpoint(address: Address, server: HttpServer,
 
 
 async def open_listener(address: Address) -> anyio.abc.Listener[anyio.abc.SocketStream]:
-    """Bind ``address``. Raises :class:`FlagError` naming the flag when it cannot be bound
-    (port in use, address not on this host), so a start-up mistake is a clear usage error."""
+    """Bind ``address``. Raises :class:`~masqd.errors.EndpointError` when it cannot be bound (port
+    in use, address not on this host)."""
     try:
         return await anyio.create_tcp_listener(local_host=address.host, local_port=address.port)
     except (OSError, socket.gaierror) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise FlagError("http-address", str(address), f"cannot listen there: {reason}") from None
+        raise EndpointError(str(address), reason) from None
 
 
 def bound_addresses(listener: anyio.abc.Listener) -> list[str]:
@@ -320,13 +321,13 @@ def bound_addresses(listener: anyio.abc.Listener) -> list[str]:
     return found
 
 
-def agent_routes(reconciler: Any, metrics: Any) -> dict[str, Handler]:
+def agent_routes(status: Any, metrics: Any) -> dict[str, Handler]:
     """The agent's endpoints: ``/metrics`` (``metrics``: a :class:`masqd.metrics.Metrics`),
-    ``/healthz`` and ``/readyz`` (the reconciler's :meth:`~masqd.reconcile.Reconciler.health` and
-    :meth:`~masqd.reconcile.Reconciler.readiness`: 200 or 503, the reason in the body)."""
+    ``/healthz`` and ``/readyz`` (the agent status' :meth:`~masqd.status.AgentStatus.health` and
+    :meth:`~masqd.status.AgentStatus.readiness`: 200 or 503, the reason in the body)."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    def status(check: Callable[[], tuple[bool, str]]) -> Handler:
+    def answer(check: Callable[[], tuple[bool, str]]) -> Handler:
         def handler() -> Response:
             ok, text = check()
             return Response.text(200 if ok else 503, text)
@@ -339,6 +340,6 @@ def agent_routes(reconciler: Any, metrics: Any) -> dict[str, Handler]:
     return {
         "/": index,
         "/metrics": lambda: Response(200, metrics.render(), CONTENT_TYPE_LATEST),
-        "/healthz": status(reconciler.health),
-        "/readyz": status(reconciler.readiness),
+        "/healthz": answer(status.health),
+        "/readyz": answer(status.readiness),
     }

@@ -1,14 +1,15 @@
 """Config inputs: where config text comes from.
 
-An input holds zero or more config *sources* at any moment: a file (present or missing), a
-directory of ``ip-masq*`` files (each one a source, as Azure's fork reads a user-owned and a
-provider-owned ConfigMap side by side), or a ConfigMap read through the Kubernetes API
-(:class:`masqd.sources.kube.ConfigMapInput`). The reconciler reads every input on each pass,
-parses each source on its own and merges them (:func:`masqd.config.merge_configs`); a source that
-is absent contributes nothing, and only when no source is present do the defaults apply.
+An input holds zero or more config texts at any moment: a file (present or missing), a
+directory of ``ip-masq*`` files (each one a text, as Azure's fork reads a user-owned and a
+provider-owned ConfigMap side by side), or the ``config`` key of a ConfigMap read through the
+Kubernetes API (:class:`ConfigMapInput`). The reconciler reads every input on each pass, parses
+each text on its own and merges them (:func:`masqd.config.merge_configs`); an absent text
+contributes nothing, and only when no text is present do the defaults apply.
 
-Each input also names the event source that watches it (``watcher()``), which the built-in
-sources plugin registers, so a change to any input reaches the reconciler at once.
+Each input also names the event source that watches it (``watcher()``, see :mod:`masqd.sources`),
+which the built-in sources plugin registers, so a change to any input reaches the reconciler at
+once. Inputs are read; event sources only say that something may have changed.
 """
 
 from __future__ import annotations
@@ -16,21 +17,31 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
 
 from masqd.config import AgentOptions, MasqConfig, MergedConfig, ParsedConfig, merge_configs, parse_config
-from masqd.errors import ConfigError, Problem
+from masqd.errors import ConfigError, Problem, shorten
 from masqd.sources.files import ConfigDirectorySource, ConfigFileSource, read_config_text
 
-#: A file in a config directory is a config source when its name starts with this (Azure's
+if TYPE_CHECKING:  # the API client library is imported only when an API input is used
+    from masqd.kube import KubeSettings, ObjectRef
+    from masqd.sources.kube import ReflectorSource
+
+log = structlog.get_logger("masqd.inputs")
+
+#: A file in a config directory is a config text when its name starts with this (Azure's
 #: ip-masq-agent-v2 convention: ``ip-masq-agent``, ``ip-masq-agent-reconciled``, ...).
 DIRECTORY_PREFIX = "ip-masq"
+#: The ConfigMap key holding the config, as in the upstream agent's volume mount.
+CONFIG_KEY = "config"
 
 
 @dataclass(frozen=True, slots=True)
-class SourceText:
-    """One present config source: its name (a path, ``configmap NAMESPACE/NAME``) and its text.
-    ``key`` identifies it when two inputs can hold the same source (a file's absolute path)."""
+class ConfigText:
+    """One present config text: its name (a path, ``configmap NAMESPACE/NAME``) and the text.
+    ``key`` identifies it when two inputs can hold the same text (a file's absolute path)."""
 
     name: str
     text: str
@@ -38,27 +49,27 @@ class SourceText:
 
 
 class ConfigInput(Protocol):
-    """Something holding config sources. ``read()`` returns the sources present now (reading
-    files is the only I/O allowed: it runs on every reconcile) and raises :class:`ConfigError`
-    when a source exists but cannot be read."""
+    """Something holding config texts. ``read()`` returns the texts present now (reading files is
+    the only I/O allowed: it runs on every reconcile) and raises :class:`ConfigError` when a text
+    exists but cannot be read. ``watcher()`` is the event source that watches it, or ``None``."""
 
     name: str
 
-    def read(self) -> list[SourceText]: ...
+    def read(self) -> list[ConfigText]: ...
 
     def watcher(self) -> object | None: ...
 
 
 class FileInput:
-    """One config file (``--config``): a source when the file exists."""
+    """One config file (``--config``): a config text when the file exists."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self.name = str(path)
 
-    def read(self) -> list[SourceText]:
+    def read(self) -> list[ConfigText]:
         text = _read_text(self.path, self.name)
-        return [] if text is None else [SourceText(self.name, text, os.path.abspath(self.path))]
+        return [] if text is None else [ConfigText(self.name, text, os.path.abspath(self.path))]
 
     def watcher(self) -> ConfigFileSource:
         return ConfigFileSource(self.path)
@@ -85,12 +96,12 @@ class DirectoryInput:
         return [Path(entry.path) for entry in entries
                 if entry.name.startswith(DIRECTORY_PREFIX) and _is_file(entry)]
 
-    def read(self) -> list[SourceText]:
+    def read(self) -> list[ConfigText]:
         found = []
         for path in self.files():
             text = _read_text(path, str(path))
             if text is not None:  # removed between listing and reading
-                found.append(SourceText(str(path), text, os.path.abspath(path)))
+                found.append(ConfigText(str(path), text, os.path.abspath(path)))
         return found
 
     def watcher(self) -> ConfigDirectorySource:
@@ -98,6 +109,62 @@ class DirectoryInput:
 
     def __repr__(self) -> str:
         return f"DirectoryInput({self.name!r})"
+
+
+class ConfigMapInput:
+    """The ``config`` key of one ConfigMap, read through the API (``--kube-configmap``).
+
+    A config text while the ConfigMap exists and has the key; absent (not created yet, deleted,
+    or before the first list arrives) it contributes nothing, so with no other input the defaults
+    apply: deleting the ConfigMap is the documented way back to default SNAT behaviour. While the
+    API is unreachable the last text seen stays. Its watcher keeps the copy current
+    (:meth:`update`); one-shot commands call the watcher's ``read_once`` instead.
+    """
+
+    def __init__(self, ref: ObjectRef, settings: KubeSettings):
+        self.ref = ref
+        self.settings = settings
+        self.name = f"configmap {ref}"
+        self.text: object = None  # the ``config`` value: a str, or anything else a server sent (read() refuses it)
+        self.resource_version: str | None = None  # of the object whose text is held
+        self._missing_key_logged: str | None = None
+
+    def read(self) -> list[ConfigText]:
+        if self.text is None:
+            return []
+        if not isinstance(self.text, str):  # the API types it as a string; refuse anything else by name
+            raise ConfigError(self.name, [Problem(f"data.{CONFIG_KEY}", shorten(self.text),
+                                                  "expected a string holding the config (YAML or JSON)")])
+        return [ConfigText(self.name, self.text)]
+
+    def watcher(self) -> ReflectorSource:
+        """A watch on this one ConfigMap (``fieldSelector=metadata.name=NAME``) feeding :meth:`update`."""
+        from lightkube.resources.core_v1 import ConfigMap
+
+        from masqd.sources.kube import ReflectorSource
+
+        return ReflectorSource("configmap", ConfigMap, self.settings, self.update, namespace=self.ref.namespace,
+                               fields={"metadata.name": self.ref.name}, what=f"configmap {self.ref}")
+
+    def update(self, objects: dict[str, Any]) -> str | None:
+        """Take the watch's copy; returns why to reconcile when the config text changed."""
+        obj = objects.get(self.ref.name)
+        text = None
+        if obj is not None:
+            data = obj.data or {}
+            text = data.get(CONFIG_KEY)
+            if text is None and self._missing_key_logged != obj.metadata.resourceVersion:
+                log.warning(f"ConfigMap has no '{CONFIG_KEY}' key; it contributes nothing", configmap=str(self.ref),
+                            keys=sorted(data))
+                self._missing_key_logged = obj.metadata.resourceVersion
+        self.resource_version = obj.metadata.resourceVersion if obj is not None else None
+        if text == self.text:
+            return None
+        self.text = text
+        return f"{self.ref}@{self.resource_version}" if obj is not None else f"{self.ref} deleted"
+
+    def __repr__(self) -> str:
+        return f"ConfigMapInput({str(self.ref)!r})"
 
 
 def _is_file(entry: os.DirEntry) -> bool:
@@ -116,11 +183,11 @@ def _read_text(path: Path, name: str) -> str | None:
         raise ConfigError(name, [Problem("<file>", name, f"cannot read: {exc.strerror or exc}")]) from None
 
 
-def read_inputs(inputs: tuple[ConfigInput, ...] | list[ConfigInput]) -> tuple[list[SourceText], list[ConfigError]]:
-    """Every source present in ``inputs``, each once (a file also found by a directory input is
-    the same source), and the errors of sources that exist but could not be read."""
+def read_inputs(inputs: tuple[ConfigInput, ...] | list[ConfigInput]) -> tuple[list[ConfigText], list[ConfigError]]:
+    """Every config text present in ``inputs``, each once (a file also found by a directory input
+    is the same text), and the errors of texts that exist but could not be read."""
     seen: set[str] = set()
-    texts: list[SourceText] = []
+    texts: list[ConfigText] = []
     errors: list[ConfigError] = []
     for config_input in inputs:
         try:
@@ -128,17 +195,17 @@ def read_inputs(inputs: tuple[ConfigInput, ...] | list[ConfigInput]) -> tuple[li
         except ConfigError as exc:
             errors.append(exc)
             continue
-        for source in found:
-            key = source.key or source.name
+        for text in found:
+            key = text.key or text.name
             if key not in seen:
                 seen.add(key)
-                texts.append(source)
+                texts.append(text)
     return texts, errors
 
 
 @dataclass(frozen=True, slots=True)
 class LoadedConfig:
-    """The merged config of every present source, and each source's warnings as ``(name, problem)``."""
+    """The merged config of every present text, and each text's warnings as ``(name, problem)``."""
 
     merged: MergedConfig
     warnings: tuple[tuple[str, Problem], ...] = ()
@@ -149,12 +216,12 @@ class LoadedConfig:
 
 
 class ConfigLoader:
-    """Reads every input, parses each present source on its own and merges the results.
+    """Reads every input, parses each present text on its own and merges the results.
 
-    A source whose text did not change since the last load is not parsed again: a resync of an
-    unchanged 100k-CIDR file costs a string comparison, not 0.7 s of parsing. :meth:`load`
-    raises :class:`ConfigError` listing the problems of every invalid or unreadable source; then
-    nothing of the new state is used (the rules last applied stay).
+    A text that did not change since the last load is not parsed again: a resync of an
+    unchanged 100k-CIDR file costs a string comparison, not a parse (benchmarks/RESULTS.md).
+    :meth:`load` raises :class:`ConfigError` listing the problems of every invalid or unreadable
+    text; then nothing of the new state is used (the rules last applied stay).
     """
 
     def __init__(self, inputs: tuple[ConfigInput, ...] | list[ConfigInput], options: AgentOptions):
@@ -171,32 +238,32 @@ class ConfigLoader:
         texts, errors = read_inputs(self.inputs)
         parts: list[tuple[str, MasqConfig]] = []
         warnings: list[tuple[str, Problem]] = []
-        for source in texts:
-            result = self._parse(source)
+        for text in texts:
+            result = self._parse(text)
             if isinstance(result, ConfigError):
                 errors.append(result)
             else:
-                parts.append((source.name, result.config))
-                warnings.extend((source.name, warning) for warning in result.warnings)
-        for gone in self._parsed.keys() - {source.name for source in texts}:
+                parts.append((text.name, result.config))
+                warnings.extend((text.name, warning) for warning in result.warnings)
+        for gone in self._parsed.keys() - {text.name for text in texts}:
             del self._parsed[gone]
         if errors:
             raise _combined(errors, warnings)
         return LoadedConfig(merge_configs(parts, self.options), tuple(warnings))
 
     def texts(self) -> dict[str, str]:
-        """The text of every source present at the last :meth:`load`, by source name (``masqd
+        """Every text present at the last :meth:`load`, by name (``masqd
         explain`` finds the line listing each CIDR in it; nothing is read again)."""
         return {name: text for name, (text, _) in self._parsed.items()}
 
-    def _parse(self, source: SourceText) -> ParsedConfig | ConfigError:
-        cached = self._parsed.get(source.name)
-        if cached is None or cached[0] != source.text:
+    def _parse(self, text: ConfigText) -> ParsedConfig | ConfigError:
+        cached = self._parsed.get(text.name)
+        if cached is None or cached[0] != text.text:
             try:
-                cached = (source.text, parse_config(source.text, self.options, source=source.name))
+                cached = (text.text, parse_config(text.text, self.options, source=text.name))
             except ConfigError as exc:
-                cached = (source.text, exc)
-            self._parsed[source.name] = cached
+                cached = (text.text, exc)
+            self._parsed[text.name] = cached
         result = cached[1]
         if isinstance(result, ConfigError):
             return result.with_traceback(None)  # a fresh traceback each time: no growth per resync
@@ -204,8 +271,8 @@ class ConfigLoader:
 
 
 def _combined(errors: list[ConfigError], warnings: list[tuple[str, Problem]]) -> ConfigError:
-    """One error for every invalid source: the error itself when there is one, else one error whose
-    problems (and warnings) name their source."""
+    """One error for every invalid text: the error itself when there is one, else one error whose
+    problems (and warnings) name their text."""
     if len(errors) == 1:
         return errors[0]
     problems = [Problem(f"{exc.source}: {p.key}", p.value, p.reason) for exc in errors for p in exc.problems]
@@ -214,6 +281,11 @@ def _combined(errors: list[ConfigError], warnings: list[tuple[str, Problem]]) ->
     return ConfigError(", ".join(exc.source for exc in errors), problems, tuple(notes))
 
 
-def config_inputs(paths: list[str] | tuple[str, ...], directories: list[str] | tuple[str, ...] = ()) -> list[ConfigInput]:
-    """The file and directory inputs for ``--config`` (may repeat) and ``--config-dir``."""
-    return [*map(FileInput, paths), *map(DirectoryInput, directories)]
+def config_inputs(paths: list[str] | tuple[str, ...], directories: list[str] | tuple[str, ...] = (),
+                  kube: KubeSettings | None = None) -> list[ConfigInput]:
+    """Every config input the flags name: files (``--config``, may repeat), directories
+    (``--config-dir``), then the API ConfigMap (``--kube-configmap``)."""
+    inputs: list[ConfigInput] = [*map(FileInput, paths), *map(DirectoryInput, directories)]
+    if kube is not None and kube.configmap is not None:
+        inputs.append(ConfigMapInput(kube.configmap, kube))
+    return inputs

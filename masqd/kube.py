@@ -37,7 +37,8 @@ from lightkube.core.exceptions import ConfigError as LightkubeConfigError
 from lightkube.generic_resource import create_global_resource
 from lightkube.types import on_error_raise
 
-from masqd.errors import FlagError, KubeError
+from masqd.aio import Backoff
+from masqd.errors import CredentialsError, FlagError
 
 log = structlog.get_logger("masqd.kube")
 
@@ -100,14 +101,15 @@ class KubeSettings:
 
 def load_kube_config(path: str | None) -> KubeConfig:
     """Credentials: ``path`` when given, else the in-cluster service account, else
-    ``$KUBECONFIG`` / ``~/.kube/config``. Raises :class:`KubeError` saying what was tried."""
+    ``$KUBECONFIG`` / ``~/.kube/config``. Raises :class:`~masqd.errors.CredentialsError` saying
+    what was tried."""
     try:
         if path:
             return KubeConfig.from_file(path)
         return KubeConfig.from_env()
     except (LightkubeConfigError, OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
         tried = path or "in-cluster service account, $KUBECONFIG, ~/.kube/config"
-        raise KubeError(f"no usable Kubernetes credentials ({tried}): {exc}; "
+        raise CredentialsError(f"no usable Kubernetes credentials ({tried}): {exc}; "
                         "pass --kubeconfig PATH or run in a pod with a service account") from None
 
 
@@ -115,25 +117,6 @@ def make_client(settings: KubeSettings, config: KubeConfig | None = None) -> Asy
     """An API client for ``settings`` (credentials loaded now, so a missing file fails at start-up)."""
     config = config or load_kube_config(settings.kubeconfig)
     return AsyncClient(config, timeout=httpx2.Timeout(settings.request_timeout), field_manager="masqd")
-
-
-class Backoff:
-    """Jittered exponential back-off: the n-th delay is drawn from [step/2, step], step =
-    ``initial * 2**(n-1)`` capped at ``maximum``. :meth:`reset` after a success."""
-
-    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None):
-        self.initial = initial
-        self.maximum = maximum
-        self.failures = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        self.failures += 1
-        step = min(self.maximum, self.initial * 2 ** min(self.failures - 1, 32))
-        return step / 2 + self._rng.uniform(0, step / 2)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 def status_code(exc: BaseException) -> int | None:
@@ -189,7 +172,7 @@ class Reflector:
         self.relists = 0
         self.failures = 0
         self._rng = rng or random.Random()
-        self._backoff = Backoff(settings.backoff_initial, settings.backoff_max, self._rng)
+        self._backoff = Backoff(settings.backoff_initial, settings.backoff_max, rng=self._rng)
         self._watch_timeout = max(1, int(settings.watch_timeout * (1 + self._rng.random())))
         self._outage_logged = False
         self.stalls = 0  # watches abandoned because the server's timeout never came

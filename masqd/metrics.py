@@ -47,26 +47,29 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from masqd import __version__
 from masqd.audit import RESULTS, AuditEvent
+from masqd.config import AgentOptions
 from masqd.provenance import origin_counts
-from masqd.reconcile import Reconciler
+from masqd.status import AgentStatus
 
 disable_created_metrics()  # no *_created series: they double the output and no alert uses them
 
-#: Seconds: from a dry-run pass (~1 ms) to a 100k-CIDR nftables apply (~2.5 s) and lock waits.
+#: Seconds: from a dry-run pass to a 100k-CIDR apply and lock waits (benchmarks/RESULTS.md).
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
-    """Every metric of one agent. ``watches`` returns the objects running Kubernetes watches
-    (each with ``what`` and ``reflector``, see :class:`masqd.sources.kube.ReflectorSource`)."""
+    """Every metric of one agent, read from its ``status`` (:class:`masqd.status.AgentStatus`).
+    ``backend``: the backend's name; ``options``: the agent flags (they decide what the default
+    CIDRs are); ``watches`` returns the objects running Kubernetes watches (each with ``what``
+    and ``reflector``, see :class:`masqd.sources.kube.ReflectorSource`)."""
 
-    def __init__(self, reconciler: Reconciler, *, plugins: Any = None,
+    def __init__(self, status: AgentStatus, *, backend: str, options: AgentOptions, plugins: Any = None,
                  watches: Callable[[], Iterable[Any]] = tuple):
-        self.reconciler = reconciler
+        self.status = status
         self.registry = CollectorRegistry(auto_describe=True)
         build = Gauge("masqd_build_info", "masqd build: always 1, the labels say what runs",
                       ["version", "python", "backend"], registry=self.registry)
-        build.labels(__version__, platform.python_version(), reconciler.backend.name).set(1)
+        build.labels(__version__, platform.python_version(), backend).set(1)
         self.reconciles = Counter("masqd_reconciles", "Reconcile passes by first trigger and result",
                                   ["trigger", "result"], registry=self.registry)
         self.duration = Histogram("masqd_reconcile_duration_seconds", "Time of one reconcile pass",
@@ -75,7 +78,7 @@ class Metrics:
             self.duration.labels(result)
         self.drift_repairs = Counter("masqd_drift_repairs", "Writes that restored rules changed by something else",
                                      registry=self.registry)
-        self.registry.register(_StateCollector(reconciler, plugins, watches))
+        self.registry.register(_StateCollector(status, options, plugins, watches))
 
     def observe(self, event: AuditEvent) -> None:
         """Count one reconcile pass (an audit listener: cheap, never blocks)."""
@@ -92,8 +95,9 @@ class Metrics:
 class _StateCollector:
     """The metrics read from their owners at scrape time."""
 
-    def __init__(self, reconciler: Reconciler, plugins: Any, watches: Callable[[], Iterable[Any]]):
-        self.reconciler = reconciler
+    def __init__(self, status: AgentStatus, options: AgentOptions, plugins: Any, watches: Callable[[], Iterable[Any]]):
+        self.status = status
+        self.options = options
         self.plugins = plugins
         self.watches = watches
         self._cidr_counts: tuple[object, object, dict[tuple[str, str], int]] | None = None
@@ -102,14 +106,14 @@ class _StateCollector:
         return []  # collected at scrape time: nothing to check names against at registration
 
     def collect(self) -> Iterable[Any]:
-        reconciler = self.reconciler
-        yield _gauge("masqd_ready", "1 when /readyz answers 200", reconciler.readiness()[0])
-        yield _gauge("masqd_config_valid", "1 when the newest config was accepted", reconciler.config_failure is None)
+        status = self.status
+        yield _gauge("masqd_ready", "1 when /readyz answers 200", status.readiness()[0])
+        yield _gauge("masqd_config_valid", "1 when the newest config was accepted", status.config_failure is None)
         yield CounterMetricFamily("masqd_config_errors", "Passes whose new state was rejected (invalid config, "
-                                  "a plugin's veto or failure)", value=reconciler.config_rejections)
-        if reconciler.applied_at is not None:
+                                  "a plugin's veto or failure)", value=status.config_rejections)
+        if status.applied_at is not None:
             yield _gauge("masqd_last_successful_apply_timestamp_seconds", "When a sync last confirmed the kernel "
-                         "holds the latest valid rules (unix time)", reconciler.applied_at)
+                         "holds the latest valid rules (unix time)", status.applied_at)
         cidrs = GaugeMetricFamily("masqd_nonmasq_cidrs", "Non-masquerade CIDRs of the applied rules by family and "
                                   "origin", labels=["family", "source"])
         for (family, source), count in sorted(self._counts().items()):
@@ -136,13 +140,13 @@ class _StateCollector:
 
     def _counts(self) -> dict[tuple[str, str], int]:
         """CIDRs per (family, origin kind) of the applied rules, computed at the first scrape after
-        each pass that synced (13 ms at 100k CIDRs from one config file) and reused until the next."""
-        applied, applied_from = self.reconciler.applied, self.reconciler.applied_from
+        each pass that synced and reused until the next."""
+        applied, applied_from = self.status.applied, self.status.applied_from
         cached = self._cidr_counts
         if cached is not None and cached[0] is applied and cached[1] is applied_from:
             return cached[2]
         counts = {} if applied is None or applied_from is None else origin_counts(
-            applied, *applied_from, self.reconciler.options)
+            applied, *applied_from, self.options)
         self._cidr_counts = (applied, applied_from, counts)
         return counts
 

@@ -113,13 +113,11 @@ def cidr_origins(
 
 def origin_counts(ruleset: RuleSet, merged: MergedConfig, contributions: Iterable,
                   options: AgentOptions) -> dict[tuple[str, str], int]:
-    """CIDRs per (family label, origin kind), as :func:`cidr_origins` classifies them (with the
-    ``EgressNATPolicy`` plugin's CIDRs as ``policy``), for the metrics, without building an origin
-    per CIDR: ``ipaddress`` networks hash slowly (0.5 s for 100k in ``cidr_origins``), and a
-    scrape runs on the event loop. Here only the few default CIDRs and, when two plugins of a
-    kind contribute, their CIDRs are hashed (to count a CIDR both list once)."""
-    from masqd.default_plugins.egress import NAME as EGRESS_PLUGIN  # it imports this module
-
+    """CIDRs per (family label, origin kind), as :func:`cidr_origins` classifies them (a
+    contribution's CIDRs by the kind its plugin declared: ``plugin``, or ``policy``), for the
+    metrics, without building an origin per CIDR: ``ipaddress`` networks hash slowly, and a scrape
+    runs on the event loop. Here only the few default CIDRs and, when two plugins of a kind
+    contribute, their CIDRs are hashed (to count a CIDR both list once)."""
     counts: Tally[tuple[str, str]] = Tally()
     config = merged.config
     for family in ruleset.families:
@@ -138,7 +136,7 @@ def origin_counts(ruleset: RuleSet, merged: MergedConfig, contributions: Iterabl
             counts[f"ipv{net.version}", "reserved-ranges" if net in reserved else "defaults"] += 1
     by_kind: dict[str, list] = {}
     for contribution in contributions:
-        by_kind.setdefault("policy" if contribution.plugin == EGRESS_PLUGIN else "plugin", []).append(contribution)
+        by_kind.setdefault(contribution.kind, []).append(contribution)
     for kind, group in by_kind.items():
         nets = group[0].cidrs if len(group) == 1 else tuple(dict.fromkeys(n for c in group for n in c.cidrs))
         for net in nets:

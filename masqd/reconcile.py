@@ -1,9 +1,10 @@
-"""The reconciler: the only code that calls a backend.
+"""The reconciler: the only code that calls a backend, and the only writer of the agent's status.
 
-For every batch of events it recomputes the whole desired state (read every config source, validate
-and merge them, compute the RuleSet) and asks the backend to sync. Failures never remove rules: a bad config or a
-refused apply leaves the kernel as it was, is logged with its cause, counted, and retried on the
-next event (or after a short back-off when the apply itself failed).
+For every batch of events it recomputes the whole desired state (read every config input,
+validate and merge its texts, hear the plugins, compute the RuleSet) and asks the backend to
+sync. Failures never remove rules: a bad config or a refused apply leaves the kernel as it was, is
+logged with its cause, counted (:class:`masqd.status.AgentStatus`), and retried on the next event
+(or after a short, jittered back-off when the apply itself failed).
 """
 
 from __future__ import annotations
@@ -16,32 +17,30 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from masqd.aio import Backoff
 from masqd.audit import AuditEvent
 from masqd.backends.base import Backend, SyncResult
 from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config, limit_problem
-from masqd.errors import ConfigError, FlagError, MasqdError, PluginError
-from masqd.inputs import ConfigLoader, FileInput
+from masqd.errors import BackendUnsupported, ConfigError, MasqdError, PluginError
 from masqd.events import Event
+from masqd.inputs import ConfigLoader, FileInput
 from masqd.plugins import Contribution, Plugins
 from masqd.ruleset import RuleSet, compute_ruleset, nonmasq_list
+from masqd.status import AgentStatus
 
 log = structlog.get_logger("masqd.reconcile")
 
-#: First retry delay after a failed sync, doubled per failure up to RETRY_MAX_SECONDS.
+#: First retry delay after a failed sync, doubled (with jitter) per failure up to RETRY_MAX_SECONDS.
 RETRY_INITIAL_SECONDS = 0.5
 RETRY_MAX_SECONDS = 30.0
 #: The same sync error is logged at most this often (repeats in between are debug events).
 REPEAT_ERROR_LOG_SECONDS = 60.0
-#: A pass still running after this many seconds makes the reconciler unhealthy (``/healthz``).
-#: A pass is bounded well below it: plugin hooks have 5 s deadlines, iptables-restore waits at
-#: most 10 s for the xtables lock per family, a 100k-CIDR pass takes about 2.5 s, and a kernel tool
-#: that hangs is killed after 30 s (masqd.backends.tools.TOOL_TIMEOUT_SECONDS), failing the sync.
-HEALTH_DEADLINE_SECONDS = 60.0
 #: A write's log line lists at most this many added (and removed) CIDRs, and counts the rest.
 LOGGED_CIDRS = 50
 
 
-async def plan(config: MasqConfig, options: AgentOptions, plugins: Plugins | None) -> tuple[RuleSet, tuple[Contribution, ...]]:
+async def plan_rules(config: MasqConfig, options: AgentOptions,
+                     plugins: Plugins | None) -> tuple[RuleSet, tuple[Contribution, ...]]:
     """The desired rules for a valid config: the plugins' CIDRs added (``nonmasq_cidrs``), then
     their vetoes heard (``validate_config``). Raises :class:`PluginError`."""
     contributions: tuple[Contribution, ...] = ()
@@ -65,46 +64,36 @@ class Reconciler:
         options: AgentOptions,
         config: str | os.PathLike[str] | ConfigLoader,
         *,
+        plugins: Plugins | None = None,
+        status: AgentStatus | None = None,
+        on_audit: Callable[[AuditEvent], None] | None = None,
         on_resync_interval: Callable[[], None] | None = None,
         retry_initial_seconds: float = RETRY_INITIAL_SECONDS,
         leftovers: Callable[[Backend], tuple[Backend, ...]] | None = None,
-        plugins: Plugins | None = None,
-        on_audit: Callable[[AuditEvent], None] | None = None,
     ):
+        """``config``: a path (one file) or a loader over several inputs. ``plugins``: their
+        ``nonmasq_cidrs`` / ``validate_config`` hooks (``None``: none). ``status``: where the
+        outcome of each pass is recorded for ``/healthz``, ``/readyz`` and the metrics.
+        ``on_audit``: handed every :class:`AuditEvent`; must not block. ``on_resync_interval``:
+        called when ``resyncInterval`` changes. ``leftovers``: finds backends whose rules a
+        previous masqd may have left (removed after the first good sync)."""
         self.backend = backend
-        self.plugins = plugins  # nonmasq_cidrs / validate_config hooks; None: no plugins
-        self.on_audit = on_audit  # handed every AuditEvent; must not block
         self.options = options
-        # Where the config comes from: a path (one file) or a loader over several inputs.
         self.loader = config if isinstance(config, ConfigLoader) else ConfigLoader([FileInput(config)], options)
+        self.plugins = plugins
+        self.status = status if status is not None else AgentStatus()
+        self.on_audit = on_audit
         self.on_resync_interval = on_resync_interval
+        self.leftovers = leftovers
         self.config: MasqConfig = default_config(options)  # last good config
-        self.applied: RuleSet | None = None  # last rule set the backend confirmed
-        self.last_error: MasqdError | None = None
-        self.generation = 0  # completed reconciles, successful or not
-        self.writes = 0
-        self.errors = 0
-        self.retry_initial_seconds = retry_initial_seconds
-        self.leftovers = leftovers  # finds backends whose rules a previous masqd may have left
+        #: The merged config and plugin contributions of the last good desired state.
+        self.desired_from: tuple[MergedConfig, tuple[Contribution, ...]] | None = None
+        self._retry = Backoff(retry_initial_seconds, RETRY_MAX_SECONDS)
+        self._retry_delay: float | None = None  # seconds until a failed sync is retried; None: none pending
         self._leftovers_pending: list[Backend] | None = None  # None: not looked for yet
-        self._retry_delay: float | None = None
         self._logged_findings: tuple[str, ...] = ()  # the config problems/warnings logged last
         self._last_sync_error: tuple[str, float] | None = None  # (message, when logged)
         self._changes_memo: tuple | None = None  # (before, after, their CIDR changes), see _changes
-        # What /healthz, /readyz and the metrics read:
-        self.running = False  # the event loop of run() is live
-        self.health_deadline = HEALTH_DEADLINE_SECONDS  # a longer pass is unhealthy (/healthz)
-        self.busy_since: float | None = None  # monotonic start of the pass in progress
-        self.sync_failure: str | None = None  # why the last sync failed; None once one succeeded
-        self.config_failure: str | None = None  # why the newest config was rejected; None when valid
-        self.config_rejections = 0  # passes whose new state was rejected (config or plugins)
-        self.latest_valid: RuleSet | None = None  # the newest desired state that was accepted
-        self.repaired = False  # the last pass rewrote rules someone else had changed
-        self.applied_at: float | None = None  # wall time of the last sync that succeeded
-        #: The merged config and plugin contributions of the last good desired state, and of the
-        #: rules applied (they differ while a newer state has not been applied yet).
-        self.desired_from: tuple[MergedConfig, tuple[Contribution, ...]] | None = None
-        self.applied_from: tuple[MergedConfig, tuple[Contribution, ...]] | None = None
 
     @property
     def origins(self) -> dict:
@@ -131,7 +120,7 @@ class Reconciler:
         try:
             loaded = self.loader.load()
             config = loaded.config
-            ruleset, contributions = await plan(config, self.options, self.plugins)
+            ruleset, contributions = await plan_rules(config, self.options, self.plugins)
         except ConfigError as exc:
             if self._changed_since_logged(("error", *map(str, exc.problems + exc.warnings))):
                 what = "plugins rejected the new state" if isinstance(exc, PluginError) else "config rejected"
@@ -144,7 +133,7 @@ class Reconciler:
         previous = self.config.resync_interval_ns
         self.config = config
         self.desired_from = (loaded.merged, contributions)
-        self.latest_valid = ruleset
+        self.status.latest_valid = ruleset
         if config.resync_interval_ns != previous and self.on_resync_interval is not None:
             self.on_resync_interval()
         return ruleset
@@ -163,29 +152,29 @@ class Reconciler:
         else is healed while the config is being fixed; the config error is raised afterwards.
         """
         started = time.perf_counter()
-        trigger = ",".join(dict.fromkeys(e.source for e in events))
-        before = self.applied
+        trigger = ",".join(dict.fromkeys(e.trigger for e in events))
+        before = self.status.applied
         try:
             result = await self._reconcile(trigger, started)
         except BaseException as exc:
             self._audit(trigger, before, None, SyncResult(getattr(exc, "written", ())), exc, started)
             raise
-        self._audit(trigger, before, self.applied, result, None, started)
+        self._audit(trigger, before, self.status.applied, result, None, started)
         return result
 
     async def _reconcile(self, trigger: str, started: float) -> SyncResult:
         config_error: ConfigError | None = None
-        self.repaired = False
+        self.status.repaired = False
         try:
             try:
                 desired = await self.desired()
-                self.config_failure = None
+                self.status.config_failure = None
             except ConfigError as exc:
-                self.config_failure = str(exc)
-                self.config_rejections += 1
-                if self.applied is None:
+                self.status.config_failure = str(exc)
+                self.status.config_rejections += 1
+                if self.status.applied is None:
                     raise
-                config_error, desired = exc, self.applied
+                config_error, desired = exc, self.status.applied
             # A sync started is finished: shutdown waits for it rather than killing iptables-restore
             # between two families (bounded by the restore's own lock wait).
             with anyio.CancelScope(shield=True):
@@ -195,29 +184,29 @@ class Reconciler:
         except MasqdError as exc:
             self._record_error(exc)
             if not isinstance(exc, ConfigError):
-                self.sync_failure = str(exc)
+                self.status.sync_failure = str(exc)
                 self._log_sync_error(exc, trigger)
             raise
         finally:
-            self.generation += 1
+            self.status.generation += 1
         if result.changed:
-            self.writes += 1
-            self.repaired = desired == self.applied
+            self.status.writes += 1
+            self.status.repaired = desired == self.status.applied
             self._log_write(desired, result, trigger, started)
         else:
             log.debug("in sync", backend=self.backend.name, trigger=trigger)
         if config_error is None:
-            self.applied_from = self.desired_from
-        self.applied = desired
-        if desired is self.latest_valid or desired == self.latest_valid:
+            self.status.applied_from = self.desired_from
+        self.status.applied = desired
+        if self.status.holds_latest_valid:
             # Only a sync of the newest valid state settles an earlier failure: healing the
             # rules last applied while the config is bad leaves the kernel behind that state.
-            self.applied_at = time.time()
-            self.sync_failure = None
+            self.status.applied_at = time.time()
+            self.status.sync_failure = None
         if config_error is not None:
             self._record_error(config_error)
             raise config_error
-        self.last_error = None
+        self.status.last_error = None
         self._last_sync_error = None
         return result
 
@@ -235,7 +224,7 @@ class Reconciler:
         self.on_audit(AuditEvent(time=time.time(), trigger=trigger, backend=self.backend.name, result=outcome,
                                  added=added, removed=removed, written=result.written,
                                  error=None if error is None else str(error) or repr(error),
-                                 duration=time.perf_counter() - started, repair=self.repaired))
+                                 duration=time.perf_counter() - started, repair=self.status.repaired))
 
     async def _remove_leftovers(self, chain: str) -> None:
         """After a good sync, remove what another backend (or iptables variant) of a previous
@@ -261,12 +250,13 @@ class Reconciler:
 
     async def read_back(self, ruleset: RuleSet):
         """What the kernel holds of ``ruleset``'s rules (``masqd explain --live``): the backend's
-        optional ``read_back``, which only reads. Raises :class:`FlagError` when the backend has
-        none (a plugin's may not), :class:`~masqd.errors.BackendError` when the kernel cannot be read."""
+        optional ``read_back``, which only reads. Raises :class:`~masqd.errors.BackendUnsupported`
+        when the backend has none (a plugin's may not), :class:`~masqd.errors.BackendError` when the
+        kernel cannot be read."""
         read_back = getattr(self.backend, "read_back", None)
         if read_back is None:
-            raise FlagError("backend", self.backend.name, "this backend cannot read its rules back (it has no "
-                            "read_back method), which explain --live needs; run explain without --live")
+            raise BackendUnsupported(self.backend.name, "cannot read its rules back (it has no read_back method), "
+                                     "which explain --live needs; run explain without --live")
         return await read_back(ruleset)
 
     @property
@@ -281,12 +271,12 @@ class Reconciler:
         meanwhile (its sync read back already), a retry of a failed sync is scheduled (with its
         back-off; it reads back too), or the backend cannot read back. Only reads.
         Raises :class:`~masqd.errors.BackendError` when the kernel cannot be read."""
-        applied, generation = self.applied, self.generation
+        applied, generation = self.status.applied, self.status.generation
         read_back = getattr(self.backend, "read_back", None)
-        if applied is None or read_back is None or self.busy_since is not None or self._retry_delay is not None:
+        if applied is None or read_back is None or self.status.busy_since is not None or self._retry_delay is not None:
             return None
         live = await read_back(applied)
-        if self.generation != generation or self.busy_since is not None:
+        if self.status.generation != generation or self.status.busy_since is not None:
             return None
         drifted = [f"{family.label}: {family.drift}" for family in live.families if family.drift is not None]
         return "; ".join(drifted) or None
@@ -303,48 +293,6 @@ class Reconciler:
         log.error(message, backend=self.backend.name, trigger=trigger, error=str(exc), written=list(written))
         self._last_sync_error = (str(exc), now)
 
-    def health(self) -> tuple[bool, str]:
-        """Whether the reconciler loop is alive, and why (``/healthz``).
-
-        Alive: its loop is running and either waiting for events (it then answers at once) or in
-        a pass that began less than ``health_deadline`` seconds ago. A pass stuck longer (a hung
-        iptables-restore, a wedged plugin) means the agent can no longer react, and a restart is
-        the remedy; the rules stay in the kernel meanwhile.
-        """
-        if not self.running:
-            return False, "reconciler loop is not running"
-        if self.busy_since is None:
-            return True, f"ok: reconciler idle; passes so far: {self.generation}"
-        busy = time.monotonic() - self.busy_since
-        if busy > self.health_deadline:
-            return False, (f"reconciler stuck: one pass has run for {busy:.1f} s "
-                           f"(deadline {self.health_deadline:g} s); passes so far: {self.generation}")
-        return True, f"ok: reconciler in a pass for {busy:.1f} s; passes so far: {self.generation}"
-
-    def readiness(self) -> tuple[bool, str]:
-        """Whether the kernel holds the rules of the latest valid desired state, and why (``/readyz``).
-
-        Not ready before the first sync succeeded, and until the newest accepted state has been
-        synced after a failure (healing the older rules while the config is bad does not count:
-        the kernel is still behind). A rejected config does not make the agent unready: the
-        kernel holds the latest *valid* state, which is what a bad edit must not change; the
-        rejection is named in the text.
-        """
-        if self.applied is None:
-            reason = self.sync_failure or self.config_failure
-            waiting = f"the last attempt failed: {reason}" if reason else "waiting for the first sync"
-            return False, f"not ready: no rules applied yet; {waiting}"
-        if self.sync_failure is not None:
-            return False, f"not ready: the last apply failed, the kernel keeps older rules: {self.sync_failure}"
-        if self.latest_valid is not None and self.applied is not self.latest_valid and self.applied != self.latest_valid:
-            return False, "not ready: the newest valid config is being applied"
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.applied_at or 0))
-        count = sum(len(family.nonmasq) for family in self.applied.families)  # cidrs() would hash 100k networks
-        text = f"ready: the kernel holds the desired rules ({count} CIDRs, checked {when})"
-        if self.config_failure is not None:
-            text += f"; the newest config was rejected and the rules last applied stay: {self.config_failure}"
-        return True, text
-
     def _changes(self, before: RuleSet | None, after: RuleSet | None) -> tuple[dict, dict]:
         """:func:`_family_changes`, computed once for a pass's log line and its audit event."""
         memo = self._changes_memo
@@ -353,8 +301,8 @@ class Reconciler:
         return memo[2]
 
     def _record_error(self, exc: MasqdError) -> None:
-        self.errors += 1
-        self.last_error = exc
+        self.status.errors += 1
+        self.status.last_error = exc
 
     def _log_write(self, desired: RuleSet, result: SyncResult, trigger: str, started: float) -> None:
         fields = {
@@ -367,27 +315,27 @@ class Reconciler:
         shares = {c.plugin: len(c.cidrs) for c in self.contributions if c.cidrs}
         if shares:
             fields["cidrs_from_plugins"] = shares
-        if desired == self.applied:
+        if desired == self.status.applied:
             log.warning("rules restored after outside change", **fields)
             return
-        added, removed = self._changes(self.applied, desired)
+        added, removed = self._changes(self.status.applied, desired)
         for name, changes in (("cidrs_added", added), ("cidrs_removed", removed)):
             listed = [c for cidrs in changes.values() for c in cidrs]
             fields[name] = listed[:LOGGED_CIDRS]
             if len(listed) > LOGGED_CIDRS:  # a 100k-CIDR change is counted, not printed
                 fields[f"{name}_count"] = len(listed)
-        if self.applied is None:
+        if self.status.applied is None:
             log.info("rules applied", cidrs=len(desired.cidrs()), **fields)
         else:
             log.info("rules updated", **fields)
 
     async def run(self, events: MemoryObjectReceiveStream[Event]) -> None:
         """Reconcile on every batch of events until the stream closes or the task is cancelled."""
-        self.running = True
+        self.status.running = True
         try:
             await self._run(events)
         finally:
-            self.running = False
+            self.status.running = False
 
     async def _run(self, events: MemoryObjectReceiveStream[Event]) -> None:
         async with events:
@@ -408,27 +356,30 @@ class Reconciler:
                 await self._reconcile_guarded(tuple(batch))
 
     async def _reconcile_guarded(self, batch: tuple[Event, ...]) -> None:
-        self.busy_since = time.monotonic()
+        self.status.busy_since = time.monotonic()
         try:
             await self.reconcile(batch)
         except PluginError:
             pass  # a plugin may recover on its own (a service back, a hung call returned): retry
         except ConfigError:
-            self._retry_delay = None  # wait for the file to change (or the next resync)
+            self._no_retry()  # wait for the file to change (or the next resync)
             return
         except MasqdError:
             pass
         except Exception as exc:  # a bug must not take the agent (and the node's egress) down with it
-            self.errors += 1
-            self.sync_failure = f"internal error: {exc!r}"
-            log.exception("internal error during sync; kernel keeps its previous rules", trigger=batch[0].source)
+            self.status.errors += 1
+            self.status.sync_failure = f"internal error: {exc!r}"
+            log.exception("internal error during sync; kernel keeps its previous rules", trigger=batch[0].trigger)
         else:
-            self._retry_delay = None
+            self._no_retry()
             return
         finally:
-            self.busy_since = None
-        delay = self.retry_initial_seconds if self._retry_delay is None else self._retry_delay * 2
-        self._retry_delay = min(delay, RETRY_MAX_SECONDS)
+            self.status.busy_since = None
+        self._retry_delay = self._retry.next_delay()
+
+    def _no_retry(self) -> None:
+        self._retry.reset()
+        self._retry_delay = None
 
 
 def _check_limit_with_plugins(config: MasqConfig, cidrs: tuple) -> None:
@@ -470,15 +421,3 @@ def _family_changes(before: RuleSet | None, after: RuleSet | None) -> tuple[dict
 def _keyed(networks) -> dict[tuple[int, int], object]:
     return {(int(net.network_address), net.prefixlen): net for net in networks}
 
-
-async def reconcile_once(reconciler: Reconciler, audits: list[AuditEvent]) -> SyncResult:
-    """One reconcile outside the daemon (``run --once``, :mod:`masqd.testing`), for a reconciler
-    whose ``on_audit`` appends to ``audits``: the audit events are handed to the audit hooks
-    before this returns or raises, as the daemon's audit task would."""
-    start = len(audits)
-    try:
-        return await reconciler.reconcile()
-    finally:
-        if reconciler.plugins is not None:
-            for event in audits[start:]:
-                await reconciler.plugins.audit(event)

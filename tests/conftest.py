@@ -125,3 +125,25 @@ def daemon(node_ns, tmp_path):
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def install_plugin(tmp_path: Path, monkeypatch):
+    """``install_plugin(module, source, entry_point=NAME or NAME = module:object)``: a third-party
+    plugin installed for this test as a package would be (a module and a ``.dist-info`` with a
+    ``masqd`` entry point on ``sys.path``), and loaded alone (``MASQD_PLUGINS``), so ``masqd.cli.main``
+    loads it exactly as it loads a plugin installed with pip."""
+    site = tmp_path / "site"
+    monkeypatch.syspath_prepend(str(site))
+
+    def install(module: str, source: str, entry_point: str) -> None:
+        name, _, target = entry_point.partition(" = ")
+        info = site / f"{module}-0.1.dist-info"
+        info.mkdir(parents=True)
+        (site / f"{module}.py").write_text(source)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[masqd]\n{name} = {target or module}\n")
+        monkeypatch.delitem(sys.modules, module, raising=False)
+        monkeypatch.setenv("MASQD_PLUGINS", name)
+
+    return install

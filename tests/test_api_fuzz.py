@@ -47,9 +47,9 @@ from masqd.inputs import ConfigLoader
 from masqd.kube import RETRIED, EgressNATPolicy, KubeSettings, object_name
 from masqd.plugins import Plugins
 from masqd.policies import ACTIONS, MAX_DESTINATIONS, parse_policies, parse_policy, policy_name
-from masqd.reconcile import plan
+from masqd.reconcile import plan_rules
 from masqd.ruleset import RuleSet, compute_ruleset
-from masqd.sources.kube import CONFIG_KEY, ConfigMapInput
+from masqd.inputs import CONFIG_KEY, ConfigMapInput
 from test_config_fuzz import (
     HANG_SECONDS,
     INJECTIONS,
@@ -69,7 +69,8 @@ from test_config_fuzz import (
 )
 from test_daemon import write_atomically
 import test_kube
-from test_kube import REF, Agent, cidrs_only, configmap, policy, wait_until
+from test_kube import REF, Agent, cidrs_only, configmap, configmap_reflector, policy
+from masqd.testing import wait_until
 
 FUZZ = settings(max_examples=100, deadline=HANG_SECONDS * 1000,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -414,7 +415,7 @@ def check_policies(objects: dict, options: AgentOptions) -> None:
     plugin = next(p for p in plugins.pm.get_plugins() if isinstance(p, EgressNATPolicies))
     assert plugin.update(objects) is not None or not objects
     with capture_logs() as logs:
-        ruleset, contributions = anyio.run(plan, _agent_config(options), options, plugins)
+        ruleset, contributions = anyio.run(plan_rules, _agent_config(options), options, plugins)
     expected = parse_policies(objects.values(), allow_ipv6=options.enable_ipv6)
     assert {net for c in contributions for net in c.cidrs} == set(expected.nonmasq_origins())
     assert [exc.source for exc in plugin.policies.invalid] == [exc.source for exc in expected.invalid]
@@ -514,26 +515,26 @@ async def test_hostile_configmaps_are_refused_by_name_and_the_agent_keeps_runnin
                 obj = configmap(None)
                 obj["data"] = {CONFIG_KEY: value}
                 api.put(obj)
-                await wait_until(lambda: says in str(agent.reconciler.last_error), f"the {label} ConfigMap refused")
-                error = agent.reconciler.last_error
+                await wait_until(lambda: says in str(agent.status.last_error), f"the {label} ConfigMap refused")
+                error = agent.status.last_error
                 assert isinstance(error, ConfigError) and error.source == SOURCE, label
                 assert len(str(error)) < 20_000, label  # excerpted, not pasted
                 assert agent.applied() == good, label  # the rules last applied stay
-                assert agent.reconciler.sync_failure is None and agent.reconciler.readiness()[0], label
+                assert agent.status.sync_failure is None and agent.status.readiness()[0], label
                 assert "ACCEPT" not in agent.backend.last_rendered and "\x00" not in agent.backend.last_rendered
             # data that is not a mapping: the client cannot decode the object; the watch retries
             # (relisting) and keeps its copy, and sees the fix
             obj = configmap(None)
             obj["data"] = "nonMasqueradeCIDRs: [203.0.113.0/24]"
             api.put(obj)
-            reflector = agent.configmap.reflector
+            reflector = configmap_reflector(agent)
             await wait_until(lambda: reflector.failures >= 1, "the undecodable ConfigMap retried")
             # binaryData only: no config key, so the ConfigMap contributes nothing (the file alone)
             api.put({**configmap(None), "binaryData": {CONFIG_KEY: base64.b64encode(b"\xff\x00").decode()}})
             await agent.until_applied({"192.0.2.0/24"}, "the file alone")
             api.put(configmap(cidrs_only("198.51.100.0/24")))
             await agent.until_applied({"192.0.2.0/24", "198.51.100.0/24"}, "a valid ConfigMap again")
-            assert agent.reconciler.last_error is None
+            assert agent.status.last_error is None
     events = [entry["event"] for entry in logs]
     assert "internal error during sync; kernel keeps its previous rules" not in events
     assert "event source failed; restarting it" not in events
@@ -555,14 +556,14 @@ async def test_hostile_policies_are_skipped_by_name_and_the_agent_keeps_running(
     with capture_logs() as logs:
         async with Agent(kube_settings, file) as agent:
             await agent.until_applied({"192.0.2.0/24", "198.51.100.0/24"})
-            plugin = next(p for p in agent.plugins.pm.get_plugins() if isinstance(p, EgressNATPolicies))
+            plugin = next(p for p in agent.agent.plugins.pm.get_plugins() if isinstance(p, EgressNATPolicies))
             for obj in (huge, nul, wrong_types):
                 api.put(obj)
             api.put(policy("after", "NoSNAT", "203.0.113.0/24"))
             await agent.until_applied({"192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"}, "the valid policies")
             assert {exc.source for exc in plugin.policies.invalid} == {
                 "EgressNATPolicy huge", "EgressNATPolicy nul", "EgressNATPolicy wrong-types"}
-            assert agent.reconciler.last_error is None  # skipped, not a rejected state
+            assert agent.status.last_error is None  # skipped, not a rejected state
 
             # Nested deeper than the client's decoder goes (msgspec counts against the recursion
             # limit, from the agent's deep stack) but not the fake server's own JSON (a shallow

@@ -18,7 +18,7 @@ from masqd.cli import main
 from masqd.config import AgentOptions, MasqConfig, merge_configs, parse_config
 from masqd.cidrs import parse_cidr
 from masqd.errors import ConfigError
-from masqd.inputs import ConfigLoader, DirectoryInput, FileInput, SourceText
+from masqd.inputs import ConfigLoader, DirectoryInput, FileInput, ConfigText
 from masqd.reconcile import Reconciler
 from masqd.backends.dryrun import DryRunBackend
 
@@ -163,7 +163,7 @@ class _FakeInput:
         self.text: str | None = None
 
     def read(self):
-        return [] if self.text is None else [SourceText(self.name, self.text)]
+        return [] if self.text is None else [ConfigText(self.name, self.text)]
 
     def watcher(self):
         return None
@@ -192,7 +192,7 @@ async def test_reconciler_keeps_the_last_good_rules_when_one_source_turns_invali
     link_local = parse_cidr("169.254.0.0/16")
 
     async def applied() -> set:
-        return set(reconciler.applied.cidrs()) - {link_local}
+        return set(reconciler.status.applied.cidrs()) - {link_local}
 
     await reconciler.reconcile()
     assert await applied() == set(nets("10.0.0.0/8"))

@@ -36,6 +36,7 @@ from masqd.controller import (
     translate,
 )
 from masqd.kube import KubeSettings, ObjectRef, make_client
+from masqd.testing import wait_until
 
 try:  # tests/ is a plain directory (pytest puts it on sys.path) or a package
     from tests.kubeapi import FakeKubeAPI
@@ -155,7 +156,7 @@ def test_more_than_64_cidrs_carry_a_cidr_limit(count: int, limit_line: str | Non
 async def test_an_agent_watching_policies_too_accepts_a_new_policy_before_the_controller_rewrites() -> None:
     """The ConfigMap the controller wrote (70 CIDRs) is the agent's only source; a policy added
     since is contributed by the agent's own watch and must not trip the ConfigMap's cidrLimit."""
-    from masqd.reconcile import plan
+    from masqd.reconcile import plan_rules
 
     cidrs = [f"100.{64 + i // 256}.{i % 256}.0/24" for i in range(70)]
     config = parse_config(translate([policy(DEFAULT_POLICY, *cidrs)], [], options()).config_text, AgentOptions()).config
@@ -166,7 +167,7 @@ async def test_an_agent_watching_policies_too_accepts_a_new_policy_before_the_co
             return [f"198.18.{i}.0/24" for i in range(200)]
 
     plugins = Plugins.load(entry_points=False, extra=[("new-policy", NewPolicy())])
-    ruleset, _ = await plan(config, AgentOptions(), plugins)
+    ruleset, _ = await plan_rules(config, AgentOptions(), plugins)
     assert len(ruleset.ipv4.nonmasq) >= 270
 
 
@@ -352,20 +353,6 @@ class Cluster:
             await self._done[controller.identity].wait()
 
 
-async def eventually(check, what: str, timeout: float = WAIT):
-    """Poll ``check()`` until it returns something truthy (returned); fail after ``timeout``."""
-    last = None
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                last = check()
-                if last:
-                    return last
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
-
-
 def config_cidrs(api: FakeKubeAPI) -> list[str] | None:
     obj = api.get("configmaps", CONFIGMAP.name, CONFIGMAP.namespace)
     text = ((obj or {}).get("data") or {}).get("config")
@@ -391,7 +378,7 @@ async def next_sync(api: FakeKubeAPI, controller: Controller) -> None:
     """Make the controller run one more pass (an unrelated Node appears) and wait for it."""
     syncs = controller.syncs
     api.put(node(f"noise-{syncs}"))
-    await eventually(lambda: controller.syncs > syncs, "another sync pass")
+    await wait_until(lambda: controller.syncs > syncs, "another sync pass")
 
 
 def keep_status(api: FakeKubeAPI, name: str, *cidrs: str, transition: str | None = None) -> None:
@@ -408,13 +395,13 @@ def keep_status(api: FakeKubeAPI, name: str, *cidrs: str, transition: str | None
 async def test_default_policy_created_when_absent_and_edits_kept(api, kubeconfig) -> None:
     async with Cluster(kubeconfig) as cluster:
         controller = cluster.start()
-        created = await eventually(lambda: api.get("egressnatpolicies", DEFAULT_POLICY), "the default policy")
+        created = await wait_until(lambda: api.get("egressnatpolicies", DEFAULT_POLICY), "the default policy")
         assert created["spec"] == {"action": "NoSNAT", "destinations": [{"cidr": c} for c in RFC1918]}
-        await eventually(lambda: config_cidrs(api) == RFC1918, "the ConfigMap")
+        await wait_until(lambda: config_cidrs(api) == RFC1918, "the ConfigMap")
         assert [r.method for r in writes_to(api, CONFIGMAP_PATH)] == ["POST"]  # absent: created
 
         api.put(policy(DEFAULT_POLICY, "10.0.0.0/8", "100.64.0.0/10"))
-        await eventually(lambda: config_cidrs(api) == ["10.0.0.0/8", "100.64.0.0/10"], "the edit in the ConfigMap")
+        await wait_until(lambda: config_cidrs(api) == ["10.0.0.0/8", "100.64.0.0/10"], "the edit in the ConfigMap")
         await next_sync(api, controller)
         assert api.get("egressnatpolicies", DEFAULT_POLICY)["spec"]["destinations"] == [
             {"cidr": "10.0.0.0/8"}, {"cidr": "100.64.0.0/10"}]  # an edit is kept, not reverted
@@ -422,9 +409,9 @@ async def test_default_policy_created_when_absent_and_edits_kept(api, kubeconfig
         assert api.get("egressnatpolicies", MANAGED_POLICY) is None  # no cluster ranges known
 
         api.delete("egressnatpolicies", DEFAULT_POLICY)
-        await eventually(lambda: (api.get("egressnatpolicies", DEFAULT_POLICY) or {}).get("spec") == created["spec"],
+        await wait_until(lambda: (api.get("egressnatpolicies", DEFAULT_POLICY) or {}).get("spec") == created["spec"],
                          "the default policy re-created")
-        await eventually(lambda: config_cidrs(api) == RFC1918, "the ConfigMap back to the default")
+        await wait_until(lambda: config_cidrs(api) == RFC1918, "the ConfigMap back to the default")
 
 
 async def test_managed_policy_follows_nodes_and_flags_and_reverts_edits(api, kubeconfig) -> None:
@@ -434,20 +421,20 @@ async def test_managed_policy_follows_nodes_and_flags_and_reverts_edits(api, kub
     async with Cluster(kubeconfig, **flags) as cluster:
         cluster.start()
         expected = ["10.96.0.0/12", "10.244.0.0/24", "10.244.1.0/24", "192.0.2.0/24"]
-        await eventually(lambda: managed_cidrs(api) == expected, "the managed policy")
+        await wait_until(lambda: managed_cidrs(api) == expected, "the managed policy")
         managed = api.get("egressnatpolicies", MANAGED_POLICY)
         assert managed["metadata"]["labels"] == {MANAGED_BY_LABEL: "masqd"}
         assert managed["spec"]["action"] == "NoSNAT"
         union = sorted(set(expected) | set(RFC1918), key=lambda c: network_sort(c))
-        await eventually(lambda: config_cidrs(api) == union, "the cluster ranges in the ConfigMap")
+        await wait_until(lambda: config_cidrs(api) == union, "the cluster ranges in the ConfigMap")
 
         api.put(node("n3", "10.244.2.0/24", "fd00:2::/64"))
         expected = ["10.96.0.0/12", "10.244.0.0/24", "10.244.1.0/24", "10.244.2.0/24", "192.0.2.0/24", "fd00:2::/64"]
-        await eventually(lambda: managed_cidrs(api) == expected, "a new node's ranges")
+        await wait_until(lambda: managed_cidrs(api) == expected, "a new node's ranges")
         api.delete("nodes", "n1")
         expected.remove("10.244.1.0/24")
-        await eventually(lambda: managed_cidrs(api) == expected, "a removed node's range gone")
-        await eventually(lambda: "10.244.1.0/24" not in config_cidrs(api) and "10.244.2.0/24" in config_cidrs(api),
+        await wait_until(lambda: managed_cidrs(api) == expected, "a removed node's range gone")
+        await wait_until(lambda: "10.244.1.0/24" not in config_cidrs(api) and "10.244.2.0/24" in config_cidrs(api),
                          "the ConfigMap following the nodes")
         assert "fd00:2::/64" not in config_cidrs(api)  # no --enable-ipv6
 
@@ -456,13 +443,13 @@ async def test_managed_policy_follows_nodes_and_flags_and_reverts_edits(api, kub
         tampered["metadata"]["labels"] = {}
         tampered["spec"] = {"action": "NoSNAT", "destinations": [{"cidr": "0.0.0.0/0"}]}
         api.put(tampered)
-        await eventually(lambda: managed_cidrs(api) == expected
+        await wait_until(lambda: managed_cidrs(api) == expected
                          and api.get("egressnatpolicies", MANAGED_POLICY)["metadata"]["labels"]
                          == {MANAGED_BY_LABEL: "masqd"}, "the edit reverted")
         assert len(writes_to(api, CONFIGMAP_PATH)) == configmap_writes  # the ConfigMap never saw the edit
 
         api.delete("egressnatpolicies", MANAGED_POLICY)
-        await eventually(lambda: managed_cidrs(api) == expected, "the managed policy re-created")
+        await wait_until(lambda: managed_cidrs(api) == expected, "the managed policy re-created")
 
 
 def network_sort(cidr: str):
@@ -479,12 +466,12 @@ async def test_configmap_has_the_union_and_is_not_rewritten(api, kubeconfig) -> 
     async with Cluster(kubeconfig) as cluster:
         controller = cluster.start()
         expected = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "198.51.100.0/24"]
-        await eventually(lambda: config_cidrs(api) == expected, "the union in the ConfigMap")
+        await wait_until(lambda: config_cidrs(api) == expected, "the union in the ConfigMap")
         stored = api.get("configmaps", CONFIGMAP.name, CONFIGMAP.namespace)
         assert stored["data"]["note"] == "kept"
         assert stored["data"]["config"] == "nonMasqueradeCIDRs:\n" + "".join(f"- {c}\n" for c in expected)
         parse_config(stored["data"]["config"], AgentOptions())  # a v4-only agent takes it
-        await eventually(lambda: all(accepted(api, n) for n in (DEFAULT_POLICY, "extra", "out")), "every status")
+        await wait_until(lambda: all(accepted(api, n) for n in (DEFAULT_POLICY, "extra", "out")), "every status")
 
         assert [r.method for r in writes_to(api, CONFIGMAP_PATH)] == ["PUT"]
         status_writes = len(writes_to(api, POLICY_PATH))
@@ -503,17 +490,17 @@ async def test_policy_status_accepted_rejected_with_generation(api, kubeconfig) 
     api.put(policy("v6", "fd00::/8", "203.0.113.0/24"))
     async with Cluster(kubeconfig) as cluster:
         controller = cluster.start()
-        good = await eventually(lambda: accepted(api, "good"), "good's status")
+        good = await wait_until(lambda: accepted(api, "good"), "good's status")
         assert {k: good[k] for k in ("status", "reason", "observedGeneration")} == {
             "status": "True", "reason": "Valid", "observedGeneration": 1}
         assert TIME.fullmatch(good["lastTransitionTime"])
-        bad = await eventually(lambda: accepted(api, "bad"), "bad's status")
+        bad = await wait_until(lambda: accepted(api, "bad"), "bad's status")
         assert (bad["status"], bad["reason"], bad["observedGeneration"]) == ("False", "Invalid", 1)
         assert "spec.destinations[0].cidr: '10.0.0.1/8'" in bad["message"] and "'10.0.0.0/8'" in bad["message"]
         assert "spec.destinations[1].cidr: 'nonsense'" in bad["message"]
-        v6 = await eventually(lambda: accepted(api, "v6"), "v6's status")
+        v6 = await wait_until(lambda: accepted(api, "v6"), "v6's status")
         assert v6["status"] == "True" and "IPv6 destinations left out" in v6["message"]
-        await eventually(lambda: config_cidrs(api) == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+        await wait_until(lambda: config_cidrs(api) == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                                                          "198.51.100.0/24", "203.0.113.0/24"], "the ConfigMap")
 
         # an unchanged condition is not rewritten; its transition time is the one recorded
@@ -524,26 +511,26 @@ async def test_policy_status_accepted_rejected_with_generation(api, kubeconfig) 
         assert len(writes_to(api, POLICY_PATH)) == status_writes
 
         keep_status(api, "good", "198.51.100.0/25")  # still valid: generation 2, no transition
-        good = await eventually(lambda: (c := accepted(api, "good")) and c["observedGeneration"] == 2 and c,
+        good = await wait_until(lambda: (c := accepted(api, "good")) and c["observedGeneration"] == 2 and c,
                                 "good's new generation observed")
         assert good["status"] == "True" and good["lastTransitionTime"] == OLD_TIME
 
         keep_status(api, "bad", "192.0.2.0/24")  # fixed: flips to accepted
-        bad = await eventually(lambda: (c := accepted(api, "bad")) and c["status"] == "True" and c,
+        bad = await wait_until(lambda: (c := accepted(api, "bad")) and c["status"] == "True" and c,
                                "bad accepted once fixed")
         assert bad["observedGeneration"] == 2 and bad["reason"] == "Valid"
         assert bad["lastTransitionTime"] != OLD_TIME and TIME.fullmatch(bad["lastTransitionTime"])
-        await eventually(lambda: "192.0.2.0/24" in config_cidrs(api), "the fixed policy in the ConfigMap")
+        await wait_until(lambda: "192.0.2.0/24" in config_cidrs(api), "the fixed policy in the ConfigMap")
 
 
 async def test_conflict_is_reread_and_retried(api, kubeconfig) -> None:
     async with Cluster(kubeconfig) as cluster:
         cluster.start()
-        await eventually(lambda: config_cidrs(api) == RFC1918, "the ConfigMap")
+        await wait_until(lambda: config_cidrs(api) == RFC1918, "the ConfigMap")
         mark = len(api.requests)
         api.fail_next(2, status=409, path_contains=f"{CONFIGMAP.name}?")  # the next two PUTs, not GETs
         api.put(policy("extra", "198.51.100.0/24"))
-        await eventually(lambda: "198.51.100.0/24" in config_cidrs(api), "the ConfigMap updated")
+        await wait_until(lambda: "198.51.100.0/24" in config_cidrs(api), "the ConfigMap updated")
         seen = [(r.method, r.status) for r in api.requests[mark:] if r.path == f"{CONFIGMAP_PATH}/{CONFIGMAP.name}"]
         assert seen == [("GET", 200), ("PUT", 409), ("GET", 200), ("PUT", 409), ("GET", 200), ("PUT", 200)]
 
@@ -551,13 +538,13 @@ async def test_conflict_is_reread_and_retried(api, kubeconfig) -> None:
 async def test_a_write_conflicting_past_the_retries_is_refused_then_retried_after_a_backoff(api, kubeconfig) -> None:
     async with Cluster(kubeconfig) as cluster:
         cluster.start()
-        await eventually(lambda: config_cidrs(api) == RFC1918, "the ConfigMap")
+        await wait_until(lambda: config_cidrs(api) == RFC1918, "the ConfigMap")
         mark = len(api.requests)
         api.fail_next(CONFLICT_RETRIES, status=409, path_contains=f"{CONFIGMAP.name}?")  # every PUT of one pass
         with capture_logs() as logs:
             api.put(policy("extra", "198.51.100.0/24"))
-            await eventually(lambda: "198.51.100.0/24" in config_cidrs(api), "the ConfigMap updated")
-            await eventually(lambda: accepted(api, "extra"), "the policy's status written all the same")
+            await wait_until(lambda: "198.51.100.0/24" in config_cidrs(api), "the ConfigMap updated")
+            await wait_until(lambda: accepted(api, "extra"), "the policy's status written all the same")
         seen = [(r.method, r.status) for r in api.requests[mark:] if r.path == f"{CONFIGMAP_PATH}/{CONFIGMAP.name}"]
         seen = seen[: seen.index(("PUT", 200)) + 1]  # (a later pass may still GET before its watch catches up)
         assert seen == [("GET", 200), ("PUT", 409)] * CONFLICT_RETRIES + [("GET", 200), ("PUT", 200)]
@@ -570,15 +557,15 @@ async def test_a_write_conflicting_past_the_retries_is_refused_then_retried_afte
 async def test_api_outage_then_recovery_converges(api, kubeconfig) -> None:
     async with Cluster(kubeconfig) as cluster:
         controller = cluster.start()
-        await eventually(lambda: config_cidrs(api) == RFC1918 and accepted(api, DEFAULT_POLICY), "convergence")
+        await wait_until(lambda: config_cidrs(api) == RFC1918 and accepted(api, DEFAULT_POLICY), "convergence")
         await anyio.to_thread.run_sync(api.stop)
         api.put(policy("late", "198.51.100.0/24"))  # written while the controller cannot see it
         api.put(node("n1", "10.244.0.0/24"))
         await anyio.sleep(TIMING["lease_duration"])  # longer than the renew deadline: leadership lost
         api.start()
-        await eventually(lambda: config_cidrs(api) == ["10.0.0.0/8", "10.244.0.0/24", "172.16.0.0/12",
+        await wait_until(lambda: config_cidrs(api) == ["10.0.0.0/8", "10.244.0.0/24", "172.16.0.0/12",
                                                          "192.168.0.0/16", "198.51.100.0/24"], "convergence after")
-        await eventually(lambda: accepted(api, "late") and managed_cidrs(api) == ["10.244.0.0/24"], "statuses after")
+        await wait_until(lambda: accepted(api, "late") and managed_cidrs(api) == ["10.244.0.0/24"], "statuses after")
         assert controller.is_leader
         assert api.get(*LEASE)["spec"]["holderIdentity"] == controller.identity
 
@@ -586,10 +573,10 @@ async def test_api_outage_then_recovery_converges(api, kubeconfig) -> None:
 async def test_two_replicas_one_leader_and_only_it_writes(api, kubeconfig) -> None:
     async with Cluster(kubeconfig) as cluster:
         replicas = [cluster.start(), cluster.start()]
-        leaders = await eventually(lambda: [c for c in replicas if c.is_leader], "a leader")
+        leaders = await wait_until(lambda: [c for c in replicas if c.is_leader], "a leader")
         assert len(leaders) == 1
         leader, follower = leaders[0], next(c for c in replicas if c is not leaders[0])
-        await eventually(lambda: config_cidrs(api) == RFC1918 and accepted(api, DEFAULT_POLICY), "convergence")
+        await wait_until(lambda: config_cidrs(api) == RFC1918 and accepted(api, DEFAULT_POLICY), "convergence")
         for _ in range(40):  # several renew periods: never two leaders
             assert [c.is_leader for c in replicas].count(True) == 1
             await anyio.sleep(0.02)
@@ -605,20 +592,20 @@ async def test_two_replicas_one_leader_and_only_it_writes(api, kubeconfig) -> No
 async def test_cancelled_leader_releases_and_the_other_takes_over(api, kubeconfig) -> None:
     async with Cluster(kubeconfig) as cluster:
         first = cluster.start()
-        await eventually(lambda: first.is_leader, "the first replica leading")
+        await wait_until(lambda: first.is_leader, "the first replica leading")
         second = cluster.start()
-        await eventually(lambda: config_cidrs(api) == RFC1918, "convergence")
+        await wait_until(lambda: config_cidrs(api) == RFC1918, "convergence")
         transitions = api.get(*LEASE)["spec"]["leaseTransitions"]
         await cluster.stop(first)
         assert api.get(*LEASE)["spec"]["holderIdentity"] in ("", second.identity)  # released on the way out
-        await eventually(lambda: second.is_leader, "the second replica leading")
+        await wait_until(lambda: second.is_leader, "the second replica leading")
         lease = api.get(*LEASE)["spec"]
         assert lease["holderIdentity"] == second.identity
         assert lease["leaseTransitions"] == transitions + 1
         api.put(policy("extra", "198.51.100.0/24"))
-        await eventually(lambda: "198.51.100.0/24" in config_cidrs(api), "the new leader writing")
+        await wait_until(lambda: "198.51.100.0/24" in config_cidrs(api), "the new leader writing")
         # the server holds the write before the controller has read the answer and counted it
-        await eventually(lambda: second.writes > 0, "the write counted by the new leader")
+        await wait_until(lambda: second.writes > 0, "the write counted by the new leader")
 
 
 async def test_held_lease_is_taken_only_once_expired(api, kubeconfig) -> None:
@@ -639,25 +626,25 @@ async def test_held_lease_is_taken_only_once_expired(api, kubeconfig) -> None:
         assert api.get("configmaps", CONFIGMAP.name, CONFIGMAP.namespace) is None
         assert not [r for r in api.requests if r.method in WRITE_METHODS and "/leases" not in r.path]
         # the holder dies without releasing: taken once expired
-        await eventually(lambda: controller.is_leader, "the expired lease taken")
+        await wait_until(lambda: controller.is_leader, "the expired lease taken")
         lease = api.get(*LEASE)["spec"]
         assert lease["holderIdentity"] == controller.identity and lease["leaseTransitions"] == 4
-        await eventually(lambda: config_cidrs(api) == RFC1918, "the new leader writing")
+        await wait_until(lambda: config_cidrs(api) == RFC1918, "the new leader writing")
 
 
 async def test_leader_that_cannot_renew_stops_writing(api, kubeconfig) -> None:
     async with Cluster(kubeconfig) as cluster:
         controller = cluster.start()
-        await eventually(lambda: config_cidrs(api) == RFC1918 and accepted(api, DEFAULT_POLICY), "convergence")
+        await wait_until(lambda: config_cidrs(api) == RFC1918 and accepted(api, DEFAULT_POLICY), "convergence")
         api.fail_next(10**6, status=500, path_contains="/leases/")  # renewals fail from now on
-        await eventually(lambda: not controller.is_leader, "the leader stepping down")
+        await wait_until(lambda: not controller.is_leader, "the leader stepping down")
         mark = len(api.requests)
         api.put(policy("extra", "198.51.100.0/24"))
         await anyio.sleep(0.5)
         assert [r for r in api.requests[mark:] if "/leases" not in r.path] == []  # no writes, not even watches
         assert "198.51.100.0/24" not in config_cidrs(api)
         api.clear_faults()
-        await eventually(lambda: controller.is_leader and "198.51.100.0/24" in config_cidrs(api), "leading again")
+        await wait_until(lambda: controller.is_leader and "198.51.100.0/24" in config_cidrs(api), "leading again")
 
 
 @pytest.mark.parametrize(
@@ -697,7 +684,7 @@ async def test_cli_controller_runs_and_releases_the_lease_on_sigterm(api, kubeco
              "--kubeconfig", str(kubeconfig), "--service-cidr", "10.96.0.0/12", "--log-format", "json"],
             stdout=subprocess.DEVNULL, stderr=log_file)
         try:
-            await eventually(lambda: config_cidrs(api) == ["10.0.0.0/8", "10.96.0.0/12", "172.16.0.0/12",
+            await wait_until(lambda: config_cidrs(api) == ["10.0.0.0/8", "10.96.0.0/12", "172.16.0.0/12",
                                                              "192.168.0.0/16"], "the ConfigMap", timeout=30)
             holder = api.get(*LEASE)["spec"]["holderIdentity"]
             assert holder and "_" in holder
@@ -749,13 +736,13 @@ async def test_every_request_the_controller_makes_is_allowed_by_the_shipped_rbac
     api.put(policy("typo", "10.0.0.1/8"))
     async with Cluster(kubeconfig, service_cidrs=(parse_cidr("10.96.0.0/12"),)) as cluster:
         cluster.start()
-        await eventually(lambda: managed_cidrs(api), "the managed policy")
-        await eventually(lambda: accepted(api, "typo"), "a status written")
-        await eventually(lambda: config_cidrs(api), "the ConfigMap")
+        await wait_until(lambda: managed_cidrs(api), "the managed policy")
+        await wait_until(lambda: accepted(api, "typo"), "a status written")
+        await wait_until(lambda: config_cidrs(api), "the ConfigMap")
     api.delete("nodes", "n1")
     async with Cluster(kubeconfig) as cluster:  # no ranges left: the managed policy goes
         cluster.start()
-        await eventually(lambda: api.get("egressnatpolicies", MANAGED_POLICY) is None, "the managed policy deleted")
+        await wait_until(lambda: api.get("egressnatpolicies", MANAGED_POLICY) is None, "the managed policy deleted")
     grants = _controller_grants()
     denied = sorted({rbac_attributes(r) for r in api.requests if not _allows(grants, *rbac_attributes(r))})
     assert denied == [], f"the shipped RBAC refuses: {denied}"
@@ -773,24 +760,18 @@ async def test_every_request_the_agent_makes_is_allowed_by_the_shipped_rbac(api,
     flags = ["--kube-configmap", "kube-system/ip-masq-agent", "--egress-nat-policies", "--kubeconfig", str(kubeconfig),
              "--config", str(tmp_path / "absent")]
     assert await anyio.to_thread.run_sync(main, ["validate", *flags]) == 0
+    from masqd.agent import build_agent
     from masqd.backends.dryrun import DryRunBackend
     from masqd.config import AgentOptions
-    from masqd.daemon import run_daemon
-    from masqd.inputs import ConfigLoader
+    from masqd.inputs import config_inputs
     from masqd.kube import ObjectRef
-    from masqd.plugins import Plugins
-    from masqd.reconcile import Reconciler
-    from masqd.sources.kube import ConfigMapInput
+    from masqd.testing import running
 
     settings = KubeSettings(configmap=ObjectRef("kube-system", "ip-masq-agent"), egress_nat_policies=True,
                             kubeconfig=str(kubeconfig))
-    loader = ConfigLoader([ConfigMapInput(settings.configmap, settings)], AgentOptions())
-    reconciler = Reconciler(DryRunBackend(), AgentOptions(), loader, plugins=Plugins.load(entry_points=False))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: run_daemon(reconciler.backend, AgentOptions(), loader, reconciler=reconciler,
-                                         handle_signals=False, kube=settings))
-        await eventually(lambda: api.watch_count == 2, "both watches open")
-        tg.cancel_scope.cancel()
+    agent = build_agent(AgentOptions(), backend=DryRunBackend(), config=config_inputs([], (), settings), kube=settings)
+    async with running(agent):
+        await wait_until(lambda: api.watch_count == 2, "both watches open")
     grants = _agent_grants()
     denied = sorted({rbac_attributes(r) for r in api.requests if not _allows(grants, *rbac_attributes(r))})
     assert denied == [], f"the shipped RBAC refuses: {denied}"
@@ -803,6 +784,6 @@ async def test_a_refused_policy_write_does_not_keep_the_configmap_from_being_wri
     api.put(policy("on-prem", "192.0.2.0/24"))
     async with Cluster(kubeconfig) as cluster:
         cluster.start()
-        await eventually(lambda: "192.0.2.0/24" in (config_cidrs(api) or []), "the ConfigMap written anyway")
-        await eventually(lambda: accepted(api, "on-prem"), "the other policies' status written anyway")
+        await wait_until(lambda: "192.0.2.0/24" in (config_cidrs(api) or []), "the ConfigMap written anyway")
+        await wait_until(lambda: accepted(api, "on-prem"), "the other policies' status written anyway")
     assert managed_cidrs(api) == ["203.0.113.0/24"]  # still refused

@@ -15,19 +15,20 @@ import structlog
 
 import netns
 
+from masqd.agent import build_agent
 from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
-from masqd.daemon import run_daemon
+from masqd.errors import ApplyError
 from masqd.hookspecs import hookimpl
 from masqd.plugins import Plugins
-from masqd.errors import ApplyError
 from masqd.reconcile import Reconciler
-from masqd.sources.files import ConfigFileSource
 from masqd.ruleset import RuleSet
+from masqd.sources.files import ConfigFileSource
+from masqd.testing import running, wait_until
 
 # A resync far in the future: anything applied during a test came from a file event.
 NO_RESYNC = "resyncInterval: 1h\n"
-WAIT = 10  # seconds before a test gives up waiting for the daemon (a failure, not a timing claim)
+WAIT = 10  # seconds before a test gives up waiting for the masqd process (a failure, not a timing claim)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -52,45 +53,22 @@ def cidrs_of(ruleset: RuleSet | None) -> list[str]:
     return [str(n) for n in ruleset.ipv4.nonmasq]
 
 
-async def wait_until(predicate, what: str) -> None:
-    with anyio.fail_after(WAIT):
-        while not predicate():
-            await anyio.sleep(0.005)
-
-
-class Running:
-    """A daemon running in a task group for the duration of a test."""
-
-    def __init__(self, backend, config: Path, options: AgentOptions = AgentOptions()):
-        self.backend = backend
-        self.reconciler = Reconciler(backend, options, config)
-        self.config = config
-        self.options = options
-
-    async def __aenter__(self):
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(lambda: run_daemon(self.backend, self.options, self.config,
-                                               reconciler=self.reconciler, handle_signals=False))
-        await wait_until(lambda: self.reconciler.generation >= 1, "first sync")
-        return self
-
-    async def __aexit__(self, *exc):
-        self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(*exc)
+def agent(backend, config: Path, **settings):
+    """The daemon's agent on ``backend`` (a test backend), reading ``config``."""
+    return build_agent(AgentOptions(), backend=backend, config=config, **settings)
 
 
 async def test_config_change_applied_without_waiting_for_resync(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.write_text(NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8]\n")
     backend = DryRunBackend()
-    async with Running(backend, config) as daemon:
+    async with running(agent(backend, config)) as daemon:
         assert cidrs_of(backend.applied) == ["169.254.0.0/16", "10.0.0.0/8"]
         write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24]\n")
         await wait_until(lambda: backend.writes == 2, "the new list")
         assert cidrs_of(backend.applied) == ["169.254.0.0/16", "10.0.0.0/8", "198.51.100.0/24"]
         assert "-A IP-MASQ-AGENT -d 198.51.100.0/24" in backend.last_rendered
-        assert daemon.reconciler.last_error is None
+        assert daemon.status.last_error is None
 
 
 async def test_configmap_symlink_swap_is_seen(tmp_path: Path) -> None:
@@ -98,7 +76,7 @@ async def test_configmap_symlink_swap_is_seen(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.symlink_to("..data/config")
     backend = DryRunBackend()
-    async with Running(backend, config):
+    async with running(agent(backend, config)):
         assert cidrs_of(backend.applied)[1:] == ["10.0.0.0/8"]
         swap_configmap(tmp_path, NO_RESYNC + "nonMasqueradeCIDRs: [203.0.113.0/24]\n", 2)
         await wait_until(lambda: backend.writes == 2, "the swapped ConfigMap")
@@ -108,7 +86,7 @@ async def test_configmap_symlink_swap_is_seen(tmp_path: Path) -> None:
 async def test_missing_file_means_defaults_and_creation_is_seen(tmp_path: Path) -> None:
     config = tmp_path / "config"
     backend = DryRunBackend()
-    async with Running(backend, config):
+    async with running(agent(backend, config)):
         assert cidrs_of(backend.applied)[1:] == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
         write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [192.0.2.0/24]\n")
         await wait_until(lambda: backend.writes == 2, "the created file")
@@ -122,27 +100,27 @@ async def test_bad_config_keeps_last_rules_and_recovers(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.write_text(NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8]\n")
     backend = DryRunBackend()
-    async with Running(backend, config) as daemon:
+    async with running(agent(backend, config)) as daemon:
         good = backend.applied
         write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.1/8]\n")
-        await wait_until(lambda: daemon.reconciler.errors == 1, "the rejection")
+        await wait_until(lambda: daemon.status.errors == 1, "the rejection")
         assert backend.applied == good and backend.writes == 1
-        assert "10.0.0.0/8" in str(daemon.reconciler.last_error)  # names the aligned form
+        assert "10.0.0.0/8" in str(daemon.status.last_error)  # names the aligned form
         write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/16]\n")
         await wait_until(lambda: backend.writes == 2, "recovery")
         assert cidrs_of(backend.applied)[1:] == ["10.0.0.0/16"]
-        assert daemon.reconciler.last_error is None
+        assert daemon.status.last_error is None
 
 
 async def test_resync_interval_from_config_drives_the_timer(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
     backend = DryRunBackend()
-    async with Running(backend, config) as daemon:
-        start = daemon.reconciler.generation
+    async with running(agent(backend, config)) as daemon:
+        start = daemon.status.generation
         write_atomically(config, "resyncInterval: 100ms\n")
         # the shorter interval takes effect at once, not after the old hour has passed
-        await wait_until(lambda: daemon.reconciler.generation >= start + 6, "timer ticks")
+        await wait_until(lambda: daemon.status.generation >= start + 6, "timer ticks")
         assert backend.writes == 1  # ticks re-check but an unchanged state is never rewritten
 
 
@@ -170,12 +148,9 @@ async def test_failed_apply_is_retried_without_an_event(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
     backend = FailingBackend(2, lock_held)
-    reconciler = Reconciler(backend, AgentOptions(), config, retry_initial_seconds=0.01)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler, handle_signals=False))
+    async with running(agent(backend, config, retry_initial_seconds=0.01), first_pass=False) as daemon:
         await wait_until(lambda: backend.writes == 1, "the retried apply")
-        tg.cancel_scope.cancel()
-    assert reconciler.errors == 2 and reconciler.last_error is None
+    assert daemon.status.errors == 2 and daemon.status.last_error is None
 
 
 async def test_burst_of_events_is_coalesced(tmp_path: Path) -> None:
@@ -190,7 +165,7 @@ async def test_burst_of_events_is_coalesced(tmp_path: Path) -> None:
         send.send_nowait(Event("file", str(i)))
     send.close()
     await reconciler.run(receive)  # returns when the stream ends
-    assert reconciler.generation == 1 and backend.writes == 1
+    assert reconciler.status.generation == 1 and backend.writes == 1
 
 
 def start_masqd(config: Path, *flags: str) -> tuple[subprocess.Popen, netns.LineReader]:
@@ -244,9 +219,9 @@ async def test_unexpected_error_is_logged_and_retried_not_fatal(tmp_path: Path) 
     config.write_text(NO_RESYNC)
     backend = FailingBackend(1, lambda: KeyError("a bug"))  # not a MasqdError: a bug
     with structlog.testing.capture_logs() as logs:
-        async with Running(backend, config) as daemon:
+        async with running(agent(backend, config)) as daemon:
             await wait_until(lambda: backend.writes == 1, "the retry after the bug")
-            assert daemon.reconciler.errors == 1
+            assert daemon.status.errors == 1
     assert [e["event"] for e in logs if e["log_level"] == "error"] == [
         "internal error during sync; kernel keeps its previous rules"]
 
@@ -255,13 +230,9 @@ async def test_repeated_identical_sync_errors_are_logged_once(tmp_path: Path) ->
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
     backend = FailingBackend(4, lock_held)
-    reconciler = Reconciler(backend, AgentOptions(), config, retry_initial_seconds=0.01)
     with structlog.testing.capture_logs() as logs:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
-                                             handle_signals=False))
+        async with running(agent(backend, config, retry_initial_seconds=0.01), first_pass=False):
             await wait_until(lambda: backend.writes == 1, "success after four failures")
-            tg.cancel_scope.cancel()
     failures = [e for e in logs if e["event"].startswith("sync failed")]
     assert len(failures) == 4
     assert [e["log_level"] for e in failures] == ["error", "debug", "debug", "debug"]
@@ -279,7 +250,6 @@ async def test_inotify_failure_falls_back_to_polling(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
     backend = DryRunBackend()
-    reconciler = Reconciler(backend, AgentOptions(), config)
     source = ConfigFileSource(config, watch=inotify_exhausted)
 
     class FileWatchWithoutInotify:  # in place of the default sources plugin
@@ -290,14 +260,11 @@ async def test_inotify_failure_falls_back_to_polling(tmp_path: Path) -> None:
     plugins = Plugins.load(disabled=["masqd.default_plugins.sources"], entry_points=False,
                            extra=[("no-inotify", FileWatchWithoutInotify())])
     with structlog.testing.capture_logs() as logs:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
-                                             handle_signals=False, plugins=plugins))
+        async with running(agent(backend, config, plugins=plugins)):
             await wait_until(lambda: backend.writes == 1, "first sync")
             await wait_until(lambda: source.force_polling, "the fallback")
             write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [192.0.2.0/24]\n")
             await wait_until(lambda: backend.writes == 2, "the change, seen by polling")
-            tg.cancel_scope.cancel()
     assert cidrs_of(backend.applied)[1:] == ["192.0.2.0/24"]
     assert any(e["event"].startswith("cannot watch config directory") for e in logs)
 
@@ -316,7 +283,7 @@ async def test_failing_source_is_restarted_and_daemon_keeps_running(tmp_path: Pa
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
     backend = DryRunBackend()
-    reconciler = Reconciler(backend, AgentOptions(), config)
+
     class CrashySource:
         @hookimpl
         def register_sources(self, register):
@@ -324,12 +291,9 @@ async def test_failing_source_is_restarted_and_daemon_keeps_running(tmp_path: Pa
 
     plugins = Plugins.load(entry_points=False, extra=[("crashy", CrashySource())])
     with structlog.testing.capture_logs() as logs:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
-                                             handle_signals=False, plugins=plugins))
-        # the restart emits an event: the reconciler runs again after the crash
-            await wait_until(lambda: CrashOnce.runs == 2 and reconciler.generation >= 2, "the restart")
-            tg.cancel_scope.cancel()
+        async with running(agent(backend, config, plugins=plugins)) as daemon:
+            # the restart emits an event: the reconciler runs again after the crash
+            await wait_until(lambda: CrashOnce.runs == 2 and daemon.status.generation >= 2, "the restart")
     assert backend.writes == 1
     (failed,) = [e for e in logs if e["event"] == "event source failed; restarting it"]
     assert failed["source"] == "crashy" and failed["plugin"] == "crashy" and "lost the watch" in failed["error"]
@@ -340,9 +304,9 @@ async def test_bad_config_is_logged_once_not_on_every_resync(tmp_path: Path) -> 
     config.write_text("resyncInterval: 100ms\n")
     backend = DryRunBackend()
     with structlog.testing.capture_logs() as logs:
-        async with Running(backend, config) as daemon:
+        async with running(agent(backend, config)) as daemon:
             write_atomically(config, "resyncInterval: 100ms\nnonMasqueradeCIDRs: [10.0.0.1/8]\n")
-            await wait_until(lambda: daemon.reconciler.errors >= 5, "several resyncs on the bad file")
+            await wait_until(lambda: daemon.status.errors >= 5, "several resyncs on the bad file")
     rejected = [e for e in logs if e["event"] == "config rejected; keeping the rules last applied"]
     assert len(rejected) == 1
     assert rejected[0]["problems"] == [

@@ -17,21 +17,22 @@ import pytest
 import structlog
 
 import netns
-from test_daemon import NO_RESYNC, wait_until
+from test_daemon import NO_RESYNC
 from test_daemon_kernel import CHAIN, chain_lines, jumps
 from test_netns_nftables import tables
 from test_tool_timeout import dead
 
+from masqd.agent import build_agent
 from masqd.backends.dryrun import DryRunBackend
 from masqd.backends.nftables import ChangeFilter
 from masqd.cli import build_parser
 from masqd.config import AgentOptions
-from masqd.daemon import run_daemon
 from masqd.errors import ApplyError, BackendError, ReadBackError
 from masqd.events import Event
 from masqd.reconcile import Reconciler
 from masqd.sources import drift
 from masqd.sources.drift import DriftCheckSource, KernelMonitorSource, RepairBudget
+from masqd.testing import running, wait_until
 
 MARKER = "masqd_write_0123456789ab"
 HOUR = "resyncInterval: 1h\nnonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24]\n"
@@ -90,16 +91,13 @@ async def test_drift_check_restores_rules_lost_between_resyncs(tmp_path: Path) -
     config = tmp_path / "config"
     config.write_text(NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8]\n")
     backend = DryRunBackend()
-    reconciler = Reconciler(backend, AgentOptions(), config)
+    agent = build_agent(AgentOptions(), backend=backend, config=config, drift_check_interval=0.02)
     audits = []
-    reconciler.on_audit = audits.append
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
-                                         handle_signals=False, drift_check_interval=0.02))
+    agent.audit.listeners.append(audits.append)
+    async with running(agent):
         await wait_until(lambda: backend.writes == 1, "the first apply")
         backend.applied = None  # what the dry-run backend holds is lost, as if flushed by hand
         await wait_until(lambda: backend.writes == 2, "the restore")
-        tg.cancel_scope.cancel()
     assert [(a.trigger, a.result, a.repair) for a in audits if a.result == "applied"] == [
         ("startup", "applied", False), ("drift-check", "applied", True)]
 
@@ -194,7 +192,7 @@ async def test_a_failing_monitor_falls_back_to_reading_back_until_it_runs_again(
             tg.cancel_scope.cancel()
     assert notified == expected and len(runs) == 2
     (failed,) = [e for e in logs if e["event"].startswith("cannot follow the kernel's changes")]
-    assert str(failure.args[-1]) in failed["error"] and failed["retry_in_s"] == 0.2
+    assert str(failure.args[-1]) in failed["error"] and 0.1 <= failed["retry_in_s"] <= 0.2  # the back-off, jittered
 
 
 def test_check_drift_is_quiet_before_the_first_apply(tmp_path: Path) -> None:
@@ -222,7 +220,7 @@ def test_check_drift_leaves_a_failed_sync_to_its_retries(tmp_path: Path) -> None
     anyio.run(reconciler._reconcile_guarded, (Event("startup"),))
     backend.applied, backend.refuse = None, True  # lost, and the restore is refused
     anyio.run(reconciler._reconcile_guarded, (Event("timer"),))
-    assert reconciler.sync_failure is not None and anyio.run(reconciler.check_drift) is None
+    assert reconciler.status.sync_failure is not None and anyio.run(reconciler.check_drift) is None
     backend.refuse = False
     anyio.run(reconciler._reconcile_guarded, (Event("retry"),))
     backend.applied = None

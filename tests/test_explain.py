@@ -33,7 +33,7 @@ from masqd.cli import main
 from masqd.config import AgentOptions, merge_configs, parse_config
 from masqd.explain import as_json, explain, explain_kernel, format_text
 from masqd.provenance import cidr_origins
-from masqd.reconcile import plan
+from masqd.reconcile import plan_rules
 from masqd.ruleset import compute_ruleset
 
 MASQD = Path(sys.executable).parent / "masqd"
@@ -221,7 +221,7 @@ class Partners:
 def pipeline(plugins, config_text: str, addresses, options=AgentOptions()) -> tuple[str, list]:
     """What ``masqd explain`` does between loading and printing, with ``plugins``."""
     merged = merge_configs([("cfg.yaml", parse_config(config_text, options, "cfg.yaml").config)], options)
-    ruleset, contributions = anyio.run(plan, merged.config, options, plugins)
+    ruleset, contributions = anyio.run(plan_rules, merged.config, options, plugins)
     descriptions, problems = anyio.run(plugins.describe_cidrs, contributions)
     origins = cidr_origins(ruleset, merged, contributions, options, {"cfg.yaml": config_text}, descriptions=descriptions)
     report = explain([ipaddress.ip_address(a) for a in addresses], ruleset, origins)
@@ -418,26 +418,17 @@ def register_backends(register):
 '''
 
 
-def test_live_with_a_backend_that_cannot_read_back_is_a_clear_usage_error(capsys, tmp_path, monkeypatch):
+def test_live_with_a_backend_that_cannot_read_back_is_a_clear_usage_error(capsys, install_plugin):
     """A third-party backend, installed as a package with a ``masqd`` entry point (no read_back)."""
-    site = tmp_path / "site"
-    (site / "masqd_test_no_read_back-0.1.dist-info").mkdir(parents=True)
-    (site / "masqd_test_no_read_back.py").write_text(THIRD_PARTY)
-    (site / "masqd_test_no_read_back-0.1.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: masqd-test-no-read-back\nVersion: 0.1\n")
-    (site / "masqd_test_no_read_back-0.1.dist-info" / "entry_points.txt").write_text(
-        "[masqd]\nno-read-back = masqd_test_no_read_back\n")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delitem(sys.modules, "masqd_test_no_read_back", raising=False)
-    monkeypatch.setenv("MASQD_PLUGINS", "no-read-back")
+    install_plugin("masqd_test_no_read_back", THIRD_PARTY, "no-read-back")
     argv = ["explain", "--config", "/nonexistent", "--backend", "no-read-back", "10.1.2.3"]
     assert main(argv) == 0  # without --live the backend is not needed
     assert capsys.readouterr().out.startswith(f"10.1.2.3: {KEEP}")
     assert main([*argv, "--live"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == ("error: --backend=no-read-back: this backend cannot read its rules back (it has no read_back "
-                   "method), which explain --live needs; run explain without --live\n")
+    assert err == ("error: backend no-read-back: cannot read its rules back (it has no read_back method), which "
+                   "explain --live needs; run explain without --live\n")
 
 
 # --- reading back is pure: the tools' output -> LiveFamily --------------------------------------------

@@ -22,27 +22,21 @@ from prometheus_client.parser import text_string_to_metric_families
 import netns
 from kubeapi import FakeKubeAPI
 from masqd import __version__
+from masqd.agent import build_agent
 from masqd.backends.dryrun import DryRunBackend
 from masqd.cli import main
 from masqd.config import AgentOptions
-from masqd.daemon import run_daemon
 from masqd.errors import ApplyError, FlagError
 from masqd.hookspecs import hookimpl
-from masqd.http import Address, BadRequest, HttpServer, Request, Response, parse_address, parse_request_head
-from masqd.inputs import ConfigLoader, FileInput
+from masqd.http import Address, BadRequest, HttpServer, Request, Response, parse_listen_address, parse_request_head
+from masqd.inputs import ConfigLoader, ConfigMapInput, FileInput
 from masqd.kube import KubeSettings, ObjectRef
 from masqd.plugins import Plugins
 from masqd.reconcile import Reconciler
-from masqd.sources.kube import ConfigMapInput
+from masqd.testing import event_source, running, wait_until
 
 NO_RESYNC = "resyncInterval: 1h\n"
 WAIT = 10  # seconds before a test gives up waiting (a failure, not a timing claim)
-
-
-async def wait_until(predicate, what: str) -> None:
-    with anyio.fail_after(WAIT, shield=False):
-        while not predicate():
-            await anyio.sleep(0.005)
 
 
 # --- a tiny HTTP client over a real socket ----------------------------------------------------------
@@ -101,38 +95,32 @@ class ControlledBackend(DryRunBackend):
 
 
 class Agent:
-    """``masqd run --http-address 127.0.0.1:0`` in process."""
+    """``masqd run --http-address 127.0.0.1:0`` in process: the agent :func:`build_agent` makes,
+    run by :func:`masqd.testing.running`."""
 
     def __init__(self, config: Path, *, backend=None, plugins: Plugins | None = None, kube: KubeSettings | None = None,
-                 loader: ConfigLoader | None = None, address: Address = Address("127.0.0.1", 0)):
-        self.config = config
+                 loader: ConfigLoader | None = None, options: AgentOptions = AgentOptions(),
+                 address: Address = Address("127.0.0.1", 0)):
         self.backend = backend or ControlledBackend()
-        self.plugins = plugins or Plugins.load(entry_points=False)
-        self.kube = kube
-        loader = loader or ConfigLoader([FileInput(config)], AgentOptions())
-        self.reconciler = Reconciler(self.backend, AgentOptions(), loader, plugins=self.plugins,
-                                     retry_initial_seconds=0.01)
+        self.agent = build_agent(options, backend=self.backend, config=loader or config, plugins=plugins, kube=kube,
+                                 http_address=address, retry_initial_seconds=0.01)
+        self.status = self.agent.status
         self.port = 0
-        self.address = address
 
     def _bound(self, addresses: list[str]) -> None:
         self.port = int(addresses[0].rsplit(":", 1)[1])
 
     async def __aenter__(self) -> Agent:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(lambda: run_daemon(
-            self.backend, AgentOptions(), self.reconciler.loader, reconciler=self.reconciler, plugins=self.plugins,
-            handle_signals=False, kube=self.kube, http_address=self.address, on_http_ready=self._bound))
-        await wait_until(lambda: self.reconciler.running, "the reconciler to start")
+        self._running = running(self.agent, first_pass=False, on_http_ready=self._bound)
+        await self._running.__aenter__()
+        await wait_until(lambda: self.status.running, "the reconciler to start")
         return self
+
+    async def __aexit__(self, *exc):
+        return await self._running.__aexit__(*exc)
 
     async def listening(self) -> None:
         await wait_until(lambda: self.port, "the endpoint to listen")
-
-    async def __aexit__(self, *exc):
-        self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(*exc)
 
     async def metrics(self) -> dict:
         await self.listening()
@@ -141,7 +129,7 @@ class Agent:
         return samples(text)
 
     async def passes(self, count: int) -> None:
-        await wait_until(lambda: self.reconciler.generation >= count, f"{count} passes")
+        await wait_until(lambda: self.status.generation >= count, f"{count} passes")
         await self.listening()
 
 
@@ -176,7 +164,7 @@ async def test_metrics_after_the_first_apply(config: Path) -> None:
     assert value(metrics, "masqd_nonmasq_cidrs", family="ipv4", source="config") == 2
     assert value(metrics, "masqd_nonmasq_cidrs", family="ipv4", source="link-local") == 1
     assert value(metrics, "masqd_config_errors_total") == 0 and value(metrics, "masqd_drift_repairs_total") == 0
-    assert value(metrics, "masqd_last_successful_apply_timestamp_seconds") == agent.reconciler.applied_at
+    assert value(metrics, "masqd_last_successful_apply_timestamp_seconds") == agent.status.applied_at
     assert not any(name.endswith("_created") for name, _ in metrics)
 
 
@@ -192,10 +180,7 @@ async def test_an_edit_is_counted_under_its_trigger_and_the_cidr_counts_follow(c
 
 async def test_defaults_and_reserved_ranges_are_counted_as_such(tmp_path: Path) -> None:
     options = AgentOptions(nomasq_all_reserved_ranges=True)
-    loader = ConfigLoader([FileInput(tmp_path / "absent")], options)
-    agent = Agent(tmp_path / "absent", loader=loader)
-    agent.reconciler.options = options
-    async with agent:
+    async with Agent(tmp_path / "absent", options=options) as agent:
         await agent.passes(1)
         metrics = await agent.metrics()
     assert value(metrics, "masqd_nonmasq_cidrs", family="ipv4", source="defaults") == 3
@@ -255,7 +240,7 @@ async def test_a_failed_apply_makes_the_agent_unready_until_an_apply_succeeds(co
         assert (await get(agent.port, "/readyz"))[0] == 200
         agent.backend.broken = True
         replace(config, NO_RESYNC + "nonMasqueradeCIDRs: [203.0.113.0/24]\n")
-        await wait_until(lambda: agent.reconciler.sync_failure is not None, "a failed apply")
+        await wait_until(lambda: agent.status.sync_failure is not None, "a failed apply")
         status, text = await get(agent.port, "/readyz")
         assert status == 503
         assert "the last apply failed" in text and "xtables lock" in text
@@ -265,7 +250,7 @@ async def test_a_failed_apply_makes_the_agent_unready_until_an_apply_succeeds(co
         assert value(metrics, "masqd_reconcile_duration_seconds_count", result="failed") >= 1
         assert (await get(agent.port, "/healthz"))[0] == 200  # failing, but alive and retrying
         agent.backend.broken = False
-        await wait_until(lambda: agent.reconciler.sync_failure is None, "the retry to succeed")
+        await wait_until(lambda: agent.status.sync_failure is None, "the retry to succeed")
         status, text = await get(agent.port, "/readyz")
         assert status == 200 and "1 CIDRs" not in text and "2 CIDRs" in text  # link-local + 203.0.113.0/24
         metrics = await agent.metrics()
@@ -276,12 +261,12 @@ async def test_not_ready_before_the_first_sync_and_unhealthy_when_a_pass_hangs(c
     backend = ControlledBackend()
     backend.gate = anyio.Event()
     async with Agent(config, backend=backend) as agent:
-        await wait_until(lambda: agent.reconciler.busy_since is not None, "the first pass to start")
+        await wait_until(lambda: agent.status.busy_since is not None, "the first pass to start")
         status, text = await get(agent.port, "/readyz")
         assert status == 503 and "no rules applied yet; waiting for the first sync" in text
         status, text = await get(agent.port, "/healthz")
         assert status == 200 and "in a pass" in text
-        agent.reconciler.health_deadline = 0.05
+        agent.status.health_deadline = 0.05
         await anyio.sleep(0.1)
         status, text = await get(agent.port, "/healthz")
         assert status == 503 and "reconciler stuck" in text and "deadline 0.05 s" in text
@@ -293,14 +278,14 @@ async def test_not_ready_before_the_first_sync_and_unhealthy_when_a_pass_hangs(c
 
 async def test_unhealthy_once_the_reconciler_loop_has_stopped(config: Path) -> None:
     reconciler = Reconciler(DryRunBackend(), AgentOptions(), config)
-    assert reconciler.health() == (False, "reconciler loop is not running")
+    assert reconciler.status.health() == (False, "reconciler loop is not running")
     send, receive = anyio.create_memory_object_stream(1)
     async with anyio.create_task_group() as tg:
         tg.start_soon(reconciler.run, receive)
-        await wait_until(lambda: reconciler.running, "the loop to start")
-        assert reconciler.health()[0]
+        await wait_until(lambda: reconciler.status.running, "the loop to start")
+        assert reconciler.status.health()[0]
         await send.aclose()
-    assert not reconciler.health()[0]
+    assert not reconciler.status.health()[0]
 
 
 # --- Kubernetes watches ---------------------------------------------------------------------------------
@@ -314,13 +299,13 @@ async def test_watch_restarts_and_sync_are_exported(tmp_path: Path) -> None:
                  "data": {"config": "nonMasqueradeCIDRs: [10.0.0.0/8]\n"}})
         settings = KubeSettings(configmap=ref, kubeconfig=str(api.write_kubeconfig(tmp_path / "kubeconfig")),
                                 backoff_initial=0.05, backoff_max=0.2, request_timeout=5)
-        configmap = ConfigMapInput(ref, settings)
-        loader = ConfigLoader([FileInput(tmp_path / "absent"), configmap], AgentOptions())
+        loader = ConfigLoader([FileInput(tmp_path / "absent"), ConfigMapInput(ref, settings)], AgentOptions())
         async with Agent(tmp_path / "absent", kube=settings, loader=loader) as agent:
             await wait_until(lambda: api.watch_count == 1, "the watch to open")
             api.compact()
             api.expire_watches()
-            await wait_until(lambda: configmap.reflector.relists == 1, "a relist after 410")
+            watch = event_source(agent.agent, "configmap")
+            await wait_until(lambda: watch.reflector.relists == 1, "a relist after 410")
             metrics = await agent.metrics()
     watch = "configmap kube-system/ip-masq-agent"
     assert value(metrics, "masqd_kube_watch_restarts_total", watch=watch, reason="expired") == 1
@@ -462,7 +447,7 @@ async def test_too_many_connections_get_503_at_once() -> None:
     pytest.param("", None, id="empty-disables"),
 ])
 def test_http_address_flag(text: str, expected: Address | None) -> None:
-    assert parse_address(text) == expected
+    assert parse_listen_address(text) == expected
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -474,7 +459,7 @@ def test_http_address_flag(text: str, expected: Address | None) -> None:
 ])
 def test_http_address_flag_errors_say_what_is_valid(text: str, reason: str) -> None:
     with pytest.raises(FlagError, match=reason) as caught:
-        parse_address(text)
+        parse_listen_address(text)
     assert caught.value.flag == "http-address"
 
 
@@ -511,12 +496,12 @@ async def test_a_port_in_use_does_not_stop_masquerading_and_is_bound_once_free(c
     port = taken.getsockname()[1]
     with structlog.testing.capture_logs() as logs:
         async with Agent(config, address=Address("127.0.0.1", port)) as agent:
-            await wait_until(lambda: agent.reconciler.generation >= 1, "the first pass")
+            await wait_until(lambda: agent.status.generation >= 1, "the first pass")
             assert agent.backend.applied is not None  # the rules are there without the endpoint
             await anyio.sleep(0.2)  # several bind attempts
             errors = [e for e in logs if e["event"].startswith("HTTP endpoint cannot listen")]
             assert len(errors) == 1  # the same failure is logged once, not per attempt
-            assert f"--http-address=127.0.0.1:{port}: cannot listen there" in errors[0]["error"]
+            assert f"cannot listen on 127.0.0.1:{port}: " in errors[0]["error"]
             taken.close()
             await agent.listening()
             assert agent.port == port and (await get(port, "/readyz"))[0] == 200
@@ -580,7 +565,9 @@ def test_cidr_counts_by_origin_agree_with_explains_provenance(texts, options, co
     from masqd.ruleset import compute_ruleset
 
     merged = merge_configs([(name, parse_config(text, options).config) for name, text in texts.items()], options)
-    contributions = tuple(Contribution(plugin, tuple(map(parse_cidr, cidrs))) for plugin, cidrs in contributed.items())
+    contributions = tuple(Contribution(plugin, tuple(map(parse_cidr, cidrs)),
+                                       "policy" if plugin == "egress-nat-policies" else "plugin")
+                          for plugin, cidrs in contributed.items())
     extra = tuple(net for c in contributions for net in c.cidrs)
     ruleset = compute_ruleset(merged.config, options, extra)
     policies = {"egress-nat-policies": {net: (Origin("policy", "p"),) for c in contributions
@@ -601,10 +588,10 @@ async def test_healing_old_rules_under_a_bad_config_does_not_make_a_failed_apply
         await agent.passes(1)
         agent.backend.broken = True
         replace(config, NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24, 198.51.100.0/24]\n")
-        await wait_until(lambda: agent.reconciler.sync_failure is not None, "the apply of X2 to fail")
+        await wait_until(lambda: agent.status.sync_failure is not None, "the apply of X2 to fail")
         agent.backend.broken = False
         replace(config, NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.1/8]\n")
-        await wait_until(lambda: agent.reconciler.config_failure is not None, "the bad config")
+        await wait_until(lambda: agent.status.config_failure is not None, "the bad config")
         status, text = await get(agent.port, "/readyz")
         assert status == 503 and "the last apply failed" in text
         metrics = await agent.metrics()
@@ -612,7 +599,7 @@ async def test_healing_old_rules_under_a_bad_config_does_not_make_a_failed_apply
         # (a text other than X2's: a watcher that saw X2, then the bad text and X2 again in one
         # batch, rightly sees no change; the reconciler read the bad text on its retry)
         replace(config, NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24, 198.51.100.0/24]  # fixed\n")
-        await wait_until(lambda: agent.reconciler.config_failure is None and agent.reconciler.sync_failure is None,
+        await wait_until(lambda: agent.status.config_failure is None and agent.status.sync_failure is None,
                          "the fixed config to apply")
         assert (await get(agent.port, "/readyz"))[0] == 200
         assert "198.51.100.0/24" in agent.backend.last_rendered
@@ -623,11 +610,11 @@ async def test_config_validity_does_not_depend_on_whether_the_sync_worked(config
         await agent.passes(1)
         agent.backend.broken = True
         replace(config, NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.1/8]\n")  # bad config, and the heal fails
-        await wait_until(lambda: agent.reconciler.config_failure is not None, "the rejection")
+        await wait_until(lambda: agent.status.config_failure is not None, "the rejection")
         metrics = await agent.metrics()
         assert value(metrics, "masqd_config_valid") == 0 and value(metrics, "masqd_config_errors_total") == 1
         replace(config, NO_RESYNC + "nonMasqueradeCIDRs: [203.0.113.0/24]\n")  # fixed, but the apply fails
-        await wait_until(lambda: agent.reconciler.config_failure is None, "the fixed config")
+        await wait_until(lambda: agent.status.config_failure is None, "the fixed config")
         metrics = await agent.metrics()
         assert value(metrics, "masqd_config_valid") == 1 and value(metrics, "masqd_ready") == 0
         assert value(metrics, "masqd_config_errors_total") == 1
@@ -639,7 +626,7 @@ async def test_a_repair_made_while_the_config_is_bad_is_counted(tmp_path: Path) 
     async with Agent(config) as agent:
         await agent.passes(1)
         replace(config, "resyncInterval: 100ms\nnonMasqueradeCIDRs: [10.0.0.1/8]\n")
-        await wait_until(lambda: agent.reconciler.config_failure is not None, "the rejection")
+        await wait_until(lambda: agent.status.config_failure is not None, "the rejection")
         agent.backend.applied = None  # someone flushed the chain
         await wait_until(lambda: agent.backend.writes == 2, "the resync to restore the rules")
         metrics = await agent.metrics()

@@ -21,14 +21,12 @@ import netns
 from kubeapi import FakeKubeAPI
 from masqd_proc import DaemonProcess
 
+from masqd.agent import build_agent
 from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
-from masqd.daemon import run_daemon
-from masqd.inputs import ConfigLoader, FileInput
+from masqd.inputs import ConfigMapInput, config_inputs
 from masqd.kube import KubeSettings, ObjectRef, Reflector, make_client
-from masqd.plugins import Plugins
-from masqd.reconcile import Reconciler
-from masqd.sources.kube import ConfigMapInput
+from masqd.testing import event_source, running, wait_until
 
 WAIT = 15  # seconds before a test gives up waiting (a failure, not a timing claim)
 REF = ObjectRef("kube-system", "ip-masq-agent")
@@ -47,15 +45,6 @@ def policy(name: str, action: str, *cidrs: str) -> dict:
 
 def cidrs_only(text: str) -> str:
     return f"nonMasqueradeCIDRs: [{', '.join(text.split())}]\nresyncInterval: 1h\n"
-
-
-async def wait_until(predicate, what: str, timeout: float = WAIT) -> None:
-    try:
-        with anyio.fail_after(timeout):
-            while not predicate():
-                await anyio.sleep(0.01)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -77,37 +66,37 @@ class Agent:
     with a config file that may or may not exist next to the ConfigMap."""
 
     def __init__(self, settings: KubeSettings, file: Path, options: AgentOptions = AgentOptions()):
-        self.configmap = ConfigMapInput(settings.configmap, settings)
-        self.loader = ConfigLoader([FileInput(file), self.configmap], options)
         self.backend = DryRunBackend()
-        self.plugins = Plugins.load(entry_points=False)
-        self.reconciler = Reconciler(self.backend, options, self.loader, plugins=self.plugins)
-        self.settings = settings
-        self.options = options
+        self.agent = build_agent(options, backend=self.backend, config=config_inputs([str(file)], (), settings),
+                                 kube=settings)
+        self.status = self.agent.status
+        self.configmap = next(i for i in self.agent.loader.inputs if isinstance(i, ConfigMapInput))
 
     def applied(self) -> set[str]:
-        ruleset = self.reconciler.applied
+        ruleset = self.status.applied
         return set() if ruleset is None else {str(n) for n in ruleset.ipv4.nonmasq} - {"169.254.0.0/16"}
 
     async def until_applied(self, cidrs: set[str], what: str = "") -> None:
         await wait_until(lambda: self.applied() == cidrs, what or f"rules {sorted(cidrs)}")
 
     async def __aenter__(self):
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(lambda: run_daemon(self.backend, self.options, self.loader, reconciler=self.reconciler,
-                                               plugins=self.plugins, handle_signals=False, kube=self.settings))
-        await wait_until(lambda: self.reconciler.generation >= 1, "first sync")
+        self._running = running(self.agent)
+        await self._running.__aenter__()
         return self
 
     async def __aexit__(self, *exc):
-        self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(*exc)
+        return await self._running.__aexit__(*exc)
+
+
+async def watching(api: FakeKubeAPI, watches: int = 2) -> None:
+    """Until the agent's watches (the ConfigMap's and the policies') are open on the server: what a
+    test then does to the watch streams (a bookmark, an expiry) reaches them, not the list before."""
+    await wait_until(lambda: api.watch_count >= watches, f"{watches} watches open")
 
 
 def configmap_reflector(agent: Agent) -> Reflector:
-    """The running ConfigMap watch's reflector (the daemon created the source from the input)."""
-    return agent.configmap.reflector
+    """The running ConfigMap watch's reflector."""
+    return event_source(agent.agent, "configmap").reflector
 
 
 @pytest.fixture
@@ -123,7 +112,7 @@ async def test_at_start_up_the_file_applies_then_the_configmap_follows(api, sett
     api.latency = 0.3  # the first list arrives late
     api.put(configmap(cidrs_only("192.0.2.0/24")))
     async with Agent(settings, file) as agent:
-        assert agent.reconciler.applied is not None  # applied before the API answered
+        assert agent.status.applied is not None  # applied before the API answered
         await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24"}, "file and ConfigMap unioned")
     assert any(auth == "Bearer agent-token" for auth in api.authorizations)
 
@@ -134,8 +123,8 @@ async def test_an_edit_is_applied_without_waiting_for_the_resync(api, settings, 
         await agent.until_applied({"10.0.0.0/8"}, "the ConfigMap alone: exactly its list")
         api.put(configmap(cidrs_only("10.0.0.0/8 198.51.100.0/24")))
         await agent.until_applied({"10.0.0.0/8", "198.51.100.0/24"})
-        assert agent.reconciler.origins  # where each CIDR came from
-        assert set(agent.reconciler.origins.values()) == {("configmap kube-system/ip-masq-agent",)}
+        assert agent.agent.reconciler.origins  # where each CIDR came from
+        assert set(agent.agent.reconciler.origins.values()) == {("configmap kube-system/ip-masq-agent",)}
 
 
 async def test_deleting_the_configmap_means_defaults(api, settings, file):
@@ -152,11 +141,11 @@ async def test_other_configmaps_are_not_even_sent(api, settings, file):
     api.put(configmap(cidrs_only("203.0.113.0/24")))
     async with Agent(settings, file) as agent:
         await agent.until_applied({"203.0.113.0/24"})
-        generation = agent.reconciler.generation
+        generation = agent.status.generation
         api.put(configmap(cidrs_only("192.0.2.0/24"), name="something-else"))
         api.put(configmap(cidrs_only("192.0.2.0/24"), namespace="default"))
         await anyio.sleep(0.3)
-        assert agent.reconciler.generation == generation
+        assert agent.status.generation == generation
     watches = [r for r in api.requests if r.query.get("watch") == "true" and "configmaps" in r.path]
     assert watches and all(r.query.get("fieldSelector") == "metadata.name=ip-masq-agent" for r in watches)
     assert all(r.path == "/api/v1/namespaces/kube-system/configmaps" for r in watches)
@@ -167,9 +156,9 @@ async def test_an_invalid_configmap_keeps_the_last_good_rules(api, settings, fil
     async with Agent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"})
         api.put(configmap("nonMasqueradeCIDRs: [10.0.0.1/8]\n"))
-        await wait_until(lambda: agent.reconciler.last_error is not None, "the config error")
-        assert "configmap kube-system/ip-masq-agent" in str(agent.reconciler.last_error)
-        assert "10.0.0.0/8" in str(agent.reconciler.last_error)  # names the aligned network
+        await wait_until(lambda: agent.status.last_error is not None, "the config error")
+        assert "configmap kube-system/ip-masq-agent" in str(agent.status.last_error)
+        assert "10.0.0.0/8" in str(agent.status.last_error)  # names the aligned network
         assert agent.applied() == {"10.0.0.0/8"}
         api.put(configmap(cidrs_only("192.0.2.0/24")))
         await agent.until_applied({"192.0.2.0/24"}, "recovered after the fix")
@@ -218,6 +207,7 @@ async def test_expired_watch_relists(api, settings, file):
     api.put(configmap(cidrs_only("10.0.0.0/8")))
     async with Agent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"})
+        await watching(api)
         reflector = configmap_reflector(agent)
         api.compact()
         api.expire_watches()
@@ -230,6 +220,7 @@ async def test_bookmarks_keep_the_resume_point_fresh_so_no_relist_is_needed(api,
     api.put(configmap(cidrs_only("10.0.0.0/8")))
     async with Agent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"})
+        await watching(api)
         reflector = configmap_reflector(agent)
         for i in range(5):  # the cluster moves on; none of it matches the agent's selector
             api.put(configmap(cidrs_only("192.0.2.0/24"), name=f"other-{i}"))
@@ -294,8 +285,8 @@ async def test_an_invalid_policy_is_skipped_and_the_others_apply(api, settings, 
     api.put(policy("dual", "NoSNAT", "203.0.113.0/24", "2001:db8::/32"))  # this agent runs without --enable-ipv6
     async with Agent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24", "203.0.113.0/24"})
-        assert agent.reconciler.last_error is None  # skipped, not a rejected state
-        plugin = next(p for p in agent.plugins.pm.get_plugins() if hasattr(p, "policies"))
+        assert agent.status.last_error is None  # skipped, not a rejected state
+        plugin = next(p for p in agent.agent.plugins.pm.get_plugins() if hasattr(p, "policies"))
         assert [e.source for e in plugin.policies.invalid] == ["EgressNATPolicy typo"]
         api.put(policy("typo", "NoSNAT", "198.51.100.0/24"))  # fixed
         await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"})
@@ -305,8 +296,8 @@ async def test_policies_with_ipv6_on_an_ipv6_agent(api, settings, file):
     api.put(policy("v6", "NoSNAT", "2001:db8::/32"))
     agent = Agent(settings, file, AgentOptions(enable_ipv6=True))
     async with agent:
-        await wait_until(lambda: agent.reconciler.applied is not None and
-                         "2001:db8::/32" in {str(n) for n in agent.reconciler.applied.ipv6.nonmasq}, "the v6 CIDR")
+        await wait_until(lambda: agent.status.applied is not None and
+                         "2001:db8::/32" in {str(n) for n in agent.status.applied.ipv6.nonmasq}, "the v6 CIDR")
 
 
 # --- many agents ----------------------------------------------------------------------------------
@@ -357,22 +348,6 @@ async def test_many_agents_reconnect_after_an_api_server_restart_spread_out(api,
               f"peak {peak} per 100 ms, mean {len(arrivals) / max(spread, 1e-9):.0f}/s over {spread:.2f} s, "
               f"all watching again {recovered - started:.2f} s after the restart, "
               f"median reconnect {statistics.median(arrivals) - started:.2f} s")
-
-
-
-def test_backoff_doubles_is_capped_jittered_and_resets():
-    import random
-
-    from masqd.kube import Backoff
-
-    backoff = Backoff(0.5, 8.0, random.Random(1))
-    steps = [0.5, 1, 2, 4, 8, 8, 8]
-    delays = [backoff.next_delay() for _ in steps]
-    assert all(step / 2 <= delay <= step for step, delay in zip(steps, delays))
-    backoff.reset()
-    assert 0.25 <= backoff.next_delay() <= 0.5
-    firsts = {Backoff(0.5, 8.0, random.Random(seed)).next_delay() for seed in range(200)}
-    assert len(firsts) == 200  # 200 agents failing together do not retry together
 
 
 # --- end to end: the real daemon in a namespace, a ConfigMap edit changes the kernel --------------

@@ -29,6 +29,8 @@ try:  # tests/ is a plain directory (pytest puts it on sys.path) or a package
 except ImportError:  # pragma: no cover - depends on how pytest was started
     from kubeapi import FakeKubeAPI
 
+from masqd.testing import wait_until
+
 EgressNATPolicy = create_global_resource("networking.gke.io", "v1", "EgressNATPolicy", "egressnatpolicies")
 
 CM_PATH = "/api/v1/namespaces/default/configmaps"
@@ -87,13 +89,6 @@ async def cancel(*tasks: asyncio.Task) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def wait_for_watches(api: FakeKubeAPI, count: int, timeout: float = 5.0) -> None:
@@ -275,7 +270,7 @@ async def test_watch_from_a_list_resource_version_sees_every_change_in_order(api
     await wait_for_watches(api, 1)
     await client.patch(ConfigMap, "w", {"data": {"k": "2"}}, namespace="default", patch_type=PatchType.MERGE)
     await client.delete(ConfigMap, "w", namespace="default")
-    await eventually(lambda: len(events) == 3)
+    await wait_until(lambda: len(events) == 3)
     await cancel(task)
 
     assert summary(events) == [("ADDED", "w"), ("MODIFIED", "w"), ("DELETED", "w")]
@@ -368,17 +363,17 @@ async def test_bookmarks_on_demand_and_periodic(api, client):
     api.put(cm("a"))
     api.put(cm("b"))
     api.bookmark()
-    await eventually(lambda: len(with_bookmarks) == 3)
+    await wait_until(lambda: len(with_bookmarks) == 3)
     etype, obj = with_bookmarks[2]
     assert etype == "BOOKMARK" and obj.metadata.resourceVersion == api.resource_version == "2"
     assert obj.metadata.name is None  # only apiVersion, kind and metadata.resourceVersion
 
     api.bookmark_interval = 0.1
-    await eventually(lambda: len(with_bookmarks) >= 5)
+    await wait_until(lambda: len(with_bookmarks) >= 5)
     assert [t for t, _ in with_bookmarks[3:5]] == ["BOOKMARK", "BOOKMARK"]
     api.bookmark_interval = None
     api.put(cm("c"))
-    await eventually(lambda: len(without) == 3)
+    await wait_until(lambda: len(without) == 3)
     assert [t for t, _ in without] == ["ADDED", "ADDED", "ADDED"]  # no bookmarks unless asked for
     await cancel(*tasks)
 
@@ -387,14 +382,14 @@ async def test_watch_timeout_ends_the_stream_cleanly_and_lightkube_resumes(api, 
     api.put(cm("a"))
     events: list = []
     task = asyncio.create_task(collect(client.watch(ConfigMap, namespace="default", server_timeout=1), events))
-    await eventually(lambda: len(events) == 1)
+    await wait_until(lambda: len(events) == 1)
 
     def watches():
         return [r for r in api.requests if r.query.get("watch") == "true"]
 
-    await eventually(lambda: len(watches()) == 2)  # the server ended the first stream after 1 s
+    await wait_until(lambda: len(watches()) == 2)  # the server ended the first stream after 1 s
     api.put(cm("b"))
-    await eventually(lambda: len(events) == 2)
+    await wait_until(lambda: len(events) == 2)
     await cancel(task)
     assert summary(events) == [("ADDED", "a"), ("ADDED", "b")]
     first, second = watches()
@@ -412,17 +407,17 @@ async def test_drop_watches_breaks_the_connection(api, client):
 
     events: list = []
     task = asyncio.create_task(collect(client.watch(ConfigMap, namespace="default", on_error=on_error), events))
-    await eventually(lambda: len(events) == 1)
+    await wait_until(lambda: len(events) == 1)
     await wait_for_watches(api, 1)
     api.drop_watches()
     assert api.watch_count == 0
-    await eventually(lambda: len(errors) == 1)
+    await wait_until(lambda: len(errors) == 1)
     assert isinstance(errors[0], httpx2.RemoteProtocolError)  # incomplete chunked body
 
     await wait_for_watches(api, 1)  # lightkube reconnected, resuming after what it saw
     assert api.requests[-1].query.get("resourceVersion") == "1"
     api.put(cm("b"))
-    await eventually(lambda: len(events) == 2)
+    await wait_until(lambda: len(events) == 2)
     api.drop_watches()
     await asyncio.wait_for(task, 5)  # on_error said STOP
     assert summary(events) == [("ADDED", "a"), ("ADDED", "b")]
@@ -559,7 +554,7 @@ async def test_250_concurrent_watches_all_receive_one_put(api, kubeconfig):
     assert {(events[0][0], events[0][1].metadata.name, events[0][1].metadata.resourceVersion) for events in results} == {
         ("ADDED", "fan-out", "1")
     }
-    await eventually(lambda: api.watch_count == 0)
+    await wait_until(lambda: api.watch_count == 0)
 
 
 def test_history_limit_compacts_like_etcd():

@@ -23,7 +23,8 @@ from masqd.default_plugins.egress import EgressNATPolicies
 from masqd.events import Event, make_emit
 from masqd.kube import KubeSettings
 from masqd.reconcile import Reconciler
-from test_daemon import NO_RESYNC, Running, cidrs_of, wait_until, write_atomically
+from masqd.testing import running, wait_until
+from test_daemon import NO_RESYNC, agent, cidrs_of, write_atomically
 from test_daemon_kernel import chain_lines
 from test_netns_nftables import set_intervals
 from test_kube import REF, Agent, cidrs_only, configmap, policy
@@ -39,16 +40,16 @@ async def test_ten_thousand_config_changes_are_coalesced_and_the_last_one_wins(t
     config = tmp_path / "config"
     config.write_text(NO_RESYNC + "nonMasqueradeCIDRs: [192.0.2.0/24]\n")
     backend = DryRunBackend()
-    async with Running(backend, config) as daemon:
+    async with running(agent(backend, config)) as daemon:
         for i in range(BURST):
             write_atomically(config, NO_RESYNC + f"nonMasqueradeCIDRs: [{nth(i)}]\n")
             await anyio.sleep(0)  # the watcher and the reconciler run in between, as with a real writer
         await wait_until(lambda: cidrs_of(backend.applied)[1:] == [nth(BURST - 1)], "the last config")
-        passes = daemon.reconciler.generation
+        passes = daemon.status.generation
         assert passes < BURST // 2, f"{passes} passes for {BURST} changes: not coalesced"
-        assert backend.writes <= passes and daemon.reconciler.errors == 0
+        assert backend.writes <= passes and daemon.status.errors == 0
         await anyio.sleep(0.3)  # nothing left queued: no pass after the last state
-        assert daemon.reconciler.generation == passes
+        assert daemon.status.generation == passes
 
 
 async def test_an_event_flood_costs_a_bounded_number_of_passes(tmp_path: Path) -> None:
@@ -66,9 +67,9 @@ async def test_an_event_flood_costs_a_bounded_number_of_passes(tmp_path: Path) -
             emit(Event("flood", str(i)))
             if i % 1000 == 0:
                 await anyio.sleep(0)
-        await wait_until(lambda: reconciler.generation >= 1, "a pass")
+        await wait_until(lambda: reconciler.status.generation >= 1, "a pass")
         send.close()
-    assert reconciler.generation <= BURST // 1000 + 2  # one pass per yield at most, not per event
+    assert reconciler.status.generation <= BURST // 1000 + 2  # one pass per yield at most, not per event
     assert cidrs_of(backend.applied)[1:] == ["198.51.100.0/24"] and backend.writes == 1
 
 
@@ -141,7 +142,7 @@ async def test_a_flooding_watch_cannot_starve_the_reconciler(tmp_path: Path, kin
         api.put(_flooded(kind, 0))
         api.put(_steady(kind, "198.51.100.0/24"))
         async with Agent(settings, file) as agent:
-            plugin = next(p for p in agent.plugins.pm.get_plugins() if isinstance(p, EgressNATPolicies))
+            plugin = next(p for p in agent.agent.plugins.pm.get_plugins() if isinstance(p, EgressNATPolicies))
 
             def flooded_object():
                 """The agent's copy of the flooded object: its config text or spec, and version."""
@@ -157,7 +158,7 @@ async def test_a_flooding_watch_cannot_starve_the_reconciler(tmp_path: Path, kin
             start = int(api.resource_version)
             with _Flood(api, lambda i: _flooded(kind, i + 1)) as flood:
                 await wait_until(lambda: versions_seen() > start + 100, "the agent's watch receiving the flood")
-                passes_before = agent.reconciler.generation
+                passes_before = agent.status.generation
                 seen_before = versions_seen()
 
                 write_atomically(file, cidrs_only("192.0.2.0/24 203.0.113.0/24"))  # another source
@@ -167,7 +168,7 @@ async def test_a_flooding_watch_cannot_starve_the_reconciler(tmp_path: Path, kin
                 await wait_until(lambda: "198.51.100.0/25" in agent.applied(), "the other watch's edit, during it")
                 assert flood.running, "the flood was over before the other watch's edit was applied: nothing shown"
                 assert versions_seen() > seen_before  # the flood kept arriving meanwhile
-                assert agent.reconciler.generation >= passes_before + 2  # and passes kept completing
+                assert agent.status.generation >= passes_before + 2  # and passes kept completing
                 flood.stop()
             last = flood.last
             last_cidr = nth(flood.sent)  # object i carries nth(i + 1)
@@ -175,12 +176,12 @@ async def test_a_flooding_watch_cannot_starve_the_reconciler(tmp_path: Path, kin
             await wait_until(lambda: agent.applied() == final, "the last object sent")
             content = last["data"]["config"] if kind == "configmap" else last["spec"]
             assert flooded_object() == (content, last["metadata"]["resourceVersion"])
-            passes, events = agent.reconciler.generation, flood.sent
+            passes, events = agent.status.generation, flood.sent
             assert WATCH_FLOOD <= events < WATCH_FLOOD_MAX
             assert passes < events // 10, f"{passes} passes for {events} watch events: not coalesced"
-            assert agent.reconciler.errors == 0 and agent.reconciler.last_error is None
+            assert agent.status.errors == 0 and agent.status.last_error is None
             await anyio.sleep(0.3)  # nothing left queued: no pass after the last state
-            assert agent.reconciler.generation == passes
+            assert agent.status.generation == passes
 
 
 def _rss_kib(pid: int) -> int:

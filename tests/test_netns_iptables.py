@@ -472,11 +472,11 @@ def test_invalid_config_exits_1_and_keeps_the_last_good_rules(node_ns, masqd, ba
 LEGACY = 'Binaries("iptables-legacy-save", "iptables-legacy-restore", "iptables-legacy")'
 _RESTORE_IN_NAMESPACE = f"""
 import sys, anyio
-import masqd.backends.iptables as backend
+import masqd.backends.iptables.executor as executor
 from masqd.backends.iptables import Binaries, SubprocessExecutor
 from masqd.errors import ApplyError
 if len(sys.argv) > 1:
-    backend.LOCK_WAIT_SECONDS = int(sys.argv[1])
+    executor.LOCK_WAIT_SECONDS = int(sys.argv[1])
 executor = SubprocessExecutor(binaries={{4: {LEGACY}}})
 text = "*nat\\n:MQ-LOCKED - [0:0]\\n-A MQ-LOCKED -d 192.0.2.0/24 -j RETURN\\nCOMMIT\\n"
 print("ready", flush=True)
@@ -577,8 +577,8 @@ HTTP_ADDRESS = "127.0.0.1:9142"  # inside the test's namespace
 #: ``masqd`` with a shorter xtables lock wait, so a lock held past it costs seconds, not tens.
 _MASQD_SHORT_LOCK_WAIT = """
 import sys
-import masqd.backends.iptables as backend
-backend.LOCK_WAIT_SECONDS = int(sys.argv.pop(1))
+import masqd.backends.iptables.executor as executor
+executor.LOCK_WAIT_SECONDS = int(sys.argv.pop(1))
 from masqd.cli import main
 sys.exit(main())
 """

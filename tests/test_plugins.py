@@ -20,19 +20,20 @@ from hypothesis import strategies as st
 
 import masqd
 from masqd import hookspecs
+from masqd.agent import build_agent
 from masqd.backends.dryrun import DryRunBackend
 from masqd.cli import main
 from masqd.config import AgentOptions, parse_config
-from masqd.daemon import run_daemon
 from masqd.errors import FlagError, PluginError, PluginLoadError
 from masqd.plugins import Plugins, SourceContext
 from masqd.provenance import Origin
 from masqd.reconcile import Reconciler, _family_changes
 from masqd.ruleset import compute_ruleset
-from masqd.testing import make_plugins
+from masqd.testing import make_plugins, running, wait_until
 
 COVERED: set[str] = set()
-CONTEXT = SourceContext("/nonexistent/config", AgentOptions(), lambda: 60.0, lambda callback: None)
+CONTEXT = SourceContext(config_path="/nonexistent/config", options=AgentOptions(), resync_interval=lambda: 60.0,
+                        on_resync_interval_change=lambda callback: None)
 WAIT = 10  # seconds before a test gives up waiting (a failure, not a timing claim)
 
 
@@ -409,12 +410,6 @@ class OffersSources:
             register(source)
 
 
-async def wait_until(predicate, what: str) -> None:
-    with anyio.fail_after(WAIT):
-        while not predicate():
-            await anyio.sleep(0.005)
-
-
 @covers("register_sources", "audit")
 async def test_a_plugin_source_triggers_reconciles_in_the_daemon(tmp_path):
     config = tmp_path / "config"
@@ -422,16 +417,12 @@ async def test_a_plugin_source_triggers_reconciles_in_the_daemon(tmp_path):
     poker, recorder = Poker(), Records()
     offers = OffersSources(poker, Hangs())
     plugins = make_plugins(offers, recorder)
-    backend = DryRunBackend()
-    reconciler = Reconciler(backend, AgentOptions(), config, plugins=plugins)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler, plugins=plugins,
-                                         handle_signals=False))
-        await wait_until(lambda: reconciler.generation == 1 and poker.started and Hangs.started, "startup")
+    agent = build_agent(AgentOptions(), backend=DryRunBackend(), config=config, plugins=plugins)
+    async with running(agent):
+        await wait_until(lambda: agent.status.generation == 1 and poker.started and Hangs.started, "startup")
         poker.poke.set()
-        await wait_until(lambda: reconciler.generation == 2, "the reconcile the source asked for")
+        await wait_until(lambda: agent.status.generation == 2, "the reconcile the source asked for")
         await wait_until(lambda: len(recorder.events) == 2, "audit delivery")
-        tg.cancel_scope.cancel()
     assert [e.trigger for e in recorder.events] == ["startup", "poker"]
     assert offers.context.config_path == str(config) and offers.context.resync_interval() == 3600
 
@@ -502,12 +493,9 @@ async def test_a_failing_plugin_is_retried_without_waiting_for_a_file_change(tmp
     config.write_text("resyncInterval: 1h\n")
     plugins = make_plugins(FlakyAtStart())
     backend = DryRunBackend()
-    reconciler = Reconciler(backend, AgentOptions(), config, plugins=plugins, retry_initial_seconds=0.01)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler, plugins=plugins,
-                                         handle_signals=False))
+    agent = build_agent(AgentOptions(), backend=backend, config=config, plugins=plugins, retry_initial_seconds=0.01)
+    async with running(agent):
         await wait_until(lambda: backend.writes == 1, "the retry after the plugin failed")
-        tg.cancel_scope.cancel()
     assert [str(n) for n in backend.applied.ipv4.nonmasq][-1] == "192.0.2.0/24" and FlakyAtStart.calls == 2
 
 
@@ -747,6 +735,132 @@ def test_the_daemon_never_asks_for_descriptions(masqd_dry_run):
     result = masqd_dry_run(plugin).apply(None)
     assert result.error is None and "192.0.2.0/24" in result.nonmasq[4]
     assert plugin.asked == []
+
+
+# --- one-shot commands read registered sources; what contributed CIDRs are ---------------------------------
+
+REMOTE_LIST = '''
+import os
+
+import anyio
+import masqd
+
+
+class RemoteList:
+    """A source of this plugin's that reads a remote list: the daemon runs it, a one-shot
+    command reads it once."""
+
+    name = "remote-list"
+
+    def __init__(self, plugin):
+        self.plugin = plugin
+
+    async def run(self, notify):
+        await anyio.sleep_forever()
+
+    async def read_once(self):
+        if os.environ.get("REMOTE_LIST_DOWN"):
+            raise ConnectionRefusedError("IPAM at 192.0.2.53 refused")
+        self.plugin.cidrs = ["203.0.113.0/24"]
+
+
+class Plugin:
+    def __init__(self):
+        self.cidrs = []
+        self.once = None
+
+    @masqd.hookimpl
+    def register_sources(self, register, context):
+        self.once = context.once
+        register(RemoteList(self))
+
+    @masqd.hookimpl
+    def nonmasq_cidrs(self):
+        return self.cidrs
+
+
+plugin = Plugin()
+'''
+
+
+@covers("register_sources")
+@pytest.mark.parametrize("command", [
+    pytest.param(["render"], id="render"), pytest.param(["validate"], id="validate"),
+    pytest.param(["run", "--once"], id="run-once"), pytest.param(["explain", "203.0.113.9"], id="explain"),
+])
+def test_one_shot_commands_read_a_third_party_source_once(install_plugin, capsys, command):
+    install_plugin("masqd_test_remote_list", REMOTE_LIST, "remote-list = masqd_test_remote_list:plugin")
+    assert main([*command, "--backend", "dry-run", "--config", "/nonexistent/masqd-config"]) == 0
+    out, err = capsys.readouterr()
+    assert "203.0.113.0/24" in out + err  # read once, then contributed
+    import masqd_test_remote_list
+
+    assert masqd_test_remote_list.plugin.once is True
+
+
+@covers("register_sources")
+def test_a_source_that_cannot_be_read_once_fails_the_command_naming_it(install_plugin, capsys, monkeypatch):
+    install_plugin("masqd_test_remote_list", REMOTE_LIST, "remote-list = masqd_test_remote_list:plugin")
+    monkeypatch.setenv("REMOTE_LIST_DOWN", "1")
+    assert main(["render", "--backend", "dry-run", "--config", "/nonexistent/masqd-config"]) == 4
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == ("error: cannot read event source remote-list (plugin remote-list): raised "
+                   "ConnectionRefusedError('IPAM at 192.0.2.53 refused')\n")
+
+
+async def test_the_daemon_runs_sources_and_never_reads_them_once(tmp_path):
+    class Source:
+        name = "counted"
+        runs = reads = 0
+
+        async def run(self, notify):
+            Source.runs += 1
+            await anyio.sleep_forever()
+
+        async def read_once(self):
+            Source.reads += 1
+
+    config = tmp_path / "config"
+    agent = build_agent(AgentOptions(), backend=DryRunBackend(), config=config,
+                        plugins=make_plugins(OffersSources(Source())))
+    async with running(agent):
+        await wait_until(lambda: Source.runs == 1, "the source to run")
+    assert Source.reads == 0
+    once = build_agent(AgentOptions(), backend=DryRunBackend(), config=config,
+                       plugins=make_plugins(OffersSources(Source())), once=True)
+    await once.run_once()
+    assert (Source.runs, Source.reads) == (1, 1)
+
+
+class Policies(Adds):
+    """A plugin whose CIDRs each stand for a policy object."""
+
+    masqd_origin_kind = "policy"
+
+
+@covers("nonmasq_cidrs")
+async def test_a_plugin_declares_its_cidrs_are_policies_and_the_metrics_count_them_so():
+    from masqd.provenance import origin_counts
+
+    options = AgentOptions()
+    plugins = make_plugins(Policies("policies", "192.0.2.0/24"), Adds("plain", "198.51.100.0/24"))
+    contributions = await plugins.contributions(parse_config(None, options).config, options)
+    assert {c.plugin: c.kind for c in contributions} == {"policies": "policy", "plain": "plugin"}
+    from masqd.config import merge_configs
+
+    extra = tuple(net for c in contributions for net in c.cidrs)
+    ruleset = compute_ruleset(parse_config(None, options).config, options, extra)
+    counts = origin_counts(ruleset, merge_configs([], options), contributions, options)
+    assert counts[("ipv4", "policy")] == 1 and counts[("ipv4", "plugin")] == 1
+
+
+def test_an_unknown_origin_kind_is_refused_at_start_up_naming_the_plugin():
+    class Odd(Adds):
+        masqd_origin_kind = "magic"
+
+    with pytest.raises(PluginLoadError, match="plugin odd: masqd_origin_kind is 'magic'; expected one of plugin, policy"):
+        make_plugins(Odd("odd", "192.0.2.0/24"))
 
 
 # --- the meta-test -------------------------------------------------------------------------------------

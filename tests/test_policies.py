@@ -70,12 +70,15 @@ def test_policy_set_skips_the_invalid_and_keeps_the_others():
     assert found.nonmasq_origins() == {parse_cidr("10.0.0.0/8"): ("a", "b"), parse_cidr("192.0.2.0/24"): ("b",)}
 
 
+def source_context(kube: KubeSettings | None = None) -> SourceContext:
+    return SourceContext(config_path="/nonexistent", options=AgentOptions(), resync_interval=lambda: 60.0,
+                         on_resync_interval_change=lambda cb: None, kube=kube)
+
+
 def _enabled_plugin() -> EgressNATPolicies:
     plugin = EgressNATPolicies()
     registered = []
-    context = SourceContext("/nonexistent", AgentOptions(), lambda: 60.0, lambda cb: None, (),
-                            KubeSettings(egress_nat_policies=True))
-    plugin.register_sources(registered.append, context)
+    plugin.register_sources(registered.append, source_context(KubeSettings(egress_nat_policies=True)))
     assert [s.name for s in registered] == ["egress-nat-policies"]
     return plugin
 
@@ -83,7 +86,7 @@ def _enabled_plugin() -> EgressNATPolicies:
 def test_plugin_is_silent_without_the_flag():
     plugin = EgressNATPolicies()
     registered = []
-    plugin.register_sources(registered.append, SourceContext("/x", AgentOptions(), lambda: 60.0, lambda cb: None))
+    plugin.register_sources(registered.append, source_context())
     assert registered == [] and plugin.nonmasq_cidrs(None, AgentOptions()) is None
 
 
@@ -110,10 +113,10 @@ def test_plugin_asks_for_a_reconcile_only_when_a_spec_changes():
 async def test_plugin_contributions_flow_through_the_plugin_manager():
     plugins = Plugins.load(entry_points=False)
     plugin = next(p for p in plugins.pm.get_plugins() if isinstance(p, EgressNATPolicies))
-    context = SourceContext("/x", AgentOptions(), lambda: 60.0, lambda cb: None, (), KubeSettings(egress_nat_policies=True))
+    context = source_context(KubeSettings(egress_nat_policies=True))
     assert "egress-nat-policies" in [s.name for s in plugins.sources(context)]
     plugin.update({"a": policy("a", "NoSNAT", "203.0.113.0/24"), "v6": policy("v6", "NoSNAT", "2001:db8::/32")})
     contributions = await plugins.contributions(None, AgentOptions())
-    assert [(c.plugin, c.cidrs) for c in contributions] == [
-        ("masqd.default_plugins.egress", (parse_cidr("203.0.113.0/24"),))]  # the v6 CIDR left out, not fatal
+    assert [(c.plugin, c.cidrs, c.kind) for c in contributions] == [  # the v6 CIDR left out, not fatal
+        ("masqd.default_plugins.egress", (parse_cidr("203.0.113.0/24"),), "policy")]
     assert [p.name for p in plugin.policies.valid if p.ignored] == ["v6"]

@@ -21,7 +21,7 @@ from masqd.backends.iptables import (
     format_probability,
     jump_rule,
     parse_nat_state,
-    plan,
+    plan_restore,
     render_restore,
 )
 from masqd.config import AgentOptions, parse_config, parse_to_ports
@@ -260,20 +260,20 @@ def test_parse_nat_state_reads_chain_rules_and_jump():
 
 
 def test_in_sync_state_plans_no_write():
-    text, reason = plan(DESIRED_DEFAULT, parse_nat_state(SAVE_IN_SYNC, "IP-MASQ-AGENT"), "IP-MASQ-AGENT")
+    text, reason = plan_restore(DESIRED_DEFAULT, parse_nat_state(SAVE_IN_SYNC, "IP-MASQ-AGENT"), "IP-MASQ-AGENT")
     assert text is None
     assert reason == "in sync"
 
 
 def test_missing_chain_writes_chain_and_jump():
-    text, reason = plan(DESIRED_DEFAULT, parse_nat_state(EMPTY_NAT, "IP-MASQ-AGENT"), "IP-MASQ-AGENT")
+    text, reason = plan_restore(DESIRED_DEFAULT, parse_nat_state(EMPTY_NAT, "IP-MASQ-AGENT"), "IP-MASQ-AGENT")
     assert text == golden("defaults").removeprefix("# iptables-restore --noflush\n")
     assert "IP-MASQ-AGENT missing" in reason
 
 
 def test_differing_chain_is_rewritten_without_touching_the_jump():
     decayed = _without(SAVE_IN_SYNC, f"-A IP-MASQ-AGENT -d 172.16.0.0/12 {NONMASQ}")
-    text, reason = plan(DESIRED_DEFAULT, parse_nat_state(decayed, "IP-MASQ-AGENT"), "IP-MASQ-AGENT")
+    text, reason = plan_restore(DESIRED_DEFAULT, parse_nat_state(decayed, "IP-MASQ-AGENT"), "IP-MASQ-AGENT")
     assert text == "\n".join(["*nat", ":IP-MASQ-AGENT - [0:0]", *DESIRED_DEFAULT, "COMMIT"]) + "\n"
     assert "differs" in reason
 
@@ -282,14 +282,14 @@ def test_extra_rule_in_chain_is_removed_by_the_rewrite():
     tampered = SAVE_IN_SYNC.replace(
         f"-A IP-MASQ-AGENT {MASQ}", f"-A IP-MASQ-AGENT -d 8.8.8.0/24 {NONMASQ}\n-A IP-MASQ-AGENT {MASQ}"
     )
-    text, _ = plan(DESIRED_DEFAULT, parse_nat_state(tampered, "IP-MASQ-AGENT"), "IP-MASQ-AGENT")
+    text, _ = plan_restore(DESIRED_DEFAULT, parse_nat_state(tampered, "IP-MASQ-AGENT"), "IP-MASQ-AGENT")
     assert text is not None
     assert "8.8.8.0/24" not in text
     assert ":IP-MASQ-AGENT - [0:0]" in text.splitlines()  # the flush line that drops the stray rule
 
 
 def test_missing_jump_is_appended_once():
-    text, reason = plan(DESIRED_DEFAULT, parse_nat_state(_with_jumps(SAVE_IN_SYNC, 0), "IP-MASQ-AGENT"),
+    text, reason = plan_restore(DESIRED_DEFAULT, parse_nat_state(_with_jumps(SAVE_IN_SYNC, 0), "IP-MASQ-AGENT"),
                         "IP-MASQ-AGENT")
     assert text is not None
     lines = text.splitlines()
@@ -302,7 +302,7 @@ def test_missing_jump_is_appended_once():
 def test_duplicated_jumps_are_deleted_down_to_one(count):
     state = parse_nat_state(_with_jumps(SAVE_IN_SYNC, count), "IP-MASQ-AGENT")
     assert state.jumps == count
-    text, reason = plan(DESIRED_DEFAULT, state, "IP-MASQ-AGENT")
+    text, reason = plan_restore(DESIRED_DEFAULT, state, "IP-MASQ-AGENT")
     assert text is not None
     lines = text.splitlines()
     assert lines.count("-D" + JUMP[2:]) == count - 1

@@ -28,10 +28,12 @@ from masqd.backends import tools
 from masqd.backends.iptables import LOCK_WAIT_SECONDS, IptablesBackend, SubprocessExecutor
 from masqd.backends.iptables_mode import Binaries
 from masqd.backends.nftables import NftSubprocessExecutor
+from masqd.agent import build_agent
+from masqd.backends.iptables.backend import _save_or_none
 from masqd.config import AgentOptions
-from masqd.daemon import run_daemon
-from masqd.errors import BackendError, ToolTimeoutError
-from masqd.reconcile import HEALTH_DEADLINE_SECONDS, Reconciler
+from masqd.errors import BackendError, ReadBackError, ToolMissingError, ToolTimeoutError
+from masqd.status import HEALTH_DEADLINE_SECONDS
+from masqd.testing import running, wait_until
 
 DEADLINE = 0.5  # seconds: TOOL_TIMEOUT_SECONDS in these tests
 GUARD = 10  # seconds before a test gives up (a failure, not a timing claim)
@@ -205,6 +207,50 @@ async def test_a_tool_that_exits_without_reading_its_input_is_reported_by_its_ex
         await NftSubprocessExecutor(binary=str(nft)).apply("flush ruleset\n" * 100_000)
 
 
+# --- a tool that cannot be started -------------------------------------------------------------------
+
+
+def not_executable(directory: Path, name: str) -> Path:
+    path = directory / name
+    path.write_text("#!/bin/sh\n")  # no execute bit
+    return path
+
+
+@pytest.mark.parametrize(("why", "reason"), [
+    pytest.param("missing", "No such file or directory", id="missing"),
+    pytest.param("not-executable", "Permission denied", id="not-executable"),
+])
+async def test_a_tool_that_cannot_be_started_is_a_tool_missing_error_naming_it(tmp_path: Path, why, reason) -> None:
+    binary = str(tmp_path / "nft") if why == "missing" else str(not_executable(tmp_path, "nft"))
+    with pytest.raises(ToolMissingError) as caught:
+        await tools.run_tool([binary, "--json", "list", "ruleset"])
+    assert str(caught.value) == f"cannot run {binary}: {reason}"
+    assert caught.value.command == [binary, "--json", "list", "ruleset"]
+    assert isinstance(caught.value, BackendError) and not isinstance(caught.value, ReadBackError)
+
+
+async def test_a_missing_tool_during_a_write_is_a_tool_missing_error_not_a_read_error(tmp_path: Path) -> None:
+    missing = str(tmp_path / "absent")
+    with pytest.raises(ToolMissingError, match=f"cannot run {missing}: No such file or directory"):
+        await SubprocessExecutor({4: Binaries(missing, missing, missing)}).restore(4, "*nat\nCOMMIT\n")
+    with pytest.raises(ToolMissingError, match=f"cannot run {missing}: No such file or directory"):
+        await NftSubprocessExecutor(binary=missing).apply("add table ip masqd\n")
+
+
+async def test_cleanup_skips_an_ipv6_family_whose_tool_is_missing(tmp_path: Path) -> None:
+    """As on a node without ip6tables: IPv6 has nothing of masqd's; IPv4 is still cleaned."""
+    binaries, _, state = fake_iptables(tmp_path)
+    state.write_text("*nat\n:IP-MASQ-AGENT - [0:0]\nCOMMIT\n")
+    missing = str(tmp_path / "absent")
+    executor = SubprocessExecutor({4: binaries, 6: Binaries(missing, missing, missing)})
+    assert await IptablesBackend(executor).cleanup("IP-MASQ-AGENT") == ("ipv4 chain IP-MASQ-AGENT",)
+    assert state.read_text() == "*nat\n-F IP-MASQ-AGENT\n-X IP-MASQ-AGENT\nCOMMIT\n"
+
+
+async def test_mode_detection_reads_a_missing_save_binary_as_no_output(tmp_path: Path) -> None:
+    assert await _save_or_none([str(tmp_path / "iptables-nft-save")]) is None
+
+
 DEFAULT_DEADLINE = tools.TOOL_TIMEOUT_SECONDS  # read at import, before any test lowers it
 
 
@@ -218,12 +264,6 @@ def test_deadline_fits_between_the_lock_wait_and_the_health_deadline() -> None:
 # --- the reconciler's view ------------------------------------------------------------------------------
 
 
-async def wait_until(predicate) -> None:
-    with anyio.fail_after(GUARD):
-        while not predicate():
-            await anyio.sleep(0.01)
-
-
 @pytest.mark.parametrize("hung", [pytest.param("iptables-save", id="read"),
                                   pytest.param("iptables-restore", id="write")])
 async def test_daemon_reports_a_hung_tool_stays_healthy_and_recovers(tmp_path: Path, hung: str) -> None:
@@ -233,26 +273,26 @@ async def test_daemon_reports_a_hung_tool_stays_healthy_and_recovers(tmp_path: P
     config = tmp_path / "config"
     config.write_text(NO_RESYNC + "nonMasqueradeCIDRs: [10.0.0.0/8]\n")
     backend = IptablesBackend(SubprocessExecutor({4: binaries}), random_fully_supported=True)
-    reconciler = Reconciler(backend, AgentOptions(), config, retry_initial_seconds=0.01)
+    agent = build_agent(AgentOptions(), backend=backend, config=config, retry_initial_seconds=0.01,
+                        drift_check_interval=0)
+    status = agent.status
     with structlog.testing.capture_logs() as logs:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler,
-                                             handle_signals=False))
-            await wait_until(lambda: reconciler.errors >= 1 and reconciler.busy_since is None)
-            error = reconciler.last_error
+        async with running(agent, first_pass=False):
+            await wait_until(lambda: status.errors >= 1 and status.busy_since is None, "the hung tool's failure",
+                             timeout=GUARD)
+            error = status.last_error
             assert isinstance(error, ToolTimeoutError) and error.command[0] == str(tmp_path / hung)
             assert error.written == ()
-            assert reconciler.health()[0], reconciler.health()
-            ready, why = reconciler.readiness()
+            assert status.health()[0], status.health()
+            ready, why = status.readiness()
             assert not ready
             assert "did not finish within 0.5 s and was killed" in why
             assert not state.exists() or "10.0.0.0/8" not in state.read_text()
 
             hang.unlink()  # the tool answers again: the back-off retry applies the rules
-            await wait_until(lambda: reconciler.readiness()[0])
-            assert reconciler.health()[0]
+            await wait_until(lambda: status.readiness()[0], "the retry to apply", timeout=GUARD)
+            assert status.health()[0]
             assert "-A IP-MASQ-AGENT -d 10.0.0.0/8 " in state.read_text()
-            tg.cancel_scope.cancel()
     failures = [e for e in logs if e["event"] == "sync failed; kernel keeps its previous rules"]
     assert failures and failures[0]["log_level"] == "error"
     assert "did not finish within 0.5 s and was killed" in failures[0]["error"]

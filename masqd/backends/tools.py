@@ -36,18 +36,18 @@ from contextlib import asynccontextmanager
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from masqd.errors import ReadBackError, ToolExitedError, ToolTimeoutError
+from masqd.errors import ToolExitedError, ToolMissingError, ToolTimeoutError
 
 #: The tools' messages are parsed ("No such file or directory", "line N failed"): keep them English.
 _ENV = {**os.environ, "LC_ALL": "C"}
 
 #: Seconds one tool run (``iptables-save``, ``iptables-restore``, ``nft``) may take before it is
 #: killed and the sync fails. Longer than anything a healthy tool does: iptables-restore waits at
-#: most ``LOCK_WAIT_SECONDS`` (10 s) for the xtables lock, and at 100k CIDRs one run takes about
-#: 0.6 s (nft) to 2 s (iptables-restore, iptables-save). Well under the reconciler's
-#: ``HEALTH_DEADLINE_SECONDS`` (60 s), even with :data:`KILL_GRACE_SECONDS` added, so a hung tool
-#: shows up as a failed sync that names the command, not as a silent liveness failure and a pod
-#: restart.
+#: most :data:`~masqd.backends.iptables.executor.LOCK_WAIT_SECONDS` (10 s) for the xtables lock,
+#: and one run at 100k CIDRs takes a small part of this (``apply_time`` in
+#: ``benchmarks/RESULTS.md``). Well under :data:`masqd.status.HEALTH_DEADLINE_SECONDS` (60 s), even
+#: with :data:`KILL_GRACE_SECONDS` added, so a hung tool shows up as a failed sync that names the
+#: command, not as a silent liveness failure and a pod restart.
 TOOL_TIMEOUT_SECONDS = 30.0
 #: Seconds to wait for a killed tool to exit. SIGKILL takes effect only when the process leaves
 #: the kernel; one stuck in uninterruptible I/O (state D) exits later, and is reaped then (by the
@@ -58,7 +58,7 @@ KILL_GRACE_SECONDS = 5.0
 async def run_tool(command: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run ``command`` to completion, capturing its output (``stdin``: its whole standard input).
 
-    A missing binary is a :class:`~masqd.errors.ReadBackError`; a run longer than
+    A binary that cannot be started is a :class:`~masqd.errors.ToolMissingError`; a run longer than
     :data:`TOOL_TIMEOUT_SECONDS` is killed and raises :class:`~masqd.errors.ToolTimeoutError`.
     The deadline holds inside a shielded cancel scope (the reconciler's sync) too. When the
     caller is cancelled instead, the tool is killed and reaped just the same.
@@ -87,14 +87,15 @@ async def run_tool(command: list[str], stdin: bytes | None = None) -> subprocess
 
 async def _spawn(command: list[str], stdin: bytes | None, stderr: int = subprocess.PIPE) -> Process:
     """Start ``command`` in a session of its own, ``stdin`` (or nothing) as its standard input.
-    A missing binary is a :class:`~masqd.errors.ReadBackError`."""
+    A binary that cannot be started (missing, not executable) is a
+    :class:`~masqd.errors.ToolMissingError` naming it, whether the run was to read or to write."""
     source = _input_file(stdin) if stdin is not None else subprocess.DEVNULL
     try:
         # A session of its own: the whole group can be killed, and a terminal's Ctrl-C reaches
         # masqd (which finishes the sync in progress), not the tool half-way through a write.
         return await anyio.open_process(command, stdin=source, stderr=stderr, env=_ENV, start_new_session=True)
     except OSError as exc:  # binary missing or not executable
-        raise ReadBackError(command, f"cannot run {command[0]}: {exc.strerror or exc}") from None
+        raise ToolMissingError(command, exc.strerror or str(exc)) from None
     finally:
         if stdin is not None:
             os.close(source)  # the tool holds its own copy as its standard input
@@ -114,6 +115,8 @@ async def tool_output(command: list[str]) -> AsyncIterator[ByteReceiveStream]:
     :class:`~masqd.errors.ToolExitedError` with its exit status and the start of what it printed
     on stderr (a tool still running then is killed first). If masqd itself dies without a chance
     to kill it (SIGKILL, the OOM killer), the kernel kills the tool too (see :func:`_dies_with_masqd`).
+    The tool is started through a small Python wrapper, so a tool that cannot be started exits at
+    once (status 127, ``cannot run TOOL: ...``): that too is a ``ToolExitedError``.
     """
     errors = _bounded_file(STDERR_KEPT_BYTES)  # read after exit: no task draining a pipe
     try:

@@ -1,7 +1,7 @@
 """Default plugin: ``EgressNATPolicy`` objects as non-masquerade CIDRs (``--egress-nat-policies``).
 
-It registers a watch on the cluster's policies (:class:`~masqd.sources.kube.ReflectorSource`) and
-contributes the destinations of every valid ``NoSNAT`` policy through ``nonmasq_cidrs`` (and, for
+It registers a watch on the cluster's policies (:class:`~masqd.sources.kube.ReflectorSource`;
+one-shot commands read it once) and contributes the destinations of every valid ``NoSNAT`` policy through ``nonmasq_cidrs`` (and, for
 ``masqd explain``, names the policies listing each one through ``describe_cidrs``). An invalid
 policy is skipped and reported once with its name; the others still apply. Without
 ``--enable-ipv6`` a policy's IPv6 destinations are left out (reported once) and its IPv4 ones
@@ -26,10 +26,13 @@ NAME = "egress-nat-policies"
 class EgressNATPolicies:
     """The plugin object (one per loaded plugin manager; it holds the watched policies)."""
 
+    #: each contributed CIDR stands for the policies listing it (see masqd.hookspecs.nonmasq_cidrs)
+    masqd_origin_kind = "policy"
+
     def __init__(self) -> None:
         self.objects: dict[str, Any] = {}
         self.policies: PolicySet | None = None  # as last contributed
-        self.enabled = False  # --egress-nat-policies: a watch registered, or a one-shot list handed over
+        self.enabled = False  # --egress-nat-policies: a watch registered (run, or read once)
         self._fingerprint: tuple = ()
         self._reported: frozenset[str] = frozenset()
 
@@ -38,15 +41,11 @@ class EgressNATPolicies:
         kube = context.kube
         if kube is None or not kube.egress_nat_policies:
             return
-        self.enabled = True
-        register(self.make_source(kube))
-
-    def make_source(self, settings):
-        """A source reading every policy into :meth:`update` (a watch, or one list)."""
-        from masqd.kube import EgressNATPolicy
+        from masqd.kube import EgressNATPolicy  # the API client library: only when it is used
         from masqd.sources.kube import ReflectorSource
 
-        return ReflectorSource(NAME, EgressNATPolicy, settings, self.update, what="EgressNATPolicy objects")
+        self.enabled = True
+        register(ReflectorSource(NAME, EgressNATPolicy, kube, self.update, what="EgressNATPolicy objects"))
 
     def update(self, objects: dict[str, Any]) -> str | None:
         """Take the watch's copy; returns why to reconcile when a policy's spec changed (the

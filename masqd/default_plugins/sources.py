@@ -1,11 +1,10 @@
 """The built-in event sources: a watch on every config input (files, directories, the API
-ConfigMap), the resync timer, and a drift source (the backend's kernel monitor, else a periodic
-read-back; see :mod:`masqd.sources.drift`)."""
+ConfigMap) and the resync timer. (The drift sources belong to the agent itself, which knows
+its backend: see :mod:`masqd.sources.drift`.)"""
 
 from __future__ import annotations
 
 from masqd.hookspecs import hookimpl
-from masqd.sources.drift import DriftCheckSource, KernelMonitorSource
 from masqd.sources.files import ConfigFileSource
 from masqd.sources.timer import TimerSource
 
@@ -21,8 +20,3 @@ def register_sources(register, context):
     timer = TimerSource(context.resync_interval)
     context.on_resync_interval_change(timer.reschedule)
     register(timer)
-    if context.drift_check_interval > 0:
-        if context.kernel_monitor is not None:
-            register(KernelMonitorSource(context.kernel_monitor, context.check_drift, context.drift_check_interval))
-        elif context.check_drift is not None:
-            register(DriftCheckSource(context.check_drift, context.drift_check_interval))

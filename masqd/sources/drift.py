@@ -16,7 +16,8 @@ at the next ``resyncInterval`` (default 60 s); these sources shorten the window:
   chain back and asks for a reconcile only when it differs from the rules last applied.
 
 Neither writes: the reconciler repairs, as for any other event. ``--drift-check-interval 0``
-turns both off (the resync timer still heals).
+turns both off (the resync timer still heals). The agent picks one for its backend
+(:func:`drift_source`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import anyio
 import anyio.abc
 import structlog
 
+from masqd.aio import Backoff, supervise
 from masqd.errors import MasqdError
-from masqd.events import Notify
+from masqd.events import EventSource, Notify
 
 log = structlog.get_logger("masqd.sources.drift")
 
@@ -40,8 +42,8 @@ MIN_DRIFT_CHECK_SECONDS = 0.1
 #: Outside changes restored at once, in a burst; beyond, one restore per REPAIR_REFILL_SECONDS.
 REPAIR_BURST = 5
 REPAIR_REFILL_SECONDS = 10.0
-#: After the kernel monitor fails, it is started again after this many seconds, doubled per
-#: failure up to the max (and back to the first after it ran longer than the max).
+#: After the kernel monitor fails, it is started again after about this many seconds, doubled
+#: (with jitter) per failure up to the max, and back to the first after it ran longer than the max.
 MONITOR_RETRY_SECONDS = 1.0
 MONITOR_RETRY_MAX_SECONDS = 60.0
 #: Seconds after starting the monitor again before the pass that covers the time without one
@@ -50,6 +52,18 @@ MONITOR_SETTLE_SECONDS = 0.5
 
 Check = Callable[[], Awaitable[str | None]]
 Monitor = Callable[[Callable[[str], None]], Awaitable[None]]
+
+
+def drift_source(monitor: Monitor | None, check: Check | None, interval: float) -> EventSource | None:
+    """The drift source for a backend: its kernel monitor when it has one (``monitor``), else the
+    periodic read-back (``check``); ``None`` with ``interval`` 0 or neither."""
+    if interval <= 0:
+        return None
+    if monitor is not None:
+        return KernelMonitorSource(monitor, check, interval)
+    if check is not None:
+        return DriftCheckSource(check, interval)
+    return None
 
 
 class RepairBudget:
@@ -140,30 +154,32 @@ class KernelMonitorSource:
             await self._follow(notify, tg)
 
     async def _follow(self, notify: Notify, tg: anyio.abc.TaskGroup) -> None:
-        delay = MONITOR_RETRY_SECONDS
-        while True:
-            started = time.monotonic()
-            try:
-                log.debug("following the kernel's changes to masqd's rules")
-                await self._monitor(self._changed)
-                error = "the monitor ended"
-            except MasqdError as exc:
-                error = str(exc)
-            except Exception as exc:  # a bug: still only this source's failure, and read back meanwhile
-                error = repr(exc)
-            if time.monotonic() - started > MONITOR_RETRY_MAX_SECONDS:
-                delay = MONITOR_RETRY_SECONDS  # it had been working: a new failure, not a repeat
+        """Run the monitor; while it is down (it failed, or ended), read back instead, and start it
+        again after a back-off (a bug in it is only this source's failure too)."""
+        restarted = False
+
+        async def follow() -> None:
+            nonlocal restarted
+            if restarted:  # a pass once the new monitor is listening, for what changed while none was
+                tg.start_soon(_notify_later, notify, MONITOR_SETTLE_SECONDS, "monitor restarted")
+            restarted = True
+            log.debug("following the kernel's changes to masqd's rules")
+            await self._monitor(self._changed)
+
+        def failed(exc: BaseException | None, delay: float) -> None:
+            error = "the monitor ended" if exc is None else str(exc) if isinstance(exc, MasqdError) else repr(exc)
             log.warning("cannot follow the kernel's changes to masqd's rules; reading them back meanwhile",
-                        error=error, retry_in_s=delay,
+                        error=error, retry_in_s=round(delay, 3),
                         read_back_every_s=None if self._fallback is None else self._fallback.interval)
-            with anyio.move_on_after(delay):
-                if self._fallback is not None:
-                    await self._fallback.poll(notify, at_once=True)
-                else:
-                    await anyio.sleep_forever()
-            delay = min(delay * 2, MONITOR_RETRY_MAX_SECONDS)
-            # a pass once the new monitor is listening, for what changed while none was
-            tg.start_soon(_notify_later, notify, MONITOR_SETTLE_SECONDS, "monitor restarted")
+
+        async def read_back() -> None:
+            if self._fallback is not None:
+                await self._fallback.poll(notify, at_once=True)
+            else:
+                await anyio.sleep_forever()
+
+        await supervise(follow, Backoff(MONITOR_RETRY_SECONDS, MONITOR_RETRY_MAX_SECONDS), on_failure=failed,
+                        while_waiting=read_back, restart_on_return=True)
 
     async def _deliver(self, notify: Notify) -> None:
         fighting = False

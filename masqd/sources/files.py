@@ -22,9 +22,9 @@ from masqd.config import MAX_CONFIG_BYTES, too_large_problem
 from masqd.errors import ConfigError
 from masqd.events import Notify
 
-#: Milliseconds watchfiles waits for more changes before yielding a batch (its default is 50).
-#: A change is seen 10-20 ms after it happens; idle, the daemon costs about 0.3% of one core
-#: (benchmarks/reload_latency.py measures both).
+#: Milliseconds watchfiles waits for more changes before yielding a batch (its default is 50): a
+#: shorter step sees a change sooner and wakes the idle daemon more often (reload latency and idle
+#: cost: benchmarks/RESULTS.md, from reload_latency.py and idle_cost.py).
 WATCH_STEP_MS = 10
 #: Seconds between checks while the config directory does not exist.
 MISSING_DIR_POLL_SECONDS = 1.0

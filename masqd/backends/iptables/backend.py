@@ -1,0 +1,161 @@
+"""The iptables backend itself: reads each family back, plans, writes with the executor, and
+checks what it wrote; also the cleanup of everything masqd wrote."""
+
+from __future__ import annotations
+
+import structlog
+
+from masqd.backends.base import LiveRules, SyncResult
+from masqd.backends.iptables.executor import IptablesExecutor, SubprocessExecutor, parse_iptables_version
+from masqd.backends.iptables.live import live_family
+from masqd.backends.iptables.render import (NatState, chain_rules, jump_rule, parse_nat_chains, parse_nat_state,
+                                            plan_restore, render_restore)
+from masqd.backends.iptables_mode import binaries_for, detect_mode, installed_modes
+from masqd.backends.tools import run_tool
+from masqd.errors import BackendError, ReadBackError, ToolMissingError
+from masqd.ruleset import FamilyRules, RuleSet
+
+log = structlog.get_logger("masqd.backend.iptables")
+
+#: ``--random-fully`` needs iptables >= 1.6.2.
+RANDOM_FULLY_MIN_VERSION = (1, 6, 2)
+
+
+def render_ruleset(ruleset: RuleSet, *, random_fully_supported: bool = True) -> str:
+    """The iptables-restore input for each family, as written to a kernel holding none of it."""
+    parts = []
+    for family in ruleset.families:
+        rules = _family_rules(ruleset, family, random_fully_supported)
+        tool = "iptables-restore" if family.family == 4 else "ip6tables-restore"
+        parts.append(f"# {tool} --noflush\n" + render_restore(rules, ruleset.chain, jumps_present=0))
+    return "".join(parts)
+
+
+def _family_rules(ruleset: RuleSet, family: FamilyRules, random_fully_supported: bool) -> tuple[str, ...]:
+    random_fully = ruleset.masquerade.random_fully and random_fully_supported
+    return chain_rules(family, ruleset.chain, ruleset.masquerade, random_fully)
+
+
+class IptablesBackend:
+    """Programs the upstream agent's nat chain and POSTROUTING jump, IPv4 and (optionally) IPv6.
+
+    Each family is read back and written on its own; after a write the family is read back again,
+    so a rule the kernel stores differently from how it was rendered is reported as an error
+    instead of being rewritten (and blamed on someone else) on every resync.
+
+    ``mode`` picks the iptables variant: ``legacy``, ``nft``, or ``auto`` (detected on first use,
+    see :mod:`masqd.backends.iptables_mode`). An injected ``executor`` is used as it is.
+    """
+
+    name = "iptables"
+
+    def __init__(self, executor: IptablesExecutor | None = None, *, random_fully_supported: bool | None = None,
+                 mode: str = "auto"):
+        self.mode = mode if executor is None else "given"
+        self.executor: IptablesExecutor = executor or SubprocessExecutor(
+            None if mode == "auto" else binaries_for(mode))
+        #: Whether the iptables binary knows --random-fully; None until :meth:`probe` ran.
+        self.random_fully_supported = random_fully_supported
+
+    async def probe(self) -> None:
+        """Pick the iptables variant (``auto``), then learn whether ``--random-fully`` is available."""
+        if self.mode == "auto":
+            self.mode = await detect_mode(_save_or_none)
+            self.executor = SubprocessExecutor(binaries_for(self.mode))
+            log.info("iptables variant chosen", mode=self.mode)
+        if self.random_fully_supported is None:
+            version = parse_iptables_version(await self.executor.version(4))
+            self.random_fully_supported = version is not None and version >= RANDOM_FULLY_MIN_VERSION
+
+    def render(self, ruleset: RuleSet) -> str:
+        """What a sync would write to an empty kernel (``--random-fully`` assumed when not probed)."""
+        return render_ruleset(ruleset, random_fully_supported=self.random_fully_supported is not False)
+
+    async def sync(self, ruleset: RuleSet) -> SyncResult:
+        await self.probe()
+        written: list[str] = []
+        reasons: list[str] = []
+        for family in ruleset.families:
+            try:
+                reason = await self._sync_family(ruleset, family)
+            except BackendError as exc:
+                exc.written = tuple(written)
+                raise
+            if reason is not None:
+                written.append(family.label)
+                reasons.append(reason)
+        return SyncResult(tuple(written), tuple(reasons))
+
+    async def _sync_family(self, ruleset: RuleSet, family: FamilyRules) -> str | None:
+        """Bring one family in line; return why it was written, or None when it was in sync."""
+        desired = _family_rules(ruleset, family, bool(self.random_fully_supported))
+        state = parse_nat_state(await self.executor.save(family.family), ruleset.chain)
+        text, reason = plan_restore(desired, state, ruleset.chain)
+        if text is None:
+            return None
+        await self.executor.restore(family.family, text)
+        after = parse_nat_state(await self.executor.save(family.family), ruleset.chain)
+        if plan_restore(desired, after, ruleset.chain)[0] is not None:
+            raise BackendError(
+                f"{family.label}: iptables accepted the rules but reads them back differently; "
+                f"wrote {list(desired)}, read back {list(after.rules)} with {after.jumps} jump(s)"
+            )
+        return reason
+
+    async def read_back(self, ruleset: RuleSet) -> LiveRules:
+        """What the kernel holds of ``ruleset``'s chain and jump, per family; reads only (the
+        variant is picked as :meth:`sync` would pick it)."""
+        await self.probe()
+        families = []
+        for family in ruleset.families:
+            desired = _family_rules(ruleset, family, bool(self.random_fully_supported))
+            text = await self.executor.save(family.family)
+            state = parse_nat_state(text, ruleset.chain)
+            families.append(live_family(state, family.family, desired, ruleset.chain, parse_nat_chains(text)))
+        return LiveRules(self.name, f"chain {ruleset.chain}", tuple(families))
+
+    async def cleanup(self, chain: str, families: tuple[int, ...] = (4, 6)) -> tuple[str, ...]:
+        """Remove ``chain`` and masqd's POSTROUTING jumps to it, nothing else. With ``auto`` every
+        installed iptables variant is cleaned (masqd may have run in either). An IPv6 family whose
+        tables cannot be read (no IPv6 nat on this kernel, or no ip6tables binary) has nothing of
+        masqd's and is skipped. Returns what was removed, e.g.
+        ``("ipv4 chain IP-MASQ-AGENT (nft)", "ipv4 jump (nft)")``."""
+        variants = installed_modes() if self.mode == "auto" else ()
+        targets = [(v, SubprocessExecutor(binaries_for(v))) for v in variants] or [(self.mode, self.executor)]
+        removed: list[str] = []
+        for variant, executor in targets:
+            for family in families:
+                try:
+                    state = parse_nat_state(await executor.save(family), chain)
+                except (ReadBackError, ToolMissingError):
+                    if family == 4:
+                        raise
+                    continue
+                text = render_removal(chain, state)
+                if text is not None:
+                    await executor.restore(family, text)
+                    where = f" ({variant})" if len(targets) > 1 else ""  # name it when several were looked at
+                    label = f"ipv{family}"
+                    removed += [f"{label} chain {chain}{where}"] * state.chain_exists
+                    removed += [f"{label} jump{where}"] * bool(state.jumps)
+        return tuple(removed)
+
+
+def render_removal(chain: str, state: NatState) -> str | None:
+    """iptables-restore input deleting masqd's jumps and chain (``None``: nothing to remove)."""
+    if not state.chain_exists and not state.jumps:
+        return None
+    lines = ["*nat", *("-D" + jump_rule(chain)[2:] for _ in range(state.jumps))]
+    if state.chain_exists:
+        lines += [f"-F {chain}", f"-X {chain}"]
+    return "\n".join([*lines, "COMMIT"]) + "\n"
+
+
+async def _save_or_none(command: list[str]) -> str | None:
+    """The output of an iptables-save ``command`` for mode detection; ``None`` when it failed or
+    its binary cannot be started."""
+    try:
+        result = await run_tool(command)
+    except ToolMissingError:
+        return None
+    return result.stdout.decode(errors="replace") if result.returncode == 0 else None

@@ -1,0 +1,173 @@
+"""What the kernel does with traffic, read from ``iptables-save -t nat`` (pure): masqd's chain
+as the kernel walks it, and the rules masqd did not write that may decide whether traffic is
+masqueraded (in POSTROUTING around masqd's jump, or inside masqd's chain). ``explain --live``
+and the drift check read it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from masqd.backends.base import AFTER, BEFORE, EITHER, INSIDE, KEEPS, MASQUERADES, ForeignRule, LiveFamily
+from masqd.backends.iptables.render import NatState, plan_restore
+from masqd.cidrs import Network
+
+_COMMENT = r'(?:-m comment --comment "(?:[^"\\]|\\.)*" )?'
+_KEEP_RULE = re.compile(rf"(?:-d (?P<net>\S+) )?{_COMMENT}-j RETURN")
+_MASQ_RULE = re.compile(rf"(?:-p (?P<protocol>\S+) )?{_COMMENT}(?:-m statistic --mode random --probability [0-9.]+ )?"
+                        r"-j MASQUERADE(?: --to-ports [0-9]+(?:-[0-9]+)?)?(?: --random-fully)?")
+
+
+@dataclass(frozen=True, slots=True)
+class _RuleMatch:
+    """What :func:`_read_rule` makes of one ``-A`` line: its ``-d`` (and whether negated), whether
+    it has any other match (``conditional``: not evaluated here), and its target."""
+
+    destination: Network | None
+    negated: bool
+    conditional: bool
+    target: str | None
+    goto: bool
+
+
+#: Targets that rewrite the source address.
+_SOURCE_NAT_TARGETS = frozenset({"MASQUERADE", "SNAT", "NETMAP"})
+#: Targets that do not end the chain, so cannot decide whether a packet is masqueraded.
+_PASSING_TARGETS = frozenset({"LOG", "NFLOG", "ULOG", "MARK", "CONNMARK", "TRACE", "AUDIT", "SET", "CLASSIFY",
+                              "DSCP", "TOS", "TTL", "HL", "TCPMSS", "CHECKSUM", "SECMARK", "CONNSECMARK",
+                              "IDLETIMER", "LED", "RATEEST", "TEE", "NOTRACK", "CT"})
+
+
+def _read_rule(line: str, family: int) -> _RuleMatch:
+    """Tokens of an iptables-save ``-A`` line, as far as deciding on a destination goes."""
+    try:
+        tokens = shlex.split(line)
+    except ValueError:  # an unbalanced quote: keep only the target
+        target = re.search(r" -([jg]) (\S+)", line)
+        return _RuleMatch(None, False, True, target and target[2], bool(target) and target[1] == "g")
+    destination, negated, conditional, negate = None, False, False, False
+    index = 2  # after -A CHAIN
+    while index < len(tokens):
+        token = tokens[index]
+        if token == "!":
+            negate = True
+            index += 1
+            continue
+        if token in ("-j", "-g"):
+            target = tokens[index + 1] if index + 1 < len(tokens) else None
+            return _RuleMatch(destination, negated, conditional, target, token == "-g")
+        if token == "-d" and index + 1 < len(tokens) and destination is None:
+            try:
+                destination = ipaddress.ip_network(tokens[index + 1], strict=False)
+                negated = negate
+            except ValueError:
+                conditional = True
+            index += 2
+        elif token == "-m" and tokens[index + 1:index + 3] == ["comment", "--comment"]:
+            index += 4
+        else:
+            conditional = True
+            index += 1
+        negate = False
+    if destination is not None and destination.version != family:
+        conditional = True
+    return _RuleMatch(destination, negated, conditional, None, False)
+
+
+def _effects(rule: _RuleMatch, chains: Mapping[str, tuple[str, ...]], family: int, returns_keep: bool,
+             seen: frozenset[str] = frozenset()) -> frozenset[str]:
+    """What a rule may do to the source address: a set of :data:`MASQUERADES` / :data:`KEEPS`
+    (empty: it cannot decide). ``returns_keep``: RETURN leaves the packet unmasqueraded here (in
+    POSTROUTING it ends nat processing; in masqd's chain it leaves masqd's rules without a
+    masquerade) instead of going back to a chain that goes on deciding."""
+    target = rule.target
+    if target is None or target in _PASSING_TARGETS:
+        return frozenset()
+    if target in _SOURCE_NAT_TARGETS:
+        return frozenset({MASQUERADES})
+    if target == "ACCEPT" or (target == "RETURN" and returns_keep):
+        return frozenset({KEEPS})
+    if target == "RETURN":
+        return frozenset()
+    if target not in chains or target in seen:  # an extension masqd does not know, or a loop
+        return frozenset({MASQUERADES, KEEPS})
+    # falling off (or RETURN from) a goto'd chain returns where the goto's chain would have
+    found = frozenset({KEEPS}) if rule.goto and returns_keep else frozenset()
+    for line in chains[target]:
+        found |= _effects(_read_rule(line, family), chains, family, returns_keep and rule.goto, seen | {target})
+    return found
+
+
+def _foreign(line: str, stage: str, chains: Mapping[str, tuple[str, ...]], family: int,
+             position: int = 0) -> ForeignRule | None:
+    """``line`` (in POSTROUTING or masqd's chain) as a :class:`ForeignRule`; ``None`` when it
+    cannot decide anything."""
+    rule = _read_rule(line, family)
+    effects = _effects(rule, chains, family, True)
+    if not effects:
+        return None
+    effect = EITHER if len(effects) > 1 else next(iter(effects))
+    certain = not rule.conditional and rule.target not in chains and effect != EITHER
+    return ForeignRule(line, stage, effect, rule.destination, rule.negated, certain, position)
+
+
+def postrouting_rules(chains: Mapping[str, tuple[str, ...]], chain: str, family: int) -> tuple[ForeignRule, ...]:
+    """The nat POSTROUTING rules (of :func:`.render.parse_nat_chains`) that may decide whether
+    traffic is masqueraded: those before the first rule sending traffic to masqd's ``chain`` (all
+    of them when there is none) act first; those after it act on what masqd's chain returns."""
+    rules = chains.get("POSTROUTING", ())
+    to_chain = re.compile(rf"(?:^| )-[jg] {re.escape(chain)}(?: |$)")
+    first = next((index for index, line in enumerate(rules) if to_chain.search(line)), len(rules))
+    found = [_foreign(line, BEFORE, chains, family) for line in rules[:first]]
+    found += [_foreign(line, AFTER, chains, family) for line in rules[first + 1:] if not to_chain.search(line)]
+    return tuple(rule for rule in found if rule is not None)
+
+
+def live_family(state: NatState, family: int, desired: tuple[str, ...], chain: str,
+                nat_chains: Mapping[str, tuple[str, ...]] | None = None) -> LiveFamily:
+    """What the kernel does with traffic in one family, from masqd's chain and jumps as
+    :func:`.render.parse_nat_state` found them; ``desired`` (the chain's rules as a sync would
+    write them) decides ``drift``. Rules are read the way the kernel walks them: RETURN rules (any
+    comment, none, or ``-d`` omitted for 0/0) keep their destination, the first MASQUERADE without
+    ``-p`` ends the chain; anything else is ``unexpected`` (and, when it may decide, ``foreign``).
+    ``nat_chains`` (:func:`.render.parse_nat_chains` of the same text): the other nat rules, so
+    the POSTROUTING rules around masqd's jump are ``foreign`` too."""
+    text, reason = plan_restore(desired, state, chain)
+    drift = None if text is None else reason
+    chains = nat_chains or {}
+    outside = postrouting_rules(chains, chain, family) if nat_chains is not None else ()
+    if not state.chain_exists:
+        return LiveFamily(family, present=False, drift=drift, foreign=outside)
+    unexpected: list[str] = []
+    inside: list[ForeignRule] = []
+    if state.jumps > 1:
+        unexpected.append(f"POSTROUTING jump to {chain} present {state.jumps} times")
+    unexpected += [f"POSTROUTING rule masqd does not write sends traffic to {chain}: {line}" for line in state.other_jumps]
+    nonmasq: list[Network] = []
+    masquerade = False
+    prefix = f"-A {chain} "
+    for rule in state.rules:
+        body = rule.removeprefix(prefix)
+        if masquerade:
+            unexpected.append(f"after the final MASQUERADE, never reached: {rule}")
+        elif keep := _KEEP_RULE.fullmatch(body):
+            try:
+                nonmasq.append(ipaddress.ip_network(keep["net"] or ("0.0.0.0/0" if family == 4 else "::/0"), strict=False))
+            except ValueError:
+                unexpected.append(f"rule masqd does not write: {rule}")
+        elif masq := _MASQ_RULE.fullmatch(body):
+            masquerade = masq["protocol"] is None  # a -p rule is one --to-ports share; the last has none
+        else:
+            unexpected.append(f"rule masqd does not write: {rule}")
+            if (found := _foreign(rule, INSIDE, chains, family, len(nonmasq))) is not None:
+                inside.append(found)
+    local = state.jumps > 0 or any("! --dst-type LOCAL" in line for line in state.other_jumps)
+    before = tuple(rule for rule in outside if rule.stage == BEFORE)
+    after = tuple(rule for rule in outside if rule.stage == AFTER)
+    return LiveFamily(family, present=True, hooked=state.jumps > 0 or bool(state.other_jumps), local_exempt=local,
+                      nonmasq=tuple(nonmasq), masquerade=masquerade, unexpected=tuple(unexpected), drift=drift,
+                      foreign=(*before, *inside, *after))

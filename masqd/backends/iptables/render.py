@@ -1,0 +1,135 @@
+"""The iptables backend's pure part: rule texts, ``iptables-restore`` input, and what
+``iptables-save`` shows of masqd's chain.
+
+Rules are rendered in ``iptables-save`` canonical form (option order, quoting, and the
+11-decimal probability the kernel stores), so read-back is a plain comparison of lines: a sync
+writes only when the chain or the POSTROUTING jump differs from the desired ones
+(:func:`plan_restore`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import struct
+from dataclasses import dataclass
+from fractions import Fraction
+
+from masqd.cidrs import Network
+from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade
+
+JUMP_COMMENT = "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain"
+NONMASQ_COMMENT = "ip-masq-agent: local traffic is not subject to MASQUERADE"
+MASQ_COMMENT = "ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)"
+
+
+def jump_rule(chain: str) -> str:
+    """The POSTROUTING rule sending non-local traffic to ``chain`` (``-A`` line, save form)."""
+    comment = JUMP_COMMENT.format(chain=chain)
+    return f'-A POSTROUTING -m comment --comment "{comment}" -m addrtype ! --dst-type LOCAL -j {chain}'
+
+
+def destination_match(net: Network) -> str:
+    """``-d CIDR `` as iptables-save prints it: nothing for a /0 (it matches everything), and IPv6
+    addresses with an embedded IPv4 (``::ffff:a.b.c.d``, ``::a.b.c.d``) in dotted form, as the C
+    library's inet_ntop writes them; otherwise Python's compressed form, which is the same."""
+    if net.prefixlen == 0:
+        return ""
+    if net.version == 6:
+        packed = net.network_address.packed
+        words = struct.unpack("!8H", packed)
+        if words[:5] == (0,) * 5 and (words[5] == 0xFFFF or (words[5] == 0 and words[6] != 0)):
+            head = "::ffff:" if words[5] == 0xFFFF else "::"
+            return f"-d {head}{ipaddress.IPv4Address(packed[12:])}/{net.prefixlen} "
+    return f"-d {net} "
+
+
+def chain_rules(family: FamilyRules, chain: str, masquerade: Masquerade, random_fully: bool) -> tuple[str, ...]:
+    """The ``-A`` lines of ``chain`` for one family, in order, exactly as ``iptables-save`` prints them."""
+    rules = [
+        f'-A {chain} {destination_match(net)}-m comment --comment "{NONMASQ_COMMENT}" -j RETURN'
+        for net in family.nonmasq
+    ]
+    suffix = " --random-fully" if random_fully else ""
+    for protocol in PORT_PROTOCOLS if masquerade.to_ports else ():
+        for share in masquerade.port_shares():
+            statistic = "" if share.probability is None else f" -m statistic --mode random --probability {format_probability(share.probability)}"
+            rules.append(
+                f'-A {chain} -p {protocol} -m comment --comment "{MASQ_COMMENT}"{statistic}'
+                f" -j MASQUERADE --to-ports {share.ports}{suffix}"
+            )
+    rules.append(f'-A {chain} -m comment --comment "{MASQ_COMMENT}" -j MASQUERADE{suffix}')
+    return tuple(rules)
+
+
+def format_probability(probability: Fraction) -> str:
+    """The probability as the kernel stores it (fixed point, 2**31 = 1) and iptables-save prints it."""
+    stored = round(probability * 0x80000000)
+    return f"{stored / 0x80000000:.11f}"
+
+
+def render_restore(rules: tuple[str, ...], chain: str, *, jumps_present: int) -> str:
+    """iptables-restore input that replaces ``chain`` with ``rules`` and leaves exactly one jump.
+
+    ``:CHAIN - [0:0]`` flushes only that chain (with ``--noflush``); the jump is appended when
+    missing and extra copies are deleted, so it is never duplicated.
+    """
+    lines = ["*nat", f":{chain} - [0:0]", *rules]
+    jump = jump_rule(chain)
+    if jumps_present == 0:
+        lines.append(jump)
+    lines.extend("-D" + jump[2:] for _ in range(jumps_present - 1))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class NatState:
+    """What ``iptables-save -t nat`` shows of masqd's chain and jump. ``other_jumps``: POSTROUTING
+    rules sending traffic to the chain that are not masqd's jump (someone edited it)."""
+
+    chain_exists: bool
+    rules: tuple[str, ...]
+    jumps: int
+    other_jumps: tuple[str, ...] = ()
+
+
+def parse_nat_state(save_text: str, chain: str) -> NatState:
+    """Extract ``chain`` and the count of masqd's POSTROUTING jumps from iptables-save output."""
+    chains = parse_nat_chains(save_text)
+    jump = jump_rule(chain)
+    to_chain = re.compile(rf"(?:^| )-[jg] {re.escape(chain)}(?: |$)")
+    postrouting = chains.get("POSTROUTING", ())
+    return NatState(chain in chains, chains.get(chain, ()), sum(line == jump for line in postrouting),
+                    tuple(line for line in postrouting if line != jump and to_chain.search(line)))
+
+
+def plan_restore(desired: tuple[str, ...], state: NatState, chain: str) -> tuple[str | None, str]:
+    """The iptables-restore text to apply (``None`` when the kernel is in sync) and why."""
+    reasons = []
+    if not state.chain_exists:
+        reasons.append(f"chain {chain} missing")
+    elif state.rules != desired:
+        reasons.append(f"chain {chain} differs")
+    if state.jumps != 1:
+        reasons.append(f"POSTROUTING jump count {state.jumps}, want 1")
+    if not reasons:
+        return None, "in sync"
+    return render_restore(desired, chain, jumps_present=state.jumps), "; ".join(reasons)
+
+
+def parse_nat_chains(save_text: str) -> dict[str, tuple[str, ...]]:
+    """Every chain of the nat table in iptables-save output -> its ``-A`` lines, in order (a chain
+    without rules is there with none)."""
+    chains: dict[str, list[str]] = {}
+    in_nat = False
+    for line in save_text.splitlines():
+        if line.startswith("*"):
+            in_nat = line == "*nat"
+        elif not in_nat:
+            continue
+        elif line.startswith(":"):
+            chains.setdefault(line[1:].split(" ", 1)[0], [])
+        elif line.startswith("-A "):
+            chains.setdefault(line.split(" ", 2)[1], []).append(line)
+    return {name: tuple(rules) for name, rules in chains.items()}

@@ -1,0 +1,211 @@
+"""The nftables backend's model and rendering (pure).
+
+Per family masqd owns one table (``ip masqd``, and ``ip6 masqd`` with IPv6) holding a set of the
+non-masquerade destinations and a ``nat`` chain hooked at postrouting (priority srcnat):
+
+    fib daddr type local return          # like -m addrtype ! --dst-type LOCAL
+    ip daddr @nonmasq4 return            # one O(log n) interval-set lookup, not a linear scan
+    [meta l4proto P numgen random mod M < K masquerade to :A-B]   # --to-ports, spread evenly
+    masquerade [fully-random]
+
+:func:`desired_state` builds that table as a :class:`TableState` value; :func:`render_replace`
+writes the nft transaction that replaces the tables whole.
+
+The set has ``flags interval`` but not ``auto-merge``: masqd collapses the CIDRs itself and always
+rewrites the whole set, so auto-merge would merge nothing, while it makes nft 1.0.6 fetch every
+existing element before a replace, which makes every apply of a large set slower (apply times:
+``benchmarks/RESULTS.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from dataclasses import dataclass
+
+from masqd.cidrs import Network
+from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
+
+TABLE = "masqd"
+CHAIN = "nat"
+SRCNAT_PRIORITY = 100
+TABLE_COMMENT = "masqd: masquerade decisions for traffic leaving this node (managed by masqd, do not edit)"
+CHAIN_COMMENT = "masqd: masquerade traffic that is not local and not in the non-masquerade set"
+SET_COMMENT = "masqd: destinations that keep the pod source address"
+
+_NFT_FAMILY = {4: "ip", 6: "ip6"}
+_ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+
+
+def set_name(family: int) -> str:
+    return f"nonmasq{family}"
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MasqRule:
+    """``[meta l4proto P] [numgen random mod M < K] masquerade [to :A-B] [fully-random]``."""
+
+    protocol: str | None = None
+    modulus: int | None = None  # with ``below``: taken when numgen random mod M < K
+    below: int | None = None
+    ports: tuple[int, int] | None = None
+    fully_random: bool = False
+
+
+#: The two return rules, as model values.
+LOCAL_RETURN = ("return", "fib-daddr-local")
+
+
+def set_return(family: int) -> tuple[str, str]:
+    return ("return", f"@{set_name(family)}")
+
+
+@dataclass(frozen=True, slots=True)
+class TableState:
+    """What matters of one family's table, rendered or read back; ``None`` fields mean missing."""
+
+    family: int
+    chain: tuple[str, str, int, str] | None  # (type, hook, priority, policy)
+    set_type: str | None
+    intervals: tuple[tuple[int, int], ...]  # merged, sorted [first, last] address ranges
+    rules: tuple[object, ...]
+    #: Anything else in the table (another chain, set, map...) and table flags such as dormant:
+    #: masqd's table holds only what masqd writes, so any of these means it must be rewritten.
+    foreign: tuple[str, ...] = ()
+
+
+def intervals_of(networks: list[Network] | tuple[Network, ...]) -> tuple[tuple[int, int], ...]:
+    """Sorted address ranges covering ``networks``, overlapping and adjacent ones merged."""
+    return _merge(
+        (first, first | ((1 << (n.max_prefixlen - n.prefixlen)) - 1))
+        for n in networks
+        for first in (int(n.network_address),)
+    )
+
+
+def _merge(ranges) -> tuple[tuple[int, int], ...]:
+    merged: list[list[int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            if last > merged[-1][1]:
+                merged[-1][1] = last
+        else:
+            merged.append([first, last])
+    return tuple((a, b) for a, b in merged)
+
+
+def _element_texts(intervals: tuple[tuple[int, int], ...], family: int) -> list[str]:
+    """The set's elements: each interval as one CIDR when it is one (the usual case, fast), else
+    as the fewest CIDRs covering it."""
+    address = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    bits = 32 if family == 4 else 128
+    texts: list[str] = []
+    for first, last in intervals:
+        size = last - first + 1
+        if size & (size - 1) == 0 and first % size == 0:
+            texts.append(f"{address(first)}/{bits - size.bit_length() + 1}")
+        else:
+            texts.extend(map(str, ipaddress.summarize_address_range(address(first), address(last))))
+    return texts
+
+
+def _masq_rules(masquerade: Masquerade) -> tuple[MasqRule, ...]:
+    rules = []
+    for protocol in PORT_PROTOCOLS if masquerade.to_ports else ():
+        remaining = sum(r.size for r in masquerade.to_ports)
+        for index, ports in enumerate(masquerade.to_ports):
+            last = index == len(masquerade.to_ports) - 1
+            rules.append(MasqRule(
+                protocol=protocol,
+                modulus=None if last else remaining,
+                below=None if last else ports.size,
+                ports=(ports.first, ports.last),
+                fully_random=masquerade.random_fully,
+            ))
+            remaining -= ports.size
+    rules.append(MasqRule(fully_random=masquerade.random_fully))
+    return tuple(rules)
+
+
+@functools.lru_cache(maxsize=4)
+def desired_state(family: FamilyRules, masquerade: Masquerade) -> TableState:
+    """The table masqd wants for one family (cached: every resync asks again for the same one)."""
+    return TableState(
+        family=family.family,
+        chain=("nat", "postrouting", SRCNAT_PRIORITY, "accept"),
+        set_type=_ADDR_TYPE[family.family],
+        intervals=intervals_of(family.nonmasq),
+        rules=(LOCAL_RETURN, set_return(family.family), *_masq_rules(masquerade)),
+    )
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+
+def _render_rule(rule: object, family: int) -> str:
+    if rule == LOCAL_RETURN:
+        return "fib daddr type local return"
+    if rule == set_return(family):
+        return f"{_NFT_FAMILY[family]} daddr @{set_name(family)} return"
+    assert isinstance(rule, MasqRule)
+    words = []
+    if rule.protocol:
+        words.append(f"meta l4proto {rule.protocol}")
+    if rule.modulus is not None:
+        words.append(f"numgen random mod {rule.modulus} < {rule.below}")
+    words.append("masquerade")
+    if rule.ports:
+        first, last = rule.ports
+        words.append(f"to :{first}" if first == last else f"to :{first}-{last}")
+    if rule.fully_random:
+        words.append("fully-random")
+    return " ".join(words)
+
+
+def render_table(state: TableState) -> str:
+    """The ``table ... { }`` block for one family (elements as the fewest CIDRs)."""
+    family = state.family
+    elements = ", ".join(_element_texts(state.intervals, family))
+    lines = [
+        f"table {_NFT_FAMILY[family]} {TABLE} {{",
+        f'\tcomment "{TABLE_COMMENT}"',
+        f"\tset {set_name(family)} {{",
+        f"\t\ttype {state.set_type}",
+        "\t\tflags interval",
+        f'\t\tcomment "{SET_COMMENT}"',
+    ]
+    if elements:
+        lines.append(f"\t\telements = {{ {elements} }}")
+    lines += [
+        "\t}",
+        f"\tchain {CHAIN} {{",
+        f'\t\tcomment "{CHAIN_COMMENT}"',
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;",
+        *(f"\t\t{_render_rule(rule, family)}" for rule in state.rules),
+        "\t}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_replace(states: list[TableState]) -> str:
+    """One transaction replacing each table whole: ``add`` (so ``delete`` cannot fail), ``delete``,
+    then the new definition. nft applies the script atomically: packets see the old rules or the
+    new ones, never a mix, and a failing script changes nothing."""
+    parts = []
+    for state in states:
+        name = f"{_NFT_FAMILY[state.family]} {TABLE}"
+        parts.append(f"add table {name}\ndelete table {name}\n" + render_table(state))
+    return "".join(parts)
+
+
+def render_delete(families: tuple[int, ...]) -> str:
+    """A transaction removing masqd's tables, whether they exist or not."""
+    return "".join(f"add table {_NFT_FAMILY[f]} {TABLE}\ndelete table {_NFT_FAMILY[f]} {TABLE}\n" for f in families)
+
+
+def render_ruleset(ruleset: RuleSet) -> str:
+    return render_replace([desired_state(family, ruleset.masquerade) for family in ruleset.families])

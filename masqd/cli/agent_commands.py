@@ -1,0 +1,99 @@
+"""The agent's commands: ``run`` (the daemon, or ``--once``), ``validate``, ``render``,
+``cleanup`` and ``plugins``. Each is one ``async def`` run under the command line's one event loop."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from masqd.backends import leftover_backends
+from masqd.backends.base import Backend
+from masqd.cli.common import (EXIT_BACKEND, EXIT_INVALID_CONFIG, EXIT_OK, agent_from, plan_and_report,
+                              print_contributions, print_problems)
+from masqd.duration import format_go_duration
+from masqd.errors import BackendError, ConfigError
+from masqd.inputs import LoadedConfig
+from masqd.plugins import Plugins
+
+
+async def run(args: argparse.Namespace, plugins: Plugins) -> int:
+    """The agent: until SIGTERM, or one pass with ``--once`` (0 on success)."""
+    if args.once:
+        agent = agent_from(args, plugins, once=True, leftovers=leftover_backends)
+        try:
+            await agent.run_once()
+        except ConfigError as exc:
+            print_problems(exc)
+            return EXIT_INVALID_CONFIG
+        except BackendError as exc:
+            print(f"error: {agent.backend.name}: {exc}", file=sys.stderr)
+            return EXIT_BACKEND
+        return EXIT_OK
+    from masqd.daemon import run_daemon
+    from masqd.kube import load_kube_config
+
+    agent = agent_from(args, plugins, once=False, leftovers=leftover_backends, http_address=args.http_address,
+                       drift_check_interval=args.drift_check_interval)
+    if agent.kube is not None:
+        load_kube_config(agent.kube.kubeconfig)  # no credentials: a start-up error, not a retry loop
+    await run_daemon(agent)
+    return EXIT_OK
+
+
+async def validate(args: argparse.Namespace, plugins: Plugins) -> int:
+    planned = await plan_and_report(agent_from(args, plugins, once=True))
+    if planned is None:
+        return EXIT_INVALID_CONFIG
+    merged, contributions = planned[0].merged, planned[2]
+    config = merged.config
+    origin = ", ".join(merged.sources) or "defaults (no config source present)"
+    print(f"ok: {origin}: {len(config.non_masquerade_cidrs)} non-masquerade CIDRs, "
+          f"resyncInterval {format_go_duration(config.resync_interval_ns)}, cidrLimit {config.cidr_limit}")
+    print_contributions(contributions, sys.stdout)
+    return EXIT_OK
+
+
+async def render(args: argparse.Namespace, plugins: Plugins) -> int:
+    agent = agent_from(args, plugins, once=True)
+    planned = await plan_and_report(agent)
+    if planned is None:
+        return EXIT_INVALID_CONFIG
+    _print_origins(planned[0], sys.stderr)  # stdout is exactly the script
+    print_contributions(planned[2], sys.stderr)
+    sys.stdout.write(await _render_text(agent.backend, planned[1]))
+    return EXIT_OK
+
+
+async def cleanup(args: argparse.Namespace, plugins: Plugins) -> int:
+    agent = agent_from(args, plugins, once=True)
+    try:
+        removed = await agent.reconciler.cleanup()
+    except BackendError as exc:
+        print(f"error: {args.backend}: {exc}", file=sys.stderr)
+        return EXIT_BACKEND
+    print(f"removed: {', '.join(removed)}" if removed else "nothing to remove")
+    return EXIT_OK
+
+
+async def list_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
+    for info in plugins.describe():
+        origin = "built-in" if info.builtin else (f"{info.distribution} {info.version}" if info.distribution else "-")
+        print(f"{info.name}  ({origin})  hooks: {', '.join(info.hooks) or '-'}")
+    print(f"backends: {', '.join(plugins.backend_names())}")
+    return EXIT_OK
+
+
+def _print_origins(loaded: LoadedConfig, stream) -> None:
+    """With several config texts: which one listed each CIDR."""
+    if len(loaded.merged.sources) < 2:
+        return
+    for net, names in loaded.merged.origins.items():
+        print(f"{net}: from {', '.join(names)}", file=stream)
+
+
+async def _render_text(backend: Backend, ruleset) -> str:
+    try:
+        await backend.probe()
+    except BackendError:
+        pass  # tools missing here: show what a current version would get
+    return backend.render(ruleset)

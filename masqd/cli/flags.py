@@ -1,0 +1,261 @@
+"""Command-line flags: the parser of every command, Go flag syntax, and flag values.
+
+Flags follow the upstream agent and Go's flag package: ``--flag``, ``-flag``, ``--flag=value``,
+``--flag value``, and booleans as ``--flag`` or ``--flag=true|false``. A value that cannot be used
+is refused here, while the command line is read (:class:`~masqd.errors.FlagError` becomes
+argparse's usage error), never by the running daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from masqd import __version__
+from masqd.backends.iptables_mode import MODES
+from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, parse_to_ports, validate_chain_name
+from masqd.duration import parse_go_duration
+from masqd.errors import FlagError
+from masqd.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS, parse_listen_address
+from masqd.kube import KubeSettings, parse_object_ref
+from masqd.sources.drift import DRIFT_CHECK_SECONDS, MIN_DRIFT_CHECK_SECONDS
+
+_GO_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
+_GO_FALSE = {"0", "f", "F", "false", "FALSE", "False"}
+
+
+def _go_bool(text: str) -> bool:
+    if text in _GO_TRUE:
+        return True
+    if text in _GO_FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}: use true or false")
+
+
+def _flag_type(parse):
+    def convert(text: str):
+        try:
+            return parse(text)
+        except FlagError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc.reason}") from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def named_flag(flag: str, parse):
+    """``_flag_type`` for a parser that takes the flag's name too (``parse(text, flag)``)."""
+    def parse_flag(text: str):
+        return parse(text, flag)
+
+    parse_flag.__name__ = flag.replace("-", "_")
+    return _flag_type(parse_flag)
+
+
+def add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+    parser.add_argument(f"--{name}", type=_go_bool, nargs="?", const=True, default=default, metavar="BOOL",
+                        help=f"{help} (default {str(default).lower()})")
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    common.add_argument("--config", action="append", default=None, metavar="PATH",
+                        help=f"config file, YAML or JSON (default {DEFAULT_CONFIG_PATH}); repeat for several, which "
+                             "merge; a missing file contributes nothing, and with no source present the defaults apply")
+    common.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                        help="also read every ip-masq* file in DIR as a config source (as Azure's ip-masq-agent-v2 "
+                             "does for user- and provider-owned ConfigMaps); repeatable")
+    common.add_argument("--kube-configmap", type=named_flag("kube-configmap", parse_object_ref),
+                        metavar="NAMESPACE/NAME",
+                        help="also watch this ConfigMap's 'config' key through the Kubernetes API (applied within "
+                             "a second of an edit; deleting the ConfigMap removes it as a source)")
+    add_bool(common, "egress-nat-policies", False,
+              "watch EgressNATPolicy objects (networking.gke.io/v1); NoSNAT destinations keep the pod address")
+    common.add_argument("--kubeconfig", metavar="PATH",
+                        help="Kubernetes credentials (default: in-cluster service account, else $KUBECONFIG, "
+                             "else ~/.kube/config)")
+    common.add_argument("--backend", default="iptables", metavar="NAME",
+                        help="how rules are programmed: iptables (default, as upstream), nftables, dry-run, "
+                             "or a backend a plugin offers (see `masqd plugins`)")
+    common.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
+                        help="do not load this plugin (repeatable); MASQD_PLUGINS=a,b loads only those "
+                             "entry-point plugins")
+    common.add_argument("--iptables-mode", choices=MODES, default="auto",
+                        help="iptables variant for the iptables backend: auto picks the one the host "
+                             "already uses (default auto)")
+    common.add_argument("--masq-chain", default=DEFAULT_MASQ_CHAIN, type=_flag_type(validate_chain_name),
+                        help=f"name of the nat chain masqd owns (default {DEFAULT_MASQ_CHAIN})")
+    add_bool(common, "nomasq-all-reserved-ranges", False,
+              "default non-masquerade list also holds every RFC-reserved IPv4 range")
+    add_bool(common, "enable-ipv6", False, "also program ip6tables and accept IPv6 CIDRs")
+    add_bool(common, "random-fully", True, "add --random-fully to MASQUERADE when iptables supports it")
+    common.add_argument("--to-ports", default="", type=_flag_type(parse_to_ports), metavar="PORTS",
+                        help="source ports to masquerade to, e.g. 1024-29999,32768-65535, spread evenly")
+    common.add_argument("--v", type=int, default=0, metavar="N", help="klog verbosity; 4 or more logs debug events")
+    add_bool(common, "logtostderr", True, "accepted for upstream manifests; masqd always logs to stderr")
+    common.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                        help="auto: JSON lines unless stderr is a terminal")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="masqd", allow_abbrev=False,
+        description="IP masquerade agent: a drop-in ip-masq-agent with an event-driven core.",
+        epilog="Exit codes: 0 ok, 1 invalid config, 2 bad command line, 3 kernel read/write failed, "
+               "4 an event source (the Kubernetes API) unreadable, 5 explain --live: the kernel differs from the desired "
+               "state.",
+    )
+    parser.add_argument("--version", action="version", version=f"masqd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_flags()
+    _add_run_flags(commands.add_parser("run", parents=[common], allow_abbrev=False,
+                                       help="run the agent (default command of the ip-masq-agent alias)"))
+    commands.add_parser("validate", parents=[common], allow_abbrev=False,
+                        help="check a config file: exit 0 if valid, 1 with one line per problem")
+    commands.add_parser("render", parents=[common], allow_abbrev=False,
+                        help="print the exact rules the backend would apply, touching nothing")
+    _add_explain_flags(commands.add_parser(
+        "explain", parents=[common], allow_abbrev=False,
+        help="say whether traffic to each ADDRESS keeps the pod address or is masqueraded, and why",
+        epilog="Exit codes: 0 ok, 1 invalid config, 2 bad command line (or a backend that cannot read back "
+               "for --live), 3 the kernel could not be read, 4 an event source (the Kubernetes API) unreadable, "
+               "5 --live: the "
+               "kernel's rules differ from the desired state."))
+    commands.add_parser("cleanup", parents=[common], allow_abbrev=False,
+                        help="remove everything masqd created with this backend, and nothing else")
+    commands.add_parser("plugins", parents=[common], allow_abbrev=False,
+                        help="list the loaded plugins, their versions and the hooks each implements")
+    _add_controller_flags(commands.add_parser(
+        "controller", allow_abbrev=False,
+        help="cluster controller: translate EgressNATPolicy objects into the agents' ConfigMap"))
+    return parser
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--once", action="store_true", help="apply once and exit: 0 on success")
+    parser.add_argument("--http-address", default=DEFAULT_HTTP_ADDRESS, metavar="HOST:PORT",
+                        type=_flag_type(parse_listen_address),
+                        help="serve /metrics, /healthz and /readyz here (default "
+                             f"{DEFAULT_HTTP_ADDRESS}: every interface); an empty value disables it; "
+                             "not used with --once")
+    parser.add_argument("--drift-check-interval", default=DRIFT_CHECK_SECONDS, type=_drift_check_interval,
+                        metavar="DURATION",
+                        help="how often to read masqd's rules back between resyncs and restore them when "
+                             "another process changed them (Go duration: 10s, 500ms; default "
+                             f"{DRIFT_CHECK_SECONDS:g}s); the nftables backend follows `nft monitor` instead and "
+                             "restores at once; 0 turns both off (the resync still heals)")
+    parser.set_defaults(command="run")
+    return parser
+
+
+def _drift_check_interval(text: str) -> float:
+    try:
+        nanoseconds = parse_go_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; 0 turns the drift check off") from None
+    seconds = nanoseconds / 1e9
+    if seconds != 0 and not seconds >= MIN_DRIFT_CHECK_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least {MIN_DRIFT_CHECK_SECONDS * 1000:g}ms (each check "
+                                         "reads the rules back); 0 turns the drift check off")
+    return seconds
+
+
+def _explain_address(text: str):
+    from masqd.explain import parse_destination
+
+    try:
+        return parse_destination(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def _add_explain_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("addresses", nargs="+", type=_explain_address, metavar="ADDRESS",
+                        help="a destination address, IPv4 or IPv6")
+    parser.add_argument("--live", action="store_true",
+                        help="explain from the rules the kernel holds (read back through --backend, never "
+                             "written), with the rules masqd does not write that may act on each address, and "
+                             "name every difference from the desired state (exit 5 if any); with an invalid "
+                             "config, from the kernel's rules alone (exit 1)")
+    parser.add_argument("--output", choices=("text", "json"), default="text",
+                        help="text (default), or json: a list with one object per address")
+    return parser
+
+
+def _add_controller_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``masqd controller``: its own flags only (none of the agent's rule flags apply to it)."""
+    from masqd.controller import DEFAULT_LEASE, parse_cidr_flag
+
+    parser.add_argument("--configmap", required=True, type=named_flag("configmap", parse_object_ref),
+                        metavar="NAMESPACE/NAME",
+                        help="the ConfigMap the agents read; its 'config' key is written (created when absent)")
+    parser.add_argument("--lease", default=DEFAULT_LEASE, type=named_flag("lease", parse_object_ref),
+                        metavar="NAMESPACE/NAME",
+                        help=f"the Lease replicas elect a leader on; only the leader writes (default {DEFAULT_LEASE})")
+    parser.add_argument("--service-cidr", action="append", default=[], metavar="CIDR",
+                        type=named_flag("service-cidr", parse_cidr_flag),
+                        help="the cluster's Service range, kept in the masqd-managed policy (repeatable)")
+    parser.add_argument("--node-cidr", action="append", default=[], metavar="CIDR",
+                        type=named_flag("node-cidr", parse_cidr_flag),
+                        help="a range the nodes' addresses are in, kept in the masqd-managed policy (repeatable)")
+    add_bool(parser, "enable-ipv6", False,
+              "write IPv6 destinations too (only when every agent runs with --enable-ipv6)")
+    parser.add_argument("--kubeconfig", metavar="PATH",
+                        help="Kubernetes credentials (default: in-cluster service account, else $KUBECONFIG, "
+                             "else ~/.kube/config)")
+    parser.add_argument("--v", type=int, default=0, metavar="N", help="klog verbosity; 4 or more logs debug events")
+    parser.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                        help="auto: JSON lines unless stderr is a terminal")
+    return parser
+
+
+def build_alias_parser() -> argparse.ArgumentParser:
+    """``ip-masq-agent``: the ``run`` command and its flags, no sub-command."""
+    return _add_run_flags(argparse.ArgumentParser(
+        prog="ip-masq-agent", parents=[_common_flags()], allow_abbrev=False,
+        description="masqd run, under the upstream agent's name: same flags, same rules.",
+    ))
+
+
+def normalize_go_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Turn Go's single-dash long flags (``-masq-chain=X``, ``-v=2``) into ``--`` form. A bare
+    boolean flag followed by something that is not a boolean (``--enable-ipv6 2001:db8::1``)
+    becomes ``--flag=true``: as in Go, the word after it is not its value (explain's addresses)."""
+    known = {opt[2:] for action in _all_actions(parser) for opt in action.option_strings if opt.startswith("--")}
+    booleans = {opt for action in _all_actions(parser) if action.type is _go_bool for opt in action.option_strings}
+    out = []
+    for index, arg in enumerate(argv):
+        if arg.startswith("-") and not arg.startswith("--") and arg[1:].split("=", 1)[0] in known:
+            arg = "-" + arg
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if arg in booleans and following is not None and not following.startswith("-") \
+                and following not in _GO_TRUE | _GO_FALSE:
+            arg += "=true"
+        out.append(arg)
+    return out
+
+
+def _all_actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from sub._actions
+
+
+def options_from(args: argparse.Namespace) -> AgentOptions:
+    return AgentOptions(
+        masq_chain=args.masq_chain,
+        nomasq_all_reserved_ranges=args.nomasq_all_reserved_ranges,
+        enable_ipv6=args.enable_ipv6,
+        random_fully=args.random_fully,
+        to_ports=args.to_ports,
+    )
+
+
+def kube_settings(args: argparse.Namespace) -> KubeSettings | None:
+    """The Kubernetes flags, or ``None`` when masqd is not to talk to the API."""
+    settings = KubeSettings(configmap=args.kube_configmap, egress_nat_policies=args.egress_nat_policies,
+                            kubeconfig=args.kubeconfig)
+    return settings if settings.enabled else None

@@ -1,0 +1,106 @@
+"""The agent's status: what ``/healthz``, ``/readyz`` and ``/metrics`` read, in one object.
+
+Only the reconciler writes it (:class:`masqd.reconcile.Reconciler`, as each pass goes); the HTTP
+endpoint, the metrics and the tests only read it, so what they say can never disagree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from masqd.errors import MasqdError
+from masqd.ruleset import RuleSet
+
+#: A pass still running after this many seconds makes the agent unhealthy (``/healthz``). A pass
+#: is bounded well below it: plugin hooks have 5 s deadlines, iptables-restore waits at most 10 s
+#: for the xtables lock per family, and a kernel tool that hangs is killed after 30 s
+#: (:data:`masqd.backends.tools.TOOL_TIMEOUT_SECONDS`), failing the sync. (How long a pass takes
+#: at each scale: benchmarks/RESULTS.md.)
+HEALTH_DEADLINE_SECONDS = 60.0
+
+
+@dataclass(eq=False)
+class AgentStatus:
+    """What the reconciler has done and is doing. Written by the reconciler only."""
+
+    #: a longer pass is unhealthy (``/healthz``)
+    health_deadline: float = HEALTH_DEADLINE_SECONDS
+    #: the reconciler's loop is live
+    running: bool = False
+    #: monotonic start of the pass in progress; ``None`` between passes
+    busy_since: float | None = None
+    #: passes completed, successful or not
+    generation: int = 0
+    #: passes that wrote to the kernel
+    writes: int = 0
+    #: passes that failed (a rejected config, a failed sync, an internal error)
+    errors: int = 0
+    #: why the last pass failed; ``None`` after a successful one
+    last_error: MasqdError | None = None
+    #: why the last sync failed; ``None`` once a sync of the newest valid state succeeded
+    sync_failure: str | None = None
+    #: why the newest config was rejected; ``None`` while it is valid
+    config_failure: str | None = None
+    #: passes whose new state was rejected (config or plugins)
+    config_rejections: int = 0
+    #: the rule set the backend last confirmed
+    applied: RuleSet | None = None
+    #: the newest desired state that was accepted
+    latest_valid: RuleSet | None = None
+    #: wall time of the last sync that confirmed the newest valid state
+    applied_at: float | None = None
+    #: the last pass rewrote rules someone else had changed
+    repaired: bool = False
+    #: the merged config and plugin contributions the applied rules were computed from (the
+    #: metrics count CIDRs by origin from it)
+    applied_from: tuple | None = None
+
+    def health(self) -> tuple[bool, str]:
+        """Whether the reconciler loop is alive, and why (``/healthz``).
+
+        Alive: its loop is running and either waiting for events (it then answers at once) or in
+        a pass that began less than ``health_deadline`` seconds ago. A pass stuck longer (a hung
+        iptables-restore, a wedged plugin) means the agent can no longer react, and a restart is
+        the remedy; the rules stay in the kernel meanwhile.
+        """
+        if not self.running:
+            return False, "reconciler loop is not running"
+        if self.busy_since is None:
+            return True, f"ok: reconciler idle; passes so far: {self.generation}"
+        busy = time.monotonic() - self.busy_since
+        if busy > self.health_deadline:
+            return False, (f"reconciler stuck: one pass has run for {busy:.1f} s "
+                           f"(deadline {self.health_deadline:g} s); passes so far: {self.generation}")
+        return True, f"ok: reconciler in a pass for {busy:.1f} s; passes so far: {self.generation}"
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the kernel holds the rules of the latest valid desired state, and why (``/readyz``).
+
+        Not ready before the first sync succeeded, and until the newest accepted state has been
+        synced after a failure (healing the older rules while the config is bad does not count:
+        the kernel is still behind). A rejected config does not make the agent unready: the
+        kernel holds the latest *valid* state, which is what a bad edit must not change; the
+        rejection is named in the text.
+        """
+        if self.applied is None:
+            reason = self.sync_failure or self.config_failure
+            waiting = f"the last attempt failed: {reason}" if reason else "waiting for the first sync"
+            return False, f"not ready: no rules applied yet; {waiting}"
+        if self.sync_failure is not None:
+            return False, f"not ready: the last apply failed, the kernel keeps older rules: {self.sync_failure}"
+        if not self.holds_latest_valid:
+            return False, "not ready: the newest valid config is being applied"
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.applied_at or 0))
+        count = sum(len(family.nonmasq) for family in self.applied.families)  # cidrs() would hash every network
+        text = f"ready: the kernel holds the desired rules ({count} CIDRs, checked {when})"
+        if self.config_failure is not None:
+            text += f"; the newest config was rejected and the rules last applied stay: {self.config_failure}"
+        return True, text
+
+    @property
+    def holds_latest_valid(self) -> bool:
+        """The rules applied are those of the newest accepted state (compared by identity first:
+        equality of two 100k-CIDR rule sets is not free)."""
+        latest = self.latest_valid
+        return latest is None or self.applied is latest or self.applied == latest

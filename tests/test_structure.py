@@ -1,0 +1,117 @@
+"""The shape of the code that keeps it navigable: no import cycles, no module that has grown a
+second concern, and a plugin boundary the core does not cross (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import masqd
+
+PACKAGE = Path(masqd.__file__).parent
+#: A module past this many lines has almost always grown a second concern: split it at the seam.
+MAX_MODULE_LINES = 500
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(PACKAGE.parent).with_suffix("").as_posix().replace("/", ".")
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def imported(path: Path, name: str, known: dict[str, Path]) -> set[str]:
+    """The masqd modules ``path`` imports, at module level or inside functions alike."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+    def resolve(dotted: str) -> str | None:
+        parts = dotted.split(".")
+        return next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in known), None)
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(filter(None, (resolve(alias.name) for alias in node.names)))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            found.update(filter(None, (resolve(f"{base}.{alias.name}") or resolve(base) for alias in node.names)))
+    found.discard(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imported(path, name, known) for name, path in known.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_import_graph_has_no_cycle():
+    assert cycles(import_graph()) == []
+
+
+def test_no_module_is_over_the_size_that_signals_a_second_concern():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    assert {name: size for name, size in sizes.items() if size > MAX_MODULE_LINES} == {}
+
+
+def test_only_the_plugin_loader_imports_the_default_plugins():
+    """The core never names a built-in plugin: it knows them through the hooks, as any other (the
+    loader names their modules as strings in DEFAULT_PLUGINS)."""
+    graph = import_graph()
+    importers = {name for name, targets in graph.items() if any(t.startswith("masqd.default_plugins") for t in targets)
+                 and not name.startswith("masqd.default_plugins")}
+    assert importers == set()
+
+
+def test_pure_modules_do_no_io():
+    """Config, CIDR, rule-set and rendering code has no I/O: it imports nothing that runs processes,
+    touches the API or the event loop (``socket`` is allowed: inet_pton is pure)."""
+    pure = ["masqd.cidrs", "masqd.ruleset", "masqd.duration", "masqd.config.model", "masqd.config.parse",
+            "masqd.config.merge", "masqd.config.flags", "masqd.provenance", "masqd.policies", "masqd.explain",
+            "masqd.controller.translate", "masqd.backends.iptables.render", "masqd.backends.iptables.live",
+            "masqd.backends.nftables.render", "masqd.backends.nftables.live", "masqd.backends.nftables.monitor"]
+    forbidden = {"anyio", "subprocess", "asyncio", "watchfiles", "masqd.backends.tools", "lightkube", "httpx2"}
+    for name in pure:
+        tree = ast.parse(modules()[name].read_text())
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert {n for n in names if n.split(".")[0] in forbidden or n in forbidden} == set(), name
