@@ -27,12 +27,18 @@ Raw kernel tool cost, in another fresh namespace, fed the text ``masqd render --
             (B's chain text, the already-present POSTROUTING jump left out),
             ``iptables-save -t nat`` (masqd's read-back).
 
-Finally one in-process run per backend and size splits ``log A`` / ``log B`` into components, to
-show which one dominates: a child interpreter inside a fresh namespace wraps masqd's functions in
-timers (nothing is edited) and calls ``masqd.cli.main(["run", "--once", ...])`` twice, A then B;
-then A and B again with the backend object kept from one call to the next ("B kept"), as the
-daemon keeps it: the nftables backend remembers the set it wrote, so a changed set is written
-without reading the old one back first.
+Finally, per backend and size, an in-process breakdown shows which part of ``log A`` / ``log B``
+dominates. A child interpreter inside a fresh namespace builds agents as ``run --once`` does
+(``masqd.agent.build_agent``) and times masqd's public entry points directly, each from the same
+kernel state: the whole pass (``Reconciler.reconcile()``), then its stages one after the other
+(``ConfigLoader.load()``, ``masqd.reconcile.plan_rules``, the backend's ``sync``; "rest" is what
+the pass does besides: other backends' leftovers, status, audit, logs), and the pieces of a sync,
+each called alone on the same inputs (the backend's ``render`` and ``read_back``, the tool's
+read-back, ``parse_listing`` / ``parse_nat_state``, ``render_replace`` / ``plan_restore``,
+``nft --check``). Scenarios: A into an empty kernel; B, the replace as ``run --once`` does it;
+"B kept", the same replace with the backend object kept from the pass that wrote A, as the
+daemon keeps it (the nftables backend remembers the set it wrote, so a changed set is written
+without reading the old one back first).
 
     sudo .venv/bin/python benchmarks/apply_time.py [--sizes 100,1000,10000,100000] [--repeats 3]
 
@@ -48,7 +54,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -57,51 +62,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import child_script, cidr_blocks, exit_on_signals, ignore_signals
+from bench_common import (breakdown_exit_status, breakdown_text, cidr_blocks, ignore_signals, namespaces_usable,
+                          pass_stages, run_breakdown, sync_pieces, timed)
+
+from masqd.testing import netns
 
 BACKENDS = ("nftables", "iptables")
 TARGET_100K_NFT_S = 0.5
 MASQD = Path(sys.executable).with_name("masqd")
 
-# --- namespaces and cleanup -------------------------------------------------------------------------
 
-_namespaces: list[str] = []
-
-
-def new_namespace() -> str:
-    name = f"mq-bench-{secrets.token_hex(3)}"
-    _namespaces.append(name)  # recorded first: a half-created namespace is still deleted
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-    return name
-
-
-def delete_namespace(name: str) -> None:
-    subprocess.run(["ip", "netns", "del", name], check=False, stderr=subprocess.DEVNULL)
-    if name in _namespaces:
-        _namespaces.remove(name)
-
-
-def delete_all_namespaces() -> None:
-    for name in list(_namespaces):
-        delete_namespace(name)
-
-
-def in_ns(ns: str, *argv: str, stdin: bytes | None = None, timeout: float = 300) -> tuple[float, subprocess.CompletedProcess]:
+def in_ns(ns: str, *argv: str, stdin: str | None = None, timeout: float = 300) -> tuple[float, subprocess.CompletedProcess]:
     """Run argv inside ``ns``; return (wall seconds, result). Raises on a non-zero exit."""
     start = time.perf_counter()
-    result = subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin, capture_output=True, timeout=timeout)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        shown = " ".join(a if len(a) < 60 else a[:20] + "..." for a in argv[:6])
-        raise RuntimeError(f"{shown} exited {result.returncode}: "
-                           f"{result.stderr.decode(errors='replace')[-2000:]}")
-    return elapsed, result
+    result = netns.run(ns, *argv, input=stdin, timeout=timeout)
+    return time.perf_counter() - start, result
 
 
 # --- inputs -----------------------------------------------------------------------------------------
-
-
 
 
 def config_text(cidrs: list[str]) -> str:
@@ -109,9 +87,9 @@ def config_text(cidrs: list[str]) -> str:
             + "".join(f"  - {c}\n" for c in cidrs))
 
 
-def masqd_log_duration(stderr: bytes) -> float | None:
+def masqd_log_duration(stderr: str) -> float | None:
     """duration_ms of the "rules applied"/"rules updated" JSON event, in seconds."""
-    for line in stderr.decode(errors="replace").splitlines():
+    for line in stderr.splitlines():
         try:
             event = json.loads(line)
         except ValueError:
@@ -124,79 +102,78 @@ def masqd_log_duration(stderr: bytes) -> float | None:
 def rendered(ns: str, backend: str, config: Path) -> str:
     """``masqd render`` output: exactly the script (masqd logs to stderr)."""
     _, result = in_ns(ns, str(MASQD), "render", "--backend", backend, "--config", str(config))
-    return result.stdout.decode()
+    return result.stdout
 
 
 # --- in-process breakdown (runs inside a namespace, in a child interpreter) --------------------------
 
-_BREAKDOWN = r"""
-import json, sys, time
-import masqd.reconcile as rec, masqd.backends.nftables as nft, masqd.backends.iptables as ipt
 
-from bench_common import CallTimer, wrap_config_stages
+async def _breakdown_child(backend_name: str, config_a: str, config_b: str) -> dict:
+    """``--breakdown``: the three scenarios, in the (empty) namespace this process runs in."""
+    import logging
 
-backend_name, config_a, config_b = sys.argv[1:4]
-timer = CallTimer()
-wrap, times = timer.wrap, timer.times
+    from masqd.agent import build_agent
+    from masqd.backends.base import BackendSettings
+    from masqd.backends.leftovers import leftover_backends
+    from masqd.config import AgentOptions
+    from masqd.logs import configure_logging
+    from masqd.plugins import Plugins
+    from masqd.reconcile import plan_rules
 
-wrap_config_stages(timer)
-wrap(rec.Reconciler, "_remove_leftovers", "other backend leftovers")
-wrap(nft, "desired_state", "desired model")
-wrap(nft, "parse_listing", "parse read-back JSON")
-wrap(nft, "render_replace", "render script")
-wrap(nft.NftSubprocessExecutor, "list_table", "nft --json list (read-back)")
-wrap(nft.NftSubprocessExecutor, "check", "nft --check")
-wrap(nft.NftSubprocessExecutor, "apply", "nft -f (write)")
-wrap(ipt.IptablesBackend, "probe", "iptables mode/version probe")
-wrap(ipt, "parse_nat_state", "parse iptables-save")
-wrap(ipt, "plan", "plan+render")
-wrap(ipt.SubprocessExecutor, "save", "iptables-save (read-back)")
-wrap(ipt.SubprocessExecutor, "restore", "iptables-restore (write)")
+    configure_logging(logging.WARNING, "json")  # logs to stderr: stdout carries the JSON result
+    options = AgentOptions()
+    plugins = Plugins.load()
 
-import masqd.cli as cli
+    def backend():
+        return plugins.make_backend(backend_name, BackendSettings(options))
 
-def one(config):
-    # the production path, in-process: what `masqd run --once` does after its imports
-    times.clear()
-    start = time.perf_counter()
-    code = cli.main(["run", "--once", "--backend", backend_name, "--config", config, "--log-format", "json"])
-    total = time.perf_counter() - start
-    if code != 0:
-        sys.exit(f"masqd run --once exited {code}")
-    out = dict(times)
-    out["(unattributed)"] = total - sum(times.values())
-    return {"total": total, "parts": out}
+    def agent(config: str, kept=None):
+        """What `masqd run --once` builds (with the backend ``kept`` from an earlier pass, if given)."""
+        return build_agent(options, backend=kept or backend(), config=config, plugins=plugins, once=True,
+                           leftovers=leftover_backends)
 
-result = {"A": one(config_a), "B": one(config_b)}
-# the same replace in a running daemon, which keeps one backend object between reconciles:
-# reuse the backend of a run with A for the run with B (nothing else differs from `run --once`)
-import masqd.plugins
-kept = {}
-make = masqd.plugins.Plugins.make_backend
-masqd.plugins.Plugins.make_backend = lambda self, name, settings: kept.setdefault(name, make(self, name, settings))
-one(config_a)
-result["B kept"] = one(config_b)
-print(json.dumps(result))
-"""
+    async def kernel_holds(config: str | None, kept=None):
+        """Empty the namespace of masqd's rules, then (``config``) apply it with ``kept`` or a new backend."""
+        await backend().cleanup(options.masq_chain)
+        if config is not None:
+            await agent(config, kept).reconciler.reconcile()
+
+    async def scenario(config: str, before: str | None, *, keep: bool) -> dict:
+        """Each measurement from the same kernel state: ``before`` applied (by ``kept``, a backend
+        the measured pass goes on using, when ``keep``)."""
+        whole: dict[str, float] = {}
+        stages: dict[str, float] = {}
+        pieces: dict[str, float] = {}
+        if not keep:  # the sync's pieces (the same for a kept backend but for what it skips)
+            await kernel_holds(before)
+            loaded = agent(config).loader.load()
+            ruleset, _ = await plan_rules(loaded.config, options, plugins)
+            await sync_pieces(backend(), ruleset, pieces, writes=True)
+        kept = backend() if keep else None
+        await kernel_holds(before, kept)
+        await pass_stages(agent(config, kept), stages)
+        kept = backend() if keep else None
+        await kernel_holds(before, kept)
+        await timed(whole, "pass", agent(config, kept).reconciler.reconcile)
+        return {"total": whole["pass"], "stages": stages, "pieces": pieces}
+
+    return {"A": await scenario(config_a, None, keep=False),
+            "B": await scenario(config_b, config_a, keep=False),
+            "B kept": await scenario(config_b, config_a, keep=True)}
 
 
 def breakdown(backend: str, config_a: Path, config_b: Path) -> dict | str:
-    ns = new_namespace()
-    try:
-        _, result = in_ns(ns, sys.executable, "-c", child_script(_BREAKDOWN), backend, str(config_a), str(config_b))
-        return json.loads(result.stdout)
-    except (RuntimeError, ValueError) as exc:
-        return f"breakdown unavailable: {exc}"
-    finally:
-        delete_namespace(ns)
+    """The in-process breakdown of one point, from a child interpreter in a fresh namespace; or
+    why it failed."""
+    with netns.namespace("bench") as ns:
+        return run_breakdown(ns, __file__, backend, str(config_a), str(config_b), timeout=900)
 
 
 # --- measurements -----------------------------------------------------------------------------------
 
 
 def measure_masqd(backend: str, config_a: Path, config_b: Path) -> dict[str, float]:
-    ns = new_namespace()
-    try:
+    with netns.namespace("bench") as ns:
         out = {}
         for key, config in (("A", config_a), ("B", config_b), ("noop", config_b)):
             wall, result = in_ns(ns, str(MASQD), "run", "--once", "--backend", backend, "--config", str(config),
@@ -210,27 +187,22 @@ def measure_masqd(backend: str, config_a: Path, config_b: Path) -> dict[str, flo
             elif logged is not None:
                 out["noop wrote"] = 1.0  # a no-op run must not write; reported below if it did
         return out
-    finally:
-        delete_namespace(ns)
 
 
 def measure_raw(backend: str, text_a: str, text_b: str) -> dict[str, float]:
-    ns = new_namespace()
-    try:
+    with netns.namespace("bench") as ns:
         if backend == "nftables":
-            check, _ = in_ns(ns, "nft", "--check", "-f", "-", stdin=text_a.encode())
-            write, _ = in_ns(ns, "nft", "-f", "-", stdin=text_a.encode())
-            replace, _ = in_ns(ns, "nft", "-f", "-", stdin=text_b.encode())
+            check, _ = in_ns(ns, "nft", "--check", "-f", "-", stdin=text_a)
+            write, _ = in_ns(ns, "nft", "-f", "-", stdin=text_a)
+            replace, _ = in_ns(ns, "nft", "-f", "-", stdin=text_b)
             read, _ = in_ns(ns, "nft", "--json", "list", "table", "ip", "masqd")
             return {"check": check, "write": write, "replace": replace, "read": read}
         restore = ["iptables-restore", "-w", "10", "--noflush"]
-        write, _ = in_ns(ns, *restore, stdin=text_a.encode())
+        write, _ = in_ns(ns, *restore, stdin=text_a)
         b_chain_only = "".join(line + "\n" for line in text_b.splitlines() if not line.startswith("-A POSTROUTING"))
-        replace, _ = in_ns(ns, *restore, stdin=b_chain_only.encode())
+        replace, _ = in_ns(ns, *restore, stdin=b_chain_only)
         read, _ = in_ns(ns, "iptables-save", "-t", "nat")
         return {"write": write, "replace": replace, "read": read}
-    finally:
-        delete_namespace(ns)
 
 
 def med(values: list[float]) -> float:
@@ -255,23 +227,26 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="repeats per backend and size (default 3)")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--no-breakdown", action="store_true", help="skip the in-process component breakdown")
+    parser.add_argument("--breakdown", nargs=3, metavar=("BACKEND", "CONFIG_A", "CONFIG_B"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.breakdown:  # the child of breakdown(), inside its namespace
+        import anyio
+
+        print(json.dumps(anyio.run(_breakdown_child, *args.breakdown)))
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     backends = [b for b in args.backends.split(",") if b]
-    if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("iptables-restore"):
-        print("needs root, iproute2, nftables and iptables (it creates its own network namespaces)", file=sys.stderr)
+    if not namespaces_usable():
         return 2
-    exit_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-"))
     results: dict[tuple[str, int], dict[str, list[float]]] = {}
     raw: dict[tuple[str, int], dict[str, list[float]]] = {}
     parts: dict[tuple[str, int], dict | str] = {}
     started = time.perf_counter()
     try:
-        ns = new_namespace()
-        baseline = med([in_ns(ns, "true")[0] for _ in range(10)])
-        startup = med([in_ns(ns, str(MASQD), "--version")[0] for _ in range(3)])
-        delete_namespace(ns)
+        with netns.namespace("bench") as ns:
+            baseline = med([in_ns(ns, "true")[0] for _ in range(10)])
+            startup = med([in_ns(ns, str(MASQD), "--version")[0] for _ in range(3)])
         print(f"nft: {subprocess.run(['nft', '--version'], capture_output=True, text=True).stdout.strip()}; "
               f"iptables: {subprocess.run(['iptables', '--version'], capture_output=True, text=True).stdout.strip()}; "
               f"{os.cpu_count()} CPUs")
@@ -283,12 +258,9 @@ def main() -> int:
             config_a.write_text(config_text(cidr_blocks(n, 0)))
             config_b.write_text(config_text(cidr_blocks(n, 16)))
             for backend in backends:
-                ns = new_namespace()
-                try:
+                with netns.namespace("bench") as ns:
                     text_a = rendered(ns, backend, config_a)
                     text_b = rendered(ns, backend, config_b)
-                finally:
-                    delete_namespace(ns)
                 runs = results.setdefault((backend, n), {})
                 raws = raw.setdefault((backend, n), {})
                 for _ in range(args.repeats):
@@ -305,7 +277,6 @@ def main() -> int:
                       flush=True)
     finally:
         ignore_signals()
-        delete_all_namespaces()
         shutil.rmtree(workdir, ignore_errors=True)
 
     print()
@@ -340,16 +311,18 @@ def main() -> int:
 
     if parts:
         print()
-        print("where the time goes (one in-process run per point, ms; A = into empty, B = replace as "
-              "`run --once` does it, B kept = the same replace in a running daemon, which keeps its backend)")
+        print("where the time goes (in process, one run per point, ms; A = into empty, B = replace as "
+              "`run --once` does it, B kept = the same replace in a running daemon, which keeps its backend). "
+              "pass: Reconciler.reconcile(); its stages, run one after the other from the same state: "
+              "ConfigLoader.load(), plan_rules, the backend's sync; rest: the rest of the pass (other backends' "
+              "leftovers, status, audit, logs); then the sync's pieces, each called alone on the same inputs")
         for (backend, n), p in parts.items():
             if isinstance(p, str):
                 print(f"  {backend} {size_label(n)}: {p}")
                 continue
             for key in ("A", "B", "B kept"):
-                items = sorted(p[key]["parts"].items(), key=lambda kv: -kv[1])
-                text = ", ".join(f"{name} {v * 1000:.1f}" for name, v in items if v * 1000 >= 0.05)
-                print(f"  {backend:8s} {size_label(n):>4s} {key}: total {p[key]['total'] * 1000:.1f} = {text}")
+                text = breakdown_text(p[key]["total"], p[key]["stages"], p[key]["pieces"])
+                print(f"  {backend:8s} {size_label(n):>4s} {key}: {text}")
 
     big = 100000
     if ("nftables", big) in results:
@@ -362,13 +335,15 @@ def main() -> int:
               f"{med(rr['check']):.2f} s, one nft --json read-back {med(rr['read']):.2f} s)")
         p = parts.get(("nftables", big))
         if isinstance(p, dict):
-            top = sorted(p["A"]["parts"].items(), key=lambda kv: -kv[1])[:3]
-            total = p["A"]["total"]
-            print("  dominant components of the apply: "
-                  + ", ".join(f"{name} {v:.2f} s ({v / total:.0%})" for name, v in top))
+            total, stages, pieces = p["A"]["total"], p["A"]["stages"], p["A"]["pieces"]
+            shares = {**stages, "rest": total - sum(stages.values())}
+            print("  the apply's pass: " + ", ".join(f"{name} {v:.2f} s ({v / total:.0%})"
+                                                  for name, v in sorted(shares.items(), key=lambda kv: -kv[1])))
+            print("  dominant pieces of its sync, each alone: " + ", ".join(
+                f"{name} {v:.2f} s" for name, v in sorted(pieces.items(), key=lambda kv: -kv[1])[:3]))
             print(f"  plus interpreter start-up and imports, about {startup:.2f} s per `masqd run --once`")
     print(f"\n(total benchmark time {time.perf_counter() - started:.0f} s)")
-    return 0
+    return breakdown_exit_status([f"{backend} {size_label(n)}" for (backend, n), p in parts.items() if isinstance(p, str)])
 
 
 if __name__ == "__main__":

@@ -1,12 +1,25 @@
-"""Helpers shared by the benchmark scripts (imported as ``bench_common`` when a script runs)."""
+"""Helpers shared by the benchmark scripts (imported as ``bench_common`` when a script runs).
+
+Namespaces, commands run inside them and what ``/proc`` says about a process come from masqd's
+test support, shared with the tests: :mod:`masqd.testing.netns`, :mod:`masqd.testing.processes`.
+What is here is the benchmarks' own: signals, inputs, timestamped output, and the in-process
+breakdowns (:func:`pass_stages`, :func:`sync_pieces`), which time masqd's public entry points
+directly.
+"""
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import signal
 import subprocess
+import sys
 import time
-from pathlib import Path
+
+from masqd.testing import netns
+
+# --- signals and preconditions ---------------------------------------------------------------------
 
 
 def _exit_on_signal(signum, _frame):
@@ -15,7 +28,8 @@ def _exit_on_signal(signum, _frame):
 
 
 def exit_on_signals() -> None:
-    """SIGTERM/SIGINT raise SystemExit, so ``finally`` blocks delete the namespaces created."""
+    """SIGTERM/SIGINT raise SystemExit, so ``finally`` blocks (and ``with netns.namespace()``)
+    delete the namespaces created."""
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
 
@@ -24,6 +38,22 @@ def ignore_signals() -> None:
     """While cleaning up: a second signal must not cut the cleanup short."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def namespaces_usable() -> bool:
+    """Whether this benchmark can create network namespaces here (root, iproute2, nftables and the
+    nf_tables variant of iptables, whose writes ``nft monitor`` announces); if not, say why on
+    stderr. When it can, SIGTERM/SIGINT are turned into SystemExit (:func:`exit_on_signals`), so
+    every namespace is deleted, also under ``timeout``."""
+    reason = netns.netns_available()
+    if reason is not None:
+        print(f"this benchmark creates its own network namespaces: {reason}", file=sys.stderr)
+        return False
+    exit_on_signals()
+    return True
+
+
+# --- inputs and processes -----------------------------------------------------------------------------
 
 
 def cidr_blocks(count: int, offset: int = 0) -> list[str]:
@@ -36,73 +66,40 @@ def cidr_blocks(count: int, offset: int = 0) -> list[str]:
     return out
 
 
-def cpu_ticks(pid: int) -> tuple[int, int]:
-    """(utime + stime, cutime + cstime) of ``pid``, in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+def stop_process(proc) -> None:
+    """SIGTERM a process still running, SIGKILL it after 10 s, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
-def rss_mib(pid: int, field: str = "VmRSS") -> float:
-    """A memory figure of ``pid`` from /proc/PID/status, in MiB: ``VmRSS`` (resident now) or
-    ``VmHWM`` (the peak resident size since it started)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} for pid {pid}")
+def check_execed_in_place(pid: int) -> None:
+    """``ip netns exec`` execs masqd in place, so the Popen pid is the daemon itself (whose
+    ``/proc`` figures the benchmark reads): raise if it is not."""
+    from masqd.testing.processes import cmdline
+
+    argv = cmdline(pid) or []
+    if not any("masqd" in part for part in argv[:2]):
+        raise RuntimeError(f"pid {pid} is not masqd ({argv[:3]}): ip netns exec did not exec in place")
 
 
-class CallTimer:
-    """Wall time per label of the functions :meth:`wrap` instruments. A timed call made inside
-    another timed call counts only in the outer one, so the parts never add up to more than
-    the whole (used by the in-process breakdowns, which replace masqd functions by timed ones)."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-        self._depth = 0
-
-    def wrap(self, owner, name: str, label: str) -> None:
-        """Replace ``owner.name`` (a function or method, sync or async) by a timed version."""
-        call = getattr(owner, name)
-        if inspect.iscoroutinefunction(call):
-            async def timed(*args, **kwargs):
-                start, outer = self._enter()
-                try:
-                    return await call(*args, **kwargs)
-                finally:
-                    self._leave(label, start, outer)
-        else:
-            def timed(*args, **kwargs):
-                start, outer = self._enter()
-                try:
-                    return call(*args, **kwargs)
-                finally:
-                    self._leave(label, start, outer)
-        setattr(owner, name, timed)
-
-    def _enter(self) -> tuple[float, bool]:
-        outer = self._depth == 0
-        self._depth += 1
-        return time.perf_counter(), outer
-
-    def _leave(self, label: str, start: float, outer: bool) -> None:
-        self._depth -= 1
-        if outer:
-            self.times[label] = self.times.get(label, 0.0) + time.perf_counter() - start
-
-
-def child_script(body: str) -> str:
-    """``body`` as a ``python -c`` script that can import this module (and so :class:`CallTimer`)."""
-    return f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n" + body
+# --- timestamped output ------------------------------------------------------------------------------
 
 
 def _stamp_lines(stream, lines) -> None:
     for line in stream:
         lines.put((time.perf_counter(), line))
+    lines.put((time.perf_counter(), None))
 
 
 def stamped_lines(stream):
     """A queue of ``(time.perf_counter() stamp, line)`` for every line of the text ``stream``
-    (a child's stdout or stderr), read by a daemon thread as the lines arrive."""
+    (a child's stdout or stderr), read by a daemon thread as the lines arrive; ``(stamp, None)``
+    once the stream has ended."""
     import queue
     import threading
 
@@ -122,26 +119,44 @@ def wait_for_line(lines, needle: str, timeout: float = 10.0) -> float:
             stamp, line = lines.get(timeout=remaining)
         except queue.Empty:
             break
+        if line is None:
+            raise EOFError(f"the stream ended without a line with {needle!r}")
         if needle in line:
             return stamp
     raise TimeoutError(f"no line with {needle!r} within {timeout} s")
 
 
+def next_line(lines, deadline: float) -> str:
+    """The next line of a :func:`stamped_lines` queue, without its newline. Raises
+    ``TimeoutError`` at ``deadline`` (a ``time.monotonic()`` value), ``EOFError`` at its end."""
+    import queue
+
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("timed out")
+    try:
+        _, line = lines.get(timeout=remaining)
+    except queue.Empty:
+        raise TimeoutError("timed out") from None
+    if line is None:
+        raise EOFError("stream closed")
+    return line.rstrip("\n")
+
+
 def nft_monitor(ns: str):
     """``nft monitor`` in namespace ``ns``, subscribed: ``(process, queue of (stamp, line))``.
     Every rule a write adds is announced as it lands (iptables here is the nf_tables variant)."""
-
-    monitor = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor"], stdout=subprocess.PIPE, text=True)
+    monitor = netns.popen(ns, "nft", "monitor", stdout=subprocess.PIPE, text=True)
     lines = stamped_lines(monitor.stdout)
     # subscribed once it reports a table created for that purpose
     while True:
-        subprocess.run(["ip", "netns", "exec", ns, "nft", "add", "table", "ip", "probe"], check=True)
+        netns.nft(ns, "add", "table", "ip", "probe")
         try:
             wait_for_line(lines, "table ip probe", timeout=0.5)
             break
         except TimeoutError:
-            subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "ip", "probe"], check=True)
-    subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "ip", "probe"], check=True)
+            netns.nft(ns, "delete", "table", "ip", "probe")
+    netns.nft(ns, "delete", "table", "ip", "probe")
     return monitor, lines
 
 
@@ -153,49 +168,99 @@ def percentiles(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], ordered[-1]
 
 
-def bench_namespace() -> str | None:
-    """A fresh network namespace (loopback up) for a benchmark, with SIGTERM/SIGINT turned into
-    SystemExit so the caller's ``finally`` deletes it; ``None`` (after saying why) without root
-    or nft."""
-    import os
-    import secrets
-    import shutil
-    import sys
-
-    if os.geteuid() != 0 or not shutil.which("nft"):
-        print("needs root, iproute2 and nftables (it creates its own network namespace)", file=sys.stderr)
-        return None
-    exit_on_signals()  # so the namespace is always deleted, also under `timeout`
-    ns = f"mq-bench-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-    return ns
+# --- in-process breakdowns: masqd's public entry points, timed directly ------------------------------
 
 
-def stop_process(proc) -> None:
-    """SIGTERM a process still running, SIGKILL it after 10 s, and reap it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+async def timed(times: dict[str, float], label: str, call, *args):
+    """``call(*args)`` (awaited when it returns an awaitable), its wall time added to ``times[label]``."""
+    start = time.perf_counter()
+    result = call(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    times[label] = times.get(label, 0.0) + time.perf_counter() - start
+    return result
 
 
-def delete_namespace(ns: str) -> None:
-    """Delete a namespace :func:`bench_namespace` made (quietly: it may be gone already)."""
+async def pass_stages(agent, times: dict[str, float]):
+    """The stages of one reconcile pass of ``agent`` (a :class:`masqd.agent.Agent`), run one after
+    the other and each timed: ``config load`` (:meth:`ConfigLoader.load`: read every input, parse
+    what changed, merge), ``plan_rules`` (:func:`masqd.reconcile.plan_rules`: the plugins heard,
+    the RuleSet) and ``sync`` (the backend's ``sync``: read back, write what differs, verify).
+    What :meth:`Reconciler.reconcile` does besides (other backends' leftovers, status, audit,
+    logs) is the whole pass minus these. Returns the RuleSet."""
+    from masqd.reconcile import plan_rules
 
-    subprocess.run(["ip", "netns", "del", ns], check=False, stderr=subprocess.DEVNULL)
+    loaded = await timed(times, "config load", agent.loader.load)
+    ruleset, _ = await timed(times, "plan_rules", plan_rules, loaded.config, agent.options, agent.plugins)
+    await timed(times, "sync", agent.backend.sync, ruleset)
+    return ruleset
 
 
-def wrap_config_stages(timer: CallTimer) -> None:
-    """Time the config pipeline every reconcile runs, under the labels both breakdowns print:
-    reading the sources (``config read``), parsing a changed one (``config parse``) and
-    computing the rule set (``ruleset``)."""
-    import masqd.inputs as inputs
-    import masqd.reconcile as reconcile
+async def sync_pieces(backend, ruleset, times: dict[str, float], *, writes: bool) -> None:
+    """What a sync of ``ruleset`` is made of, each piece called alone through masqd's public
+    functions on the same inputs and the kernel as it is: the backend's ``render`` and
+    ``read_back``; for nftables ``nft --json list`` (the executor's read-back),
+    :func:`desired_state`, :func:`parse_listing`, and when the sync ``writes``,
+    :func:`render_replace`, ``nft --check`` and ``nft -f`` (the executor's write); for iptables
+    ``iptables-save``, :func:`parse_nat_state`, :func:`plan_restore` (the comparison, and the text
+    to write) and, when the sync ``writes``, ``iptables-restore``. With ``writes`` the kernel then
+    holds ``ruleset`` (not read back); without, nothing is written. ``backend`` should be one of
+    its own (it is probed first, untimed), not the one under test."""
+    await backend.probe()
+    await timed(times, "render (full text)", backend.render, ruleset)
+    await timed(times, "read_back", backend.read_back, ruleset)
+    if backend.name == "nftables":
+        from masqd.backends.nftables import desired_state, parse_listing, render_replace
 
-    timer.wrap(inputs, "read_inputs", "config read")
-    timer.wrap(inputs.ConfigLoader, "_parse", "config parse")
-    timer.wrap(reconcile, "compute_ruleset", "ruleset")
+        states = []
+        for family in ruleset.families:
+            text = await timed(times, "nft --json list", backend.executor.list_table, family.family)
+            states.append(await timed(times, "desired_state", desired_state, family, ruleset.masquerade))
+            if text is not None:
+                await timed(times, "parse_listing", parse_listing, text, family.family)
+        if writes:
+            script = await timed(times, "render_replace", render_replace, states)
+            await timed(times, "nft --check", backend.executor.check, script)
+            await timed(times, "nft -f (write)", backend.executor.apply, script)
+    elif backend.name == "iptables":
+        from masqd.backends.iptables import family_rules, parse_nat_state, plan_restore
+
+        for family in ruleset.families:
+            text = await timed(times, "iptables-save", backend.executor.save, family.family)
+            state = await timed(times, "parse_nat_state", parse_nat_state, text, ruleset.chain)
+            desired = family_rules(ruleset, family, bool(backend.random_fully_supported))
+            text, _ = await timed(times, "plan_restore", plan_restore, desired, state, ruleset.chain)
+            if writes and text is not None:
+                await timed(times, "iptables-restore (write)", backend.executor.restore, family.family, text)
+
+
+def breakdown_text(whole: float, stages: dict[str, float], pieces: dict[str, float] | None = None) -> str:
+    """``pass 12.3 = config load 1.0 + plan_rules 0.5 + sync 9.0 + rest 1.8; sync's pieces alone:
+    ...`` (milliseconds, largest piece first)."""
+    rest = whole - sum(stages.values())
+    text = (f"pass {whole * 1000:.1f} = " + " + ".join(f"{name} {v * 1000:.1f}" for name, v in stages.items())
+            + f" + rest {rest * 1000:.1f}" + (" (below zero: noise, the pass and its stages are timed apart)"
+                                              if rest < 0 else ""))
+    if pieces:
+        items = sorted(pieces.items(), key=lambda kv: -kv[1])
+        text += "; the sync's pieces, each alone: " + ", ".join(f"{name} {v * 1000:.1f}" for name, v in items)
+    return text
+
+
+def run_breakdown(ns: str, script: str, *args: str, timeout: float = 300) -> dict | str:
+    """Run ``script --breakdown ARGS`` (a benchmark's own in-process breakdown, which prints JSON)
+    in a child interpreter inside namespace ``ns``: its result, or why it failed."""
+    try:
+        result = netns.run(ns, sys.executable, os.path.abspath(script), "--breakdown", *args, timeout=timeout)
+        return json.loads(result.stdout)
+    except (netns.CommandError, ValueError) as exc:
+        return f"breakdown failed: {str(exc)[-2000:]}"
+
+
+def breakdown_exit_status(failed: list[str]) -> int:
+    """The benchmark's exit status: 1 after naming the points whose in-process breakdown failed
+    (a benchmark that no longer measures what it prints must not pass as ok), else 0."""
+    if failed:
+        print(f"the in-process breakdown failed for: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -28,10 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import rss_mib
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from netns import LineReader  # noqa: E402
+from masqd.testing.netns import LineReader
+from masqd.testing.processes import rss_kib
 
 MASQD = Path(sys.executable).with_name("masqd")
 
@@ -76,14 +74,14 @@ def main() -> None:
         try:
             counts = {"passes": 0, "writes": 0}
             wait_for(lines, counts, "192.0.2.0/24")
-            before = rss_mib(proc.pid)
+            before = rss_kib(proc.pid) / 1024
             results = []
             for round_ in range(2):
                 counts = {"passes": 0, "writes": 0}
                 start = time.perf_counter()
                 burst(config, round_ * args.changes, args.changes)
                 wait_for(lines, counts, cidr(round_ * args.changes + args.changes - 1))
-                results.append((counts, time.perf_counter() - start, rss_mib(proc.pid)))
+                results.append((counts, time.perf_counter() - start, rss_kib(proc.pid) / 1024))
         finally:
             proc.terminate()
             proc.wait(10)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """New-flow cost: rate of new UDP flows masqueraded by the node, nftables vs iptables, 10 to 10k CIDRs.
 
-Topology (three network namespaces this script creates and always deletes, also on SIGTERM or
-SIGINT; needs root)::
+Topology (the tests' three network namespaces, :class:`masqd.testing.netns.Topology`, which this
+script creates and always deletes, also on SIGTERM or SIGINT; needs root)::
 
     pod  eth0 10.244.1.2/24 --veth-- vpod 10.244.1.1/24  node  vdst 172.30.0.1/24 --veth-- eth0 172.30.0.2/24  dest
                                                                                     lo 203.0.113.2/32
@@ -52,7 +52,6 @@ import argparse
 import json
 import os
 import re
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -61,11 +60,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import exit_on_signals, ignore_signals, cidr_blocks
+from bench_common import cidr_blocks, ignore_signals, namespaces_usable
+
+from masqd.testing import netns
 
 BACKENDS = ("nftables", "iptables")
 MASQD = Path(sys.executable).with_name("masqd")
-POD, NODE_POD_SIDE, NODE, DEST_LINK, DEST = "10.244.1.2", "10.244.1.1", "172.30.0.1", "172.30.0.2", "203.0.113.2"
+POD, NODE_POD_SIDE, NODE, DEST_LINK = netns.POD_V4, netns.NODE_POD_SIDE_V4, netns.NODE_V4, netns.DEST_LINK_V4
+DEST = "203.0.113.2"  # owned by the dest namespace, outside every non-masquerade CIDR of the configs
 UDP_TIMEOUT_S = 5
 FIRST_PORT = 1024
 #: Source ports used per destination port: the flows to one destination port compete for the
@@ -73,50 +75,36 @@ FIRST_PORT = 1024
 #: them, so NAT finds a free port at once (filling all 64k made port selection the bottleneck).
 SOURCE_PORTS = 2048
 
-_namespaces: list[str] = []
-_procs: list[subprocess.Popen] = []
 
-
-def run(ns: str | None, *argv: str, stdin: str | None = None, check: bool = True) -> str:
-    command = list(argv) if ns is None else ["ip", "netns", "exec", ns, *argv]
-    result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120)
-    if check and result.returncode != 0:
-        shown = " ".join(a if len(a) < 60 else a[:20] + "..." for a in command[:8])
-        raise RuntimeError(f"{shown} exited {result.returncode}: {result.stderr.strip()[-1000:]}")
-    return result.stdout
+def run(ns: str, *argv: str, **kwargs) -> str:
+    """The output of ``argv`` run inside ``ns`` (see :func:`masqd.testing.netns.run`)."""
+    return netns.run(ns, *argv, **kwargs).stdout
 
 
 # --- topology ----------------------------------------------------------------------------------------
 
 
-class Topology:
+class Topology(netns.Topology):
+    """The tests' pod -> node -> dest namespaces (:class:`masqd.testing.netns.Topology`), with what
+    this benchmark adds: a short UDP conntrack timeout in the node, static neighbours (no ARP
+    resolution on the path), and counters of its own (never masqd's tables) in dest and node."""
+
     def __init__(self) -> None:
-        suffix = secrets.token_hex(3)
-        self.pod, self.node, self.dest = (f"mq-bench-{suffix}-{role}" for role in ("pod", "node", "dest"))
-        for ns in (self.pod, self.node, self.dest):
-            _namespaces.append(ns)  # recorded first: deleted even if creation fails half-way
-            run(None, "ip", "netns", "add", ns)
-            run(ns, "ip", "link", "set", "lo", "up")
-        # veths are created inside a bench namespace and the peer moved straight into another
-        run(self.pod, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "vpod", "netns", self.node)
-        run(self.node, "ip", "link", "add", "vdst", "type", "veth", "peer", "name", "eth0", "netns", self.dest)
-        run(self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1",
-            f"net.netfilter.nf_conntrack_udp_timeout={UDP_TIMEOUT_S}",
+        super().__init__()
+        try:
+            self._instrument()
+        except BaseException:
+            self.close()
+            raise
+
+    def _instrument(self) -> None:
+        assert DEST in netns.DEST_V4
+        run(self.node, "sysctl", "-qw", f"net.netfilter.nf_conntrack_udp_timeout={UDP_TIMEOUT_S}",
             f"net.netfilter.nf_conntrack_udp_timeout_stream={UDP_TIMEOUT_S}")
-        for ns, link, addr in ((self.pod, "eth0", f"{POD}/24"), (self.node, "vpod", f"{NODE_POD_SIDE}/24"),
-                               (self.node, "vdst", f"{NODE}/24"), (self.dest, "eth0", f"{DEST_LINK}/24")):
-            run(ns, "ip", "addr", "add", addr, "dev", link)
-            run(ns, "ip", "link", "set", link, "up")
-        run(self.dest, "ip", "addr", "add", f"{DEST}/32", "dev", "lo")
-        run(self.pod, "ip", "route", "add", "default", "via", NODE_POD_SIDE)
-        run(self.node, "ip", "route", "add", "203.0.113.0/24", "via", DEST_LINK)
-        run(self.dest, "ip", "route", "add", "default", "via", NODE)
-        # static neighbours: no ARP resolution on the path (it would be the same for every point)
         mac = lambda ns, link: json.loads(run(ns, "ip", "-j", "link", "show", link))[0]["address"]  # noqa: E731
         run(self.pod, "ip", "neigh", "replace", NODE_POD_SIDE, "lladdr", mac(self.node, "vpod"), "dev", "eth0")
         run(self.node, "ip", "neigh", "replace", DEST_LINK, "lladdr", mac(self.dest, "eth0"), "dev", "vdst")
-        # instrumentation (our own tables, never masqd's): counters in dest and in the node
-        run(self.dest, "nft", "-f", "-", stdin=f"""
+        run(self.dest, "nft", "-f", "-", input=f"""
 table ip mqbench {{
     counter masqueraded {{ }}
     counter other {{ }}
@@ -127,7 +115,7 @@ table ip mqbench {{
     }}
 }}
 """)
-        run(self.node, "nft", "-f", "-", stdin=f"""
+        run(self.node, "nft", "-f", "-", input=f"""
 table ip mqbench {{
     counter new_flows {{ }}
     chain post {{
@@ -136,22 +124,6 @@ table ip mqbench {{
     }}
 }}
 """)
-        self._wait_up()
-
-    def _wait_up(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        links = ((self.pod, "eth0"), (self.node, "vpod"), (self.node, "vdst"), (self.dest, "eth0"))
-        while time.monotonic() < deadline:
-            if all("state UP" in run(ns, "ip", "-o", "link", "show", "dev", link) for ns, link in links):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("veths did not come up")
-
-    def close(self) -> None:
-        for ns in (self.pod, self.node, self.dest):
-            subprocess.run(["ip", "netns", "del", ns], check=False, stderr=subprocess.DEVNULL)
-            if ns in _namespaces:
-                _namespaces.remove(ns)
 
     def counters(self) -> dict[str, int]:
         out = {}
@@ -245,12 +217,10 @@ def send_flows(topo: Topology, senders: int, seconds: float, limit: int,
     procs = []
     try:
         for k in range(senders):
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", topo.pod, sys.executable, "-c", _SENDER, DEST, POD, str(bounds[k]),
-                 str(bounds[k + 1]), str(dport_first), "65535", str(seconds), str(limit // senders)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            proc = netns.popen(topo.pod, sys.executable, "-c", _SENDER, DEST, POD, str(bounds[k]), str(bounds[k + 1]),
+                               str(dport_first), "65535", str(seconds), str(limit // senders),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             procs.append(proc)
-            _procs.append(proc)
         for proc in procs:
             if proc.stdout.readline().strip() != "ready":
                 raise RuntimeError("sender did not start")
@@ -271,8 +241,6 @@ def send_flows(topo: Topology, senders: int, seconds: float, limit: int,
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            if proc in _procs:
-                _procs.remove(proc)
 
 
 def rel_spread(values: list[float]) -> float:
@@ -285,8 +253,9 @@ def rel_spread(values: list[float]) -> float:
 def apply_masqd(topo: Topology, backend: str, config: Path) -> None:
     """masqd writes its rules into the node (run --once: no daemon disturbing the measurement)."""
     other = "iptables" if backend == "nftables" else "nftables"
-    run(topo.node, str(MASQD), "cleanup", "--backend", other)
-    run(topo.node, str(MASQD), "run", "--once", "--backend", backend, "--config", str(config), "--log-format", "json")
+    run(topo.node, str(MASQD), "cleanup", "--backend", other, timeout=120)
+    run(topo.node, str(MASQD), "run", "--once", "--backend", backend, "--config", str(config), "--log-format", "json",
+        timeout=120)
 
 
 def nat_rule_count(topo: Topology, backend: str) -> str:
@@ -309,10 +278,8 @@ def main() -> int:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     backends = [b for b in args.backends.split(",") if b]
-    if os.geteuid() != 0 or not shutil.which("nft"):
-        print("needs root, iproute2, nftables and iptables (it creates its own network namespaces)", file=sys.stderr)
+    if not namespaces_usable():
         return 2
-    exit_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-"))
     configs = {}
     for n in sizes:
@@ -377,12 +344,8 @@ def main() -> int:
                         raise RuntimeError("destination ports exhausted: fewer repeats or shorter points")
     finally:
         ignore_signals()
-        for proc in _procs:
-            proc.kill()
         if topo is not None:
             topo.close()
-        for ns in list(_namespaces):
-            subprocess.run(["ip", "netns", "del", ns], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(workdir, ignore_errors=True)
 
     if shortened:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Cost of the HTTP endpoint: scrape and probe latency at 10k-100k CIDRs, and while clients misbehave.
 
-In process, on the dry-run backend (no root needed, no kernel touched), the daemon runs with the
-endpoint on 127.0.0.1 (a free port) and a config of N non-masquerade CIDRs; for each N it times:
+In process, on the dry-run backend (no root needed, no kernel touched), the daemon's agent
+(``masqd.agent.build_agent``, run by ``masqd.testing.running`` as ``masqd run`` runs it) serves the
+endpoint on 127.0.0.1 (a free port) with a config of N non-masquerade CIDRs; for each N it times:
 
 - the first ``/metrics`` after an apply (the CIDR-by-origin counts are computed once per applied
   state), then the median of 50 more (the cached counts);
@@ -23,22 +24,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import anyio
+from bench_common import cidr_blocks
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import cidr_blocks  # noqa: E402
-
-from masqd.backends.dryrun import DryRunBackend  # noqa: E402
-from masqd.config import AgentOptions  # noqa: E402
-from masqd.daemon import run_daemon  # noqa: E402
-from masqd.http import MAX_PER_PEER, Address, HttpServer, Response  # noqa: E402
-from masqd.logs import configure_logging  # noqa: E402
-from masqd.reconcile import Reconciler  # noqa: E402
+from masqd.agent import build_agent
+from masqd.backends.dryrun import DryRunBackend
+from masqd.config import AgentOptions
+from masqd.http import MAX_PER_PEER, Address, HttpServer, Response
+from masqd.logs import configure_logging
+from masqd.testing import running, wait_until
 
 REPEATS = 50
 IDLE_CLIENTS = 60
@@ -66,16 +64,10 @@ async def measure(count: int, workdir: Path) -> str:
     config = workdir / f"config-{count}"
     config.write_text(f"resyncInterval: 1h\ncidrLimit: {count}\nnonMasqueradeCIDRs:\n"
                       + "".join(f"- {c}\n" for c in cidr_blocks(count)))
-    backend = DryRunBackend()
-    reconciler = Reconciler(backend, AgentOptions(), config)
+    agent = build_agent(AgentOptions(), backend=DryRunBackend(), config=config, http_address=Address("127.0.0.1", 0))
     bound: list[int] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: run_daemon(backend, AgentOptions(), config, reconciler=reconciler, handle_signals=False,
-                                         http_address=Address("127.0.0.1", 0),
-                                         on_http_ready=lambda a: bound.append(int(a[0].rsplit(":", 1)[1]))))
-        while not bound or reconciler.status.generation < 1:
-            await anyio.sleep(0.01)
-        port = bound[0]
+    async with running(agent, on_http_ready=lambda a: bound.append(int(a[0].rsplit(":", 1)[1]))):  # first pass done
+        port = (await wait_until(lambda: bound, "the endpoint listening"))[0]
         first, size = await fetch(port, "/metrics")
         metrics = await median_ms(port, "/metrics")
         ready = await median_ms(port, "/readyz")
@@ -84,7 +76,6 @@ async def measure(count: int, workdir: Path) -> str:
         busy = await misbehaving_health(port)
         for stream in idle:
             await stream.aclose()
-        tg.cancel_scope.cancel()
     return (f"{count:>7} CIDRs: /metrics first {first * 1000:7.1f} ms, then {metrics:5.2f} ms ({size} bytes); "
             f"/readyz {ready:5.2f} ms; /healthz {health:5.2f} ms, with {IDLE_CLIENTS} idle clients and a "
             f"non-reader {busy:5.2f} ms")

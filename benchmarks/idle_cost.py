@@ -38,27 +38,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-from bench_common import (bench_namespace, stop_process, cpu_ticks, delete_namespace, ignore_signals, rss_mib, stamped_lines,
+from bench_common import (check_execed_in_place, ignore_signals, namespaces_usable, stamped_lines, stop_process,
                           wait_for_line)
+
+from masqd.testing import netns
+from masqd.testing.processes import children, cpu_ticks, rss_kib
 
 BACKENDS = ("nftables", "iptables")
 MASQD = Path(sys.executable).with_name("masqd")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    """Pids of the processes whose parent is ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                continue  # exited meanwhile
-    return found
 
 
 def context_switches(pid: int) -> int:
@@ -80,26 +71,23 @@ def sample(pid: int) -> dict:
     live = {}
     for child in children(pid):
         try:
-            live[child] = (cpu_ticks(child)[0], rss_mib(child), Path(f"/proc/{child}/comm").read_text().strip())
-        except (OSError, RuntimeError):
-            continue
-    return {"own": own, "reaped": reaped, "live": live, "switches": context_switches(pid), "rss": rss_mib(pid),
-            "hwm": rss_mib(pid, "VmHWM"), "when": time.monotonic()}
+            live[child] = (cpu_ticks(child)[0], rss_kib(child) / 1024, Path(f"/proc/{child}/comm").read_text().strip())
+        except (OSError, LookupError):
+            continue  # exited meanwhile
+    return {"own": own, "reaped": reaped, "live": live, "switches": context_switches(pid), "rss": rss_kib(pid) / 1024,
+            "hwm": rss_kib(pid, "VmHWM") / 1024, "when": time.monotonic()}
 
 
 class Daemon:
     def __init__(self, backend: str, ns: str, config: Path):
         self.backend = backend
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, str(MASQD), "run", "--backend", backend,
-                                      "--config", str(config), "--log-format", "json"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = netns.popen(ns, str(MASQD), "run", "--backend", backend, "--config", str(config), "--log-format",
+                                "json", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines = stamped_lines(self.proc.stderr)
 
     def started(self) -> None:
         wait_for_line(self.lines, '"rules applied"', timeout=60)
-        cmdline = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes().split(b"\0")
-        if not any(b"masqd" in part for part in cmdline[:2]):
-            raise RuntimeError(f"pid {self.proc.pid} is not masqd ({cmdline[:3]}): ip netns exec did not exec in place")
+        check_execed_in_place(self.proc.pid)
 
     def drain(self) -> int:
         """Log lines printed since the last call."""
@@ -134,15 +122,14 @@ def main() -> int:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     args = parser.parse_args()
     backends = [b for b in args.backends.split(",") if b]
-    namespaces: list[str] = []
+    if not namespaces_usable():
+        return 2
     daemons: list[Daemon] = []
     workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-"))
+    namespaces = ExitStack()  # each daemon runs in a namespace of its own, deleted after it stopped
     try:
         for backend in backends:
-            ns = bench_namespace()
-            if ns is None:
-                return 2
-            namespaces.append(ns)
+            ns = namespaces.enter_context(netns.namespace("bench"))
             daemons.append(Daemon(backend, ns, workdir / "absent-config"))
         for daemon in daemons:
             daemon.started()
@@ -160,8 +147,7 @@ def main() -> int:
         ignore_signals()
         for daemon in daemons:
             daemon.stop()
-        for ns in namespaces:
-            delete_namespace(ns)
+        namespaces.close()
         os.rmdir(workdir)
 
     print(f"idle daemon, default config (no config file: resyncInterval 60s), {args.seconds:g} s window after "

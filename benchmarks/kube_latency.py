@@ -3,8 +3,8 @@
 
 Runs ``masqd run --kube-configmap kube-system/ip-masq-agent --egress-nat-policies`` inside a
 fresh network namespace (needs root), against the in-process fake API server of the tests
-(``tests/kubeapi.py``: the real list/watch protocol over a real socket, listening inside that
-namespace). Two series, each change adding one CIDR:
+(``tests/kubeapi.py``, loaded from there by its path: the real list/watch protocol over a real
+socket, listening inside that namespace). Two series, each change adding one CIDR:
 
 - ConfigMap: replace the ConfigMap's ``config`` key on the server;
 - policy: replace an ``EgressNATPolicy``'s destinations on the server.
@@ -24,6 +24,7 @@ average, counted here as 30 s + 30 s.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -31,11 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import bench_namespace, nft_monitor, percentiles, wait_for_line
+from bench_common import namespaces_usable, nft_monitor, percentiles, stop_process, wait_for_line
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from kubeapi import FakeKubeAPI  # noqa: E402  (the tests' fake API server)
-from netns import listening_socket_in  # noqa: E402
+from masqd.testing import netns
+
+#: The tests' fake API server.
+KUBEAPI = Path(__file__).resolve().parent.parent / "tests" / "kubeapi.py"
 
 #: Upstream: kubelet volume refresh (~60 s sync period, 30 s on average) + its own resync (30 s avg).
 UPSTREAM_AVERAGE_S = 60.0
@@ -57,7 +59,16 @@ def rule_text(backend: str, cidr: str) -> str:
     return f"ip daddr {cidr}" if backend == "iptables" else cidr
 
 
-def series(api: FakeKubeAPI, lines, make, cidrs: list[str], backend: str, label: str) -> list[float]:
+def fake_kube_api(**settings):
+    """A ``FakeKubeAPI`` (see ``tests/kubeapi.py``), not started."""
+    spec = importlib.util.spec_from_file_location("kubeapi", KUBEAPI)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while a class is made
+    spec.loader.exec_module(module)
+    return module.FakeKubeAPI(**settings)
+
+
+def series(api, lines, make, cidrs: list[str], backend: str, label: str) -> list[float]:
     latencies = []
     for i, cidr in enumerate(cidrs):
         start = time.perf_counter()
@@ -76,40 +87,37 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=30)
     parser.add_argument("--backend", choices=("iptables", "nftables"), default="iptables")
     args = parser.parse_args()
-    ns = bench_namespace()
-    if ns is None:
+    if not namespaces_usable():
         return 2
     masqd = Path(sys.executable).with_name("masqd")
     workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-"))
     procs: list[subprocess.Popen] = []
-    api = FakeKubeAPI(sock=listening_socket_in(ns))
-    try:
-        api.start()
-        api.bookmark_interval = None
-        kubeconfig = api.write_kubeconfig(workdir / "kubeconfig")
-        api.put(configmap("192.0.2.0/24"))
-        monitor, lines = nft_monitor(ns)
-        procs.append(monitor)
-        daemon = subprocess.Popen(["ip", "netns", "exec", ns, str(masqd), "run", "--backend", args.backend,
-                                   "--config", str(workdir / "absent"), "--kube-configmap", "kube-system/ip-masq-agent",
-                                   "--egress-nat-policies", "--kubeconfig", str(kubeconfig), "--log-format", "json"],
-                                  stderr=subprocess.DEVNULL)
-        procs.append(daemon)
-        wait_for_line(lines, rule_text(args.backend, "192.0.2.0/24"))
-        time.sleep(0.2)
-        # config only, no traffic is sent to these ranges (outside 10.0.0.0/8, which nftables
-        # would merge them into)
-        configmap_ms = series(api, lines, configmap, [f"100.{64 + i // 256}.{i % 256}.0/24" for i in range(args.changes)],
-                              args.backend, "configmap")
-        policy_ms = series(api, lines, policy, [f"198.{18 + i // 256}.{i % 256}.0/24" for i in range(args.changes)],
-                           args.backend, "policy")
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(timeout=10)
-        api.stop()
-        subprocess.run(["ip", "netns", "del", ns], check=False)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with netns.namespace("bench") as ns:
+        api = fake_kube_api(sock=netns.listening_socket_in(ns), bookmark_interval=None)
+        try:
+            api.start()
+            kubeconfig = api.write_kubeconfig(workdir / "kubeconfig")
+            api.put(configmap("192.0.2.0/24"))
+            monitor, lines = nft_monitor(ns)
+            procs.append(monitor)
+            daemon = netns.popen(ns, str(masqd), "run", "--backend", args.backend, "--config", str(workdir / "absent"),
+                                 "--kube-configmap", "kube-system/ip-masq-agent", "--egress-nat-policies",
+                                 "--kubeconfig", str(kubeconfig), "--log-format", "json", stderr=subprocess.DEVNULL)
+            procs.append(daemon)
+            wait_for_line(lines, rule_text(args.backend, "192.0.2.0/24"))
+            time.sleep(0.2)
+            # config only, no traffic is sent to these ranges (outside 10.0.0.0/8, which nftables
+            # would merge them into)
+            configmap_ms = series(api, lines, configmap,
+                                  [f"100.{64 + i // 256}.{i % 256}.0/24" for i in range(args.changes)],
+                                  args.backend, "configmap")
+            policy_ms = series(api, lines, policy, [f"198.{18 + i // 256}.{i % 256}.0/24" for i in range(args.changes)],
+                               args.backend, "policy")
+        finally:
+            for proc in reversed(procs):
+                stop_process(proc)
+            api.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
 
     print()
     print(f"backend {args.backend}, {args.changes} changes per series; API object write -> rule in the kernel")

@@ -24,13 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import bench_namespace, cpu_ticks, nft_monitor, percentiles, wait_for_line
+from bench_common import namespaces_usable, nft_monitor, percentiles, stop_process, wait_for_line
+
+from masqd.testing import netns
+from masqd.testing.processes import cpu_ticks
 
 UPSTREAM_RESYNC_S = 60.0
-
-
-def _ns(name: str, *argv: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", name, *argv], **kwargs)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -47,43 +46,41 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=20)
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="how long to measure idle CPU")
     args = parser.parse_args()
-    ns = bench_namespace()
-    if ns is None:
+    if not namespaces_usable():
         return 2
     masqd = Path(sys.executable).with_name("masqd")
     workdir = Path(tempfile.mkdtemp(prefix="masqd-bench-"))
     config = workdir / "config"
     config.write_text(config_text("192.0.2.0/24"))
     procs: list[subprocess.Popen] = []
-    try:
-        monitor, lines = nft_monitor(ns)
-        procs.append(monitor)
-        daemon = _ns(ns, str(masqd), "run", "--backend", "iptables", "--config", str(config),
-                     "--log-format", "json", stderr=subprocess.DEVNULL)
-        procs.append(daemon)
-        wait_for_line(lines, "ip daddr 192.0.2.0/24")
+    with netns.namespace("bench") as ns:
+        try:
+            monitor, lines = nft_monitor(ns)
+            procs.append(monitor)
+            daemon = netns.popen(ns, str(masqd), "run", "--backend", "iptables", "--config", str(config),
+                                 "--log-format", "json", stderr=subprocess.DEVNULL)
+            procs.append(daemon)
+            wait_for_line(lines, "ip daddr 192.0.2.0/24")
 
-        latencies = []
-        for i in range(args.changes):
-            cidr = f"10.{100 + i // 256}.{i % 256}.0/24"  # config only: no traffic is sent
-            staged = workdir / ".config.tmp"
-            staged.write_text(config_text(cidr))
-            start = time.perf_counter()
-            os.replace(staged, config)
-            seen = wait_for_line(lines, f"ip daddr {cidr}")
-            latencies.append((seen - start) * 1000)
-            print(f"change {i + 1:2d}: {latencies[-1]:7.2f} ms")
-            wait_for_line(lines, "masquerade")  # the rest of that write: the chain's last rule
-        # idle cost: the daemon with nothing to do (file watch armed, resync 1h)
-        before = _cpu_seconds(daemon.pid)
-        time.sleep(args.idle_seconds)
-        idle_cpu = (_cpu_seconds(daemon.pid) - before) / args.idle_seconds
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(timeout=10)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
-        shutil.rmtree(workdir, ignore_errors=True)
+            latencies = []
+            for i in range(args.changes):
+                cidr = f"10.{100 + i // 256}.{i % 256}.0/24"  # config only: no traffic is sent
+                staged = workdir / ".config.tmp"
+                staged.write_text(config_text(cidr))
+                start = time.perf_counter()
+                os.replace(staged, config)
+                seen = wait_for_line(lines, f"ip daddr {cidr}")
+                latencies.append((seen - start) * 1000)
+                print(f"change {i + 1:2d}: {latencies[-1]:7.2f} ms")
+                wait_for_line(lines, "masquerade")  # the rest of that write: the chain's last rule
+            # idle cost: the daemon with nothing to do (file watch armed, resync 1h)
+            before = _cpu_seconds(daemon.pid)
+            time.sleep(args.idle_seconds)
+            idle_cpu = (_cpu_seconds(daemon.pid) - before) / args.idle_seconds
+        finally:
+            for proc in reversed(procs):
+                stop_process(proc)
+            shutil.rmtree(workdir, ignore_errors=True)
 
     median, p95, worst = percentiles(latencies)
     print()

@@ -33,8 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import (bench_namespace, stop_process, delete_namespace, ignore_signals, nft_monitor, stamped_lines,
-                          wait_for_line)
+from bench_common import ignore_signals, namespaces_usable, nft_monitor, stamped_lines, stop_process, wait_for_line
+
+from masqd.testing import netns
 
 BACKENDS = ("nftables", "iptables")
 MASQD = Path(sys.executable).with_name("masqd")
@@ -43,45 +44,36 @@ KERNEL_LINE = {"nftables": "add rule ip masqd ", "iptables": "IP-MASQ-AGENT"}
 STAMPS = ("started", "logged", "kernel")
 
 
-def one_run(backend: str) -> dict[str, float] | None:
-    """The three stamps of one start (seconds), or ``None`` without root."""
-    ns = bench_namespace()
-    if ns is None:
-        return None
+def one_run(backend: str) -> dict[str, float]:
+    """The three stamps of one start (seconds)."""
     procs: list[subprocess.Popen] = []
-    try:
-        monitor, kernel = nft_monitor(ns)
-        procs.append(monitor)
-        start = time.perf_counter()
-        daemon = subprocess.Popen(["ip", "netns", "exec", ns, str(MASQD), "run", "--backend", backend, "--config",
-                                   f"/nonexistent/masqd-bench-{ns}", "--log-format", "json"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        procs.append(daemon)
-        log = stamped_lines(daemon.stderr)
-        started = wait_for_line(log, '"masqd starting"', timeout=60)
-        logged = wait_for_line(log, '"rules applied"', timeout=60)
-        seen = wait_for_line(kernel, KERNEL_LINE[backend], timeout=10)
-        return {"started": started - start, "logged": logged - start, "kernel": seen - start}
-    finally:
-        for proc in reversed(procs):
-            stop_process(proc)
-        delete_namespace(ns)
+    with netns.namespace("bench") as ns:
+        try:
+            monitor, kernel = nft_monitor(ns)
+            procs.append(monitor)
+            start = time.perf_counter()
+            daemon = netns.popen(ns, str(MASQD), "run", "--backend", backend, "--config", f"/nonexistent/masqd-bench-{ns}",
+                                 "--log-format", "json", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            procs.append(daemon)
+            log = stamped_lines(daemon.stderr)
+            started = wait_for_line(log, '"masqd starting"', timeout=60)
+            logged = wait_for_line(log, '"rules applied"', timeout=60)
+            seen = wait_for_line(kernel, KERNEL_LINE[backend], timeout=10)
+            return {"started": started - start, "logged": logged - start, "kernel": seen - start}
+        finally:
+            for proc in reversed(procs):
+                stop_process(proc)
 
 
-def exec_baseline() -> float | None:
+def exec_baseline() -> float:
     """Median seconds of ``ip netns exec NS true``."""
-    ns = bench_namespace()
-    if ns is None:
-        return None
-    try:
+    with netns.namespace("bench") as ns:
         times = []
         for _ in range(5):
             start = time.perf_counter()
-            subprocess.run(["ip", "netns", "exec", ns, "true"], check=True)
+            netns.run(ns, "true")
             times.append(time.perf_counter() - start)
         return statistics.median(times)
-    finally:
-        delete_namespace(ns)
 
 
 def main() -> int:
@@ -90,16 +82,14 @@ def main() -> int:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     args = parser.parse_args()
     backends = [b for b in args.backends.split(",") if b]
+    if not namespaces_usable():
+        return 2
     try:
         baseline = exec_baseline()
-        if baseline is None:
-            return 2
         results: dict[str, list[dict[str, float]]] = {b: [] for b in backends}
         for run in range(args.runs):
             for backend in backends:  # interleaved: a slow moment of the machine hits both
                 stamps = one_run(backend)
-                if stamps is None:
-                    return 2
                 results[backend].append(stamps)
                 print(f"  run {run + 1} {backend:8s}: " + ", ".join(f"{k} {v * 1000:6.1f} ms" for k, v in stamps.items()),
                       flush=True)

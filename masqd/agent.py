@@ -9,9 +9,11 @@ exercise the agent that ships.
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -19,12 +21,17 @@ import structlog
 from masqd.audit import AuditEvent
 from masqd.backends.base import Backend, SyncResult
 from masqd.config import AgentOptions
-from masqd.errors import MasqdError, SourceReadError, safe_repr
+from masqd.errors import KubeError, SourceReadError, safe_repr
 from masqd.inputs import ConfigInput, ConfigLoader, FileInput
 from masqd.plugins import Plugins, RegisteredSource, SourceContext
 from masqd.reconcile import RETRY_INITIAL_SECONDS, Reconciler
 from masqd.sources.drift import DRIFT_CHECK_SECONDS, drift_source
 from masqd.status import AgentStatus
+
+if TYPE_CHECKING:  # imported when used: the API client and prometheus-client cost start-up time
+    from masqd.http import Address
+    from masqd.kube.settings import KubeSettings
+    from masqd.metrics import Metrics
 
 log = structlog.get_logger("masqd.agent")
 
@@ -45,35 +52,35 @@ class AuditTrail:
         self.plugins = plugins
         self.listeners: list[Callable[[AuditEvent], None]] = []
         self.dropped = 0
-        self._send, self._receive = (anyio.create_memory_object_stream[AuditEvent](max_buffer_size=AUDIT_BUFFER)
-                                     if plugins.implements("audit") else (None, None))
+        self._hooks = plugins.implements("audit")
+        self._queue: collections.deque[AuditEvent] = collections.deque()
+        self._arrived: anyio.Event | None = None  # set when an event is queued while deliver() waits
 
     def __call__(self, event: AuditEvent) -> None:
         for listener in self.listeners:
             listener(event)
-        if self._send is None:
+        if not self._hooks:
             return
-        try:
-            self._send.send_nowait(event)
-        except anyio.WouldBlock:
+        if len(self._queue) >= AUDIT_BUFFER:
             self.dropped += 1
             log.warning("audit hooks are behind; audit event dropped", dropped_total=self.dropped, result=event.result)
+            return
+        self._queue.append(event)
+        if self._arrived is not None:
+            self._arrived.set()
 
     async def deliver(self) -> None:
         """Hand every audit event to the audit hooks, in order, until cancelled."""
-        if self._receive is None:
-            await anyio.sleep_forever()
-        async for event in self._receive:
-            await self.plugins.audit(event)
+        while True:
+            await self.flush()
+            self._arrived = anyio.Event()
+            if not self._queue:
+                await self._arrived.wait()
 
     async def flush(self) -> None:
         """Hand the audit events queued so far to the audit hooks."""
-        while self._receive is not None:
-            try:
-                event = self._receive.receive_nowait()
-            except anyio.WouldBlock:
-                return
-            await self.plugins.audit(event)
+        while self._queue:
+            await self.plugins.audit(self._queue.popleft())
 
 
 class ResyncListeners:
@@ -108,30 +115,31 @@ class Agent:
     #: every event source: the plugins' (config watches, timer, API watches) and the drift source
     sources: tuple[RegisteredSource, ...] = ()
     #: the Kubernetes flags, or ``None`` when masqd does not talk to the API
-    kube: object = None
+    kube: KubeSettings | None = None
     #: where the daemon serves /metrics, /healthz and /readyz (``None``: nowhere)
-    http_address: object = None
+    http_address: Address | None = None
     #: the agent's Prometheus metrics, when it serves them
-    metrics: object = None
+    metrics: Metrics | None = None
 
     async def read_sources_once(self) -> None:
         """For a one-shot command: each event source's ``read_once`` (what a watch's first list
         would hand over). Raises :class:`~masqd.errors.SourceReadError` naming the source that
-        failed; other :class:`~masqd.errors.MasqdError` (no credentials) as they are."""
+        failed, whatever it raised, or that took longer than :data:`SOURCE_READ_TIMEOUT_SECONDS`;
+        :class:`~masqd.errors.KubeError` (no credentials: a usage error) as it is."""
         for registered in self.sources:
             read_once = getattr(registered.source, "read_once", None)
             if read_once is None:
                 continue
             what = f"event source {registered.name} (plugin {registered.plugin})"
             try:
-                with anyio.fail_after(SOURCE_READ_TIMEOUT_SECONDS):
+                with anyio.move_on_after(SOURCE_READ_TIMEOUT_SECONDS) as deadline:
                     await read_once()
-            except MasqdError:
+            except (KubeError, SourceReadError):
                 raise
-            except TimeoutError:
-                raise SourceReadError(what, f"did not finish within {SOURCE_READ_TIMEOUT_SECONDS:g} s") from None
-            except Exception as exc:  # a plugin's source: its failure, named
+            except Exception as exc:  # a plugin's source: its failure, named, whatever it raised
                 raise SourceReadError(what, f"raised {safe_repr(exc)}") from None
+            if deadline.cancelled_caught:
+                raise SourceReadError(what, f"did not finish within {SOURCE_READ_TIMEOUT_SECONDS:g} s")
 
     async def run_once(self) -> SyncResult:
         """``run --once``: read the event sources once, reconcile once, and hand the audit event
@@ -149,9 +157,9 @@ def build_agent(
     backend: Backend,
     config: str | os.PathLike[str] | ConfigLoader | Sequence[ConfigInput],
     plugins: Plugins | None = None,
-    kube=None,
+    kube: KubeSettings | None = None,
     once: bool = False,
-    http_address=None,
+    http_address: Address | None = None,
     drift_check_interval: float = DRIFT_CHECK_SECONDS,
     retry_initial_seconds: float = RETRY_INITIAL_SECONDS,
     leftovers: Callable[[Backend], tuple[Backend, ...]] | None = None,

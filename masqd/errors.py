@@ -41,6 +41,11 @@ def safe_repr(value: object) -> str:
         return f"<{type(value).__name__} object whose repr() failed>"
 
 
+def truncate(text: str, limit: int) -> str:
+    """``text``, cut to ``limit`` characters (ending in "...") when longer."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def shorten(value: object) -> object:
     """``value`` itself when its repr is short, else the first 77 characters of the repr and
     "...": problems show what was wrong without pasting a 100k-item list into a log line."""
@@ -48,7 +53,7 @@ def shorten(value: object) -> object:
         text = repr(value)
     except Exception:
         return safe_repr(value)  # its repr fails: keep only the stand-in text
-    return value if len(text) <= 80 else text[:77] + "..."
+    return value if len(text) <= 80 else truncate(text, 80)
 
 
 class MasqdError(Exception):
@@ -125,13 +130,13 @@ class SourceReadError(MasqdError):
 
 
 class EndpointError(MasqdError):
-    """The HTTP endpoint (``--http-address``) cannot listen on ``address``; the daemon logs it and
-    tries again later, masquerading all the while."""
+    """The HTTP endpoint cannot listen on ``address`` (the flag's value); the daemon logs it and
+    tries again later, masquerading all the while. The message names the flag to change."""
 
     def __init__(self, address: str, reason: str):
         self.address = address
         self.reason = reason
-        super().__init__(f"cannot listen on {address}: {reason}")
+        super().__init__(f"--http-address={address}: cannot listen there: {reason}")
 
 
 class KubeError(MasqdError):
@@ -158,13 +163,13 @@ class BackendError(MasqdError):
 
 
 class BackendUnsupported(BackendError):
-    """The backend cannot do what was asked: ``backend`` names it, ``reason`` says what it lacks and
-    what to do instead."""
+    """The backend cannot do what was asked: ``backend`` names it (the ``--backend`` value),
+    ``reason`` says what it lacks and what to do instead."""
 
     def __init__(self, backend: str, reason: str):
         self.backend = backend
         self.reason = reason
-        super().__init__(f"backend {backend}: {reason}")
+        super().__init__(f"--backend={backend}: {reason}")
 
 
 class ToolMissingError(BackendError):
@@ -173,7 +178,7 @@ class ToolMissingError(BackendError):
     def __init__(self, command: list[str], detail: str):
         self.command = list(command)
         self.detail = detail.strip()
-        super().__init__(f"cannot run {self.command[0]}: {self.detail}")
+        super().__init__(f"{' '.join(self.command)}: cannot run {self.command[0]}: {self.detail}")
 
 
 class ApplyError(BackendError):

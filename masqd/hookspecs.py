@@ -18,10 +18,11 @@ rest of masqd never names a default plugin.
 
 Changes to the hooks, newest first (each keeps plugins written against the earlier hooks working):
 
-- 0.1: ``register_sources`` is also called by the one-shot commands (``context.once``), which
-  call an event source's optional ``read_once()`` instead of ``run``; ``SourceContext`` is
-  keyword-only and no longer carries masqd's drift-check wiring. A plugin may declare what its
-  contributed CIDRs are with a ``masqd_origin_kind`` attribute (see :func:`nonmasq_cidrs`).
+- Since 0.1.0: ``register_sources`` is also called by the one-shot commands
+  (``context.once``), which call an event source's optional ``read_once()`` instead of ``run``;
+  ``SourceContext`` is keyword-only and no longer carries masqd's drift-check wiring. A plugin
+  may declare what its contributed CIDRs are with a ``masqd_origin_kind`` attribute (see
+  :func:`nonmasq_cidrs`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def nonmasq_cidrs(config, options):
 
     What the CIDRs are: a plugin object (or module) may set ``masqd_origin_kind = "policy"`` when
     each CIDR it contributes stands for a policy object of the cluster (as the built-in
-    ``EgressNATPolicy`` plugin does); the metrics then count them as ``source="policy"``. The
-    default is ``"plugin"``; any other value is refused at start-up.
+    ``EgressNATPolicy`` plugin does); the metrics then count them as ``source="policy"``, and its
+    ``describe_cidrs`` should name the policies (``Origin("policy", NAME)``) so that ``explain``
+    says the same. The default is ``"plugin"``; any other value is refused at start-up.
     """
 
 

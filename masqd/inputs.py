@@ -26,7 +26,7 @@ from masqd.errors import ConfigError, Problem, shorten
 from masqd.sources.files import ConfigDirectorySource, ConfigFileSource, read_config_text
 
 if TYPE_CHECKING:  # the API client library is imported only when an API input is used
-    from masqd.kube import KubeSettings, ObjectRef
+    from masqd.kube.settings import KubeSettings, ObjectRef
     from masqd.sources.kube import ReflectorSource
 
 log = structlog.get_logger("masqd.inputs")

@@ -26,6 +26,9 @@ from masqd.ruleset import RuleSet
 
 #: Every kind of origin, in the order :func:`cidr_origins` lists them for one CIDR.
 ORIGIN_KINDS: tuple[str, ...] = ("config", "defaults", "reserved-ranges", "link-local", "plugin", "policy")
+#: The kinds a plugin may declare its contributed CIDRs to be (``masqd_origin_kind``, see
+#: :func:`masqd.hookspecs.nonmasq_cidrs`).
+CONTRIBUTION_KINDS: tuple[str, ...] = ("plugin", "policy")
 
 RESERVED_RANGES_FLAG = "--nomasq-all-reserved-ranges"
 _CIDR_KEY = "nonMasqueradeCIDRs"
@@ -113,10 +116,11 @@ def cidr_origins(
 
 def origin_counts(ruleset: RuleSet, merged: MergedConfig, contributions: Iterable,
                   options: AgentOptions) -> dict[tuple[str, str], int]:
-    """CIDRs per (family label, origin kind), as :func:`cidr_origins` classifies them (a
-    contribution's CIDRs by the kind its plugin declared: ``plugin``, or ``policy``), for the
-    metrics, without building an origin per CIDR: ``ipaddress`` networks hash slowly, and a scrape
-    runs on the event loop. Here only the few default CIDRs and, when two plugins of a kind
+    """CIDRs per (family label, origin kind), for the metrics: as :func:`cidr_origins` classifies
+    them, a contribution's CIDRs by the kind its plugin declared (``plugin``, or ``policy``; the
+    two agree when a ``policy`` plugin describes each CIDR with the policies listing it, as the
+    hook asks), without building an origin per CIDR: ``ipaddress`` networks hash slowly, and a
+    scrape runs on the event loop. Here only the few default CIDRs and, when two plugins of a kind
     contribute, their CIDRs are hashed (to count a CIDR both list once)."""
     counts: Tally[tuple[str, str]] = Tally()
     config = merged.config

@@ -21,7 +21,7 @@ from masqd.aio import Backoff
 from masqd.audit import AuditEvent
 from masqd.backends.base import Backend, SyncResult
 from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config, limit_problem
-from masqd.errors import BackendUnsupported, ConfigError, MasqdError, PluginError
+from masqd.errors import BackendError, BackendUnsupported, ConfigError, MasqdError, PluginError
 from masqd.events import Event
 from masqd.inputs import ConfigLoader, FileInput
 from masqd.plugins import Contribution, Plugins
@@ -244,6 +244,16 @@ class Reconciler:
             if removed:
                 log.info("removed another backend's leftovers", backend=other.name, removed=list(removed))
 
+    async def render(self, ruleset: RuleSet) -> str:
+        """The exact text the backend would write for ``ruleset`` to a kernel holding none of
+        masqd's rules (``masqd render``; touches nothing). The backend first learns what the tools
+        here support (``probe``); where they cannot be run, it renders what a current version gets."""
+        try:
+            await self.backend.probe()
+        except BackendError:
+            pass
+        return self.backend.render(ruleset)
+
     async def cleanup(self) -> tuple[str, ...]:
         """Remove everything the backend created (``masqd cleanup``)."""
         return await self.backend.cleanup(self.options.masq_chain)
@@ -255,8 +265,8 @@ class Reconciler:
         kernel cannot be read."""
         read_back = getattr(self.backend, "read_back", None)
         if read_back is None:
-            raise BackendUnsupported(self.backend.name, "cannot read its rules back (it has no read_back method), "
-                                     "which explain --live needs; run explain without --live")
+            raise BackendUnsupported(self.backend.name, "this backend cannot read its rules back (it has no "
+                                     "read_back method), which explain --live needs; run explain without --live")
         return await read_back(ruleset)
 
     @property

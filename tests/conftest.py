@@ -1,6 +1,7 @@
-"""Shared fixtures. Kernel-facing ones (``topology``, ``node_ns``, ``masqd``) create their own
-network namespaces and always delete them; they skip, with the reason, where namespaces cannot be
-created (not root, no ``ip netns``)."""
+"""Shared fixtures. Kernel-facing ones (``topology``, ``node_ns``, ``masqd``, ``daemon``) create
+their own network namespaces and always delete them; they skip, with the reason, where namespaces
+cannot be created (not root, no ``ip netns``). ``api`` is the in-process Kubernetes API server.
+Shared helpers that are not fixtures live in ``tests/support.py``."""
 
 from __future__ import annotations
 
@@ -13,10 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-try:  # tests/ is a plain directory (pytest puts it on sys.path) or a package
-    from tests import netns
-except ImportError:  # pragma: no cover - depends on how pytest was started
-    import netns
+from masqd.testing import netns
 
 #: The console scripts installed next to the interpreter running the tests.
 MASQD = Path(sys.executable).parent / "masqd"
@@ -49,7 +47,7 @@ def netns_supported() -> None:
 
 @pytest.fixture
 def topology(netns_supported) -> Iterator[netns.Topology]:
-    """pod -> node -> dest namespaces (see ``tests/netns.py``), deleted after the test."""
+    """pod -> node -> dest namespaces (see :mod:`masqd.testing.netns`), deleted after the test."""
     topo = netns.Topology()
     try:
         yield topo
@@ -60,12 +58,18 @@ def topology(netns_supported) -> Iterator[netns.Topology]:
 @pytest.fixture
 def node_ns(netns_supported) -> Iterator[str]:
     """One empty namespace (loopback up) for tests that only program rules, deleted after the test."""
-    name = netns.unique_name("solo")
-    try:
-        netns.create_namespace(name)
+    with netns.namespace() as name:
         yield name
-    finally:
-        netns.delete_namespace(name)
+
+
+@pytest.fixture
+def api():
+    """The in-process Kubernetes API server (``tests/kubeapi.py``), without periodic bookmarks;
+    stopped after the test."""
+    from kubeapi import FakeKubeAPI
+
+    with FakeKubeAPI(bookmark_interval=None) as server:
+        yield server
 
 
 class MasqdRunner:

@@ -1,6 +1,7 @@
 """Readers for the deployment files (``Dockerfile``, ``examples/``) shared by the tests that check
-them: ``test_deploy.py`` (the files themselves) and ``test_netns_capabilities.py`` (the
-Dockerfile's capability model against the real kernel).
+them: ``test_deploy.py`` (the files themselves), ``test_examples.py`` (the Kubernetes manifests),
+``test_netns_capabilities.py`` (the Dockerfile's capability model against the real kernel) and
+``test_controller.py`` (every request the controller and the agent make, against the shipped RBAC).
 
 Each reader returns exactly what the file says, so a test that takes its inputs from here fails
 when the file drifts: the kernel test gives the binaries the capabilities the Dockerfile's
@@ -14,7 +15,11 @@ import inspect
 import json
 import shlex
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 import masqd
 from masqd.backends.iptables_mode import binaries_for
@@ -166,3 +171,82 @@ def unit_exec_start() -> list[str]:
 def unit_capabilities(key: str) -> frozenset[str]:
     """``AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW`` -> {"NET_ADMIN", "NET_RAW"}."""
     return frozenset(word.removeprefix("CAP_") for word in unit()["Service"][key].split())
+
+
+# --- Kubernetes manifests -------------------------------------------------------------------------
+
+
+class StrictLoader(yaml.SafeLoader):
+    """safe_load_all, but a mapping with a key given twice is an error: PyYAML keeps the last
+    value silently, and so would a reader of the file (two ``args:`` in one container...)."""
+
+
+def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+@cache
+def manifest_documents(path: Path) -> tuple[dict, ...]:
+    """The YAML documents of a manifest (empty ones left out), read with :class:`StrictLoader`."""
+    return tuple(doc for doc in yaml.load_all(path.read_text(), Loader=StrictLoader) if doc is not None)
+
+
+def manifest_object(path: Path, kind: str) -> dict:
+    """The one object of ``kind`` in the manifest at ``path``."""
+    (doc,) = [d for d in manifest_documents(path) if d["kind"] == kind]
+    return doc
+
+
+def rbac_grants(rbac_file: str, namespace: str, service_account: str) -> list[tuple[str | None, dict]]:
+    """(namespace the rule applies in, or None for cluster-wide; rule) for every rule bound to
+    the service account by a binding in ``examples/kubernetes/RBAC_FILE``."""
+    docs = manifest_documents(KUBERNETES / rbac_file)
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
+    grants = []
+    for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        if {"kind": "ServiceAccount", "name": service_account, "namespace": namespace} not in binding["subjects"]:
+            continue
+        ref = binding["roleRef"]
+        scope = binding["metadata"].get("namespace")
+        role = roles[(ref["kind"], scope if ref["kind"] == "Role" else None, ref["name"])]
+        grants += [(scope, rule) for rule in role["rules"]]
+    return grants
+
+
+def rbac_allows(grants, group: str, resource: str, verb: str, namespace: str | None = None,
+                name: str | None = None) -> bool:
+    """What the RBAC authorizer decides for one request (no wildcards: test_examples refuses them)."""
+    for scope, rule in grants:
+        if scope is not None and scope != namespace:
+            continue
+        if group not in rule["apiGroups"] or resource not in rule["resources"] or verb not in rule["verbs"]:
+            continue
+        if "resourceNames" in rule and name not in rule["resourceNames"]:
+            continue
+        return True
+    return False
+
+
+def _workload_grants(rbac_file: str, workload_file: str, kind: str) -> list[tuple[str | None, dict]]:
+    workload = manifest_object(KUBERNETES / workload_file, kind)
+    account = workload["spec"]["template"]["spec"]["serviceAccountName"]
+    return rbac_grants(rbac_file, workload["metadata"]["namespace"], account)
+
+
+def agent_grants() -> list[tuple[str | None, dict]]:
+    """What the shipped RBAC grants the service account of the agent's DaemonSet."""
+    return _workload_grants("agent-rbac.yaml", "agent-daemonset.yaml", "DaemonSet")
+
+
+def controller_grants() -> list[tuple[str | None, dict]]:
+    """What the shipped RBAC grants the service account of the controller's Deployment."""
+    return _workload_grants("controller-rbac.yaml", "controller-deployment.yaml", "Deployment")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import netns
+from masqd.testing import netns
 
 MASQD = Path(sys.executable).with_name("masqd")
 
@@ -42,9 +42,8 @@ class DaemonProcess:
 
     def __init__(self, ns: str, config: Path, *flags: str, backend: str = "iptables",
                  env: dict[str, str] | None = None, command: tuple[str, ...] = (str(MASQD),)):
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *command, "run", "--backend", backend, "--config", str(config),
-             "--log-format", "json", "--v=4", *flags],
+        self.proc = netns.popen(
+            ns, *command, "run", "--backend", backend, "--config", str(config), "--log-format", "json", "--v=4", *flags,
             stderr=subprocess.PIPE, text=True, env=None if env is None else {**os.environ, **env},
         )
         self.lines = netns.LineReader(self.proc.stderr)

@@ -50,40 +50,34 @@ from masqd.policies import ACTIONS, MAX_DESTINATIONS, parse_policies, parse_poli
 from masqd.reconcile import plan_rules
 from masqd.ruleset import RuleSet, compute_ruleset
 from masqd.inputs import CONFIG_KEY, ConfigMapInput
-from test_config_fuzz import (
+from config_strategies import (
+    DEST_MATCH,
     HANG_SECONDS,
     INJECTIONS,
     SAFE_RULE_CHARS,
     V4,
     V6,
-    _DEST,
-    _dump,
-    _is_cidr,
-    _skeleton,
-    _strings,
     assert_clear_error,
     documents,
+    dump_document,
+    is_cidr,
     json_values,
     networks,
+    rule_skeleton,
+    strings_in,
     texts,
 )
-from test_daemon import write_atomically
-import test_kube
-from test_kube import REF, Agent, cidrs_only, configmap, configmap_reflector, policy
+from support import REF, KubeAgent, cidrs_only, configmap, configmap_reflector, policy, watch_settings, write_atomically
 from masqd.testing import wait_until
 
 FUZZ = settings(max_examples=100, deadline=HANG_SECONDS * 1000,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 SOURCE = f"configmap {REF}"
 
-api = test_kube.api  # the fake API server fixture
-
 
 @pytest.fixture
 def kube_settings(api, tmp_path) -> KubeSettings:
-    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
-    return KubeSettings(configmap=REF, egress_nat_policies=True, kubeconfig=str(kubeconfig),
-                        backoff_initial=0.05, backoff_max=0.4, request_timeout=5)
+    return watch_settings(api, tmp_path)
 
 
 # --- what every outcome must satisfy ---------------------------------------------------------------
@@ -109,7 +103,7 @@ def _skeletons(options: AgentOptions) -> tuple[frozenset[str], frozenset[str], s
     empty = MasqConfig(non_masquerade_cidrs=(), masq_link_local=True, masq_link_local_ipv6=True)
     some = MasqConfig(non_masquerade_cidrs=tuple(map(ipaddress.ip_network, ("192.0.2.0/24", "0.0.0.0/0", "::/0"))))
     texts_ = [_render_texts(compute_ruleset(config, options)) for config in (empty, some)]
-    iptables = frozenset(line for t in texts_ for line in _skeleton(t["iptables"]))
+    iptables = frozenset(line for t in texts_ for line in rule_skeleton(t["iptables"]))
     nftables = frozenset(line for t in texts_ for line in t["nftables"].splitlines() if "elements = {" not in line)
     every = "\n".join(text for t in texts_ for text in t.values())
     return iptables, nftables, every
@@ -130,9 +124,9 @@ def assert_rules_safe(ruleset: RuleSet, options: AgentOptions, inputs: list[str]
     allowed = {destination_match(net).strip().removeprefix("-d ") for f in ruleset.families for net in f.nonmasq}
     text = rendered["iptables"]
     assert SAFE_RULE_CHARS.fullmatch(text), text
-    for line, skeleton in zip(text.splitlines(), _skeleton(text)):
+    for line, skeleton in zip(text.splitlines(), rule_skeleton(text)):
         assert skeleton in iptables_lines, line
-        assert all(dest in allowed for dest in _DEST.findall(line)), line
+        assert all(dest in allowed for dest in DEST_MATCH.findall(line)), line
     elements: dict[int, list] = {}  # family -> the networks its set holds
     table = None
     for line in rendered["nftables"].splitlines():
@@ -148,7 +142,7 @@ def assert_rules_safe(ruleset: RuleSet, options: AgentOptions, inputs: list[str]
         assert intervals_of(elements.pop(family.family, [])) == intervals_of(family.nonmasq)
     assert not elements
     for value in inputs:
-        if len(value) >= 12 and value not in skeleton_text and not _is_cidr(value):
+        if len(value) >= 12 and value not in skeleton_text and not is_cidr(value):
             assert all(value not in text for text in rendered.values()), f"{value!r} reached a rule"
 
 
@@ -193,7 +187,7 @@ def nested(value: object, depth: int) -> object:
 
 def _config_text(document: object, style: str) -> str:
     try:
-        return _dump(document, style)
+        return dump_document(document, style)
     except Exception:  # not representable in that syntax
         return ""
 
@@ -324,7 +318,7 @@ def check_configmap(obj: ConfigMap, options: AgentOptions) -> None:
         assert loaded.config == parse_config(None, options).config
     else:
         assert isinstance(value, str) and loaded.config == parse_config(value, options).config
-    inputs = _strings(obj.to_dict())
+    inputs = strings_in(obj.to_dict())
     assert_rules_safe(compute_ruleset(loaded.config, options), options, inputs)
 
 
@@ -423,7 +417,7 @@ def check_policies(objects: dict, options: AgentOptions) -> None:
     assert [f"EgressNATPolicy {entry['policy']}" for entry in skipped] == [exc.source for exc in expected.invalid]
     for entry in skipped:
         assert entry["problems"] and all(p.isprintable() and p.startswith("spec") for p in entry["problems"])
-    assert_rules_safe(ruleset, options, [s for obj in objects.values() for s in _strings(dict(obj))])
+    assert_rules_safe(ruleset, options, [s for obj in objects.values() for s in strings_in(dict(obj))])
 
 
 @FUZZ
@@ -457,9 +451,9 @@ def test_the_controller_translates_any_policies_into_a_valid_configmap(documents
     assert set(translation.statuses) == {policy_name(d) for d in documents_} - {MANAGED_POLICY}
     for status in translation.statuses.values():
         assert status.message.isprintable() and len(status.message) <= MAX_MESSAGE
-    inputs = [s for d in documents_ for s in _strings(d)]
+    inputs = [s for d in documents_ for s in strings_in(d)]
     for value in inputs:
-        if len(value) >= 12 and not _is_cidr(value) and value not in "nonMasqueradeCIDRs:\ncidrLimit: ":
+        if len(value) >= 12 and not is_cidr(value) and value not in "nonMasqueradeCIDRs:\ncidrLimit: ":
             assert value not in translation.config_text
     assert_rules_safe(compute_ruleset(parsed.config, agent), agent, inputs)
 
@@ -509,7 +503,7 @@ async def test_hostile_configmaps_are_refused_by_name_and_the_agent_keeps_runnin
         ("too-large", "# " + "x" * MAX_CONFIG_BYTES, "too large"),
     ]
     with capture_logs() as logs:
-        async with Agent(kube_settings, file) as agent:
+        async with KubeAgent(kube_settings, file) as agent:
             await agent.until_applied(good)
             for label, value, says in hostile:
                 obj = configmap(None)
@@ -554,7 +548,7 @@ async def test_hostile_policies_are_skipped_by_name_and_the_agent_keeps_running(
     nul = policy("nul", "NoSNAT\x00", "203.0.113.0/24\x00-j ACCEPT")
     wrong_types = {**policy("wrong-types", "NoSNAT"), "spec": {"action": ["NoSNAT"], "destinations": "10.0.0.0/8"}}
     with capture_logs() as logs:
-        async with Agent(kube_settings, file) as agent:
+        async with KubeAgent(kube_settings, file) as agent:
             await agent.until_applied({"192.0.2.0/24", "198.51.100.0/24"})
             plugin = next(p for p in agent.agent.plugins.pm.get_plugins() if isinstance(p, EgressNATPolicies))
             for obj in (huge, nul, wrong_types):

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 import masqd
 from masqd.backends.iptables import destination_match, render_ruleset
-from masqd.cidrs import CIDRError, parse_cidr
 from masqd.config import (
     MAX_CONFIG_BYTES,
     AgentOptions,
@@ -36,49 +35,12 @@ from masqd.inputs import ConfigLoader, FileInput
 from masqd.ruleset import compute_ruleset
 from masqd.sources.files import content_digest
 
-V4 = AgentOptions()
-V6 = AgentOptions(enable_ipv6=True)
-#: A single example taking longer than this is a hang (not a performance bound: any example
-#: normally takes milliseconds, and a loaded CI machine must not make the test flaky).
-HANG_SECONDS = 30
+from config_strategies import (DEST_MATCH, HANG_SECONDS, SAFE_RULE_CHARS, V4, V6, assert_clear_error, documents,
+                               dump_document, is_cidr, json_values, networks, rule_skeleton, scalars, strings_in, texts)
+
 FUZZ = settings(max_examples=150, deadline=HANG_SECONDS * 1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-# --- what every outcome must satisfy ---------------------------------------------------------------
-
-#: Every character a rendered iptables-restore text may hold.
-SAFE_RULE_CHARS = re.compile(r'[A-Za-z0-9 \-:/.\[\]#*"()!,\n]*')
-_DEST = re.compile(r" -d (\S+)")
-
-
-def _skeleton(text: str) -> list[str]:
-    return [_DEST.sub(" -d <net>", line) for line in text.splitlines()]
-
-
-def _strings(value: object) -> list[str]:
-    """Every string in a loaded document (keys too)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for k, v in value.items() for s in _strings(k) + _strings(v)]
-    if isinstance(value, list):
-        return [s for item in value for s in _strings(item)]
-    return []
-
-
-def _is_cidr(text: str) -> bool:
-    try:
-        parse_cidr(text)
-    except CIDRError:
-        return False
-    return True
-
-
-def assert_clear_error(exc: ConfigError) -> None:
-    assert exc.problems, "an error names at least one problem"
-    for finding in exc.problems + exc.warnings:
-        assert str(finding).isprintable(), finding
-    message = str(exc)
-    assert message.isprintable() and len(message) < 100_000
+# --- what every outcome must satisfy (see also config_strategies) ----------------------------------
 
 
 def assert_usable(parsed: ParsedConfig, options: AgentOptions, inputs: list[str] = ()) -> None:
@@ -94,14 +56,14 @@ def assert_usable(parsed: ParsedConfig, options: AgentOptions, inputs: list[str]
     # config's networks (or link-local) as its destination: nothing else can reach a rule.
     empty = MasqConfig(non_masquerade_cidrs=(), masq_link_local=True, masq_link_local_ipv6=True)
     ret = '-A IP-MASQ-AGENT{} -m comment --comment "ip-masq-agent: local traffic is not subject to MASQUERADE" -j RETURN'
-    skeletons = set(_skeleton(render_ruleset(compute_ruleset(empty, options)))) | {ret.format(" -d <net>"), ret.format("")}
+    skeletons = set(rule_skeleton(render_ruleset(compute_ruleset(empty, options)))) | {ret.format(" -d <net>"), ret.format("")}
     allowed = {destination_match(n).strip().removeprefix("-d ") for n in config.non_masquerade_cidrs}
     allowed |= {"169.254.0.0/16", "fe80::/10"}
-    for line, skeleton in zip(rules.splitlines(), _skeleton(rules)):
+    for line, skeleton in zip(rules.splitlines(), rule_skeleton(rules)):
         assert skeleton in skeletons, line
-        assert all(dest in allowed for dest in _DEST.findall(line)), line
+        assert all(dest in allowed for dest in DEST_MATCH.findall(line)), line
     for text in inputs:
-        if len(text) >= 12 and not _is_cidr(text) and re.search(r"[^0-9A-Fa-f:./]", text):
+        if len(text) >= 12 and not is_cidr(text) and re.search(r"[^0-9A-Fa-f:./]", text):
             assert text not in rules
 
 
@@ -113,7 +75,7 @@ def check_text(text: str, options: AgentOptions = V4) -> ParsedConfig | ConfigEr
         assert_clear_error(exc)
         return exc
     try:
-        inputs = _strings(yaml.load(text, Loader=_AnchorRefusingLoader))  # noqa: S506
+        inputs = strings_in(yaml.load(text, Loader=_AnchorRefusingLoader))  # noqa: S506
     except Exception:
         inputs = []
     assert_usable(parsed, options, inputs)
@@ -134,34 +96,6 @@ def check_file(path, data: bytes, options: AgentOptions = V4) -> None:
 # --- strategies ------------------------------------------------------------------------------------
 
 KEYS = ("nonMasqueradeCIDRs", "masqLinkLocal", "masqLinkLocalIPv6", "resyncInterval", "cidrLimit")
-INJECTIONS = (
-    "10.0.0.0/8\n-A POSTROUTING -j ACCEPT", "10.0.0.0/8 -j ACCEPT", '10.0.0.0/8" -j ACCEPT #',
-    "10.0.0.0/8\x00-j ACCEPT", "10.0.0.0/8; flush ruleset", "$(reboot)10.0.0.0/8", "192.0.2.0/24\r\nCOMMIT",
-    "ｆｄ００::/8", "10.0.0.0/8\ud800", "::ffff:10.0.0.0/104", "10.0.0.0/08", "1.2.3.4/33", "fe80::%eth0/64",
-)
-texts = st.text(max_size=30) | st.sampled_from(INJECTIONS) | st.text(st.characters(codec="utf-8", categories=["Cc", "Cs", "Zs", "Zl", "Co"]), max_size=10)
-scalars = st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63 - 2, max_value=2**70) | st.floats() | texts
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(texts, inner, max_size=5),
-                           max_leaves=25)
-
-
-@st.composite
-def networks(draw) -> str:
-    version = draw(st.sampled_from((4, 6)))
-    address = draw(st.ip_addresses(v=version))
-    prefix = draw(st.integers(0, 32 if version == 4 else 128))
-    return str(ipaddress.ip_network((address, prefix), strict=False))
-
-
-cidr_items = networks() | st.sampled_from(("10.0.0.1/8", "10.0.0.0/8", "fd00::/8", "fe80::/10")) | scalars
-documents = st.fixed_dictionaries({}, optional={
-    "nonMasqueradeCIDRs": st.lists(cidr_items, max_size=12) | json_values,
-    "masqLinkLocal": st.booleans() | json_values,
-    "masqLinkLocalIPv6": st.booleans() | json_values,
-    "resyncInterval": st.sampled_from(("60s", "1m30s", "500ms", "1ns", "0", "-1s", "9999999999h", "1x")) | json_values,
-    "cidrLimit": st.integers(-2, 2**64) | json_values,
-    "nonmasqueradecidrs": st.lists(cidr_items, max_size=3),
-}).flatmap(lambda known: st.dictionaries(texts, json_values, max_size=3).map(lambda extra: {**extra, **known}))
 any_document = documents | json_values
 
 #: Pieces of YAML syntax, tags, anchors and aliases, assembled into (mostly broken) documents.
@@ -175,14 +109,6 @@ YAML_PIECES = (
 yaml_texts = st.lists(st.sampled_from(YAML_PIECES), max_size=40).map("".join)
 
 
-def _dump(document: object, style: str) -> str:
-    if style == "json":
-        return json.dumps(document, ensure_ascii=False)
-    if style == "json-ascii":
-        return json.dumps(document)
-    return yaml.safe_dump(document, allow_unicode=style == "yaml-unicode", default_flow_style=style == "yaml-flow")
-
-
 # --- properties --------------------------------------------------------------------------------------
 
 
@@ -191,7 +117,7 @@ def _dump(document: object, style: str) -> str:
        options=st.sampled_from((V4, V6)))
 def test_any_document_is_a_valid_config_or_a_clear_error(document, style, options):
     try:
-        text = _dump(document, style)
+        text = dump_document(document, style)
     except (yaml.YAMLError, UnicodeError, ValueError):
         return  # not representable in that syntax
     check_text(text, options)

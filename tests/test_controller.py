@@ -38,10 +38,8 @@ from masqd.controller import (
 from masqd.kube import KubeSettings, ObjectRef, make_client
 from masqd.testing import wait_until
 
-try:  # tests/ is a plain directory (pytest puts it on sys.path) or a package
-    from tests.kubeapi import FakeKubeAPI
-except ImportError:  # pragma: no cover - depends on how pytest was started
-    from kubeapi import FakeKubeAPI
+from deploy_files import agent_grants, controller_grants, rbac_allows
+from kubeapi import FakeKubeAPI
 
 CONFIGMAP = ObjectRef("kube-system", "ip-masq-agent")
 RFC1918 = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
@@ -730,8 +728,6 @@ async def test_every_request_the_controller_makes_is_allowed_by_the_shipped_rbac
     """Create the default and managed policies, write the ConfigMap and statuses, take the Lease,
     then (restarted without cluster ranges) delete the managed policy: all under the RBAC of
     examples/kubernetes/controller-rbac.yaml."""
-    from test_examples import _allows, _controller_grants
-
     api.put(node("n1", "10.244.1.0/24"))
     api.put(policy("typo", "10.0.0.1/8"))
     async with Cluster(kubeconfig, service_cidrs=(parse_cidr("10.96.0.0/12"),)) as cluster:
@@ -743,8 +739,8 @@ async def test_every_request_the_controller_makes_is_allowed_by_the_shipped_rbac
     async with Cluster(kubeconfig) as cluster:  # no ranges left: the managed policy goes
         cluster.start()
         await wait_until(lambda: api.get("egressnatpolicies", MANAGED_POLICY) is None, "the managed policy deleted")
-    grants = _controller_grants()
-    denied = sorted({rbac_attributes(r) for r in api.requests if not _allows(grants, *rbac_attributes(r))})
+    grants = controller_grants()
+    denied = sorted({rbac_attributes(r) for r in api.requests if not rbac_allows(grants, *rbac_attributes(r))})
     assert denied == [], f"the shipped RBAC refuses: {denied}"
     verbs = {rbac_attributes(r)[1:3] for r in api.requests}
     assert {("configmaps", "watch"), ("egressnatpolicies", "delete"), ("leases", "update")} <= verbs  # exercised
@@ -752,7 +748,6 @@ async def test_every_request_the_controller_makes_is_allowed_by_the_shipped_rbac
 
 async def test_every_request_the_agent_makes_is_allowed_by_the_shipped_rbac(api, kubeconfig, tmp_path) -> None:
     from masqd.cli import main
-    from test_examples import _agent_grants, _allows
 
     api.put(policy("on-prem", "192.0.2.0/24"))
     api.put({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ip-masq-agent", "namespace": "kube-system"},
@@ -772,8 +767,8 @@ async def test_every_request_the_agent_makes_is_allowed_by_the_shipped_rbac(api,
     agent = build_agent(AgentOptions(), backend=DryRunBackend(), config=config_inputs([], (), settings), kube=settings)
     async with running(agent):
         await wait_until(lambda: api.watch_count == 2, "both watches open")
-    grants = _agent_grants()
-    denied = sorted({rbac_attributes(r) for r in api.requests if not _allows(grants, *rbac_attributes(r))})
+    grants = agent_grants()
+    denied = sorted({rbac_attributes(r) for r in api.requests if not rbac_allows(grants, *rbac_attributes(r))})
     assert denied == [], f"the shipped RBAC refuses: {denied}"
 
 

@@ -56,7 +56,8 @@ from pathlib import Path
 
 import pytest
 
-import netns
+from masqd.testing import netns
+from masqd.testing.processes import children, cmdline, process_state
 
 KILLS = int(os.environ.get("MASQD_CRASH_KILLS", "100"))
 #: The first kills start from a kernel holding none of masqd's rules.
@@ -236,8 +237,8 @@ class Zygote:
     """The zygote process in namespace ``ns`` and its line-per-request protocol."""
 
     def __init__(self, ns: str, env: dict[str, str]):
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", _ZYGOTE],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = netns.popen(ns, sys.executable, "-c", _ZYGOTE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, env=env)
         self.lines = netns.LineReader(self.proc.stdout)
         self.live: set[int] = set()
         ready = self._read(60)
@@ -534,17 +535,17 @@ class Log:
             self.events.append(event)
 
     def wait_for(self, predicate, timeout: float) -> dict | None:
-        deadline = time.monotonic() + timeout
+        """The first event read (so far, or within ``timeout``) that satisfies ``predicate``, else ``None``."""
         seen = 0
-        while True:
+
+        def match() -> dict | None:
+            nonlocal seen
             self._read_more()
-            for event in self.events[seen:]:
-                if predicate(event):
-                    return event
+            found = next((event for event in self.events[seen:] if predicate(event)), None)
             seen = len(self.events)
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.003)
+            return found
+
+        return netns.wait_for(match, timeout, interval=0.003)
 
     def tail(self, n: int = 15) -> str:
         self._read_more()
@@ -599,14 +600,6 @@ class ConfigFile:
             self._thread = None
 
 
-def _process_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def _wchan(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/wchan") as file:
@@ -618,26 +611,10 @@ def _wchan(pid: int) -> str:
 def _children(pid: int) -> list[tuple[int, str, list[str]]]:
     """(pid, state, argv) of each child of ``pid`` (every thread's), zombies included."""
     found = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as file:
-                pids = [int(p) for p in file.read().split()]
-        except OSError:  # the thread or process is gone
-            continue
-        for child in pids:
-            try:
-                with open(f"/proc/{child}/cmdline", "rb") as file:
-                    argv = [a.decode(errors="replace") for a in file.read().split(b"\0") if a]
-                if not argv:  # exiting (its memory already released): its name, in brackets
-                    with open(f"/proc/{child}/comm") as file:
-                        argv = [f"[{file.read().strip()}]"]
-            except OSError:  # it has exited and been reaped
-                continue
-            found.append((child, _process_state(child) or "?", argv))
+    for child in children(pid):
+        argv = cmdline(child)
+        if argv is not None:  # not exited and reaped meanwhile
+            found.append((child, process_state(child) or "?", argv))
     return found
 
 
@@ -719,22 +696,17 @@ class CrashRun:
 
     def wait_for_write(self, timeout: float = 2.0) -> None:
         """Until masqd runs a kernel tool that writes (or ``timeout`` passes)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(_tool_kind(argv) == "write" for _, state, argv in _children(self.pid) if state != "Z"):
-                return
-            time.sleep(0.0005)
+        netns.wait_for(lambda: any(_tool_kind(argv) == "write" for _, state, argv in _children(self.pid) if state != "Z"),
+                       timeout, interval=0.0005)
 
     def kill(self, how: str = "random") -> None:
         """Freeze masqd, note which kernel tools it is running, SIGKILL it, wait for the tools."""
         pid = self.pid
         os.kill(pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 5
-        while not all(_process_state(int(t)) in ("T", "t", "Z", None) for t in os.listdir(f"/proc/{pid}/task")):
-            if time.monotonic() > deadline:
-                pytest.fail(f"masqd {pid} did not stop")
-            time.sleep(0.0005)
-        if _process_state(pid) == "Z":
+        if not netns.wait_for(lambda: all(process_state(int(t)) in ("T", "t", "Z", None)
+                                          for t in os.listdir(f"/proc/{pid}/task")), 5, interval=0.0005):
+            pytest.fail(f"masqd {pid} did not stop")
+        if process_state(pid) == "Z":
             pytest.fail(f"masqd exited before it was killed; log:\n{self.log.tail()}")
         running = [(child, argv) for child, state, argv in _children(pid)
                    if state != "Z" and _tool_kind(argv) != "monitor"]

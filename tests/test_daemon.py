@@ -13,29 +13,18 @@ import anyio
 import pytest
 import structlog
 
-import netns
+from support import NO_RESYNC, agent, cidrs_of, write_atomically
 
-from masqd.agent import build_agent
 from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
 from masqd.errors import ApplyError
 from masqd.hookspecs import hookimpl
 from masqd.plugins import Plugins
 from masqd.reconcile import Reconciler
-from masqd.ruleset import RuleSet
 from masqd.sources.files import ConfigFileSource
-from masqd.testing import running, wait_until
+from masqd.testing import netns, running, wait_until
 
-# A resync far in the future: anything applied during a test came from a file event.
-NO_RESYNC = "resyncInterval: 1h\n"
 WAIT = 10  # seconds before a test gives up waiting for the masqd process (a failure, not a timing claim)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` the way kubelet and editors do: write a sibling, rename over."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def swap_configmap(directory: Path, text: str, generation: int) -> None:
@@ -46,16 +35,6 @@ def swap_configmap(directory: Path, text: str, generation: int) -> None:
     tmp_link = directory / "..data_tmp"
     tmp_link.symlink_to(data_dir.name)
     os.replace(tmp_link, directory / "..data")
-
-
-def cidrs_of(ruleset: RuleSet | None) -> list[str]:
-    assert ruleset is not None
-    return [str(n) for n in ruleset.ipv4.nonmasq]
-
-
-def agent(backend, config: Path, **settings):
-    """The daemon's agent on ``backend`` (a test backend), reading ``config``."""
-    return build_agent(AgentOptions(), backend=backend, config=config, **settings)
 
 
 async def test_config_change_applied_without_waiting_for_resync(tmp_path: Path) -> None:

@@ -11,21 +11,10 @@ import os
 
 import pytest
 
-import netns
+from masqd.testing import netns
+from masqd.testing.netns import CHAIN, chain_lines, jumps
 
 pytestmark = pytest.mark.netns
-
-CHAIN = "IP-MASQ-AGENT"
-JUMP = (f'-A POSTROUTING -m comment --comment "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL '
-        f'destination traffic to our custom {CHAIN} chain" -m addrtype ! --dst-type LOCAL -j {CHAIN}')
-
-
-def chain_lines(ns: str) -> list[str]:
-    return [line for line in netns.iptables_save(ns).splitlines() if line.startswith(f"-A {CHAIN} ")]
-
-
-def jumps(ns: str) -> int:
-    return netns.iptables_save(ns).splitlines().count(JUMP)
 
 
 def is_tick(event: dict) -> bool:

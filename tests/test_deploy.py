@@ -28,20 +28,18 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from lightkube import codecs
 from lightkube.generic_resource import GenericGlobalResource, GenericNamespacedResource
 
 import masqd
 import masqd.kube  # noqa: F401  registers the EgressNATPolicy generic resource with lightkube's codecs
 from deploy_files import (DOCKERFILE, EDGE_UNIT, EXAMPLES, IMAGE, KUBERNETES, REPO, dockerfile_instructions,
-                          exec_form, final_stage, image_capabilities, image_user, masqd_tools, setcap_grants, unit,
-                          unit_capabilities, unit_exec_start, verified_tools)
+                          exec_form, final_stage, image_capabilities, image_user, manifest_documents, manifest_object,
+                          masqd_tools, setcap_grants, unit, unit_capabilities, unit_exec_start, verified_tools)
 from masqd.cli import build_parser, normalize_go_flags
 from masqd.config import AgentOptions, default_config, parse_config
 
@@ -60,16 +58,6 @@ def _rel(path: Path) -> str:
     return str(path.relative_to(EXAMPLES))
 
 
-@cache
-def _docs(path: Path) -> tuple[dict, ...]:
-    return tuple(d for d in yaml.safe_load_all(path.read_text()) if d is not None)
-
-
-def _one(path: Path, kind: str) -> dict:
-    (doc,) = [d for d in _docs(path) if d["kind"] == kind]
-    return doc
-
-
 def _pod_spec(doc: dict) -> dict:
     return doc["spec"]["template"]["spec"]
 
@@ -78,7 +66,7 @@ def _masqd_containers() -> list[tuple[Path, dict, dict, dict]]:
     """(file, workload, pod spec, container) for every container running the masqd image."""
     found = []
     for path in MANIFESTS:
-        for doc in _docs(path):
+        for doc in manifest_documents(path):
             if doc["kind"] not in ("DaemonSet", "Deployment"):
                 continue
             pod = _pod_spec(doc)
@@ -248,7 +236,7 @@ def test_every_command_masqd_runs_resolves_to_a_capped_file(tool):
 def test_manifest_loads_into_typed_objects_without_losing_a_field(path):
     text = path.read_text()
     objects = codecs.load_all_yaml(text)
-    docs = list(_docs(path))
+    docs = list(manifest_documents(path))
     assert len(objects) == len(docs) > 0
     for obj, doc in zip(objects, docs):
         generic = isinstance(obj, (GenericGlobalResource, GenericNamespacedResource))
@@ -290,7 +278,7 @@ KUSTOMIZED = {
 
 
 def _kustomization() -> dict:
-    (doc,) = _docs(KUSTOMIZATION)
+    (doc,) = manifest_documents(KUSTOMIZATION)
     return doc
 
 
@@ -313,7 +301,7 @@ def test_kustomization_lists_existing_files_and_exactly_the_install():
 def test_kustomization_builds_one_consistent_install():
     """No two objects with one identity (kustomize refuses that), every workload's service
     account inside, the CRD inside when the agent watches policies, and the image tag in one place."""
-    docs = [doc for resource in _kustomization()["resources"] for doc in _docs(KUBERNETES / resource)]
+    docs = [doc for resource in _kustomization()["resources"] for doc in manifest_documents(KUBERNETES / resource)]
     ids = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
     assert len(ids) == len(set(ids)), ids
     accounts = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs if d["kind"] == "ServiceAccount"}
@@ -363,7 +351,7 @@ def _workload_flags(path: Path) -> list[str]:
 
 
 def _configmap_text(path: Path) -> str:
-    (configmap,) = [d for d in _docs(path) if d["kind"] == "ConfigMap"]
+    (configmap,) = [d for d in manifest_documents(path) if d["kind"] == "ConfigMap"]
     assert set(configmap["data"]) == {"config"}, "the agent reads the key 'config' and nothing else"
     return configmap["data"]["config"]
 
@@ -435,7 +423,7 @@ def test_keep_pod_ips_configmap_keeps_every_ipv4_destination():
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=_rel(p)) for p in CONFIGMAPS + [KUBERNETES / "configmap.yaml"]])
 def test_configmaps_are_the_one_the_agents_read(path):
-    configmap = _one(path, "ConfigMap")
+    configmap = manifest_object(path, "ConfigMap")
     assert (configmap["metadata"]["namespace"], configmap["metadata"]["name"]) == ("kube-system", "ip-masq-agent")
 
 
@@ -512,7 +500,7 @@ def test_flags_suggested_in_comments_exist(path, flag):
 
 def test_volume_daemonset_is_the_upstream_drop_in():
     path = KUBERNETES / "agent-daemonset-volume.yaml"
-    daemonset = _one(path, "DaemonSet")
+    daemonset = manifest_object(path, "DaemonSet")
     pod = _pod_spec(daemonset)
     (container,) = pod["containers"]
     assert daemonset["metadata"]["namespace"] == "kube-system"
@@ -535,7 +523,7 @@ def test_volume_daemonset_is_the_upstream_drop_in():
 
 def test_both_daemonsets_share_the_xtables_lock_with_the_host():
     for name in ("agent-daemonset.yaml", "agent-daemonset-volume.yaml"):
-        pod = _pod_spec(_one(KUBERNETES / name, "DaemonSet"))
+        pod = _pod_spec(manifest_object(KUBERNETES / name, "DaemonSet"))
         (container,) = pod["containers"]
         (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/run/xtables.lock"]
         (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
@@ -551,10 +539,10 @@ def test_sidecar_masquerades_inside_the_pod_and_starts_first():
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz", "the workload starts once the rules are in"
     assert "--backend=nftables" in container["args"]
     namespace = deployment["metadata"]["namespace"]
-    (configmap,) = [d for d in _docs(path) if d["kind"] == "ConfigMap"]
+    (configmap,) = [d for d in manifest_documents(path) if d["kind"] == "ConfigMap"]
     assert configmap["metadata"]["namespace"] == namespace
     assert any(v.get("configMap", {}).get("name") == configmap["metadata"]["name"] for v in pod["volumes"])
-    (ns,) = [d for d in _docs(path) if d["kind"] == "Namespace"]
+    (ns,) = [d for d in manifest_documents(path) if d["kind"] == "Namespace"]
     assert ns["metadata"]["name"] == namespace
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged", "NET_ADMIN is not baseline"
 

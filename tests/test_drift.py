@@ -16,11 +16,7 @@ import anyio
 import pytest
 import structlog
 
-import netns
-from test_daemon import NO_RESYNC
-from test_daemon_kernel import CHAIN, chain_lines, jumps
-from test_netns_nftables import tables
-from test_tool_timeout import dead
+from support import NO_RESYNC
 
 from masqd.agent import build_agent
 from masqd.backends.dryrun import DryRunBackend
@@ -32,7 +28,9 @@ from masqd.events import Event
 from masqd.reconcile import Reconciler
 from masqd.sources import drift
 from masqd.sources.drift import DriftCheckSource, KernelMonitorSource, RepairBudget
-from masqd.testing import running, wait_until
+from masqd.testing import netns, running, wait_until
+from masqd.testing.netns import CHAIN, chain_lines, jumps, tables
+from masqd.testing.processes import children, cmdline, dead
 
 MARKER = "masqd_write_0123456789ab"
 HOUR = "resyncInterval: 1h\nnonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24]\n"
@@ -299,14 +297,7 @@ def test_nft_monitor_ignores_masqd_own_writes(node_ns, daemon, tmp_path):
 def monitor_pids(masqd_pid: int) -> list[int]:
     """The ``nft monitor`` processes masqd runs (once started: they begin as a small Python
     wrapper that then becomes nft)."""
-    pids = []
-    for child in Path(f"/proc/{masqd_pid}/task/{masqd_pid}/children").read_text().split():
-        try:
-            if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[:2] == [b"nft", b"monitor"]:
-                pids.append(int(child))
-        except FileNotFoundError:  # it exited meanwhile
-            pass
-    return pids
+    return [child for child in children(masqd_pid) if (cmdline(child) or [])[:2] == ["nft", "monitor"]]
 
 
 def monitor_pid(masqd_pid: int) -> int:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import ipaddress
 import re
 from datetime import datetime
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,17 +21,16 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-import masqd
+from deploy_files import (IMAGE, KUBERNETES as EXAMPLES, StrictLoader, agent_grants, controller_grants,
+                          manifest_documents, manifest_object, rbac_allows, rbac_grants)
+
 from masqd.cidrs import CIDRError, parse_cidr
 from masqd.config import AgentOptions, parse_config
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kubernetes"
 #: The API objects (kustomization.yaml is kustomize's input, not one: test_deploy.py checks it).
 MANIFEST_FILES = sorted(p for p in EXAMPLES.rglob("*") if p.suffix in (".yaml", ".yml") and p.name != "kustomization.yaml")
 POLICY_FILES = sorted((EXAMPLES / "policies").glob("*.yaml"))
 
-#: The path upstream ip-masq-agent (and masqd's --config default) reads.
-IMAGE = f"ghcr.io/masqd/masqd:{masqd.__version__}"
 READ_VERBS = {"get", "list", "watch"}
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "EgressNATPolicy"}
 
@@ -41,36 +38,12 @@ CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition
 # --- loading ---------------------------------------------------------------------------------
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load_all, but a mapping with a key given twice is an error: PyYAML keeps the last
-    value silently, and so would a reader of the file (two ``args:`` in one container...)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-@cache
-def _documents(path: Path) -> tuple[dict, ...]:
-    return tuple(doc for doc in yaml.load_all(path.read_text(), Loader=_StrictLoader) if doc is not None)
-
-
 def _file(name: str) -> tuple[dict, ...]:
-    return _documents(EXAMPLES / name)
+    return manifest_documents(EXAMPLES / name)
 
 
 def _one(name: str, kind: str) -> dict:
-    (doc,) = [d for d in _file(name) if d["kind"] == kind]
-    return doc
+    return manifest_object(EXAMPLES / name, kind)
 
 
 def _crd() -> dict:
@@ -103,7 +76,7 @@ def _flag(container: dict, flag: str) -> str:
 
 
 def _sample_policies() -> list[dict]:
-    return [doc for path in POLICY_FILES for doc in _documents(path)]
+    return [doc for path in POLICY_FILES for doc in manifest_documents(path)]
 
 
 def _sample_cidrs() -> list[str]:
@@ -219,7 +192,7 @@ def test_the_examples_directory_holds_the_documented_files():
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=str(p.relative_to(EXAMPLES))) for p in MANIFEST_FILES])
 def test_manifest_parses_and_names_its_objects(path):
-    docs = _documents(path)
+    docs = manifest_documents(path)
     assert docs, f"{path} holds no document"
     assert [d for d in yaml.safe_load_all(path.read_text()) if d is not None] == list(docs)
     for doc in docs:
@@ -234,7 +207,7 @@ def test_manifest_parses_and_names_its_objects(path):
 
 def test_duplicate_keys_are_refused_by_the_loader():
     with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'args'"):
-        list(yaml.load_all("args: [a]\nargs: [b]\n", Loader=_StrictLoader))
+        list(yaml.load_all("args: [a]\nargs: [b]\n", Loader=StrictLoader))
 
 
 def test_readme_explains_every_file():
@@ -311,7 +284,7 @@ def test_printer_columns_are_action_accepted_age():
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.name) for p in POLICY_FILES])
 def test_sample_policy_is_valid(path):
-    (policy,) = _documents(path)
+    (policy,) = manifest_documents(path)
     assert (policy["apiVersion"], policy["kind"]) == ("networking.gke.io/v1", "EgressNATPolicy")
     assert validate(policy, _schema()) == []
 
@@ -441,43 +414,6 @@ def test_pattern_never_admits_what_masqd_refuses(net, data):
 # --- RBAC ----------------------------------------------------------------------------------------
 
 
-def _grants(rbac_file: str, namespace: str, service_account: str) -> list[tuple[str | None, dict]]:
-    """(namespace the rule applies in, or None for cluster-wide; rule) for every rule bound to
-    the service account by a binding in ``rbac_file``."""
-    docs = _file(rbac_file)
-    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
-    grants = []
-    for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
-        if {"kind": "ServiceAccount", "name": service_account, "namespace": namespace} not in binding["subjects"]:
-            continue
-        ref = binding["roleRef"]
-        scope = binding["metadata"].get("namespace")
-        role = roles[(ref["kind"], scope if ref["kind"] == "Role" else None, ref["name"])]
-        grants += [(scope, rule) for rule in role["rules"]]
-    return grants
-
-
-def _allows(grants, group: str, resource: str, verb: str, namespace: str | None = None, name: str | None = None) -> bool:
-    """What the RBAC authorizer decides for one request (no wildcards: they are refused below)."""
-    for scope, rule in grants:
-        if scope is not None and scope != namespace:
-            continue
-        if group not in rule["apiGroups"] or resource not in rule["resources"] or verb not in rule["verbs"]:
-            continue
-        if "resourceNames" in rule and name not in rule["resourceNames"]:
-            continue
-        return True
-    return False
-
-
-def _agent_grants():
-    return _grants("agent-rbac.yaml", "kube-system", _pod_spec("agent-daemonset.yaml", "DaemonSet")["serviceAccountName"])
-
-
-def _controller_grants():
-    return _grants("controller-rbac.yaml", "kube-system", _pod_spec("controller-deployment.yaml", "Deployment")["serviceAccountName"])
-
-
 @pytest.mark.parametrize("rbac_file", [pytest.param("agent-rbac.yaml", id="agent"), pytest.param("controller-rbac.yaml", id="controller")])
 def test_rbac_has_no_wildcards_and_nothing_on_secrets(rbac_file):
     for doc in _file(rbac_file):
@@ -515,11 +451,11 @@ def test_workload_service_account_exists_and_is_bound(workload, kind, rbac_file)
     account = _pod_spec(workload, kind)["serviceAccountName"]
     accounts = [d for d in _file(rbac_file) if d["kind"] == "ServiceAccount"]
     assert [(a["metadata"]["namespace"], a["metadata"]["name"]) for a in accounts] == [(namespace, account)]
-    assert _grants(rbac_file, namespace, account)
+    assert rbac_grants(rbac_file, namespace, account)
 
 
 def test_agent_is_read_only():
-    verbs = {verb for _, rule in _agent_grants() for verb in rule["verbs"]}
+    verbs = {verb for _, rule in agent_grants() for verb in rule["verbs"]}
     assert verbs == READ_VERBS
     all_verbs = {verb for doc in _file("agent-rbac.yaml") for rule in doc.get("rules", ()) for verb in rule["verbs"]}
     assert all_verbs == READ_VERBS
@@ -527,18 +463,18 @@ def test_agent_is_read_only():
 
 def test_agent_reads_exactly_the_configmap_it_watches():
     namespace, name = _flag(_container("agent-daemonset.yaml", "DaemonSet"), "kube-configmap").split("/")
-    grants = _agent_grants()
+    grants = agent_grants()
     for verb in sorted(READ_VERBS):
-        assert _allows(grants, "", "configmaps", verb, namespace, name), verb
-        assert not _allows(grants, "", "configmaps", verb, namespace, "kube-proxy"), verb
-        assert not _allows(grants, "", "configmaps", verb, "default", name), verb
+        assert rbac_allows(grants, "", "configmaps", verb, namespace, name), verb
+        assert not rbac_allows(grants, "", "configmaps", verb, namespace, "kube-proxy"), verb
+        assert not rbac_allows(grants, "", "configmaps", verb, "default", name), verb
     assert all("resourceNames" in rule for _, rule in grants if "configmaps" in rule["resources"])
 
 
 def test_agent_watches_egress_nat_policies():
     assert "--egress-nat-policies" in _container("agent-daemonset.yaml", "DaemonSet")["args"]
     for verb in ("list", "watch"):
-        assert _allows(_agent_grants(), "networking.gke.io", "egressnatpolicies", verb)
+        assert rbac_allows(agent_grants(), "networking.gke.io", "egressnatpolicies", verb)
 
 
 @pytest.mark.parametrize("group, resource, verb, where", [
@@ -564,15 +500,15 @@ def test_controller_may(group, resource, verb, where):
         namespace, name = _flag(container, where.removesuffix("-new")).split("/")
         if where.endswith("-new"):
             name = None  # a create request carries no name for RBAC
-    assert _allows(_controller_grants(), group, resource, verb, namespace, name)
+    assert rbac_allows(controller_grants(), group, resource, verb, namespace, name)
 
 
 def test_controller_writes_no_other_configmap_or_lease():
-    grants = _controller_grants()
-    assert not _allows(grants, "", "configmaps", "update", "kube-system", "kube-proxy")
-    assert not _allows(grants, "", "configmaps", "get", "kube-system", "kubeadm-config")
-    assert not _allows(grants, "coordination.k8s.io", "leases", "update", "kube-system", "kube-scheduler")
-    assert not _allows(grants, "", "configmaps", "create", "default")
+    grants = controller_grants()
+    assert not rbac_allows(grants, "", "configmaps", "update", "kube-system", "kube-proxy")
+    assert not rbac_allows(grants, "", "configmaps", "get", "kube-system", "kubeadm-config")
+    assert not rbac_allows(grants, "coordination.k8s.io", "leases", "update", "kube-system", "kube-scheduler")
+    assert not rbac_allows(grants, "", "configmaps", "create", "default")
 
 
 # --- workloads -----------------------------------------------------------------------------------

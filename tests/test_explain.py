@@ -22,7 +22,7 @@ import anyio
 import pytest
 
 import masqd
-import netns
+from masqd.testing import netns
 from kubeapi import FakeKubeAPI
 
 from masqd.backends import iptables as ipt
@@ -427,8 +427,8 @@ def test_live_with_a_backend_that_cannot_read_back_is_a_clear_usage_error(capsys
     assert main([*argv, "--live"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == ("error: backend no-read-back: cannot read its rules back (it has no read_back method), which "
-                   "explain --live needs; run explain without --live\n")
+    assert err == ("error: --backend=no-read-back: this backend cannot read its rules back (it has no read_back "
+                   "method), which explain --live needs; run explain without --live\n")
 
 
 # --- reading back is pure: the tools' output -> LiveFamily --------------------------------------------

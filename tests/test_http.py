@@ -19,12 +19,11 @@ import anyio.abc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import netns
+from masqd.testing import netns
 from kubeapi import FakeKubeAPI
 from masqd import __version__
 from masqd.agent import build_agent
 from masqd.backends.dryrun import DryRunBackend
-from masqd.cli import main
 from masqd.config import AgentOptions
 from masqd.errors import ApplyError, FlagError
 from masqd.hookspecs import hookimpl
@@ -62,6 +61,10 @@ async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
 async def get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
     status, _, body = await request(port, f"{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
     return status, body.decode()
+
+
+async def ready(port: int) -> bool:
+    return (await get(port, "/readyz"))[0] == 200
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -501,7 +504,7 @@ async def test_a_port_in_use_does_not_stop_masquerading_and_is_bound_once_free(c
             await anyio.sleep(0.2)  # several bind attempts
             errors = [e for e in logs if e["event"].startswith("HTTP endpoint cannot listen")]
             assert len(errors) == 1  # the same failure is logged once, not per attempt
-            assert f"cannot listen on 127.0.0.1:{port}: " in errors[0]["error"]
+            assert f"--http-address=127.0.0.1:{port}: cannot listen there" in errors[0]["error"]
             taken.close()
             await agent.listening()
             assert agent.port == port and (await get(port, "/readyz"))[0] == 200
@@ -522,7 +525,7 @@ def test_the_real_command_serves_probes_and_metrics_and_stops_on_sigterm(tmp_pat
         assert port, "masqd never said where it listens"
 
         async def probe() -> tuple:
-            await wait_until_ready(port)
+            await wait_until(lambda: ready(port), "/readyz to answer 200", timeout=WAIT, interval=0.01)
             return await get(port, "/healthz"), await get(port, "/metrics")
 
         (health, _), (status, text) = anyio.run(probe)
@@ -533,12 +536,6 @@ def test_the_real_command_serves_probes_and_metrics_and_stops_on_sigterm(tmp_pat
         proc.kill()
         proc.wait()
         lines.close()
-
-
-async def wait_until_ready(port: int) -> None:
-    with anyio.fail_after(WAIT):
-        while (await get(port, "/readyz"))[0] != 200:
-            await anyio.sleep(0.01)
 
 
 # --- the CIDR counts agree with explain's provenance ---------------------------------------------------

@@ -28,17 +28,16 @@ from pathlib import Path
 import anyio
 import pytest
 
-import netns
 from masqd_proc import log_events
 
 from masqd import cli
 from masqd.backends.iptables_mode import MODES, Binaries, binaries_for, choose_mode, count_rules, has_hint
+from masqd.testing import netns
+from masqd.testing.netns import CHAIN, jump_rule, masqd_lines
 
 MASQD = Path(sys.executable).parent / "masqd"
-CHAIN = "IP-MASQ-AGENT"
 HINT = "KUBE-IPTABLES-HINT"
-JUMP = (f'-A POSTROUTING -m comment --comment "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL '
-        f'destination traffic to our custom {CHAIN} chain" -m addrtype ! --dst-type LOCAL -j {CHAIN}')
+JUMP = jump_rule(CHAIN)
 MASQ_RULE = (f'-A {CHAIN} -m comment --comment "ip-masq-agent: outbound traffic is subject to MASQUERADE '
              f'(must be last in chain)" -j MASQUERADE --random-fully')
 KEEP_10 = f'-A {CHAIN} -d 10.0.0.0/8 -m comment --comment "ip-masq-agent: local traffic is not subject to MASQUERADE" -j RETURN'
@@ -180,12 +179,6 @@ def save(ns: str, variant: str, family: int = 4) -> str:
     return netns.iptables_save(ns, family, table=None, binary=binary)
 
 
-def ours(save_text: str) -> list[str]:
-    """masqd's lines: its chain declaration, its POSTROUTING jump(s), its chain's rules."""
-    return [line for line in save_text.splitlines()
-            if line.startswith(f":{CHAIN} ") or line == JUMP or line.startswith(f"-A {CHAIN} ")]
-
-
 def rules(save_text: str) -> list[str]:
     """The ``-A`` lines (empty tables, e.g. one a legacy ``-t`` read created, do not show)."""
     return [line for line in save_text.splitlines() if line.startswith("-A ")]
@@ -193,7 +186,7 @@ def rules(save_text: str) -> list[str]:
 
 def masqd_in(ns: str, variant: str) -> bool:
     """Whether ``variant`` holds masqd's complete IPv4 chain and jump."""
-    mine = ours(save(ns, variant))
+    mine = masqd_lines(save(ns, variant))
     return f":{CHAIN} - [0:0]" in mine and mine.count(JUMP) == 1 and mine[-1] == MASQ_RULE
 
 
@@ -306,12 +299,12 @@ def test_auto_writes_with_the_variant_holding_more_rules(ns, masqd, legacy, nft,
     result = masqd.ok(ns)
     assert variants_logged(result.stderr) == [expected]
     assert masqd_in(ns, expected)
-    assert ours(save(ns, other(expected))) == []
-    assert ours(save(ns, expected, 6)) == []  # IPv6 is not enabled
+    assert masqd_lines(save(ns, other(expected))) == []
+    assert masqd_lines(save(ns, expected, 6)) == []  # IPv6 is not enabled
     for variant in VARIANTS:  # the rules that were there are all still there, in the same order
         for family in (4, 6):
             after = rules(save(ns, variant, family))
-            assert [rule for rule in after if not ours(rule)] == foreign_before[variant, family]
+            assert [rule for rule in after if not masqd_lines(rule)] == foreign_before[variant, family]
 
 
 @pytest.mark.netns
@@ -330,7 +323,7 @@ def test_kubelet_hint_decides_over_rule_counts(ns, masqd, hint, rules, expected)
     result = masqd.ok(ns)
     assert variants_logged(result.stderr) == [expected]
     assert masqd_in(ns, expected)
-    assert ours(save(ns, other(expected))) == []
+    assert masqd_lines(save(ns, other(expected))) == []
 
 
 @pytest.mark.netns
@@ -454,7 +447,7 @@ def test_cleanup_legacy_removes_masqds_legacy_chain_and_jump_only(ns, masqd, tmp
     assert [line for line in save(ns, "legacy", 4).splitlines() if line.startswith("-A POSTROUTING ")][-1] == JUMP
     nft_before = {family: save(ns, "nft", family) for family in (4, 6)}
     nft_handles = netns.run(ns, "nft", "-a", "list", "ruleset").stdout
-    assert all(ours(save(ns, variant, family)) for variant in VARIANTS for family in (4, 6))
+    assert all(masqd_lines(save(ns, variant, family)) for variant in VARIANTS for family in (4, 6))
 
     config = tmp_path / "absent"
     first = masqd_command(ns, "cleanup", "--iptables-mode", "legacy", config=config)
@@ -511,22 +504,22 @@ def test_nftables_backend_creates_no_legacy_table(ns, tmp_path):
 def test_running_in_one_variant_removes_masqds_chain_from_the_other(ns, masqd):
     """Two copies of the chain would both masquerade: switching variants must not leave one."""
     masqd.ok(ns, "--enable-ipv6", "--iptables-mode", "nft")
-    assert ours(save(ns, "nft", 4)) and ours(save(ns, "nft", 6))
+    assert masqd_lines(save(ns, "nft", 4)) and masqd_lines(save(ns, "nft", 6))
     masqd.ok(ns, "--enable-ipv6", "--iptables-mode", "legacy")
-    assert ours(save(ns, "legacy", 4)) and ours(save(ns, "legacy", 6))
-    assert not ours(save(ns, "nft", 4)) and not ours(save(ns, "nft", 6))
+    assert masqd_lines(save(ns, "legacy", 4)) and masqd_lines(save(ns, "legacy", 6))
+    assert not masqd_lines(save(ns, "nft", 4)) and not masqd_lines(save(ns, "nft", 6))
 
 
 @pytest.mark.netns
 def test_cleanup_in_auto_mode_removes_masqds_chain_from_every_variant(ns, masqd, tmp_path):
     masqd.ok(ns, "--iptables-mode", "legacy")
     load(ns, "nft", rendered_restore_inputs(ns)[4], 4)  # a copy left in the other variant
-    assert ours(save(ns, "legacy", 4)) and ours(save(ns, "nft", 4))
+    assert masqd_lines(save(ns, "legacy", 4)) and masqd_lines(save(ns, "nft", 4))
     result = masqd_command(ns, "cleanup", config=tmp_path / "absent")
     assert result.returncode == 0, result.stderr
     assert result.stdout == (f"removed: ipv4 chain {CHAIN} (legacy), ipv4 jump (legacy), "
                              f"ipv4 chain {CHAIN} (nft), ipv4 jump (nft)\n")
-    assert not ours(save(ns, "legacy", 4)) and not ours(save(ns, "nft", 4))
+    assert not masqd_lines(save(ns, "legacy", 4)) and not masqd_lines(save(ns, "nft", 4))
 
 
 def test_unreadable_legacy_table_list_is_an_error_that_says_run_as_root(monkeypatch):

@@ -17,86 +17,27 @@ import anyio
 import pytest
 from lightkube.resources.core_v1 import ConfigMap
 
-import netns
 from kubeapi import FakeKubeAPI
 from masqd_proc import DaemonProcess
+from support import REF, KubeAgent, cidrs_only, configmap, configmap_reflector, policy, watch_settings
 
-from masqd.agent import build_agent
-from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
-from masqd.inputs import ConfigMapInput, config_inputs
-from masqd.kube import KubeSettings, ObjectRef, Reflector, make_client
-from masqd.testing import event_source, running, wait_until
+from masqd.kube import KubeSettings, Reflector, make_client
+from masqd.testing import netns, wait_until
 
 WAIT = 15  # seconds before a test gives up waiting (a failure, not a timing claim)
-REF = ObjectRef("kube-system", "ip-masq-agent")
 RFC1918 = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"}
-
-
-def configmap(text: str | None, name: str = REF.name, namespace: str = REF.namespace) -> dict:
-    data = {} if text is None else {"config": text}
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace}, "data": data}
-
-
-def policy(name: str, action: str, *cidrs: str) -> dict:
-    return {"apiVersion": "networking.gke.io/v1", "kind": "EgressNATPolicy", "metadata": {"name": name},
-            "spec": {"action": action, "destinations": [{"cidr": c} for c in cidrs]}}
-
-
-def cidrs_only(text: str) -> str:
-    return f"nonMasqueradeCIDRs: [{', '.join(text.split())}]\nresyncInterval: 1h\n"
-
-
-@pytest.fixture
-def api():
-    with FakeKubeAPI() as server:
-        server.bookmark_interval = None
-        yield server
 
 
 @pytest.fixture
 def settings(api, tmp_path) -> KubeSettings:
-    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", token="agent-token")
-    return KubeSettings(configmap=REF, egress_nat_policies=True, kubeconfig=str(kubeconfig),
-                        backoff_initial=0.05, backoff_max=0.4, request_timeout=5)
-
-
-class Agent:
-    """``masqd run --kube-configmap ... --egress-nat-policies`` in process, on the dry-run backend,
-    with a config file that may or may not exist next to the ConfigMap."""
-
-    def __init__(self, settings: KubeSettings, file: Path, options: AgentOptions = AgentOptions()):
-        self.backend = DryRunBackend()
-        self.agent = build_agent(options, backend=self.backend, config=config_inputs([str(file)], (), settings),
-                                 kube=settings)
-        self.status = self.agent.status
-        self.configmap = next(i for i in self.agent.loader.inputs if isinstance(i, ConfigMapInput))
-
-    def applied(self) -> set[str]:
-        ruleset = self.status.applied
-        return set() if ruleset is None else {str(n) for n in ruleset.ipv4.nonmasq} - {"169.254.0.0/16"}
-
-    async def until_applied(self, cidrs: set[str], what: str = "") -> None:
-        await wait_until(lambda: self.applied() == cidrs, what or f"rules {sorted(cidrs)}")
-
-    async def __aenter__(self):
-        self._running = running(self.agent)
-        await self._running.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc):
-        return await self._running.__aexit__(*exc)
+    return watch_settings(api, tmp_path, token="agent-token")
 
 
 async def watching(api: FakeKubeAPI, watches: int = 2) -> None:
     """Until the agent's watches (the ConfigMap's and the policies') are open on the server: what a
     test then does to the watch streams (a bookmark, an expiry) reaches them, not the list before."""
     await wait_until(lambda: api.watch_count >= watches, f"{watches} watches open")
-
-
-def configmap_reflector(agent: Agent) -> Reflector:
-    """The running ConfigMap watch's reflector."""
-    return event_source(agent.agent, "configmap").reflector
 
 
 @pytest.fixture
@@ -111,7 +52,7 @@ async def test_at_start_up_the_file_applies_then_the_configmap_follows(api, sett
     file.write_text(cidrs_only("10.0.0.0/8"))
     api.latency = 0.3  # the first list arrives late
     api.put(configmap(cidrs_only("192.0.2.0/24")))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         assert agent.status.applied is not None  # applied before the API answered
         await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24"}, "file and ConfigMap unioned")
     assert any(auth == "Bearer agent-token" for auth in api.authorizations)
@@ -119,7 +60,7 @@ async def test_at_start_up_the_file_applies_then_the_configmap_follows(api, sett
 
 async def test_an_edit_is_applied_without_waiting_for_the_resync(api, settings, file):
     api.put(configmap(cidrs_only("10.0.0.0/8")))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"}, "the ConfigMap alone: exactly its list")
         api.put(configmap(cidrs_only("10.0.0.0/8 198.51.100.0/24")))
         await agent.until_applied({"10.0.0.0/8", "198.51.100.0/24"})
@@ -129,7 +70,7 @@ async def test_an_edit_is_applied_without_waiting_for_the_resync(api, settings, 
 
 async def test_deleting_the_configmap_means_defaults(api, settings, file):
     api.put(configmap(cidrs_only("203.0.113.0/24")))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"203.0.113.0/24"})
         api.delete("configmaps", REF.name, REF.namespace)
         await agent.until_applied(RFC1918, "defaults after the deletion")
@@ -139,7 +80,7 @@ async def test_deleting_the_configmap_means_defaults(api, settings, file):
 
 async def test_other_configmaps_are_not_even_sent(api, settings, file):
     api.put(configmap(cidrs_only("203.0.113.0/24")))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"203.0.113.0/24"})
         generation = agent.status.generation
         api.put(configmap(cidrs_only("192.0.2.0/24"), name="something-else"))
@@ -153,7 +94,7 @@ async def test_other_configmaps_are_not_even_sent(api, settings, file):
 
 async def test_an_invalid_configmap_keeps_the_last_good_rules(api, settings, file):
     api.put(configmap(cidrs_only("10.0.0.0/8")))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"})
         api.put(configmap("nonMasqueradeCIDRs: [10.0.0.1/8]\n"))
         await wait_until(lambda: agent.status.last_error is not None, "the config error")
@@ -167,7 +108,7 @@ async def test_an_invalid_configmap_keeps_the_last_good_rules(api, settings, fil
 async def test_a_configmap_without_the_config_key_contributes_nothing(api, settings, file):
     file.write_text(cidrs_only("192.0.2.0/24"))
     api.put(configmap(None))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await wait_until(lambda: configmap_reflector(agent) is not None and configmap_reflector(agent).synced, "list")
         await agent.until_applied({"192.0.2.0/24"}, "the file alone")
 
@@ -177,7 +118,7 @@ async def test_a_configmap_without_the_config_key_contributes_nothing(api, setti
 
 async def test_api_outage_keeps_the_rules_and_recovery_applies_what_changed(api, settings, file):
     api.put(configmap(cidrs_only("10.0.0.0/8")))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"})
         reflector = configmap_reflector(agent)
         api.stop()
@@ -191,7 +132,7 @@ async def test_api_outage_keeps_the_rules_and_recovery_applies_what_changed(api,
 
 async def test_410_gone_relists_and_sees_a_deletion_made_while_disconnected(api, settings, file):
     api.put(configmap(cidrs_only("10.0.0.0/8")))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"})
         reflector = configmap_reflector(agent)
         api.stop()
@@ -205,7 +146,7 @@ async def test_410_gone_relists_and_sees_a_deletion_made_while_disconnected(api,
 
 async def test_expired_watch_relists(api, settings, file):
     api.put(configmap(cidrs_only("10.0.0.0/8")))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"})
         await watching(api)
         reflector = configmap_reflector(agent)
@@ -218,7 +159,7 @@ async def test_expired_watch_relists(api, settings, file):
 
 async def test_bookmarks_keep_the_resume_point_fresh_so_no_relist_is_needed(api, settings, file):
     api.put(configmap(cidrs_only("10.0.0.0/8")))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"})
         await watching(api)
         reflector = configmap_reflector(agent)
@@ -235,7 +176,7 @@ async def test_bookmarks_keep_the_resume_point_fresh_so_no_relist_is_needed(api,
 
 async def test_dropped_watch_connection_resumes_without_missing_a_change(api, settings, file):
     api.put(configmap(cidrs_only("10.0.0.0/8")))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"})
         reflector = configmap_reflector(agent)
         api.latency = 0.2  # the reconnect is slow: the edit lands before the watch is back
@@ -249,7 +190,7 @@ async def test_dropped_watch_connection_resumes_without_missing_a_change(api, se
 async def test_errors_on_list_are_retried(api, settings, file, status):
     api.put(configmap(cidrs_only("10.0.0.0/8")))
     api.fail_next(3, status=status, path_contains="/configmaps")
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"})
         assert configmap_reflector(agent).failures == 3
 
@@ -257,7 +198,7 @@ async def test_errors_on_list_are_retried(api, settings, file, status):
 async def test_a_slow_api_does_not_delay_the_file(api, settings, file, tmp_path):
     file.write_text(cidrs_only("10.0.0.0/8"))
     api.latency = 2.0
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8"})
         file.write_text(cidrs_only("192.0.2.0/24"))
         await agent.until_applied({"192.0.2.0/24"}, "the file edit while the API is still answering")
@@ -269,7 +210,7 @@ async def test_a_slow_api_does_not_delay_the_file(api, settings, file, tmp_path)
 async def test_nosnat_policies_keep_the_pod_address(api, settings, file):
     api.put(configmap(cidrs_only("10.0.0.0/8")))
     api.put(policy("on-prem", "NoSNAT", "192.0.2.0/24", "198.51.100.0/24"))
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24"})
         api.put(policy("snat-only", "SNAT", "203.0.113.0/24"))
         api.put(policy("more", "NoSNAT", "203.0.113.0/24"))
@@ -283,7 +224,7 @@ async def test_an_invalid_policy_is_skipped_and_the_others_apply(api, settings, 
     api.put(policy("good", "NoSNAT", "192.0.2.0/24"))
     api.put(policy("typo", "NoSNAT", "198.51.100.1/24"))
     api.put(policy("dual", "NoSNAT", "203.0.113.0/24", "2001:db8::/32"))  # this agent runs without --enable-ipv6
-    async with Agent(settings, file) as agent:
+    async with KubeAgent(settings, file) as agent:
         await agent.until_applied({"10.0.0.0/8", "192.0.2.0/24", "203.0.113.0/24"})
         assert agent.status.last_error is None  # skipped, not a rejected state
         plugin = next(p for p in agent.agent.plugins.pm.get_plugins() if hasattr(p, "policies"))
@@ -294,7 +235,7 @@ async def test_an_invalid_policy_is_skipped_and_the_others_apply(api, settings, 
 
 async def test_policies_with_ipv6_on_an_ipv6_agent(api, settings, file):
     api.put(policy("v6", "NoSNAT", "2001:db8::/32"))
-    agent = Agent(settings, file, AgentOptions(enable_ipv6=True))
+    agent = KubeAgent(settings, file, AgentOptions(enable_ipv6=True))
     async with agent:
         await wait_until(lambda: agent.status.applied is not None and
                          "2001:db8::/32" in {str(n) for n in agent.status.applied.ipv6.nonmasq}, "the v6 CIDR")
@@ -431,9 +372,9 @@ class _SilentWatchServer:
 
 
 async def test_a_watch_on_a_silently_dead_connection_is_abandoned_and_resumed(tmp_path, monkeypatch):
-    import masqd.kube
+    import masqd.kube.reflector
 
-    monkeypatch.setattr(masqd.kube, "WATCH_GRACE_SECONDS", 0.2)
+    monkeypatch.setattr(masqd.kube.reflector, "WATCH_GRACE_SECONDS", 0.2)
     server = _SilentWatchServer()
     try:
         kubeconfig = tmp_path / "kubeconfig"

@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import httpx2
 import pytest
@@ -24,22 +24,13 @@ from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import ConfigMap, Node
 from lightkube.types import OnErrorAction, OnErrorResult, PatchType, on_error_retry
 
-try:  # tests/ is a plain directory (pytest puts it on sys.path) or a package
-    from tests.kubeapi import FakeKubeAPI
-except ImportError:  # pragma: no cover - depends on how pytest was started
-    from kubeapi import FakeKubeAPI
+from kubeapi import FakeKubeAPI
 
 from masqd.testing import wait_until
 
 EgressNATPolicy = create_global_resource("networking.gke.io", "v1", "EgressNATPolicy", "egressnatpolicies")
 
 CM_PATH = "/api/v1/namespaces/default/configmaps"
-
-
-@pytest.fixture
-def api():
-    with FakeKubeAPI(bookmark_interval=None) as server:
-        yield server
 
 
 @pytest.fixture

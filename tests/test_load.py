@@ -17,17 +17,15 @@ import anyio
 import pytest
 
 from kubeapi import FakeKubeAPI
+from support import NO_RESYNC, KubeAgent, agent, cidrs_of, cidrs_only, configmap, policy, watch_settings, write_atomically
+
 from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
 from masqd.default_plugins.egress import EgressNATPolicies
 from masqd.events import Event, make_emit
-from masqd.kube import KubeSettings
 from masqd.reconcile import Reconciler
-from masqd.testing import running, wait_until
-from test_daemon import NO_RESYNC, agent, cidrs_of, write_atomically
-from test_daemon_kernel import chain_lines
-from test_netns_nftables import set_intervals
-from test_kube import REF, Agent, cidrs_only, configmap, policy
+from masqd.testing import netns, running, wait_until
+from masqd.testing.processes import rss_kib
 
 BURST = 10_000
 
@@ -127,7 +125,7 @@ def _flooded(kind: str, i: int) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["configmap", "policy"])
-async def test_a_flooding_watch_cannot_starve_the_reconciler(tmp_path: Path, kind: str) -> None:
+async def test_a_flooding_watch_cannot_starve_the_reconciler(api, tmp_path: Path, kind: str) -> None:
     """One watched object (the ConfigMap, or an EgressNATPolicy) is replaced thousands of times as
     fast as the API server takes it, each replacement streamed to the agent's watch. Meanwhile a
     config-file edit and an edit of the other watched kind are still applied and passes go on
@@ -135,68 +133,58 @@ async def test_a_flooding_watch_cannot_starve_the_reconciler(tmp_path: Path, kin
     object sent."""
     file = tmp_path / "ip-masq-agent"
     file.write_text(cidrs_only("192.0.2.0/24"))
-    with FakeKubeAPI(bookmark_interval=None) as api:
-        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
-        settings = KubeSettings(configmap=REF, egress_nat_policies=True, kubeconfig=str(kubeconfig),
-                                backoff_initial=0.05, backoff_max=0.4, request_timeout=5)
-        api.put(_flooded(kind, 0))
-        api.put(_steady(kind, "198.51.100.0/24"))
-        async with Agent(settings, file) as agent:
-            plugin = next(p for p in agent.agent.plugins.pm.get_plugins() if isinstance(p, EgressNATPolicies))
+    settings = watch_settings(api, tmp_path)
+    api.put(_flooded(kind, 0))
+    api.put(_steady(kind, "198.51.100.0/24"))
+    async with KubeAgent(settings, file) as agent:
+        plugin = next(p for p in agent.agent.plugins.pm.get_plugins() if isinstance(p, EgressNATPolicies))
 
-            def flooded_object():
-                """The agent's copy of the flooded object: its config text or spec, and version."""
-                if kind == "configmap":
-                    return agent.configmap.text, agent.configmap.resource_version
-                obj = plugin.objects.get("flood") or {"spec": None, "metadata": {}}
-                return obj["spec"], obj["metadata"].get("resourceVersion")
+        def flooded_object():
+            """The agent's copy of the flooded object: its config text or spec, and version."""
+            if kind == "configmap":
+                return agent.configmap.text, agent.configmap.resource_version
+            obj = plugin.objects.get("flood") or {"spec": None, "metadata": {}}
+            return obj["spec"], obj["metadata"].get("resourceVersion")
 
-            def versions_seen() -> int:
-                return int(flooded_object()[1] or 0)
+        def versions_seen() -> int:
+            return int(flooded_object()[1] or 0)
 
-            await wait_until(lambda: {"192.0.2.0/24", "198.51.100.0/24", nth(0)} <= agent.applied(), "the first state")
-            start = int(api.resource_version)
-            with _Flood(api, lambda i: _flooded(kind, i + 1)) as flood:
-                await wait_until(lambda: versions_seen() > start + 100, "the agent's watch receiving the flood")
-                passes_before = agent.status.generation
-                seen_before = versions_seen()
+        await wait_until(lambda: {"192.0.2.0/24", "198.51.100.0/24", nth(0)} <= agent.applied(), "the first state")
+        start = int(api.resource_version)
+        with _Flood(api, lambda i: _flooded(kind, i + 1)) as flood:
+            await wait_until(lambda: versions_seen() > start + 100, "the agent's watch receiving the flood")
+            passes_before = agent.status.generation
+            seen_before = versions_seen()
 
-                write_atomically(file, cidrs_only("192.0.2.0/24 203.0.113.0/24"))  # another source
-                await wait_until(lambda: "203.0.113.0/24" in agent.applied(), "the file edit during the flood")
-                assert flood.running, "the flood was over before the file edit was applied: nothing shown"
-                api.put(_steady(kind, "198.51.100.0/25"))  # another watch
-                await wait_until(lambda: "198.51.100.0/25" in agent.applied(), "the other watch's edit, during it")
-                assert flood.running, "the flood was over before the other watch's edit was applied: nothing shown"
-                assert versions_seen() > seen_before  # the flood kept arriving meanwhile
-                assert agent.status.generation >= passes_before + 2  # and passes kept completing
-                flood.stop()
-            last = flood.last
-            last_cidr = nth(flood.sent)  # object i carries nth(i + 1)
-            final = {"192.0.2.0/24", "203.0.113.0/24", "198.51.100.0/25", last_cidr}
-            await wait_until(lambda: agent.applied() == final, "the last object sent")
-            content = last["data"]["config"] if kind == "configmap" else last["spec"]
-            assert flooded_object() == (content, last["metadata"]["resourceVersion"])
-            passes, events = agent.status.generation, flood.sent
-            assert WATCH_FLOOD <= events < WATCH_FLOOD_MAX
-            assert passes < events // 10, f"{passes} passes for {events} watch events: not coalesced"
-            assert agent.status.errors == 0 and agent.status.last_error is None
-            await anyio.sleep(0.3)  # nothing left queued: no pass after the last state
-            assert agent.status.generation == passes
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
+            write_atomically(file, cidrs_only("192.0.2.0/24 203.0.113.0/24"))  # another source
+            await wait_until(lambda: "203.0.113.0/24" in agent.applied(), "the file edit during the flood")
+            assert flood.running, "the flood was over before the file edit was applied: nothing shown"
+            api.put(_steady(kind, "198.51.100.0/25"))  # another watch
+            await wait_until(lambda: "198.51.100.0/25" in agent.applied(), "the other watch's edit, during it")
+            assert flood.running, "the flood was over before the other watch's edit was applied: nothing shown"
+            assert versions_seen() > seen_before  # the flood kept arriving meanwhile
+            assert agent.status.generation >= passes_before + 2  # and passes kept completing
+            flood.stop()
+        last = flood.last
+        last_cidr = nth(flood.sent)  # object i carries nth(i + 1)
+        final = {"192.0.2.0/24", "203.0.113.0/24", "198.51.100.0/25", last_cidr}
+        await wait_until(lambda: agent.applied() == final, "the last object sent")
+        content = last["data"]["config"] if kind == "configmap" else last["spec"]
+        assert flooded_object() == (content, last["metadata"]["resourceVersion"])
+        passes, events = agent.status.generation, flood.sent
+        assert WATCH_FLOOD <= events < WATCH_FLOOD_MAX
+        assert passes < events // 10, f"{passes} passes for {events} watch events: not coalesced"
+        assert agent.status.errors == 0 and agent.status.last_error is None
+        await anyio.sleep(0.3)  # nothing left queued: no pass after the last state
+        assert agent.status.generation == passes
 
 
 def _kernel_holds(ns: str, backend: str, cidrs: list[str]) -> bool:
     """The kernel keeps exactly ``cidrs`` (in chain order for iptables) and nothing else."""
     if backend == "iptables":
-        return [line.split()[3] for line in chain_lines(ns)[:-1]] == cidrs
+        return [line.split()[3] for line in netns.chain_lines(ns)[:-1]] == cidrs
     nets = sorted(ipaddress.ip_network(cidr) for cidr in cidrs)
-    return set_intervals(ns, 4) == tuple((int(n.network_address), int(n.broadcast_address)) for n in nets)
+    return netns.set_intervals(ns, 4) == tuple((int(n.network_address), int(n.broadcast_address)) for n in nets)
 
 
 #: RSS the daemon may gain over the whole burst: a leak of 1.6 KiB per change would exceed it.
@@ -209,7 +197,6 @@ def test_a_burst_against_the_kernel_ends_on_the_last_config_with_flat_memory(nod
     """The real daemon in a namespace: 10,000 config replaces as fast as a writer can go. The
     kernel ends holding exactly the last config's rules, nothing fails, and the daemon's memory
     does not grow with the number of changes (benchmarks/burst.py prints the figures)."""
-    import netns
     from masqd_proc import DaemonProcess
 
     config = tmp_path / "config"
@@ -217,13 +204,13 @@ def test_a_burst_against_the_kernel_ends_on_the_last_config_with_flat_memory(nod
     process = DaemonProcess(node_ns, config, "--http-address=", backend=backend)
     try:
         process.next_event(lambda e: e.get("event") == "rules applied")
-        before = _rss_kib(process.proc.pid)
+        before = rss_kib(process.proc.pid)
         for i in range(BURST):
             write_atomically(config, NO_RESYNC + f"nonMasqueradeCIDRs: [{nth(i)}]\n")
         final = ["169.254.0.0/16", nth(BURST - 1)]
         assert netns.wait_for(lambda: _kernel_holds(node_ns, backend, final), timeout=60), \
-            netns.iptables_save(node_ns) if backend == "iptables" else set_intervals(node_ns, 4)
-        after = _rss_kib(process.proc.pid)
+            netns.iptables_save(node_ns) if backend == "iptables" else netns.set_intervals(node_ns, 4)
+        after = rss_kib(process.proc.pid)
         process.proc.terminate()
         process.next_event(lambda e: e.get("event") == "masqd stopped")  # every event, read to the end
         assert process.proc.wait(timeout=10) == 0

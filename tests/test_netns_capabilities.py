@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 
 import masqd
-import netns
+from masqd.testing import netns
 from masqd_proc import log_events
 from deploy_files import (EXAMPLES, image_capabilities, image_user, masqd_tools, setcap_grants, unit,
                           unit_capabilities, unit_exec_start)

@@ -1,7 +1,7 @@
 """masqd's iptables backend against the real kernel, inside throw-away network namespaces.
 
 Every test runs ``masqd run --once --backend iptables`` inside a node namespace (see
-``tests/netns.py`` for the pod -> node -> dest topology) and checks what the kernel then does:
+``masqd.testing.netns`` for the pod -> node -> dest topology) and checks what the kernel then does:
 the source address a destination sees, and what ``iptables-save`` shows. Expected rule texts are
 written out here from the compatibility contract in the design (the upstream agent's rules), not
 taken from masqd's renderer.
@@ -24,13 +24,14 @@ from pathlib import Path
 
 import pytest
 
-import netns
 from masqd_proc import writes_logged
-from test_daemon import write_atomically
+from support import write_atomically
+
+from masqd.testing import netns
+from masqd.testing.netns import CHAIN, jump_rule, masqd_lines
 
 pytestmark = pytest.mark.netns
 
-CHAIN = "IP-MASQ-AGENT"
 JUMP_COMMENT = "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain"
 KEEP_COMMENT = "ip-masq-agent: local traffic is not subject to MASQUERADE"
 MASQ_COMMENT = "ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)"
@@ -49,10 +50,6 @@ NODE = {4: netns.NODE_V4, 6: netns.NODE_V6}
 
 
 # --- expected rule texts, as `iptables-save -t nat` prints them ---------------------------------------
-
-
-def jump(chain: str = CHAIN) -> str:
-    return f'-A POSTROUTING -m comment --comment "{JUMP_COMMENT.format(chain=chain)}" -m addrtype ! --dst-type LOCAL -j {chain}'
 
 
 def jump_args(chain: str = CHAIN) -> list[str]:
@@ -78,19 +75,13 @@ def port_masq(protocol: str, ports: str, probability: str | None = None, chain: 
 
 def nat_table(rules: list[str], chain: str = CHAIN) -> str:
     """The whole nat table of a namespace holding nothing but masqd's chain and jump."""
-    lines = ["*nat", *BUILTIN_NAT_CHAINS, f":{chain} - [0:0]", jump(chain), *rules, "COMMIT"]
+    lines = ["*nat", *BUILTIN_NAT_CHAINS, f":{chain} - [0:0]", jump_rule(chain), *rules, "COMMIT"]
     return "".join(line + "\n" for line in lines)
-
-
-def ours(save_text: str, chain: str = CHAIN) -> list[str]:
-    """masqd's lines in ``save_text``: its chain declaration, its jump(s) and its chain's rules."""
-    return [line for line in save_text.splitlines()
-            if line.startswith(f":{chain} ") or line == jump(chain) or line.startswith(f"-A {chain} ")]
 
 
 def foreign(save_text: str, chain: str = CHAIN) -> list[str]:
     """Every line of ``save_text`` that is not masqd's."""
-    mine = set(ours(save_text, chain))
+    mine = set(masqd_lines(save_text, chain))
     return [line for line in save_text.splitlines() if line not in mine]
 
 
@@ -211,7 +202,7 @@ def test_link_local_destination_packets(topology, masqd, backend, config, flags,
 )
 def test_link_local_exemption(node_ns, masqd, config, flags, family, exempt):
     masqd.ok(node_ns, *flags, config=config)
-    rules = [line for line in ours(netns.iptables_save(node_ns, family)) if line.startswith(f"-A {CHAIN} ")]
+    rules = [line for line in masqd_lines(netns.iptables_save(node_ns, family)) if line.startswith(f"-A {CHAIN} ")]
     if exempt:
         assert rules[0] == keep(LINK_LOCAL[family])  # first, before any configured CIDR
     else:
@@ -276,7 +267,7 @@ def test_kernel_holds_exactly_the_upstream_rules(node_ns, masqd, config, flags, 
         if family not in expected:
             assert save == "".join(f"{line}\n" for line in ("*nat", *BUILTIN_NAT_CHAINS, "COMMIT")), "table touched"
             continue
-        assert ours(save, chain) == [f":{chain} - [0:0]", jump(chain), *expected[family]]
+        assert masqd_lines(save, chain) == [f":{chain} - [0:0]", jump_rule(chain), *expected[family]]
         assert save == nat_table(expected[family], chain)
     # The rendering matches the kernel's canonical form, so a second run finds nothing to write.
     handles = {family: nft_nat(node_ns, family) for family in expected}
@@ -361,7 +352,7 @@ def test_runs_are_idempotent_and_leave_other_rules_alone(node_ns, masqd, familie
         assert foreign(after_first[family]) == before[family].splitlines()  # same lines, same order
         nat = netns.iptables_save(node_ns, family)
         postrouting = [line for line in nat.splitlines() if line.startswith("-A POSTROUTING ")]
-        assert postrouting[-1] == jump() and postrouting.count(jump()) == 1  # appended after the foreign rule
+        assert postrouting[-1] == jump_rule() and postrouting.count(jump_rule()) == 1  # appended after the foreign rule
     handles = {family: nft_nat(node_ns, family) for family in families}
 
     second = masqd.ok(node_ns, *flags)
@@ -396,7 +387,7 @@ def test_next_run_heals_drift(node_ns, masqd, family, edits):
     assert netns.iptables_save(node_ns, family) != good
     healed = masqd.ok(node_ns, *flags)
     assert netns.iptables_save(node_ns, family) == good
-    assert ours(good).count(jump()) == 1
+    assert masqd_lines(good).count(jump_rule()) == 1
     assert writes_logged(healed.stderr), "the repair should be logged as a write"
 
 
@@ -419,7 +410,7 @@ def test_config_change_replaces_the_chain_atomically(topology, masqd):
     def watch() -> None:
         while not stop.is_set():
             save = netns.iptables_save(topology.node)
-            snapshots.append(tuple(line for line in ours(save) if line.startswith(f"-A {CHAIN} ")))
+            snapshots.append(tuple(line for line in masqd_lines(save) if line.startswith(f"-A {CHAIN} ")))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -473,7 +464,8 @@ LEGACY = 'Binaries("iptables-legacy-save", "iptables-legacy-restore", "iptables-
 _RESTORE_IN_NAMESPACE = f"""
 import sys, anyio
 import masqd.backends.iptables.executor as executor
-from masqd.backends.iptables import Binaries, SubprocessExecutor
+from masqd.backends.iptables import SubprocessExecutor
+from masqd.backends.iptables_mode import Binaries
 from masqd.errors import ApplyError
 if len(sys.argv) > 1:
     executor.LOCK_WAIT_SECONDS = int(sys.argv[1])
@@ -501,8 +493,8 @@ def _lock_env(lockfile: Path) -> dict[str, str]:
 
 
 def _start_restore(ns: str, lockfile: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", _RESTORE_IN_NAMESPACE, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_lock_env(lockfile))
+    return netns.popen(ns, sys.executable, "-c", _RESTORE_IN_NAMESPACE, *args,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_lock_env(lockfile))
 
 
 def _legacy_chain(ns: str) -> list[str]:
@@ -602,11 +594,11 @@ def _http_get(ns: str, path: str) -> tuple[int, str]:
 
 def _legacy_ours(ns: str) -> list[str]:
     """masqd's lines in the legacy nat table (plain iptables-legacy-save takes no lock)."""
-    return ours(netns.iptables_save(ns, binary="iptables-legacy-save"))
+    return masqd_lines(netns.iptables_save(ns, binary="iptables-legacy-save"))
 
 
 def _legacy_expected(cidr: str) -> list[str]:
-    return [f":{CHAIN} - [0:0]", jump(), keep("169.254.0.0/16"), keep(cidr), masq()]
+    return [f":{CHAIN} - [0:0]", jump_rule(), keep("169.254.0.0/16"), keep(cidr), masq()]
 
 
 def _is_lock_wait(event: dict) -> bool:

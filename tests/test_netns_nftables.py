@@ -22,79 +22,29 @@ from pathlib import Path
 
 import pytest
 
-import netns
 from masqd_proc import log_events, writes_logged
+
+from masqd.testing import netns
+from masqd.testing.netns import CHAIN, NFT_FAMILY, nft, nft_table, normalized, set_intervals, tables
 
 pytestmark = pytest.mark.netns
 
 MASQD = Path(sys.executable).parent / "masqd"
 GOLDEN = Path(__file__).parent / "golden" / "nftables"
-FAMILY = {4: "ip", 6: "ip6"}
-CHAIN = "IP-MASQ-AGENT"
+
 BUILTIN_NAT = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n"
 
 
-# --- reading the kernel ------------------------------------------------------------------------------
-
-
-def nft(ns: str, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return netns.run(ns, "nft", *args, input=input, check=check)
-
-
-def table(ns: str, family: int) -> dict | None:
-    """``nft --json list table ip|ip6 masqd`` as parsed JSON; ``None`` when there is no such table."""
-    result = nft(ns, "--json", "list", "table", FAMILY[family], "masqd", check=False)
-    if result.returncode != 0:
-        assert "No such file or directory" in result.stderr, result.stderr
-        return None
-    return json.loads(result.stdout)
-
-
-def normalized(doc: dict | None) -> list[dict] | None:
-    """A listing without what changes on every rewrite (metainfo, handles): equal listings mean the
-    same table, object for object, in the same order."""
-    if doc is None:
-        return None
-    out = []
-    for obj in doc["nftables"]:
-        ((kind, body),) = obj.items()
-        if kind != "metainfo":
-            out.append({kind: {k: v for k, v in body.items() if k != "handle"}})
-    return out
+# --- the golden listings (the kernel itself is read with masqd.testing.netns) ---------------------------
 
 
 def fixture_listing(name: str) -> list[dict]:
     return normalized(json.loads((GOLDEN / f"listing_{name}.json").read_text()))
 
 
-def tables(ns: str) -> dict[int, list[dict] | None]:
-    return {family: normalized(table(ns, family)) for family in (4, 6)}
-
-
 def ruleset_with_handles(ns: str) -> str:
     """``nft -a list ruleset``: handles are new whenever something is rewritten."""
     return nft(ns, "-a", "list", "ruleset").stdout
-
-
-def set_intervals(ns: str, family: int) -> tuple[tuple[int, int], ...] | None:
-    """The address ranges in masqd's set (``None``: no table), read with ``ipaddress``, not masqd."""
-    result = nft(ns, "--json", "list", "set", FAMILY[family], "masqd", f"nonmasq{family}", check=False)
-    if result.returncode != 0:
-        assert "No such file or directory" in result.stderr, result.stderr
-        return None
-    (body,) = [o["set"] for o in json.loads(result.stdout)["nftables"] if "set" in o]
-    ranges = []
-    for element in body.get("elem", []):
-        if isinstance(element, str):
-            net = ipaddress.ip_network(element)
-        elif "prefix" in element:
-            net = ipaddress.ip_network(f"{element['prefix']['addr']}/{element['prefix']['len']}")
-        else:
-            first, last = (int(ipaddress.ip_address(a)) for a in element["range"])
-            ranges.append((first, last))
-            continue
-        ranges.append((int(net.network_address), int(net.broadcast_address)))
-    return tuple(sorted(ranges))
 
 
 class NftMonitor:
@@ -108,8 +58,7 @@ class NftMonitor:
 
     def __init__(self, ns: str):
         self.ns = ns
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "monitor"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = netns.popen(ns, "nft", "monitor", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.lines = netns.LineReader(self.proc.stdout)
         self.transactions(startup=True)
 
@@ -184,12 +133,12 @@ def test_first_run_writes_the_golden_tables_in_one_transaction_and_a_second_run_
     *tables, mark, unmark = [line for line in transaction if line.startswith(("add table ", "delete table "))]
     assert tables == [
         line for f in families
-        for line in (f"add table {FAMILY[f]} masqd", f"delete table {FAMILY[f]} masqd", f"add table {FAMILY[f]} masqd")]
+        for line in (f"add table {NFT_FAMILY[f]} masqd", f"delete table {NFT_FAMILY[f]} masqd", f"add table {NFT_FAMILY[f]} masqd")]
     # the transaction ends by marking itself as masqd's (for its own nft monitor), leaving nothing
     assert mark.startswith("add table ip masqd_write_") and unmark == "delete" + mark[len("add"):]
     assert [e["written"] for e in writes_logged(first.stderr)] == [[f"ipv{f}" for f in families]]
     for family, name in fixtures.items():
-        assert normalized(table(node_ns, family)) == fixture_listing(name)
+        assert normalized(nft_table(node_ns, family)) == fixture_listing(name)
     before = ruleset_with_handles(node_ns)
 
     second = masqd.ok(node_ns, *flags, config=config, backend="nftables")
@@ -201,8 +150,8 @@ def test_first_run_writes_the_golden_tables_in_one_transaction_and_a_second_run_
 
 def test_ipv6_stays_untouched_without_enable_ipv6(node_ns, masqd):
     masqd.ok(node_ns, backend="nftables")
-    assert table(node_ns, 6) is None
-    assert table(node_ns, 4) is not None
+    assert nft_table(node_ns, 6) is None
+    assert nft_table(node_ns, 4) is not None
 
 
 # --- drift ------------------------------------------------------------------------------------------
@@ -219,7 +168,7 @@ def _commands(*commands: str):
 
 
 def _replace_masquerade_rule(ns: str) -> None:
-    rules = [o["rule"] for o in table(ns, 4)["nftables"] if "rule" in o]
+    rules = [o["rule"] for o in nft_table(ns, 4)["nftables"] if "rule" in o]
     nft(ns, "replace", "rule", "ip", "masqd", "nat", "handle", str(rules[-1]["handle"]), "masquerade")
 
 
@@ -367,10 +316,9 @@ def test_killed_masqd_leaves_the_old_or_the_new_set_never_a_mix(node_ns, tmp_pat
     expected = {None: (None, None), **{name: (c[1], c[2]) for name, c in configs.items()}}
 
     def start(name: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            ["ip", "netns", "exec", node_ns, str(MASQD), "run", "--once", "--backend", "nftables", "--enable-ipv6",
-             "--config", str(paths[name]), "--log-format", "json"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return netns.popen(node_ns, str(MASQD), "run", "--once", "--backend", "nftables", "--enable-ipv6",
+                           "--config", str(paths[name]), "--log-format", "json",
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def observed():
         state = (set_intervals(node_ns, 4), set_intervals(node_ns, 6))
@@ -504,13 +452,13 @@ def test_switching_backends_removes_the_other_backends_rules(topology, masqd, mo
     to_nft = masqd.ok(ns, *flags, config=SWITCH_CONFIG, backend="nftables")
     for family in (4, 6):
         assert _iptables_ours(ns, family, mode) == []
-        assert table(ns, family) is not None
+        assert nft_table(ns, family) is not None
     removed = [e for e in log_events(to_nft.stderr) if e.get("backend") == "iptables" and "removed" in e]
     assert removed and all(CHAIN in " ".join(e["removed"]) for e in removed), to_nft.stderr
     assert {dest: topology.source_seen(dest) for dest in SWITCH_EXPECTED} == SWITCH_EXPECTED
 
     masqd.ok(ns, *flags, config=SWITCH_CONFIG, backend="iptables")
-    assert table(ns, 4) is None and table(ns, 6) is None
+    assert nft_table(ns, 4) is None and nft_table(ns, 6) is None
     assert [line for line in nft(ns, "list", "tables").stdout.splitlines() if "masqd" in line] == []
     for family in (4, 6):
         assert len(_iptables_ours(ns, family, mode)) == 5
@@ -548,7 +496,7 @@ def test_cleanup_removes_only_masqds_tables(node_ns, masqd, tmp_path):
     nft(node_ns, "-f", "-", input=FOREIGN_TABLES)
     before = ruleset_with_handles(node_ns)
     masqd.ok(node_ns, "--enable-ipv6", config=DRIFT_CONFIG, backend="nftables")
-    assert table(node_ns, 4) is not None and table(node_ns, 6) is not None
+    assert nft_table(node_ns, 4) is not None and nft_table(node_ns, 6) is not None
 
     def cleanup() -> subprocess.CompletedProcess[str]:
         return netns.run(node_ns, str(MASQD), "cleanup", "--backend", "nftables",

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-import netns
+from masqd.testing import netns
 from masqd_proc import DaemonProcess
 
 PACKET_BACKENDS = [pytest.param("iptables", id="iptables"), pytest.param("nftables", id="nftables")]

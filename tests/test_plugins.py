@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
-from pathlib import Path
 
 import anyio
 import pytest

@@ -258,12 +258,12 @@ def test_equivalent_listings_compare_equal(change):
     pytest.param("drift_chain_priority_ip", "chain", id="chain-priority-srcnat-minus-1"),
 ])
 def test_kernel_drift_is_seen(fixture, reason):
-    from masqd.backends.nftables.live import _why
+    from masqd.backends.nftables.live import why_rewritten
 
     want = desired(None, AgentOptions())
     got = parse_listing(listing(fixture), 4)
     assert got != want
-    assert reason in _why(got, want)
+    assert reason in why_rewritten(got, want)
 
 
 def test_extra_chain_in_masqds_table_is_seen():

@@ -22,8 +22,6 @@ import anyio
 import pytest
 import structlog
 
-import netns
-
 from masqd.backends import tools
 from masqd.backends.iptables import LOCK_WAIT_SECONDS, IptablesBackend, SubprocessExecutor
 from masqd.backends.iptables_mode import Binaries
@@ -33,7 +31,8 @@ from masqd.backends.iptables.backend import _save_or_none
 from masqd.config import AgentOptions
 from masqd.errors import BackendError, ReadBackError, ToolMissingError, ToolTimeoutError
 from masqd.status import HEALTH_DEADLINE_SECONDS
-from masqd.testing import running, wait_until
+from masqd.testing import netns, running, wait_until
+from masqd.testing.processes import dead, reaped
 
 DEADLINE = 0.5  # seconds: TOOL_TIMEOUT_SECONDS in these tests
 GUARD = 10  # seconds before a test gives up (a failure, not a timing claim)
@@ -76,23 +75,6 @@ def hung_tool(directory: Path, name: str = "nft") -> tuple[Path, Path]:
 
 def pids_in(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()]
-
-
-def reaped(pid: int) -> bool:
-    """The process is gone: not running, and not a zombie waiting for its parent."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-def dead(pid: int) -> bool:
-    """The process no longer runs (gone, or a zombie that its parent, not us, will reap)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def timeout_text(command: str) -> str:
@@ -160,8 +142,7 @@ async def test_cancelled_caller_leaves_no_process(tmp_path: Path) -> None:
     with anyio.fail_after(GUARD):
         async with anyio.create_task_group() as tg:
             tg.start_soon(NftSubprocessExecutor(binary=str(nft)).list_structure)
-            while not pid_file.exists() or not pid_file.read_text().strip():
-                await anyio.sleep(0.01)
+            await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), "the tool started", timeout=GUARD)
             tg.cancel_scope.cancel()
     assert reaped(int(pid_file.read_text()))
 
@@ -176,9 +157,7 @@ async def test_the_tools_children_are_killed_too(tmp_path: Path) -> None:
         await tools.run_tool([str(wrapper), "-t", "nat"])
     assert reaped(int(pid_file.read_text()))
     child = int(child_file.read_text())  # reparented to init, which reaps it
-    with anyio.fail_after(GUARD):
-        while not dead(child):
-            await anyio.sleep(0.01)
+    await wait_until(lambda: dead(child), "the wrapper's child killed", timeout=GUARD)
 
 
 async def test_a_process_stuck_in_the_kernel_is_reported_without_waiting_for_it(tmp_path: Path, monkeypatch) -> None:
@@ -196,9 +175,7 @@ async def test_a_process_stuck_in_the_kernel_is_reported_without_waiting_for_it(
     pid = int(pid_file.read_text())
     assert not reaped(pid)
     os.kill(pid, signal.SIGKILL)  # the kernel call returns at last
-    with anyio.fail_after(GUARD):
-        while not reaped(pid):
-            await anyio.sleep(0.01)
+    await wait_until(lambda: reaped(pid), "the stuck tool reaped", timeout=GUARD)
 
 
 async def test_a_tool_that_exits_without_reading_its_input_is_reported_by_its_exit(tmp_path: Path) -> None:
@@ -224,7 +201,7 @@ async def test_a_tool_that_cannot_be_started_is_a_tool_missing_error_naming_it(t
     binary = str(tmp_path / "nft") if why == "missing" else str(not_executable(tmp_path, "nft"))
     with pytest.raises(ToolMissingError) as caught:
         await tools.run_tool([binary, "--json", "list", "ruleset"])
-    assert str(caught.value) == f"cannot run {binary}: {reason}"
+    assert str(caught.value) == f"{binary} --json list ruleset: cannot run {binary}: {reason}"
     assert caught.value.command == [binary, "--json", "list", "ruleset"]
     assert isinstance(caught.value, BackendError) and not isinstance(caught.value, ReadBackError)
 

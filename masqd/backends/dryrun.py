@@ -10,7 +10,7 @@ from __future__ import annotations
 import structlog
 
 from masqd.backends.base import LiveFamily, LiveRules, SyncResult
-from masqd.backends.iptables import render_ruleset
+from masqd.backends.iptables.render import render_ruleset
 from masqd.ruleset import RuleSet
 
 log = structlog.get_logger("masqd.backend.dry-run")

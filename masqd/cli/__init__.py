@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import anyio
 
 from masqd.cli import agent_commands
-from masqd.cli.common import EXIT_API, EXIT_USAGE
+from masqd.cli.common import (EXIT_API, EXIT_BACKEND, EXIT_DRIFT, EXIT_INVALID_CONFIG, EXIT_OK, EXIT_USAGE,
+                               agent_from)
 from masqd.cli.controller import controller_command
 from masqd.cli.explain import explain_command
 from masqd.cli.flags import build_alias_parser, build_parser, kube_settings, normalize_go_flags, options_from
@@ -29,7 +30,8 @@ from masqd.errors import BackendUnsupported, FlagError, KubeError, PluginLoadErr
 from masqd.logs import configure_logging, verbosity_to_level
 from masqd.plugins import Plugins
 
-__all__ = ["build_alias_parser", "build_parser", "ip_masq_agent_main", "kube_settings", "main", "normalize_go_flags",
+__all__ = ["EXIT_API", "EXIT_BACKEND", "EXIT_DRIFT", "EXIT_INVALID_CONFIG", "EXIT_OK", "EXIT_USAGE", "agent_from",
+           "build_alias_parser", "build_parser", "ip_masq_agent_main", "kube_settings", "main", "normalize_go_flags",
            "options_from"]
 
 _COMMANDS = {"run": agent_commands.run, "validate": agent_commands.validate, "render": agent_commands.render,

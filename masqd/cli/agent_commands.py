@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from masqd.backends import leftover_backends
-from masqd.backends.base import Backend
+from masqd.backends.leftovers import leftover_backends
 from masqd.cli.common import (EXIT_BACKEND, EXIT_INVALID_CONFIG, EXIT_OK, agent_from, plan_and_report,
                               print_contributions, print_problems)
 from masqd.duration import format_go_duration
@@ -30,7 +29,7 @@ async def run(args: argparse.Namespace, plugins: Plugins) -> int:
             return EXIT_BACKEND
         return EXIT_OK
     from masqd.daemon import run_daemon
-    from masqd.kube import load_kube_config
+    from masqd.kube.client import load_kube_config
 
     agent = agent_from(args, plugins, once=False, leftovers=leftover_backends, http_address=args.http_address,
                        drift_check_interval=args.drift_check_interval)
@@ -41,7 +40,7 @@ async def run(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 async def validate(args: argparse.Namespace, plugins: Plugins) -> int:
-    planned = await plan_and_report(agent_from(args, plugins, once=True))
+    planned = await plan_and_report(agent_from(args, plugins, once=True, uses_backend=False))
     if planned is None:
         return EXIT_INVALID_CONFIG
     merged, contributions = planned[0].merged, planned[2]
@@ -60,7 +59,7 @@ async def render(args: argparse.Namespace, plugins: Plugins) -> int:
         return EXIT_INVALID_CONFIG
     _print_origins(planned[0], sys.stderr)  # stdout is exactly the script
     print_contributions(planned[2], sys.stderr)
-    sys.stdout.write(await _render_text(agent.backend, planned[1]))
+    sys.stdout.write(await agent.reconciler.render(planned[1]))
     return EXIT_OK
 
 
@@ -89,11 +88,3 @@ def _print_origins(loaded: LoadedConfig, stream) -> None:
         return
     for net, names in loaded.merged.origins.items():
         print(f"{net}: from {', '.join(names)}", file=stream)
-
-
-async def _render_text(backend: Backend, ruleset) -> str:
-    try:
-        await backend.probe()
-    except BackendError:
-        pass  # tools missing here: show what a current version would get
-    return backend.render(ruleset)

@@ -8,6 +8,7 @@ import sys
 
 from masqd.agent import Agent, build_agent
 from masqd.backends.base import BackendSettings
+from masqd.backends.dryrun import DryRunBackend
 from masqd.cli.flags import kube_settings, options_from
 from masqd.config import DEFAULT_CONFIG_PATH
 from masqd.errors import ConfigError
@@ -24,11 +25,16 @@ EXIT_API = 4
 EXIT_DRIFT = 5
 
 
-def agent_from(args: argparse.Namespace, plugins: Plugins, *, once: bool, **settings) -> Agent:
-    """The agent the flags describe (``settings``: more of :func:`~masqd.agent.build_agent`'s)."""
+def agent_from(args: argparse.Namespace, plugins: Plugins, *, once: bool, uses_backend: bool = True,
+               **settings) -> Agent:
+    """The agent the flags describe (``settings``: more of :func:`~masqd.agent.build_agent`'s).
+    A command that never reaches the kernel (``validate``, ``explain`` without ``--live``:
+    ``uses_backend=False``) does not create the ``--backend`` (its name was checked): the dry-run
+    backend stands in, so a backend plugin that cannot be created here does not fail them."""
     options = options_from(args)
     kube = kube_settings(args)
-    backend = plugins.make_backend(args.backend, BackendSettings(options, args.iptables_mode))
+    backend = (plugins.make_backend(args.backend, BackendSettings(options, args.iptables_mode)) if uses_backend
+               else DryRunBackend())
     inputs = config_inputs(args.config or [DEFAULT_CONFIG_PATH], args.config_dir, kube)
     return build_agent(options, backend=backend, config=inputs, plugins=plugins, kube=kube, once=once, **settings)
 

@@ -19,7 +19,7 @@ from masqd.ruleset import compute_ruleset
 
 async def explain_command(args: argparse.Namespace, plugins: Plugins) -> int:
     """Each address against the desired state (with ``--live``, the kernel's rules too)."""
-    agent = agent_from(args, plugins, once=True)
+    agent = agent_from(args, plugins, once=True, uses_backend=args.live)
     planned = await plan_and_report(agent)
     if planned is None:
         # with --live, the kernel still holds the last good rules: explain from them alone

@@ -17,7 +17,7 @@ from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, 
 from masqd.duration import parse_go_duration
 from masqd.errors import FlagError
 from masqd.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS, parse_listen_address
-from masqd.kube import KubeSettings, parse_object_ref
+from masqd.kube.settings import KubeSettings, parse_object_ref
 from masqd.sources.drift import DRIFT_CHECK_SECONDS, MIN_DRIFT_CHECK_SECONDS
 
 _GO_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
@@ -185,7 +185,7 @@ def _add_explain_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def _add_controller_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``masqd controller``: its own flags only (none of the agent's rule flags apply to it)."""
-    from masqd.controller import DEFAULT_LEASE, parse_cidr_flag
+    from masqd.controller.options import DEFAULT_LEASE, parse_cidr_flag
 
     parser.add_argument("--configmap", required=True, type=named_flag("configmap", parse_object_ref),
                         metavar="NAMESPACE/NAME",

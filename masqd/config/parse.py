@@ -32,7 +32,7 @@ from masqd.config.model import (
     default_config,
 )
 from masqd.duration import format_go_duration, parse_go_duration
-from masqd.errors import ConfigError, Problem, shorten
+from masqd.errors import ConfigError, Problem, shorten, truncate
 
 #: At most this many problems (and, separately, warnings) are reported for one config; the rest
 #: are counted in a last entry, so a list of a million bad CIDRs gives a readable error.
@@ -103,7 +103,7 @@ def _bounded(findings: list[Problem], what: str) -> tuple[Problem, ...]:
     """``findings`` made safe to log: at most :data:`MAX_REPORTED_FINDINGS` of them, each key and
     reason one printable line of bounded length (YAML's messages can quote the input)."""
     shown = tuple(
-        Problem(_truncate_to_shown_length(p.key), p.value, _one_line(p.reason)) for p in findings[:MAX_REPORTED_FINDINGS]
+        Problem(truncate(p.key, _MAX_SHOWN_CHARS), p.value, _one_line(p.reason)) for p in findings[:MAX_REPORTED_FINDINGS]
     )
     hidden = len(findings) - len(shown)
     if hidden > 0:
@@ -115,13 +115,7 @@ def _one_line(text: str) -> str:
     text = " ".join(text.split()) if not text.isprintable() else text
     if not text.isprintable():  # what split() left: NUL, lone surrogates, other control characters
         text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return _truncate_to_shown_length(text)
-
-
-def _truncate_to_shown_length(text: str) -> str:
-    """``text`` cut to :data:`_MAX_SHOWN_CHARS`, ending in "..." when cut."""
-    # (a key is shown quoted by Problem when unprintable, so only its length is bounded here)
-    return text if len(text) <= _MAX_SHOWN_CHARS else text[: _MAX_SHOWN_CHARS - 3] + "..."
+    return truncate(text, _MAX_SHOWN_CHARS)
 
 
 def _key_text(raw_key: Any) -> str:

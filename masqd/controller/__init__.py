@@ -14,7 +14,7 @@ This is the flow GKE documents, for any cluster. The controller
 Layering, one module per concern (none imports a later one):
 
 - :mod:`~masqd.controller.options`: the flags, validated (:class:`ControllerOptions`).
-- :mod:`~masqd.controller.translate`: pure (API objects in, desired state out), tested
+- :mod:`~masqd.controller.translation`: pure (API objects in, desired state out), tested
   table-driven: :func:`translate`, and what write puts one object right.
 - :mod:`~masqd.controller.leader`: :class:`LeaderElector` holds a ``coordination.k8s.io/v1``
   Lease the way client-go's leader election does (acquire when free or expired, renew every retry
@@ -27,58 +27,14 @@ Layering, one module per concern (none imports a later one):
 Every API failure is logged and retried after a jittered back-off; nothing here crashes the process.
 """
 
-from masqd.controller.options import DEFAULT_LEASE, ControllerOptions, parse_cidr_flag
-from masqd.controller.translate import (
-    ACCEPTED,
-    AGENT_CIDR_LIMIT,
-    CONFIG_KEY,
-    DEFAULT_POLICY,
-    MANAGED_BY,
-    MANAGED_BY_LABEL,
-    MANAGED_POLICY,
-    MAX_MESSAGE,
-    PolicyStatus,
-    Translation,
-    cluster_cidrs,
-    default_policy_spec,
-    find_condition,
-    format_time,
-    managed_policy_spec,
-    merge_condition,
-    network_key,
-    render_config,
-    translate,
-)
-from masqd.controller.leader import LeaderElector, default_identity, format_micro_time
-from masqd.controller.loop import CONFLICT_RETRIES, Controller, run_controller
+from masqd.exports import lazy_exports
 
-__all__ = [
-    "ACCEPTED",
-    "AGENT_CIDR_LIMIT",
-    "CONFIG_KEY",
-    "CONFLICT_RETRIES",
-    "DEFAULT_LEASE",
-    "DEFAULT_POLICY",
-    "MANAGED_BY",
-    "MANAGED_BY_LABEL",
-    "MANAGED_POLICY",
-    "MAX_MESSAGE",
-    "Controller",
-    "ControllerOptions",
-    "LeaderElector",
-    "PolicyStatus",
-    "Translation",
-    "cluster_cidrs",
-    "default_identity",
-    "default_policy_spec",
-    "find_condition",
-    "format_micro_time",
-    "format_time",
-    "managed_policy_spec",
-    "merge_condition",
-    "network_key",
-    "parse_cidr_flag",
-    "render_config",
-    "run_controller",
-    "translate",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "options": ("DEFAULT_LEASE", "ControllerOptions", "parse_cidr_flag"),
+    "translation": ("ACCEPTED", "AGENT_CIDR_LIMIT", "CONFIG_KEY", "DEFAULT_POLICY", "MANAGED_BY", "MANAGED_BY_LABEL",
+                  "MANAGED_POLICY", "MAX_MESSAGE", "PolicyStatus", "Translation", "cluster_cidrs", "default_policy_spec",
+                  "find_condition", "format_time", "managed_policy_spec", "merge_condition", "network_key",
+                  "render_config", "translate"),
+    "leader": ("LeaderElector", "default_identity", "format_micro_time"),
+    "loop": ("CONFLICT_RETRIES", "Controller", "run_controller"),
+})

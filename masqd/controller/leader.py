@@ -23,7 +23,9 @@ from lightkube.models.coordination_v1 import LeaseSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.coordination_v1 import Lease
 
-from masqd.kube import RETRIED, ObjectRef, describe_failure, status_code
+from masqd.kube.client import describe_failure, get_or_none, status_code
+from masqd.kube.reflector import RETRIED
+from masqd.kube.settings import ObjectRef
 
 log = structlog.get_logger("masqd.controller")
 
@@ -254,16 +256,3 @@ def _as_datetime(value: Any) -> datetime:
     if isinstance(value, datetime):
         return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-
-
-async def get_or_none(client: AsyncClient, resource: type, name: str, namespace: str | None = None) -> Any:
-    """The object, or ``None`` when the API answers ``404 Not Found``."""
-    try:
-        if namespace is None:
-            return await client.get(resource, name)
-        return await client.get(resource, name, namespace=namespace)
-    except ApiError as exc:
-        if status_code(exc) == 404:
-            return None
-        raise
-

@@ -1,5 +1,5 @@
 """The controller loop: while leading, watch the policies, Nodes and the ConfigMap, and write only
-what differs from :func:`~masqd.controller.translate.translate`'s desired state.
+what differs from :func:`~masqd.controller.translation.translate`'s desired state.
 
 Each write re-reads the object first and retries on ``409 Conflict``; every API failure is logged
 and retried after a jittered back-off, so nothing here crashes the process.
@@ -21,9 +21,9 @@ from lightkube.resources.core_v1 import ConfigMap, Node
 from lightkube.types import PatchType
 
 from masqd.aio import Backoff
-from masqd.controller.leader import LeaderElector, default_identity, get_or_none
+from masqd.controller.leader import LeaderElector, default_identity
 from masqd.controller.options import ControllerOptions
-from masqd.controller.translate import (
+from masqd.controller.translation import (
     ACCEPTED,
     CONFIG_KEY,
     DEFAULT_POLICY,
@@ -39,7 +39,9 @@ from masqd.controller.translate import (
     translate,
 )
 from masqd.errors import ApiWriteError, KubeError
-from masqd.kube import RETRIED, EgressNATPolicy, KubeSettings, Reflector, describe_failure, make_client, status_code
+from masqd.kube.client import EgressNATPolicy, describe_failure, get_or_none, make_client, status_code
+from masqd.kube.reflector import RETRIED, Reflector
+from masqd.kube.settings import KubeSettings
 from masqd.policies import as_mapping
 
 log = structlog.get_logger("masqd.controller")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from masqd.cidrs import CIDRError, Network, parse_cidr
 from masqd.errors import FlagError
-from masqd.kube import ObjectRef
+from masqd.kube.settings import ObjectRef
 
 #: The Lease the replicas elect a leader on unless ``--lease`` names another.
 DEFAULT_LEASE = ObjectRef("kube-system", "masqd-controller")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from masqd.backends.base import BackendSettings
 from masqd.backends.dryrun import DryRunBackend
-from masqd.backends.iptables import IptablesBackend
-from masqd.backends.nftables import NftablesBackend
+from masqd.backends.iptables.backend import IptablesBackend
+from masqd.backends.nftables.backend import NftablesBackend
 from masqd.hookspecs import hookimpl
 
 

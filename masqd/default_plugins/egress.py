@@ -41,7 +41,7 @@ class EgressNATPolicies:
         kube = context.kube
         if kube is None or not kube.egress_nat_policies:
             return
-        from masqd.kube import EgressNATPolicy  # the API client library: only when it is used
+        from masqd.kube.client import EgressNATPolicy  # the API client library: only when it is used
         from masqd.sources.kube import ReflectorSource
 
         self.enabled = True

@@ -17,9 +17,9 @@ anything else sees it. Problems are collected per plugin and raised together as 
 :class:`~masqd.errors.PluginError`, which the reconciler treats like an invalid config.
 """
 
-from masqd.plugins.loading import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, CONTRIBUTION_KINDS, PROJECT
+from masqd.plugins.loading import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, PROJECT
 from masqd.plugins.manager import HOOK_TIMEOUT_SECONDS, Plugins
 from masqd.plugins.values import Contribution, PluginInfo, RegisteredSource, SourceContext
 
-__all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "HOOK_TIMEOUT_SECONDS", "CONTRIBUTION_KINDS", "PROJECT", "Contribution",
+__all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "HOOK_TIMEOUT_SECONDS", "PROJECT", "Contribution",
            "PluginInfo", "Plugins", "RegisteredSource", "SourceContext"]

@@ -52,10 +52,12 @@ class ThreadIsolation:
         self._stuck: dict[tuple[str, str], float] = {}  # (plugin, hook) -> when the hung call started
 
     def call(self, plugin: str, hook: str, fn: Callable[[], Any]) -> Any:
-        """``fn()`` from code that runs no event loop (start-up); raises :class:`HookFailed`."""
+        """``fn()`` for a start-up hook (registrations), waited for in this thread; raises
+        :class:`HookFailed`. It blocks for up to ``timeout``: call it while nothing else needs the
+        event loop (an agent being built), never from a running daemon."""
         running = self._start(plugin, hook, fn, wake=None)
         running.finished.wait(self.timeout)
-        return self._outcome(plugin, hook, running)
+        return self._outcome(plugin, hook, running, ignored="what it registered is ignored")
 
     async def acall(self, plugin: str, hook: str, fn: Callable[[], Any]) -> Any:
         """``fn()`` from a task: the event loop goes on while it runs; raises :class:`HookFailed`."""
@@ -71,7 +73,7 @@ class ThreadIsolation:
         running = self._start(plugin, hook, fn, wake=wake)
         with anyio.move_on_after(self.timeout):
             await done.wait()
-        return self._outcome(plugin, hook, running)
+        return self._outcome(plugin, hook, running, ignored="its result is ignored")
 
     def _start(self, plugin: str, hook: str, fn: Callable[[], Any], wake: Callable[[], None] | None) -> _Call:
         key = (plugin, hook)
@@ -100,9 +102,9 @@ class ThreadIsolation:
             raise
         return running
 
-    def _outcome(self, plugin: str, hook: str, running: _Call) -> Any:
+    def _outcome(self, plugin: str, hook: str, running: _Call, *, ignored: str) -> Any:
         if not running.finished.is_set():
-            raise HookFailed(f"did not return within {self.timeout:g} s (hung); its result is ignored")
+            raise HookFailed(f"did not return within {self.timeout:g} s (hung); {ignored}")
         self._stuck.pop((plugin, hook), None)  # returned, maybe just after the deadline: not hung
         if running.error is not None:
             raise HookFailed(failure(running.error))

@@ -24,15 +24,13 @@ import pluggy
 
 from masqd import hookspecs
 from masqd.errors import PluginLoadError
+from masqd.provenance import CONTRIBUTION_KINDS
 
 PROJECT = "masqd"
 ENTRY_POINT_GROUP = "masqd"
 #: The modules registered as default plugins, under their module names (a module with a
 #: ``make_plugin()`` function registers the object it returns instead).
 DEFAULT_PLUGINS = ("masqd.default_plugins.backends", "masqd.default_plugins.sources", "masqd.default_plugins.egress")
-#: What a plugin may declare its contributed CIDRs to be (its ``masqd_origin_kind`` attribute; see
-#: :func:`masqd.hookspecs.nonmasq_cidrs`).
-CONTRIBUTION_KINDS = ("plugin", "policy")
 
 
 def load_manager(*, disabled: Sequence[str], allowed: str | None, extra: Sequence[tuple[str, object]],

@@ -15,7 +15,9 @@ import anyio
 
 from masqd.errors import MasqdError, SourceReadError
 from masqd.events import Notify
-from masqd.kube import KubeSettings, Reflector, describe_failure, make_client
+from masqd.kube.client import describe_failure, make_client
+from masqd.kube.reflector import Reflector
+from masqd.kube.settings import KubeSettings
 
 
 class ReflectorSource:
@@ -64,7 +66,7 @@ class ReflectorSource:
         except MasqdError:
             raise
         except Exception as exc:  # the API cannot answer: a one-shot command cannot go on without it
-            raise SourceReadError(f"the Kubernetes API ({self.what})", describe_failure(exc)) from None
+            raise SourceReadError("the Kubernetes API", str(exc) or describe_failure(exc)) from None
         finally:
             with anyio.CancelScope(shield=True):
                 await client.close()

@@ -1,5 +1,7 @@
-"""Test support for plugin authors and for masqd's own tests (a ``pytest11`` plugin: installed
-with masqd, its fixtures are active in any test run that has pytest; nothing to import).
+"""Test support for plugin authors and for masqd's own tests. The fixtures are a ``pytest11``
+plugin (:mod:`masqd.testing.fixtures`: installed with masqd, active in any test run that has
+pytest; nothing to import); the rest is imported from here, each part loaded when first used, so
+:mod:`masqd.testing.netns` can be used without pytest or an event loop.
 
 Fixtures:
 
@@ -45,159 +47,14 @@ fails, :class:`~masqd.errors.ConfigError` when the new state is rejected).
 ``running``, wrapped in the task group's ``ExceptionGroup``); :func:`event_source` finds one of
 the agent's event sources to look at. :mod:`masqd.testing.fake_nft` is an in-memory ``nft``
 that tracks table contents, for backend tests; :mod:`masqd.testing.netns` builds throw-away
-network namespaces for kernel-facing tests.
+network namespaces (one empty, or pod -> node -> dest) and reads what the kernel holds in them,
+and :mod:`masqd.testing.processes` reads what ``/proc`` says of a process (dead or reaped, its
+children, CPU time, RSS), for kernel-facing tests and for the scripts in ``benchmarks/`` alike.
 """
 
-from __future__ import annotations
+from masqd.exports import lazy_exports
 
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
-
-import anyio
-import pytest
-
-from masqd.agent import Agent, build_agent
-from masqd.audit import AuditEvent
-from masqd.backends.dryrun import DryRunBackend
-from masqd.config import AgentOptions
-from masqd.errors import MasqdError
-from masqd.plugins import HOOK_TIMEOUT_SECONDS, Plugins
-
-#: Seconds :func:`wait_until` waits by default before the test fails.
-WAIT_SECONDS = 15.0
-
-
-async def wait_until(predicate: Callable[[], object], what: str = "the condition", *,
-                     timeout: float = WAIT_SECONDS, interval: float = 0.005):
-    """Poll ``predicate()`` until it returns something true, and return that; fail the test
-    (``TimeoutError`` naming ``what``) when it does not within ``timeout`` seconds (a hang guard,
-    not a timing claim). ``predicate`` may be a coroutine function."""
-    result = None
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                result = predicate()
-                if hasattr(result, "__await__"):
-                    result = await result
-                if result:
-                    return result
-                await anyio.sleep(interval)
-    except TimeoutError:
-        raise TimeoutError(f"waited {timeout:g} s for {what}; last value: {result!r}") from None
-
-
-@asynccontextmanager
-async def running(agent: Agent, *, first_pass: bool = True,
-                  on_http_ready: Callable[[list[str]], None] | None = None) -> AsyncIterator[Agent]:
-    """Run ``agent`` as the daemon runs it (no signal handling) for the duration of the block,
-    and stop it when the block ends, even after a failed assertion. ``first_pass``: wait for the
-    first pass (successful or not) before entering the block."""
-    from masqd.daemon import run_daemon
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(partial(run_daemon, agent, handle_signals=False, on_http_ready=on_http_ready))
-        try:
-            if first_pass:
-                await wait_until(lambda: agent.status.generation >= 1, "the first pass")
-            yield agent
-        finally:
-            tg.cancel_scope.cancel()
-
-
-def event_source(agent: Agent, name: str):
-    """The event source called ``name`` that ``agent`` runs (``configmap``, ``timer``,
-    ``egress-nat-policies``, a plugin's): to look at its state in a test (a watch's
-    ``reflector``). Raises ``LookupError`` naming the sources it has."""
-    for registered in agent.sources:
-        if registered.name == name:
-            return registered.source
-    raise LookupError(f"no event source {name!r}; the agent has: {', '.join(s.name for s in agent.sources)}")
-
-
-@dataclass
-class DryRunResult:
-    """What one :meth:`DryRunAgent.apply` left behind."""
-
-    rules: str | None  # the iptables-restore text the dry-run backend holds (None: nothing applied yet)
-    nonmasq: dict[int, list[str]]  # family (4, 6) -> non-masquerade CIDRs in rule order, link-local included
-    contributions: dict[str, list[str]]  # plugin -> CIDRs it added (of the last accepted state)
-    audits: list[AuditEvent] = field(default_factory=list)  # this apply's audit events
-    error: MasqdError | None = None  # why the new state was rejected or failed
-
-
-class DryRunAgent:
-    """masqd's agent on the dry-run backend, with the given plugins."""
-
-    def __init__(self, plugins: Plugins, config_path: Path, options: AgentOptions = AgentOptions()):
-        self.plugins = plugins
-        self.config_path = config_path
-        self.backend = DryRunBackend()
-        self.agent = build_agent(options, backend=self.backend, config=config_path, plugins=plugins, once=True)
-        self._audits: list[AuditEvent] = []
-        self.agent.audit.listeners.append(self._audits.append)
-
-    @property
-    def reconciler(self):
-        return self.agent.reconciler
-
-    def apply(self, config_text: str | None = None) -> DryRunResult:
-        """Write the config file (or remove it for ``None``) and reconcile once."""
-        if config_text is None:
-            self.config_path.unlink(missing_ok=True)
-        else:
-            self.config_path.write_text(config_text)
-        return anyio.run(self.apply_async)
-
-    async def apply_async(self) -> DryRunResult:
-        """One pass of the config file as it is now, from a test that runs an event loop."""
-        self._audits.clear()
-        error = None
-        try:
-            await self.agent.run_once()
-        except MasqdError as exc:
-            error = exc
-        applied = self.backend.applied
-        return DryRunResult(
-            rules=self.backend.last_rendered,
-            nonmasq={} if applied is None else {f.family: [str(n) for n in f.nonmasq] for f in applied.families},
-            contributions={c.plugin: [str(n) for n in c.cidrs] for c in self.agent.reconciler.contributions},
-            audits=list(self._audits),
-            error=error,
-        )
-
-
-def make_plugins(*plugins: object, hook_timeout: float = HOOK_TIMEOUT_SECONDS) -> Plugins:
-    """The default plugins plus ``plugins``, each registered under its ``__name__`` (modules),
-    its class name (instances), or ``name`` attribute when it has one."""
-    return Plugins.load(entry_points=False, hook_timeout=hook_timeout,
-                        extra=[(_plugin_name(plugin), plugin) for plugin in plugins])
-
-
-def _plugin_name(plugin: object) -> str:
-    name = getattr(plugin, "name", None) or getattr(plugin, "__name__", None) or type(plugin).__name__
-    return str(name)
-
-
-@pytest.fixture
-def masqd_plugins():
-    """Factory fixture: ``masqd_plugins(*plugins, hook_timeout=5.0) -> Plugins``."""
-    return make_plugins
-
-
-@pytest.fixture
-def masqd_dry_run(tmp_path_factory: pytest.TempPathFactory):
-    """Factory fixture: ``masqd_dry_run(*plugins, options=AgentOptions(), hook_timeout=5.0) -> DryRunAgent``."""
-
-    def make(*plugins: object, options: AgentOptions = AgentOptions(),
-             hook_timeout: float = HOOK_TIMEOUT_SECONDS) -> DryRunAgent:
-        path = tmp_path_factory.mktemp("masqd-dry-run") / "config"  # a directory of its own
-        return DryRunAgent(make_plugins(*plugins, hook_timeout=hook_timeout), path, options)
-
-    return make
-
-
-__all__: Sequence[str] = ("DryRunAgent", "DryRunResult", "event_source", "make_plugins", "masqd_dry_run", "masqd_plugins",
-                          "running", "wait_until")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "harness": ("WAIT_SECONDS", "DryRunAgent", "DryRunResult", "event_source", "make_plugins", "running", "wait_until"),
+    "fixtures": ("masqd_dry_run", "masqd_plugins"),
+})

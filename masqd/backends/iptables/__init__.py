@@ -3,8 +3,9 @@
 One module per concern:
 
 - :mod:`.render`: pure: the rule texts and ``iptables-restore`` input, in ``iptables-save``
-  canonical form, what ``iptables-save`` shows of masqd's chain (:class:`NatState`), and
-  :func:`plan_restore`, which says what to write (nothing when the kernel is in sync);
+  canonical form (:func:`render_ruleset`, :func:`render_removal`), what ``iptables-save`` shows
+  of masqd's chain (:class:`NatState`), :func:`plan_restore`, which says what to write (nothing
+  when the kernel is in sync), and the tool's version;
 - :mod:`.live`: pure: read-back analysis for ``explain --live`` and the drift check: masqd's
   chain as the kernel walks it, and the rules masqd did not write that may decide;
 - :mod:`.executor`: the only part that runs binaries, behind the :class:`IptablesExecutor`
@@ -12,30 +13,19 @@ One module per concern:
 - :mod:`.backend`: :class:`IptablesBackend`, which reads back, plans, writes and verifies.
 
 Which iptables variant (legacy or nft) is used is :mod:`masqd.backends.iptables_mode`'s concern.
+The names below are importable from this package; each loads with its module when first used, so
+the pure modules can be imported alone (see :mod:`masqd.exports`).
 """
 
-from masqd.backends.iptables.backend import IptablesBackend, render_ruleset
-from masqd.backends.iptables.executor import LOCK_WAIT_SECONDS, IptablesExecutor, SubprocessExecutor
-from masqd.backends.iptables.live import live_family
-from masqd.backends.iptables.render import (JUMP_COMMENT, NatState, destination_match, format_probability, jump_rule,
-                                            parse_nat_chains, parse_nat_state, plan_restore, render_restore)
-from masqd.backends.iptables_mode import Binaries
+from masqd.exports import lazy_exports
 
-__all__ = [
-    "JUMP_COMMENT",
-    "LOCK_WAIT_SECONDS",
-    "Binaries",
-    "IptablesBackend",
-    "IptablesExecutor",
-    "NatState",
-    "SubprocessExecutor",
-    "destination_match",
-    "format_probability",
-    "jump_rule",
-    "live_family",
-    "parse_nat_chains",
-    "parse_nat_state",
-    "plan_restore",
-    "render_restore",
-    "render_ruleset",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "render": ("JUMP_COMMENT", "MASQ_COMMENT", "NONMASQ_COMMENT", "RANDOM_FULLY_MIN_VERSION", "NatState", "chain_rules",
+               "destination_match", "family_rules", "format_probability", "jump_rule", "parse_iptables_version",
+               "parse_nat_chains", "parse_nat_state", "plan_restore", "render_removal", "render_restore",
+               "render_ruleset"),
+    "live": ("live_family", "postrouting_rules"),
+    "executor": ("DEFAULT_BINARIES", "LOCK_CHECK_SECONDS", "LOCK_WAIT_SECONDS", "IptablesExecutor",
+                 "SubprocessExecutor", "parent_pid", "xtables_lock_path"),
+    "backend": ("IptablesBackend",),
+})

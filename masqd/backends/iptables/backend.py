@@ -6,10 +6,11 @@ from __future__ import annotations
 import structlog
 
 from masqd.backends.base import LiveRules, SyncResult
-from masqd.backends.iptables.executor import IptablesExecutor, SubprocessExecutor, parse_iptables_version
+from masqd.backends.iptables.executor import IptablesExecutor, SubprocessExecutor
 from masqd.backends.iptables.live import live_family
-from masqd.backends.iptables.render import (NatState, chain_rules, jump_rule, parse_nat_chains, parse_nat_state,
-                                            plan_restore, render_restore)
+from masqd.backends.iptables.render import (RANDOM_FULLY_MIN_VERSION, family_rules, parse_iptables_version,
+                                            parse_nat_chains, parse_nat_state, plan_restore, render_removal,
+                                            render_ruleset)
 from masqd.backends.iptables_mode import binaries_for, detect_mode, installed_modes
 from masqd.backends.tools import run_tool
 from masqd.errors import BackendError, ReadBackError, ToolMissingError
@@ -17,23 +18,7 @@ from masqd.ruleset import FamilyRules, RuleSet
 
 log = structlog.get_logger("masqd.backend.iptables")
 
-#: ``--random-fully`` needs iptables >= 1.6.2.
-RANDOM_FULLY_MIN_VERSION = (1, 6, 2)
 
-
-def render_ruleset(ruleset: RuleSet, *, random_fully_supported: bool = True) -> str:
-    """The iptables-restore input for each family, as written to a kernel holding none of it."""
-    parts = []
-    for family in ruleset.families:
-        rules = _family_rules(ruleset, family, random_fully_supported)
-        tool = "iptables-restore" if family.family == 4 else "ip6tables-restore"
-        parts.append(f"# {tool} --noflush\n" + render_restore(rules, ruleset.chain, jumps_present=0))
-    return "".join(parts)
-
-
-def _family_rules(ruleset: RuleSet, family: FamilyRules, random_fully_supported: bool) -> tuple[str, ...]:
-    random_fully = ruleset.masquerade.random_fully and random_fully_supported
-    return chain_rules(family, ruleset.chain, ruleset.masquerade, random_fully)
 
 
 class IptablesBackend:
@@ -88,7 +73,7 @@ class IptablesBackend:
 
     async def _sync_family(self, ruleset: RuleSet, family: FamilyRules) -> str | None:
         """Bring one family in line; return why it was written, or None when it was in sync."""
-        desired = _family_rules(ruleset, family, bool(self.random_fully_supported))
+        desired = family_rules(ruleset, family, bool(self.random_fully_supported))
         state = parse_nat_state(await self.executor.save(family.family), ruleset.chain)
         text, reason = plan_restore(desired, state, ruleset.chain)
         if text is None:
@@ -108,7 +93,7 @@ class IptablesBackend:
         await self.probe()
         families = []
         for family in ruleset.families:
-            desired = _family_rules(ruleset, family, bool(self.random_fully_supported))
+            desired = family_rules(ruleset, family, bool(self.random_fully_supported))
             text = await self.executor.save(family.family)
             state = parse_nat_state(text, ruleset.chain)
             families.append(live_family(state, family.family, desired, ruleset.chain, parse_nat_chains(text)))
@@ -139,16 +124,6 @@ class IptablesBackend:
                     removed += [f"{label} chain {chain}{where}"] * state.chain_exists
                     removed += [f"{label} jump{where}"] * bool(state.jumps)
         return tuple(removed)
-
-
-def render_removal(chain: str, state: NatState) -> str | None:
-    """iptables-restore input deleting masqd's jumps and chain (``None``: nothing to remove)."""
-    if not state.chain_exists and not state.jumps:
-        return None
-    lines = ["*nat", *("-D" + jump_rule(chain)[2:] for _ in range(state.jumps))]
-    if state.chain_exists:
-        lines += [f"-F {chain}", f"-X {chain}"]
-    return "\n".join([*lines, "COMMIT"]) + "\n"
 
 
 async def _save_or_none(command: list[str]) -> str | None:

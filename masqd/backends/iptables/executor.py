@@ -27,14 +27,6 @@ LOCK_WAIT_SECONDS = 10
 LOCK_CHECK_SECONDS = 0.25
 
 
-def parse_iptables_version(text: str) -> tuple[int, ...] | None:
-    """``iptables v1.8.9 (nf_tables)`` -> ``(1, 8, 9)``; ``None`` when there is no version."""
-    match = re.search(r"v(\d+)\.(\d+)(?:\.(\d+))?", text)
-    if not match:
-        return None
-    return tuple(int(part or 0) for part in match.groups())
-
-
 class IptablesExecutor(Protocol):
     """Runs iptables binaries for one family (4 or 6)."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from masqd.cidrs import Network
-from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade
+from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
 
 JUMP_COMMENT = "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain"
 NONMASQ_COMMENT = "ip-masq-agent: local traffic is not subject to MASQUERADE"
@@ -133,3 +133,42 @@ def parse_nat_chains(save_text: str) -> dict[str, tuple[str, ...]]:
         elif line.startswith("-A "):
             chains.setdefault(line.split(" ", 2)[1], []).append(line)
     return {name: tuple(rules) for name, rules in chains.items()}
+
+
+def render_ruleset(ruleset: RuleSet, *, random_fully_supported: bool = True) -> str:
+    """The iptables-restore input for each family, as written to a kernel holding none of it."""
+    parts = []
+    for family in ruleset.families:
+        rules = family_rules(ruleset, family, random_fully_supported)
+        tool = "iptables-restore" if family.family == 4 else "ip6tables-restore"
+        parts.append(f"# {tool} --noflush\n" + render_restore(rules, ruleset.chain, jumps_present=0))
+    return "".join(parts)
+
+
+def family_rules(ruleset: RuleSet, family: FamilyRules, random_fully_supported: bool) -> tuple[str, ...]:
+    """The chain's ``-A`` lines for one family of ``ruleset`` (``--random-fully`` only when both
+    asked for and supported by the iptables binary)."""
+    random_fully = ruleset.masquerade.random_fully and random_fully_supported
+    return chain_rules(family, ruleset.chain, ruleset.masquerade, random_fully)
+
+
+def render_removal(chain: str, state: NatState) -> str | None:
+    """iptables-restore input deleting masqd's jumps and chain (``None``: nothing to remove)."""
+    if not state.chain_exists and not state.jumps:
+        return None
+    lines = ["*nat", *("-D" + jump_rule(chain)[2:] for _ in range(state.jumps))]
+    if state.chain_exists:
+        lines += [f"-F {chain}", f"-X {chain}"]
+    return "\n".join([*lines, "COMMIT"]) + "\n"
+
+
+#: ``--random-fully`` needs iptables >= 1.6.2.
+RANDOM_FULLY_MIN_VERSION = (1, 6, 2)
+
+
+def parse_iptables_version(text: str) -> tuple[int, ...] | None:
+    """``iptables v1.8.9 (nf_tables)`` -> ``(1, 8, 9)``; ``None`` when there is no version."""
+    match = re.search(r"v(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not match:
+        return None
+    return tuple(int(part or 0) for part in match.groups())

@@ -18,30 +18,18 @@ One module per concern:
 - :mod:`.backend`: :class:`NftablesBackend`, which reads back, writes, verifies and monitors.
 
 :class:`masqd.testing.fake_nft.FakeNft` is an in-memory nft for tests, tracking table contents.
+The names below are importable from this package; each loads with its module when first used, so
+the pure modules can be imported alone (see :mod:`masqd.exports`).
 """
 
-from masqd.backends.nftables.backend import NftablesBackend
-from masqd.backends.nftables.executor import NftExecutor, NftMonitor, NftSubprocessExecutor
-from masqd.backends.nftables.live import _why, live_family, other_nat_chains, parse_listing
-from masqd.backends.nftables.monitor import ChangeFilter
-from masqd.backends.nftables.render import (MasqRule, TableState, desired_state, intervals_of, render_delete,
-                                            render_replace, render_ruleset, render_table)
+from masqd.exports import lazy_exports
 
-__all__ = [
-    "ChangeFilter",
-    "MasqRule",
-    "NftExecutor",
-    "NftMonitor",
-    "NftSubprocessExecutor",
-    "NftablesBackend",
-    "TableState",
-    "desired_state",
-    "intervals_of",
-    "live_family",
-    "other_nat_chains",
-    "parse_listing",
-    "render_delete",
-    "render_replace",
-    "render_ruleset",
-    "render_table",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "render": ("CHAIN", "CHAIN_COMMENT", "LOCAL_RETURN", "NFT_FAMILY", "SET_COMMENT", "SRCNAT_PRIORITY", "TABLE",
+               "TABLE_COMMENT", "MasqRule", "TableState", "desired_state", "intervals_of", "render_delete",
+               "render_replace", "render_ruleset", "render_table", "set_name", "set_return"),
+    "live": ("live_family", "other_nat_chains", "parse_listing", "why_rewritten"),
+    "monitor": ("ChangeFilter",),
+    "executor": ("NftExecutor", "NftMonitor", "NftSubprocessExecutor", "load_error", "marker_lines"),
+    "backend": ("NftablesBackend",),
+})

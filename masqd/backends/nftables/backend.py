@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 from masqd.backends.base import LiveRules, SyncResult
 from masqd.backends.nftables.executor import NftExecutor, NftMonitor, NftSubprocessExecutor
-from masqd.backends.nftables.live import _why, live_family, other_nat_chains, parse_listing
+from masqd.backends.nftables.live import why_rewritten, live_family, other_nat_chains, parse_listing
 from masqd.backends.nftables.monitor import ChangeFilter
-from masqd.backends.nftables.render import (_NFT_FAMILY, SRCNAT_PRIORITY, TABLE, TableState, desired_state,
+from masqd.backends.nftables.render import (NFT_FAMILY, SRCNAT_PRIORITY, TABLE, TableState, desired_state,
                                             render_delete, render_replace, render_ruleset)
 from masqd.errors import BackendError
 from masqd.ruleset import RuleSet
@@ -44,12 +44,12 @@ class NftablesBackend:
                 # the elements changed since this process wrote them, so the table is rewritten
                 # anyway: reading 100k elements back first would cost as much as the write
                 stale.append(desired)
-                reasons.append(f"table {_NFT_FAMILY[family.family]} {TABLE}: set elements differ")
+                reasons.append(f"table {NFT_FAMILY[family.family]} {TABLE}: set elements differ")
                 continue
             current = await self.current(family.family)
             if current != desired:
                 stale.append(desired)
-                reasons.append(_why(current, desired))
+                reasons.append(why_rewritten(current, desired))
         # a family no longer managed (IPv6 turned off) must not keep masquerading from an old table
         managed = {family.family for family in ruleset.families}
         unmanaged = tuple([f for f in (4, 6) if f not in managed and await self.executor.list_table(f) is not None])
@@ -64,7 +64,7 @@ class NftablesBackend:
             self._written.pop(family, None)
         return SyncResult(
             tuple(f"ipv{s.family}" for s in stale) + tuple(f"ipv{f}" for f in unmanaged),
-            tuple(reasons) + tuple(f"table {_NFT_FAMILY[f]} {TABLE} removed: that family is not enabled" for f in unmanaged),
+            tuple(reasons) + tuple(f"table {NFT_FAMILY[f]} {TABLE} removed: that family is not enabled" for f in unmanaged),
         )
 
     async def _verify(self, written: list[TableState]) -> None:
@@ -77,7 +77,7 @@ class NftablesBackend:
             after = parse_listing(structure, desired.family)
             if after is None or dataclasses.replace(after, intervals=desired.intervals) != desired:
                 raise BackendError(
-                    f"{_NFT_FAMILY[desired.family]} {TABLE}: nft accepted the table but reads it back differently"
+                    f"{NFT_FAMILY[desired.family]} {TABLE}: nft accepted the table but reads it back differently"
                 )
 
     async def read_back(self, ruleset: RuleSet) -> LiveRules:
@@ -117,4 +117,4 @@ class NftablesBackend:
             await self.executor.apply(render_delete(tuple(present)))
         for family in present:
             self._written.pop(family, None)
-        return tuple(f"{_NFT_FAMILY[f]} {TABLE}" for f in present)
+        return tuple(f"{NFT_FAMILY[f]} {TABLE}" for f in present)

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 from anyio.abc import ByteReceiveStream
 
-from masqd.backends.nftables.render import _NFT_FAMILY, TABLE
+from masqd.backends.nftables.render import NFT_FAMILY, TABLE
 from masqd.backends.tools import run_tool, script_line, tool_output
 from masqd.errors import ApplyError, ReadBackError
 
@@ -50,7 +50,7 @@ class NftSubprocessExecutor:
         self.write_marker = f"{TABLE}_write_{secrets.token_hex(6)}"
 
     async def list_table(self, family: int) -> str | None:
-        command = [self.binary, "--json", "list", "table", _NFT_FAMILY[family], TABLE]
+        command = [self.binary, "--json", "list", "table", NFT_FAMILY[family], TABLE]
         result = await run_tool(command, None)
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace")

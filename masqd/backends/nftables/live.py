@@ -4,7 +4,7 @@ does with traffic.
 :func:`parse_listing` turns ``nft --json list table`` output into the same
 :class:`~masqd.backends.nftables.render.TableState` model that
 :func:`~masqd.backends.nftables.render.desired_state` builds, so drift detection is a comparison
-of two values (:func:`_why` says what differs). :func:`live_family` reads masqd's chain the way
+of two values (:func:`why_rewritten` says what differs). :func:`live_family` reads masqd's chain the way
 the kernel walks it, and :func:`other_nat_chains` finds the other tables' nat chains that may
 masquerade too (``explain --live`` and the drift check).
 """
@@ -17,7 +17,7 @@ import socket
 from typing import Any
 
 from masqd.backends.base import AFTER, BEFORE, EITHER, INSIDE, KEEPS, MASQUERADES, ForeignRule, LiveFamily
-from masqd.backends.nftables.render import (_NFT_FAMILY, CHAIN, LOCAL_RETURN, SRCNAT_PRIORITY, TABLE, MasqRule,
+from masqd.backends.nftables.render import (NFT_FAMILY, CHAIN, LOCAL_RETURN, SRCNAT_PRIORITY, TABLE, MasqRule,
                                             TableState, _element_texts, _merge, _render_rule, set_name, set_return)
 
 
@@ -29,7 +29,7 @@ def parse_listing(text: str, family: int) -> TableState | None:
     Anything masqd would not have written (an extra rule, an unknown expression) becomes a value
     that never equals a desired rule, so it is replaced on the next sync.
     """
-    nft_family = _NFT_FAMILY[family]
+    nft_family = NFT_FAMILY[family]
     objects = [
         (kind, body)
         for kind, body in (next(iter(o.items())) for o in json.loads(text).get("nftables", []))
@@ -92,7 +92,7 @@ def _parse_rule(expr: list[dict], family: int) -> object:
         if (match.get("op") == "==" and fib.get("result") == "type" and _flags(fib.get("flags")) == ["daddr"]
                 and right == "local"):
             return LOCAL_RETURN
-        if (match.get("op") == "==" and left.get("payload") == {"protocol": _NFT_FAMILY[family], "field": "daddr"}
+        if (match.get("op") == "==" and left.get("payload") == {"protocol": NFT_FAMILY[family], "field": "daddr"}
                 and right == f"@{set_name(family)}"):
             return set_return(family)
     if kinds and kinds[-1] == "masquerade":
@@ -147,7 +147,7 @@ def other_nat_chains(structure: str, family: int, priority: int = SRCNAT_PRIORIT
     nat chain does not stop the next, so a chain that cannot masquerade cannot decide anything.
     ``priority``: masqd's chain's; a chain at the same or an earlier one acts first, a later one
     only on traffic masqd keeps. Ordered by priority; dormant tables are left out."""
-    nft_family = _NFT_FAMILY[family]
+    nft_family = NFT_FAMILY[family]
     objects = [next(iter(o.items())) for o in json.loads(structure).get("nftables", [])]
     dormant = {(body.get("family"), body.get("name")) for kind, body in objects
                if kind == "table" and "dormant" in _flags(body.get("flags"))}
@@ -230,7 +230,7 @@ def _inside_rule(rule: object, family: int, position: int) -> ForeignRule | None
                                        or item.get("xt", {}).get("name") == "comment"):
             continue
         if (match is not None and destination is None and match.get("op") in ("==", "!=")
-                and match.get("left") == {"payload": {"protocol": _NFT_FAMILY[family], "field": "daddr"}}):
+                and match.get("left") == {"payload": {"protocol": NFT_FAMILY[family], "field": "daddr"}}):
             right = match.get("right")
             try:
                 if isinstance(right, str):
@@ -261,8 +261,8 @@ def live_family(state: TableState | None, desired: TableState, others: tuple[For
     before = tuple(rule for rule in others if rule.stage == BEFORE)
     after = tuple(rule for rule in others if rule.stage == AFTER)
     if state is None:
-        return LiveFamily(family, present=False, drift=_why(None, desired), foreign=(*before, *after))
-    drift = None if state == desired else _why(state, desired)
+        return LiveFamily(family, present=False, drift=why_rewritten(None, desired), foreign=(*before, *after))
+    drift = None if state == desired else why_rewritten(state, desired)
     unexpected = [f"table flags masqd does not set ({item}; a dormant table does nothing)" if item.startswith("table flags")
                   else f"object masqd does not write: {item}" for item in state.foreign]
     hooked = state.chain is not None and state.chain[:2] == ("nat", "postrouting") \
@@ -306,9 +306,9 @@ def _describe(rule: object, family: int) -> str:
     return _render_rule(rule, family)
 
 
-def _why(current: TableState | None, desired: TableState) -> str:
+def why_rewritten(current: TableState | None, desired: TableState) -> str:
     """Why ``current`` (read back; ``None``: no table) is not ``desired``: what is missing or differs."""
-    name = f"{_NFT_FAMILY[desired.family]} {TABLE}"
+    name = f"{NFT_FAMILY[desired.family]} {TABLE}"
     if current is None:
         return f"table {name} missing"
     diffs = [part for part, differs in (

@@ -33,7 +33,7 @@ TABLE_COMMENT = "masqd: masquerade decisions for traffic leaving this node (mana
 CHAIN_COMMENT = "masqd: masquerade traffic that is not local and not in the non-masquerade set"
 SET_COMMENT = "masqd: destinations that keep the pod source address"
 
-_NFT_FAMILY = {4: "ip", 6: "ip6"}
+NFT_FAMILY = {4: "ip", 6: "ip6"}
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 
 
@@ -149,7 +149,7 @@ def _render_rule(rule: object, family: int) -> str:
     if rule == LOCAL_RETURN:
         return "fib daddr type local return"
     if rule == set_return(family):
-        return f"{_NFT_FAMILY[family]} daddr @{set_name(family)} return"
+        return f"{NFT_FAMILY[family]} daddr @{set_name(family)} return"
     assert isinstance(rule, MasqRule)
     words = []
     if rule.protocol:
@@ -170,7 +170,7 @@ def render_table(state: TableState) -> str:
     family = state.family
     elements = ", ".join(_element_texts(state.intervals, family))
     lines = [
-        f"table {_NFT_FAMILY[family]} {TABLE} {{",
+        f"table {NFT_FAMILY[family]} {TABLE} {{",
         f'\tcomment "{TABLE_COMMENT}"',
         f"\tset {set_name(family)} {{",
         f"\t\ttype {state.set_type}",
@@ -197,14 +197,14 @@ def render_replace(states: list[TableState]) -> str:
     new ones, never a mix, and a failing script changes nothing."""
     parts = []
     for state in states:
-        name = f"{_NFT_FAMILY[state.family]} {TABLE}"
+        name = f"{NFT_FAMILY[state.family]} {TABLE}"
         parts.append(f"add table {name}\ndelete table {name}\n" + render_table(state))
     return "".join(parts)
 
 
 def render_delete(families: tuple[int, ...]) -> str:
     """A transaction removing masqd's tables, whether they exist or not."""
-    return "".join(f"add table {_NFT_FAMILY[f]} {TABLE}\ndelete table {_NFT_FAMILY[f]} {TABLE}\n" for f in families)
+    return "".join(f"add table {NFT_FAMILY[f]} {TABLE}\ndelete table {NFT_FAMILY[f]} {TABLE}\n" for f in families)
 
 
 def render_ruleset(ruleset: RuleSet) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from masqd.cidrs import CIDRError, Network, parse_cidr
 from masqd.config import RFC1918_CIDRS
 from masqd.controller.options import ControllerOptions
-from masqd.errors import ConfigError
+from masqd.errors import ConfigError, truncate
 from masqd.policies import MAX_DESTINATIONS, as_mapping, parse_policy, policy_name
 
 #: The policy the controller creates when absent; users edit it freely.
@@ -207,7 +207,7 @@ def _judge(obj: Any, options: ControllerOptions, written: set[Network]) -> Polic
         policy = parse_policy(obj, allow_ipv6=options.enable_ipv6)
     except ConfigError as exc:
         message = "; ".join(str(problem) for problem in exc.problems)
-        return PolicyStatus(False, _bound_message(message), generation)
+        return PolicyStatus(False, truncate(message, MAX_MESSAGE), generation)
     if not policy.keeps_pod_address:
         return PolicyStatus(True, f"{policy.action}: traffic to these destinations is masqueraded; "
                                   "nothing to write", generation)
@@ -217,12 +217,7 @@ def _judge(obj: Any, options: ControllerOptions, written: set[Network]) -> Polic
     if left_out:
         message += (f"; IPv6 destinations left out (the controller runs without --enable-ipv6): "
                     f"{', '.join(map(str, left_out))}")
-    return PolicyStatus(True, _bound_message(message), generation)
-
-
-def _bound_message(message: str) -> str:
-    """``message``, cut to :data:`MAX_MESSAGE` characters (ending in "...") when longer."""
-    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+    return PolicyStatus(True, truncate(message, MAX_MESSAGE), generation)
 
 
 def find_condition(conditions: Sequence[Mapping[str, Any]] | None, kind: str) -> Mapping[str, Any] | None:

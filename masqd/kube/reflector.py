@@ -1,4 +1,4 @@
-"""The Kubernetes API: settings, credentials and the reflector that keeps a local copy of objects.
+"""The reflector: a local copy of the API's objects of one kind, kept current.
 
 :class:`Reflector` is what client-go calls a reflector: it lists the objects of one kind (with a
 field selector), then watches from the list's ``resourceVersion``, and keeps ``objects`` current:
@@ -23,109 +23,20 @@ Only :mod:`masqd.sources.kube` and the controller use this module; the reconcile
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import httpx2
 import structlog
-from lightkube import AsyncClient, KubeConfig
-from lightkube.core.exceptions import ApiError
-from lightkube.core.exceptions import ConfigError as LightkubeConfigError
-from lightkube.generic_resource import create_global_resource
+from lightkube import AsyncClient
 from lightkube.types import on_error_raise
 
 from masqd.aio import Backoff
-from masqd.errors import CredentialsError, FlagError
+from masqd.kube.client import describe_failure, status_code
+from masqd.kube.settings import KubeSettings
 
 log = structlog.get_logger("masqd.kube")
-
-#: The GKE custom resource masqd reads (cluster scoped).
-EgressNATPolicy = create_global_resource("networking.gke.io", "v1", "EgressNATPolicy", "egressnatpolicies")
-
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectRef:
-    """``NAMESPACE/NAME`` of a namespaced object, as given to ``--kube-configmap``."""
-
-    namespace: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-
-def parse_object_ref(text: str, flag: str) -> ObjectRef:
-    """Parse ``NAMESPACE/NAME``; raises :class:`FlagError` naming ``flag``."""
-    namespace, slash, name = text.partition("/")
-    if not slash:
-        raise FlagError(flag, text, "expected NAMESPACE/NAME, e.g. kube-system/ip-masq-agent")
-    if not _DNS_LABEL.fullmatch(namespace):
-        raise FlagError(flag, text, f"namespace {namespace!r} is not a valid name (lower-case letters, digits, '-')")
-    if not _DNS_SUBDOMAIN.fullmatch(name):
-        raise FlagError(flag, text, f"name {name!r} is not a valid object name (lower-case letters, digits, '-', '.')")
-    return ObjectRef(namespace, name)
-
-
-@dataclass(frozen=True, slots=True)
-class KubeSettings:
-    """How masqd talks to the Kubernetes API (the ``--kube-*`` flags).
-
-    configmap: the ConfigMap whose ``config`` key is a config source (``--kube-configmap``).
-    egress_nat_policies: watch ``EgressNATPolicy`` objects (``--egress-nat-policies``).
-    kubeconfig: credentials file (``--kubeconfig``); when unset, the in-cluster service account,
-        else ``$KUBECONFIG``, else ``~/.kube/config``.
-    backoff_initial / backoff_max: seconds before the first retry after an API failure, and the
-        cap the doubling stops at (0.5 s and 30 s).
-    watch_timeout: seconds; each watch is ended by the server after 1-2x this (300 s).
-    request_timeout: seconds a list or a connect may take before it is retried (10 s).
-    """
-
-    configmap: ObjectRef | None = None
-    egress_nat_policies: bool = False
-    kubeconfig: str | None = None
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-    watch_timeout: float = 300.0
-    request_timeout: float = 10.0
-
-    @property
-    def enabled(self) -> bool:
-        return self.configmap is not None or self.egress_nat_policies
-
-
-def load_kube_config(path: str | None) -> KubeConfig:
-    """Credentials: ``path`` when given, else the in-cluster service account, else
-    ``$KUBECONFIG`` / ``~/.kube/config``. Raises :class:`~masqd.errors.CredentialsError` saying
-    what was tried."""
-    try:
-        if path:
-            return KubeConfig.from_file(path)
-        return KubeConfig.from_env()
-    except (LightkubeConfigError, OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
-        tried = path or "in-cluster service account, $KUBECONFIG, ~/.kube/config"
-        raise CredentialsError(f"no usable Kubernetes credentials ({tried}): {exc}; "
-                        "pass --kubeconfig PATH or run in a pod with a service account") from None
-
-
-def make_client(settings: KubeSettings, config: KubeConfig | None = None) -> AsyncClient:
-    """An API client for ``settings`` (credentials loaded now, so a missing file fails at start-up)."""
-    config = config or load_kube_config(settings.kubeconfig)
-    return AsyncClient(config, timeout=httpx2.Timeout(settings.request_timeout), field_manager="masqd")
-
-
-def status_code(exc: BaseException) -> int | None:
-    """The HTTP status of an API failure (a watch's ERROR event counts), else ``None``."""
-    if isinstance(exc, ApiError) and exc.status is not None:
-        return exc.status.code
-    if isinstance(exc, httpx2.HTTPStatusError):
-        return exc.response.status_code
-    return None
 
 
 #: A watch still open this long after the timeout the server was asked to end it at is abandoned
@@ -258,10 +169,3 @@ class Reflector:
         else:
             log.warning("Kubernetes API request failed; keeping the last state and retrying", **fields)
             self._outage_logged = True
-
-
-def describe_failure(exc: BaseException) -> str:
-    """An API failure for a log line: ``HTTP 503: ...`` or ``ConnectError: ...``."""
-    code = status_code(exc)
-    text = str(exc) or type(exc).__name__
-    return f"HTTP {code}: {text}" if code is not None else f"{type(exc).__name__}: {text}"

@@ -1,0 +1,110 @@
+"""Helpers shared by masqd's test modules (each test module imports support modules, never
+another test module). What reads the kernel or ``/proc`` is shipped with masqd instead, for the
+benchmarks too: :mod:`masqd.testing.netns`, :mod:`masqd.testing.processes`.
+
+- config files: :data:`NO_RESYNC`, :func:`write_atomically`, :func:`cidrs_of`, :func:`agent`;
+- the Kubernetes API (against ``tests/kubeapi.py``): :data:`REF`, :func:`configmap`,
+  :func:`policy`, :func:`cidrs_only`, :func:`watch_settings`, :class:`KubeAgent`,
+  :func:`configmap_reflector`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from masqd.agent import build_agent
+from masqd.backends.dryrun import DryRunBackend
+from masqd.config import AgentOptions
+from masqd.inputs import ConfigMapInput, config_inputs
+from masqd.kube import KubeSettings, ObjectRef, Reflector
+from masqd.ruleset import RuleSet
+from masqd.testing import event_source, running, wait_until
+
+# --- config files -------------------------------------------------------------------------------------
+
+#: A resync far in the future: anything applied during a test came from an event.
+NO_RESYNC = "resyncInterval: 1h\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` the way kubelet and editors do: write a sibling, rename over."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cidrs_of(ruleset: RuleSet | None) -> list[str]:
+    """The IPv4 non-masquerade CIDRs of ``ruleset``, in rule order (link-local first)."""
+    assert ruleset is not None
+    return [str(n) for n in ruleset.ipv4.nonmasq]
+
+
+def agent(backend, config: Path, **settings):
+    """The daemon's agent on ``backend`` (a test backend), reading ``config``."""
+    return build_agent(AgentOptions(), backend=backend, config=config, **settings)
+
+
+# --- the Kubernetes API -----------------------------------------------------------------------------
+
+#: The ConfigMap the agent watches (``--kube-configmap kube-system/ip-masq-agent``).
+REF = ObjectRef("kube-system", "ip-masq-agent")
+
+
+def configmap(text: str | None, name: str = REF.name, namespace: str = REF.namespace) -> dict:
+    """A ConfigMap holding ``text`` under ``config`` (``None``: no such key)."""
+    data = {} if text is None else {"config": text}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace}, "data": data}
+
+
+def policy(name: str, action: str, *cidrs: str) -> dict:
+    """An ``EgressNATPolicy`` with ``action`` for ``cidrs``."""
+    return {"apiVersion": "networking.gke.io/v1", "kind": "EgressNATPolicy", "metadata": {"name": name},
+            "spec": {"action": action, "destinations": [{"cidr": c} for c in cidrs]}}
+
+
+def cidrs_only(text: str) -> str:
+    """A config text listing the space-separated CIDRs of ``text``, resync an hour away."""
+    return f"nonMasqueradeCIDRs: [{', '.join(text.split())}]\nresyncInterval: 1h\n"
+
+
+def watch_settings(api, directory: Path, **kubeconfig) -> KubeSettings:
+    """Both watches (the ConfigMap :data:`REF` and the policies) against the fake API server
+    ``api``, with short back-offs and request timeouts for tests; the kubeconfig is written in
+    ``directory`` (``kubeconfig``: more of ``api.write_kubeconfig``'s arguments, e.g. ``token``)."""
+    path = api.write_kubeconfig(directory / "kubeconfig", **kubeconfig)
+    return KubeSettings(configmap=REF, egress_nat_policies=True, kubeconfig=str(path),
+                        backoff_initial=0.05, backoff_max=0.4, request_timeout=5)
+
+
+class KubeAgent:
+    """``masqd run --kube-configmap ... --egress-nat-policies`` in process, on the dry-run backend,
+    with a config file that may or may not exist next to the ConfigMap; ``async with`` runs it."""
+
+    def __init__(self, settings: KubeSettings, file: Path, options: AgentOptions = AgentOptions()):
+        self.backend = DryRunBackend()
+        self.agent = build_agent(options, backend=self.backend, config=config_inputs([str(file)], (), settings),
+                                 kube=settings)
+        self.status = self.agent.status
+        self.configmap = next(i for i in self.agent.loader.inputs if isinstance(i, ConfigMapInput))
+
+    def applied(self) -> set[str]:
+        """The IPv4 non-masquerade CIDRs applied, link-local left out."""
+        ruleset = self.status.applied
+        return set() if ruleset is None else {str(n) for n in ruleset.ipv4.nonmasq} - {"169.254.0.0/16"}
+
+    async def until_applied(self, cidrs: set[str], what: str = "") -> None:
+        await wait_until(lambda: self.applied() == cidrs, what or f"rules {sorted(cidrs)}")
+
+    async def __aenter__(self):
+        self._running = running(self.agent)
+        await self._running.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        return await self._running.__aexit__(*exc)
+
+
+def configmap_reflector(agent: KubeAgent) -> Reflector:
+    """The running ConfigMap watch's reflector."""
+    return event_source(agent.agent, "configmap").reflector
