@@ -65,6 +65,7 @@ class Backoff:
 async def supervise(run: Callable[[], Awaitable[object]], backoff: Backoff, *,
                     on_failure: Callable[[BaseException | None, float], None],
                     while_waiting: Callable[[], Awaitable[object]] | None = None,
+                    on_restart: Callable[[], None] | None = None,
                     restart_on_return: bool = False) -> None:
     """Run ``run()`` until it returns (or, with ``restart_on_return``, forever), restarting it
     after ``backoff``'s delay whenever it fails.
@@ -73,7 +74,9 @@ async def supervise(run: Callable[[], Awaitable[object]], backoff: Backoff, *,
     ``run`` returned and ``restart_on_return`` is set); it must not raise. Cancellation is never a
     failure: it ends the supervision at once. Any other exception, even ``SystemExit`` from a
     plugin's code, is only that task's failure. ``while_waiting()`` runs during each wait and is
-    cancelled when the wait is over (a fallback while the real thing is down).
+    cancelled when the wait is over (a fallback while the real thing is down). ``on_restart()`` is
+    called after each wait, just before ``run()`` starts again (what was missed while it was down
+    may need a look); it must not raise.
     """
     while True:
         started = time.monotonic()
@@ -94,3 +97,5 @@ async def supervise(run: Callable[[], Awaitable[object]], backoff: Backoff, *,
                 await while_waiting()
             else:
                 await anyio.sleep_forever()
+        if on_restart is not None:
+            on_restart()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
+from functools import partial
 
 import anyio
 import structlog
@@ -36,21 +37,14 @@ async def _supervise(registered: RegisteredSource, emit: Emit) -> None:
     watch never stops the reconciler (the resync timer keeps the rules healed meanwhile). One that
     returns is done. An event is emitted on each restart, since changes may have been missed
     while it was down."""
-    notify = notifier(emit, registered.name)
-    restarted = False
-
-    async def run() -> None:
-        nonlocal restarted
-        if restarted:
-            emit(Event(registered.name, "restarted"))
-        restarted = True
-        await registered.source.run(notify)
 
     def failed(exc: BaseException | None, delay: float) -> None:
         log.error("event source failed; restarting it", source=registered.name, plugin=registered.plugin,
                   error=str(exc) if isinstance(exc, MasqdError) else repr(exc), retry_in_s=round(delay, 3))
 
-    await supervise(run, Backoff(SOURCE_RESTART_SECONDS, SOURCE_RESTART_MAX_SECONDS), on_failure=failed)
+    await supervise(partial(registered.source.run, notifier(emit, registered.name)),
+                    Backoff(SOURCE_RESTART_SECONDS, SOURCE_RESTART_MAX_SECONDS), on_failure=failed,
+                    on_restart=lambda: emit(Event(registered.name, "restarted")))
 
 
 async def _handle_signals(emit: Emit, scope: anyio.CancelScope) -> None:

@@ -82,6 +82,20 @@ async def test_supervise_runs_the_fallback_while_waiting_and_restarts_a_task_tha
     assert reasons == [None, None] and fallback_runs == 2
 
 
+async def test_supervise_calls_on_restart_after_each_wait_and_not_before_the_first_run():
+    order: list[str] = []
+
+    async def run() -> None:
+        order.append("run")
+        if order.count("run") < 3:
+            raise RuntimeError("down")
+
+    with anyio.fail_after(5):
+        await supervise(run, Backoff(0.01, 0.01, jitter=0), on_failure=lambda e, d: order.append("failed"),
+                        on_restart=lambda: order.append("restart"))
+    assert order == ["run", "failed", "restart", "run", "failed", "restart", "run"]
+
+
 async def test_supervise_does_not_treat_cancellation_as_a_failure():
     failures: list = []
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import anyio
 import anyio.abc
@@ -156,15 +157,12 @@ class KernelMonitorSource:
     async def _follow(self, notify: Notify, tg: anyio.abc.TaskGroup) -> None:
         """Run the monitor; while it is down (it failed, or ended), read back instead, and start it
         again after a back-off (a bug in it is only this source's failure too)."""
-        restarted = False
-
         async def follow() -> None:
-            nonlocal restarted
-            if restarted:  # a pass once the new monitor is listening, for what changed while none was
-                tg.start_soon(_notify_later, notify, MONITOR_SETTLE_SECONDS, "monitor restarted")
-            restarted = True
             log.debug("following the kernel's changes to masqd's rules")
             await self._monitor(self._changed)
+
+        def restarted() -> None:  # a pass once the new monitor is listening, for what changed while none was
+            tg.start_soon(_notify_later, notify, MONITOR_SETTLE_SECONDS, "monitor restarted")
 
         def failed(exc: BaseException | None, delay: float) -> None:
             error = "the monitor ended" if exc is None else str(exc) if isinstance(exc, MasqdError) else repr(exc)
@@ -172,14 +170,9 @@ class KernelMonitorSource:
                         error=error, retry_in_s=round(delay, 3),
                         read_back_every_s=None if self._fallback is None else self._fallback.interval)
 
-        async def read_back() -> None:
-            if self._fallback is not None:
-                await self._fallback.poll(notify, at_once=True)
-            else:
-                await anyio.sleep_forever()
-
+        read_back = None if self._fallback is None else partial(self._fallback.poll, notify, at_once=True)
         await supervise(follow, Backoff(MONITOR_RETRY_SECONDS, MONITOR_RETRY_MAX_SECONDS), on_failure=failed,
-                        while_waiting=read_back, restart_on_return=True)
+                        while_waiting=read_back, on_restart=restarted, restart_on_return=True)
 
     async def _deliver(self, notify: Notify) -> None:
         fighting = False
