@@ -22,7 +22,7 @@ from masqd.audit import AuditEvent
 from masqd.backends.base import Backend, SyncResult
 from masqd.config import AgentOptions
 from masqd.errors import KubeError, SourceReadError, safe_repr
-from masqd.inputs import ConfigInput, ConfigLoader, FileInput
+from masqd.inputs import ConfigInput, ConfigLoader, FileInput, config_loader
 from masqd.plugins import Plugins, RegisteredSource, SourceContext
 from masqd.reconcile import RETRY_INITIAL_SECONDS, Reconciler
 from masqd.sources.drift import DRIFT_CHECK_SECONDS, drift_source
@@ -177,12 +177,7 @@ def build_agent(
     leftovers: finds the backends whose rules a previous masqd may have left, to remove them.
     """
     plugins = plugins or Plugins.load(entry_points=False)
-    if isinstance(config, ConfigLoader):
-        loader = config
-    elif isinstance(config, (str, os.PathLike)):
-        loader = ConfigLoader([FileInput(config)], options)
-    else:
-        loader = ConfigLoader(list(config), options)
+    loader = config_loader(config, options)
     status = AgentStatus()
     audit = AuditTrail(plugins)
     listeners = ResyncListeners()

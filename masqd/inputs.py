@@ -15,6 +15,7 @@ once. Inputs are read; event sources only say that something may have changed.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -279,6 +280,16 @@ def _combined(errors: list[ConfigError], warnings: list[tuple[str, Problem]]) ->
     notes = [Problem(f"{exc.source}: {w.key}", w.value, w.reason) for exc in errors for w in exc.warnings]
     notes += [Problem(f"{name}: {w.key}", w.value, w.reason) for name, w in warnings]
     return ConfigError(", ".join(exc.source for exc in errors), problems, tuple(notes))
+
+
+def config_loader(config: str | os.PathLike[str] | ConfigLoader | Sequence[ConfigInput],
+                  options: AgentOptions) -> ConfigLoader:
+    """A loader for ``config``: a loader as it is, a path as one file input, or the inputs."""
+    if isinstance(config, ConfigLoader):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return ConfigLoader([FileInput(config)], options)
+    return ConfigLoader(list(config), options)
 
 
 def config_inputs(paths: list[str] | tuple[str, ...], directories: list[str] | tuple[str, ...] = (),

@@ -23,7 +23,7 @@ from masqd.backends.base import Backend, SyncResult
 from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config, limit_problem
 from masqd.errors import BackendError, BackendUnsupported, ConfigError, MasqdError, PluginError
 from masqd.events import Event
-from masqd.inputs import ConfigLoader, FileInput
+from masqd.inputs import ConfigLoader, config_loader
 from masqd.plugins import Contribution, Plugins
 from masqd.ruleset import RuleSet, compute_ruleset, nonmasq_list
 from masqd.status import AgentStatus
@@ -79,7 +79,7 @@ class Reconciler:
         previous masqd may have left (removed after the first good sync)."""
         self.backend = backend
         self.options = options
-        self.loader = config if isinstance(config, ConfigLoader) else ConfigLoader([FileInput(config)], options)
+        self.loader = config_loader(config, options)
         self.plugins = plugins
         self.status = status if status is not None else AgentStatus()
         self.on_audit = on_audit
@@ -190,7 +190,6 @@ class Reconciler:
         finally:
             self.status.generation += 1
         if result.changed:
-            self.status.writes += 1
             self.status.repaired = desired == self.status.applied
             self._log_write(desired, result, trigger, started)
         else:

@@ -32,8 +32,6 @@ class AgentStatus:
     busy_since: float | None = None
     #: passes completed, successful or not
     generation: int = 0
-    #: passes that wrote to the kernel
-    writes: int = 0
     #: passes that failed (a rejected config, a failed sync, an internal error)
     errors: int = 0
     #: why the last pass failed; ``None`` after a successful one
