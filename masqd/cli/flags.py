@@ -43,7 +43,7 @@ def _flag_type(parse):
     return convert
 
 
-def named_flag(flag: str, parse):
+def _named_flag(flag: str, parse):
     """``_flag_type`` for a parser that takes the flag's name too (``parse(text, flag)``)."""
     def parse_flag(text: str):
         return parse(text, flag)
@@ -52,7 +52,7 @@ def named_flag(flag: str, parse):
     return _flag_type(parse_flag)
 
 
-def add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+def _add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
     parser.add_argument(f"--{name}", type=_go_bool, nargs="?", const=True, default=default, metavar="BOOL",
                         help=f"{help} (default {str(default).lower()})")
 
@@ -65,11 +65,11 @@ def _common_flags() -> argparse.ArgumentParser:
     common.add_argument("--config-dir", action="append", default=[], metavar="DIR",
                         help="also read every ip-masq* file in DIR as a config source (as Azure's ip-masq-agent-v2 "
                              "does for user- and provider-owned ConfigMaps); repeatable")
-    common.add_argument("--kube-configmap", type=named_flag("kube-configmap", parse_object_ref),
+    common.add_argument("--kube-configmap", type=_named_flag("kube-configmap", parse_object_ref),
                         metavar="NAMESPACE/NAME",
                         help="also watch this ConfigMap's 'config' key through the Kubernetes API (applied within "
                              "a second of an edit; deleting the ConfigMap removes it as a source)")
-    add_bool(common, "egress-nat-policies", False,
+    _add_bool(common, "egress-nat-policies", False,
               "watch EgressNATPolicy objects (networking.gke.io/v1); NoSNAT destinations keep the pod address")
     common.add_argument("--kubeconfig", metavar="PATH",
                         help="Kubernetes credentials (default: in-cluster service account, else $KUBECONFIG, "
@@ -85,14 +85,14 @@ def _common_flags() -> argparse.ArgumentParser:
                              "already uses (default auto)")
     common.add_argument("--masq-chain", default=DEFAULT_MASQ_CHAIN, type=_flag_type(validate_chain_name),
                         help=f"name of the nat chain masqd owns (default {DEFAULT_MASQ_CHAIN})")
-    add_bool(common, "nomasq-all-reserved-ranges", False,
+    _add_bool(common, "nomasq-all-reserved-ranges", False,
               "default non-masquerade list also holds every RFC-reserved IPv4 range")
-    add_bool(common, "enable-ipv6", False, "also program ip6tables and accept IPv6 CIDRs")
-    add_bool(common, "random-fully", True, "add --random-fully to MASQUERADE when iptables supports it")
+    _add_bool(common, "enable-ipv6", False, "also program ip6tables and accept IPv6 CIDRs")
+    _add_bool(common, "random-fully", True, "add --random-fully to MASQUERADE when iptables supports it")
     common.add_argument("--to-ports", default="", type=_flag_type(parse_to_ports), metavar="PORTS",
                         help="source ports to masquerade to, e.g. 1024-29999,32768-65535, spread evenly")
     common.add_argument("--v", type=int, default=0, metavar="N", help="klog verbosity; 4 or more logs debug events")
-    add_bool(common, "logtostderr", True, "accepted for upstream manifests; masqd always logs to stderr")
+    _add_bool(common, "logtostderr", True, "accepted for upstream manifests; masqd always logs to stderr")
     common.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                         help="auto: JSON lines unless stderr is a terminal")
     return common
@@ -187,19 +187,19 @@ def _add_controller_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """``masqd controller``: its own flags only (none of the agent's rule flags apply to it)."""
     from masqd.controller.options import DEFAULT_LEASE, parse_cidr_flag
 
-    parser.add_argument("--configmap", required=True, type=named_flag("configmap", parse_object_ref),
+    parser.add_argument("--configmap", required=True, type=_named_flag("configmap", parse_object_ref),
                         metavar="NAMESPACE/NAME",
                         help="the ConfigMap the agents read; its 'config' key is written (created when absent)")
-    parser.add_argument("--lease", default=DEFAULT_LEASE, type=named_flag("lease", parse_object_ref),
+    parser.add_argument("--lease", default=DEFAULT_LEASE, type=_named_flag("lease", parse_object_ref),
                         metavar="NAMESPACE/NAME",
                         help=f"the Lease replicas elect a leader on; only the leader writes (default {DEFAULT_LEASE})")
     parser.add_argument("--service-cidr", action="append", default=[], metavar="CIDR",
-                        type=named_flag("service-cidr", parse_cidr_flag),
+                        type=_named_flag("service-cidr", parse_cidr_flag),
                         help="the cluster's Service range, kept in the masqd-managed policy (repeatable)")
     parser.add_argument("--node-cidr", action="append", default=[], metavar="CIDR",
-                        type=named_flag("node-cidr", parse_cidr_flag),
+                        type=_named_flag("node-cidr", parse_cidr_flag),
                         help="a range the nodes' addresses are in, kept in the masqd-managed policy (repeatable)")
-    add_bool(parser, "enable-ipv6", False,
+    _add_bool(parser, "enable-ipv6", False,
               "write IPv6 destinations too (only when every agent runs with --enable-ipv6)")
     parser.add_argument("--kubeconfig", metavar="PATH",
                         help="Kubernetes credentials (default: in-cluster service account, else $KUBECONFIG, "
