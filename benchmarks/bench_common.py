@@ -201,7 +201,7 @@ async def sync_pieces(backend, ruleset, times: dict[str, float], *, writes: bool
     functions on the same inputs and the kernel as it is: the backend's ``render`` and
     ``read_back``; for nftables ``nft --json list`` (the executor's read-back),
     :func:`desired_state`, :func:`parse_listing`, and when the sync ``writes``,
-    :func:`render_replace`, ``nft --check`` and ``nft -f`` (the executor's write); for iptables
+    :func:`render_replace` and ``nft -f`` (the executor's write); for iptables
     ``iptables-save``, :func:`parse_nat_state`, :func:`plan_restore` (the comparison, and the text
     to write) and, when the sync ``writes``, ``iptables-restore``. With ``writes`` the kernel then
     holds ``ruleset`` (not read back); without, nothing is written. ``backend`` should be one of
@@ -220,7 +220,6 @@ async def sync_pieces(backend, ruleset, times: dict[str, float], *, writes: bool
                 await timed(times, "parse_listing", parse_listing, text, family.family)
         if writes:
             script = await timed(times, "render_replace", render_replace, states)
-            await timed(times, "nft --check", backend.executor.check, script)
             await timed(times, "nft -f (write)", backend.executor.apply, script)
     elif backend.name == "iptables":
         from masqd.backends.iptables import family_rules, parse_nat_state, plan_restore

@@ -18,6 +18,8 @@
         │                       backend without ``read_back``)
         ├── ToolMissingError    a kernel tool could not be started (not installed, not executable)
         ├── ApplyError          a write (``iptables-restore``) was refused; the kernel kept its old rules
+        ├── ElementsRefusedError nf_tables refused a change of a set's elements, sent over netlink
+        │                       (the nftables backend then reads back and rewrites the table)
         ├── ReadBackError       the current state could not be read (``iptables-save`` failed)
         │   └── ToolExitedError a tool that reports until stopped (``nft monitor``) exited
         └── ToolTimeoutError    a kernel tool hung past its deadline and was killed (see
@@ -195,6 +197,17 @@ class ApplyError(BackendError):
         self.line = line
         where = f" (input line: {line})" if line else ""
         super().__init__(f"{' '.join(self.command)} exited {returncode}: {self.stderr}{where}")
+
+
+class ElementsRefusedError(BackendError):
+    """nf_tables refused a change of a set's elements, so it applied none of the transaction.
+    ``what`` says what the refused part did (``removing 1 intervals from set ip masqd nonmasq4``),
+    ``reason`` the kernel's error."""
+
+    def __init__(self, what: str, reason: str):
+        self.what = what
+        self.reason = reason
+        super().__init__(f"nf_tables refused {what}: {reason}; nothing of the transaction was applied")
 
 
 class ReadBackError(BackendError):

@@ -151,3 +151,15 @@ def install_plugin(tmp_path: Path, monkeypatch):
         monkeypatch.setenv("MASQD_PLUGINS", name)
 
     return install
+
+
+@pytest.fixture
+def monitor(node_ns):
+    """``nft monitor`` in the test's node namespace (:class:`support.NftMonitor`)."""
+    from support import NftMonitor
+
+    watcher = NftMonitor(node_ns)
+    try:
+        yield watcher
+    finally:
+        watcher.close()

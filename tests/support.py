@@ -11,7 +11,12 @@ benchmarks too: :mod:`masqd.testing.netns`, :mod:`masqd.testing.processes`.
 from __future__ import annotations
 
 import os
+import secrets
+import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from masqd.agent import build_agent
 from masqd.backends.dryrun import DryRunBackend
@@ -19,7 +24,8 @@ from masqd.config import AgentOptions
 from masqd.inputs import ConfigMapInput, config_inputs
 from masqd.kube import KubeSettings, ObjectRef, Reflector
 from masqd.ruleset import RuleSet
-from masqd.testing import event_source, running, wait_until
+from masqd.testing import event_source, netns, running, wait_until
+from masqd.testing.netns import nft
 
 # --- config files -------------------------------------------------------------------------------------
 
@@ -108,3 +114,47 @@ class KubeAgent:
 def configmap_reflector(agent: KubeAgent) -> Reflector:
     """The running ConfigMap watch's reflector."""
     return event_source(agent.agent, "configmap").reflector
+
+
+class NftMonitor:
+    """``nft monitor`` in a namespace: every transaction committed there, as nft prints it.
+
+    :meth:`transactions` adds and deletes a marker table and returns the transactions committed
+    since the previous call (marker transactions left out), each a list of the lines nft printed
+    for it. The marker makes this exact without sleeping: once it is seen, everything committed
+    before it has been printed.
+    """
+
+    def __init__(self, ns: str):
+        self.ns = ns
+        self.proc = netns.popen(ns, "nft", "monitor", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines = netns.LineReader(self.proc.stdout)
+        self.transactions(startup=True)
+
+    def transactions(self, *, startup: bool = False, timeout: float = 15.0) -> list[list[str]]:
+        deadline = time.monotonic() + timeout
+        seen: list[list[str]] = []
+        current: list[str] = []
+        while time.monotonic() < deadline:
+            marker = f"mqmark{secrets.token_hex(4)}"
+            nft(self.ns, "add", "table", "inet", marker)
+            nft(self.ns, "delete", "table", "inet", marker)
+            # until the monitor listens, markers go unseen: then send another (startup only)
+            while (line := self.lines.readline(0.5 if startup else deadline - time.monotonic())) is not None:
+                if line.startswith("# new generation"):
+                    if not any("mqmark" in entry for entry in current):
+                        seen.append(current)
+                    current = []
+                    continue
+                current.append(line)
+                if line == f"delete table inet {marker}":
+                    self.lines.readline(5.0)  # its "# new generation" line
+                    return [] if startup else seen
+        pytest.fail(f"nft monitor in {self.ns} never showed the marker table")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=netns.COMMAND_TIMEOUT)
+        self.lines.close()
+        self.proc.stdout.close()
+        self.proc.stderr.close()

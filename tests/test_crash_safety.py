@@ -132,6 +132,12 @@ for module in pkgutil.walk_packages(masqd.__path__, "masqd."):
     except Exception:
         pass  # a module that fails to import fails the same way in the run that needs it
 
+# An edit of the nftables set changes elements in place over netlink: one sendmsg that nf_tables
+# applies whole before it returns, so no kill can land inside it. Here A <-> B goes through nft -f
+# (as an edit larger than MAX_ELEMENT_CHANGES does), so that kills land in the tool's write.
+import masqd.backends.nftables.backend
+masqd.backends.nftables.backend.MAX_ELEMENT_CHANGES = 100
+
 masqd_runs = set()   # pids of the runs forked here
 exited = {}          # pid -> wait status, of every child reaped
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
-import secrets
 import subprocess
 import sys
 import time
@@ -45,59 +44,6 @@ def fixture_listing(name: str) -> list[dict]:
 def ruleset_with_handles(ns: str) -> str:
     """``nft -a list ruleset``: handles are new whenever something is rewritten."""
     return nft(ns, "-a", "list", "ruleset").stdout
-
-
-class NftMonitor:
-    """``nft monitor`` in a namespace: every transaction committed there, as nft prints it.
-
-    :meth:`transactions` adds and deletes a marker table and returns the transactions committed
-    since the previous call (marker transactions left out), each a list of the lines nft printed
-    for it. The marker makes this exact without sleeping: once it is seen, everything committed
-    before it has been printed.
-    """
-
-    def __init__(self, ns: str):
-        self.ns = ns
-        self.proc = netns.popen(ns, "nft", "monitor", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.lines = netns.LineReader(self.proc.stdout)
-        self.transactions(startup=True)
-
-    def transactions(self, *, startup: bool = False, timeout: float = 15.0) -> list[list[str]]:
-        deadline = time.monotonic() + timeout
-        seen: list[list[str]] = []
-        current: list[str] = []
-        while time.monotonic() < deadline:
-            marker = f"mqmark{secrets.token_hex(4)}"
-            nft(self.ns, "add", "table", "inet", marker)
-            nft(self.ns, "delete", "table", "inet", marker)
-            # until the monitor listens, markers go unseen: then send another (startup only)
-            while (line := self.lines.readline(0.5 if startup else deadline - time.monotonic())) is not None:
-                if line.startswith("# new generation"):
-                    if not any("mqmark" in entry for entry in current):
-                        seen.append(current)
-                    current = []
-                    continue
-                current.append(line)
-                if line == f"delete table inet {marker}":
-                    self.lines.readline(5.0)  # its "# new generation" line
-                    return [] if startup else seen
-        pytest.fail(f"nft monitor in {self.ns} never showed the marker table")
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=netns.COMMAND_TIMEOUT)
-        self.lines.close()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-
-
-@pytest.fixture
-def monitor(node_ns):
-    watcher = NftMonitor(node_ns)
-    try:
-        yield watcher
-    finally:
-        watcher.close()
 
 
 # --- the kernel holds the golden tables; a second run writes nothing -------------------------------
@@ -409,12 +355,13 @@ table ip masqd {{
                  id="missing-chain-refused-by-the-kernel"),
 ])
 def test_refused_transaction_reports_nft_message_and_line_and_changes_nothing(node_ns, masqd, bad, error):
+    """There is no separate ``nft --check``: ``nft -f`` itself is all or nothing and names the line."""
     masqd.ok(node_ns, *DRIFT_FLAGS, config=DRIFT_CONFIG, backend="nftables")
     before = ruleset_with_handles(node_ns)
-    result = netns.run(node_ns, sys.executable, "-c", _EXECUTOR_IN_NAMESPACE, "check", "apply",
+    result = netns.run(node_ns, sys.executable, "-c", _EXECUTOR_IN_NAMESPACE, "apply",
                        input=BAD_TRANSACTION.format(bad=bad))
     outcomes = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [o["step"] for o in outcomes] == ["check", "apply"]
+    assert [o["step"] for o in outcomes] == ["apply"]
     for outcome in outcomes:
         assert "ok" not in outcome, outcome
         assert outcome["returncode"] == 1

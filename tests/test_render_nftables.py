@@ -649,10 +649,9 @@ async def test_the_fake_refuses_a_script_as_nft_does_and_changes_nothing(script,
     nft = FakeNft()
     await NftablesBackend(nft).sync(ruleset_for(None, AgentOptions()))
     before = nft.listing("ip")
-    for attempt in (nft.check, nft.apply):
-        with pytest.raises(ApplyError) as caught:
-            await attempt(_UNDONE + script)
-        assert caught.value.stderr.startswith(error) and caught.value.line == line
+    with pytest.raises(ApplyError) as caught:
+        await nft.apply(_UNDONE + script)
+    assert caught.value.stderr.startswith(error) and caught.value.line == line
     assert caught.value.command == ["nft", "-f", "-"]
     assert nft.listing("ip") == before and set(nft.tables) == {("ip", "masqd")}
 
@@ -719,13 +718,14 @@ async def test_sync_of_every_config_leaves_the_desired_tables_and_then_writes_no
     assert len(nft.writes) == 1
 
 
-async def test_first_sync_checks_then_applies_one_transaction_for_both_families(nft):
+async def test_first_sync_applies_one_transaction_for_both_families(nft):
     result = await NftablesBackend(nft).sync(ruleset_for(IPV6_CONFIG, AgentOptions(enable_ipv6=True)))
     assert result.written == ("ipv4", "ipv6")
     assert result.reasons == ("table ip masqd missing", "table ip6 masqd missing")
     script = golden("ipv6")
-    # read back, check, apply, then one cheap structural read-back (no elements) of both tables
-    assert nft.calls == [("list", 4), ("list", 6), ("check", script), ("apply", script), ("list-structure", None)]
+    # read back, apply (no separate nft --check: nft -f is all or nothing and names the failing
+    # line), then one cheap structural read-back (no elements) of both tables
+    assert nft.calls == [("list", 4), ("list", 6), ("apply", script), ("list-structure", None)]
     assert set(nft.tables) == {("ip", "masqd"), ("ip6", "masqd")}
 
 
@@ -737,7 +737,7 @@ async def test_second_sync_with_unchanged_state_writes_nothing(nft):
     for _ in range(3):
         result = await backend.sync(ruleset_for(IPV6_CONFIG, AgentOptions(enable_ipv6=True)))  # equal, not the same
         assert not result.changed
-    assert nft.calls == [("list", 4), ("list", 6)] * 3  # read back only: no check, no apply
+    assert nft.calls == [("list", 4), ("list", 6)] * 3  # read back only: no write
 
 
 async def test_only_the_family_that_drifted_is_rewritten(nft):
@@ -752,87 +752,87 @@ async def test_only_the_family_that_drifted_is_rewritten(nft):
     assert nft.writes[-1] == ipv6_part
 
 
-@pytest.mark.parametrize(("drift", "reason"), [
-    pytest.param("drift_element_deleted_ip", "table ip masqd: set elements differ", id="element-deleted"),
-    pytest.param("drift_foreign_rule_inserted_ip", "table ip masqd: rules differ", id="foreign-rule"),
-    pytest.param("drift_chain_priority_ip", "table ip masqd: chain differ", id="chain-priority"),
+@pytest.mark.parametrize(("drift", "reason", "rewritten"), [
+    pytest.param("drift_element_deleted_ip", "table ip masqd: set elements differ (0 intervals removed, 1 added)",
+                 False, id="element-deleted"),
+    pytest.param("drift_foreign_rule_inserted_ip", "table ip masqd: rules differ", True, id="foreign-rule"),
+    pytest.param("drift_chain_priority_ip", "table ip masqd: chain differ", True, id="chain-priority"),
 ])
-async def test_drift_is_replaced_by_the_whole_table(nft, drift, reason):
+async def test_drift_is_healed(nft, drift, reason, rewritten):
+    """A table that differs in more than its elements is replaced whole; a missing element is
+    put back in place."""
     backend = NftablesBackend(nft)
     ruleset = ruleset_for(None, AgentOptions())
     await backend.sync(ruleset)
     nft.load_listing(listing(drift))  # what the kernel held after someone changed the table
     result = await backend.sync(ruleset)
     assert result.written == ("ipv4",) and result.reasons == (reason,)
-    assert nft.writes == [golden("defaults")] * 2
+    assert nft.writes == [golden("defaults")] * (2 if rewritten else 1)
     assert parse_listing(nft.listing("ip"), 4) == desired(None, AgentOptions())
     assert not (await backend.sync(ruleset)).changed
 
 
-async def test_config_change_rewrites_the_table(nft):
+async def test_a_config_change_of_set_elements_only_changes_those_elements(nft):
+    """Without a monitor vouching for the kernel, the table is read back first; only the
+    element that differs is removed, in place (no nft -f of the whole table)."""
     backend = NftablesBackend(nft)
     await backend.sync(ruleset_for(None, AgentOptions()))
+    nft.calls.clear()
     result = await backend.sync(ruleset_for("masqLinkLocal: true\n", AgentOptions()))
-    assert result.reasons == ("table ip masqd: set elements differ",)
-    assert nft.writes == [golden("defaults"), golden("masq_link_local")]
+    assert result.reasons == ("table ip masqd: set elements differ (1 intervals removed, 0 added)",)
+    link_local = (int(ipaddress.IPv4Address("169.254.0.0")), int(ipaddress.IPv4Address("169.254.255.255")))
+    assert nft.calls == [("list", 4), ("list", 6), ("elements", ((4, (link_local,), ()),))]
+    assert nft.writes == []
     assert parse_listing(nft.listing("ip"), 4) == desired("masqLinkLocal: true\n", AgentOptions())
 
 
-async def test_a_changed_set_is_written_without_reading_its_elements_back_first(nft):
-    """The set changed since this process wrote it, so it is rewritten whatever the kernel
-    holds: the full listing (as slow as the write for a large set) is skipped. A table that
-    drifted or vanished meanwhile is replaced by the same write."""
+async def test_a_table_that_vanished_is_replaced_whole_when_the_set_changed_too(nft):
     backend = NftablesBackend(nft)
     await backend.sync(ruleset_for(None, AgentOptions()))
     nft.run("delete table ip masqd\n")
     nft.calls.clear()
     result = await backend.sync(ruleset_for("masqLinkLocal: true\n", AgentOptions()))
-    assert result.reasons == ("table ip masqd: set elements differ",)
-    assert [kind for kind, _ in nft.calls] == ["list", "check", "apply", "list-structure"]  # ("list", 6): IPv6 off
-    assert nft.calls[0] == ("list", 6)
+    assert result.reasons == ("table ip masqd missing",)
+    assert [kind for kind, _ in nft.calls] == ["list", "list", "apply", "list-structure"]
+    assert nft.writes == [golden("masq_link_local")]
     assert parse_listing(nft.listing("ip"), 4) == desired("masqLinkLocal: true\n", AgentOptions())
-    # unchanged from the last write: read back in full again, so drift is still found
-    nft.calls.clear()
-    assert not (await backend.sync(ruleset_for("masqLinkLocal: true\n", AgentOptions()))).changed
-    assert nft.calls == [("list", 4), ("list", 6)]
 
 
 class RejectingNft(FakeNft):
-    """``nft --check`` refuses every transaction while ``refusing``, with the message nft 1.0.6
+    """``nft -f`` refuses every transaction while ``refusing``, with the message nft 1.0.6
     prints for a rule that references a set that does not exist."""
 
     refusing = True
 
-    async def check(self, script: str) -> None:
+    async def apply(self, script: str) -> None:
         if not self.refusing:
-            return await super().check(script)
-        self.calls.append(("check", script))
-        raise ApplyError(["nft", "--check", "-f", "-"], 1, "/dev/stdin:6:12-21: Error: No such file or directory",
+            return await super().apply(script)
+        self.calls.append(("refused", script))
+        raise ApplyError(["nft", "-f", "-"], 1, "/dev/stdin:6:12-21: Error: No such file or directory",
                          "\t\tip daddr @nosuchset return")
 
 
-async def test_a_failed_check_means_apply_is_never_called():
+async def test_a_refused_apply_names_the_failing_line_and_changes_nothing():
     nft = RejectingNft()
     with pytest.raises(ApplyError, match="No such file or directory") as caught:
         await NftablesBackend(nft).sync(ruleset_for(None, AgentOptions()))
     assert caught.value.line == "\t\tip daddr @nosuchset return"
     # ip masqd read back, ip6 masqd looked for (IPv6 is off: a leftover table would be removed)
-    assert nft.calls[:2] == [("list", 4), ("list", 6)]
-    assert [kind for kind, _ in nft.calls] == ["list", "list", "check"]
+    assert [kind for kind, _ in nft.calls] == ["list", "list", "refused"]
     assert nft.tables == {}
 
 
-async def test_a_failed_check_keeps_the_tables_already_there():
+async def test_a_refused_apply_keeps_the_tables_already_there():
     nft = RejectingNft()
     nft.refusing = False
     backend = NftablesBackend(nft)
     await backend.sync(ruleset_for(None, AgentOptions()))
     before = nft.listing("ip")
     nft.refusing = True
-    with pytest.raises(ApplyError, match="No such file or directory"):
-        await backend.sync(ruleset_for(None, AgentOptions(nomasq_all_reserved_ranges=True)))
+    with pytest.raises(ApplyError, match="No such file or directory"):  # a rule changes: the table is replaced
+        await backend.sync(ruleset_for(None, AgentOptions(random_fully=False)))
     assert nft.listing("ip") == before
-    assert nft.calls[-1][0] == "check" and len(nft.writes) == 1
+    assert nft.calls[-1][0] == "refused" and len(nft.writes) == 1
 
 
 class StoresTablesDifferently(FakeNft):

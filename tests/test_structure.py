@@ -111,8 +111,9 @@ def test_only_the_plugin_loader_imports_the_default_plugins():
 PURE = ("masqd.cidrs", "masqd.ruleset", "masqd.duration", "masqd.config", "masqd.config.model", "masqd.config.parse",
         "masqd.config.merge", "masqd.config.flags", "masqd.provenance", "masqd.policies", "masqd.explain",
         "masqd.audit", "masqd.kube.settings", "masqd.controller.translation", "masqd.backends.base",
-        "masqd.backends.iptables.render", "masqd.backends.iptables.live", "masqd.backends.nftables.render",
-        "masqd.backends.nftables.live", "masqd.backends.nftables.monitor")
+        "masqd.backends.iptables.render", "masqd.backends.iptables.live",
+        "masqd.backends.iptables.incremental", "masqd.backends.nftables.render",
+        "masqd.backends.nftables.live", "masqd.backends.nftables.monitor", "masqd.backends.nftables.netlink")
 #: What a pure module must not load, even through what it imports (its packages' __init__ included):
 #: the event loop, processes, the API client, file watching, and masqd's own I/O modules.
 IO_MODULES = ("anyio", "asyncio", "subprocess", "watchfiles", "lightkube", "httpx2", "masqd.backends.tools",

@@ -156,7 +156,10 @@ class Backend(Protocol):
     made to this backend's rules (not for its own writes); it raises
     :class:`~masqd.errors.BackendError` when it cannot go on, and is restarted after a back-off.
     A backend with it is not polled: the monitor replaces the drift check
-    (:mod:`masqd.sources.drift`).
+    (:mod:`masqd.sources.drift`). A ``monitor`` that also takes ``ready: Callable[[], None]``
+    calls ``ready()`` once it is known to listen; the daemon then asks for a pass, which compares
+    what changed before it listened (the nftables backend writes edits without reading back
+    only while its monitor vouches for the kernel).
     """
 
     name: str

@@ -6,7 +6,8 @@ at the next ``resyncInterval`` (default 60 s); these sources shorten the window:
 
 - :class:`KernelMonitorSource`, for a backend that can follow the kernel's changes (nftables:
   ``nft monitor``): the kernel reports every transaction, and one made by another process on
-  masqd's tables asks for a reconcile at once, which restores them within milliseconds. Repairs
+  masqd's tables asks for a reconcile at once, which restores them within milliseconds; so does
+  the monitor starting to listen (a backend's monitor may say when: ``ready``). Repairs
   have a budget (:data:`REPAIR_BURST` at once, then one per :data:`REPAIR_REFILL_SECONDS`), so two
   writers fighting over the tables (a second masqd with another config, say) do not rewrite them
   in a tight loop: the fight is logged once, naming the other writer, and slowed down. While the
@@ -22,6 +23,7 @@ turns both off (the resync timer still heals). The agent picks one for its backe
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -157,12 +159,18 @@ class KernelMonitorSource:
     async def _follow(self, notify: Notify, tg: anyio.abc.TaskGroup) -> None:
         """Run the monitor; while it is down (it failed, or ended), read back instead, and start it
         again after a back-off (a bug in it is only this source's failure too)."""
+        says_ready = _accepts_ready(self._monitor)
+
         async def follow() -> None:
             log.debug("following the kernel's changes to masqd's rules")
-            await self._monitor(self._changed)
+            if says_ready:  # a pass once it listens: what changed before it did is compared then
+                await self._monitor(self._changed, ready=partial(notify, "kernel monitor listening"))
+            else:
+                await self._monitor(self._changed)
 
         def restarted() -> None:  # a pass once the new monitor is listening, for what changed while none was
-            tg.start_soon(_notify_later, notify, MONITOR_SETTLE_SECONDS, "monitor restarted")
+            if not says_ready:
+                tg.start_soon(_notify_later, notify, MONITOR_SETTLE_SECONDS, "monitor restarted")
 
         def failed(exc: BaseException | None, delay: float) -> None:
             error = "the monitor ended" if exc is None else str(exc) if isinstance(exc, MasqdError) else repr(exc)
@@ -195,6 +203,15 @@ class KernelMonitorSource:
             log.info("another process changed masqd's rules; restoring them", change=changes[0],
                      **({"more_changes": len(changes) - 1} if len(changes) > 1 else {}))
             notify(changes[0])
+
+
+def _accepts_ready(monitor: Monitor) -> bool:
+    """Whether the backend's ``monitor`` says when it listens (``ready=``; optional, see
+    :class:`masqd.backends.base.Backend`)."""
+    try:
+        return "ready" in inspect.signature(monitor).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 async def _notify_later(notify: Notify, delay: float, reason: str) -> None:

@@ -9,29 +9,35 @@ chains (``comment``, ``type ... hook ... priority ...; policy ...;``, and the ru
 writes), one statement a line. It refuses, as nft does (an :class:`~masqd.errors.ApplyError`
 from ``/dev/stdin:LINE:COL-COL: Error: ...`` and the failing line), anything else, deleting a
 missing table, elements of another family or overlapping, a rule naming a missing set, and a
-block for a table that exists (nft would merge into it). It has no ``monitor()``.
+block for a table that exists (nft would merge into it). Element changes sent over netlink
+(:meth:`FakeNft.change_elements`) are applied all or nothing too. Its ``monitor()`` prints
+each transaction, as ``nft monitor`` does in short.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import ipaddress
 import itertools
 import json
+import math
 import re
-import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
 from masqd.backends.nftables.executor import load_error, marker_lines
-from masqd.backends.nftables.render import TABLE
-from masqd.errors import ApplyError
+from masqd.backends.nftables.netlink import Change, describe_errno
+from masqd.backends.nftables.render import TABLE, set_name
+from masqd.errors import ApplyError, ElementsRefusedError, ToolExitedError
+from masqd.testing.nft_listing import dump, table_json
 
-#: What nft 1.0.6 puts first in every JSON listing.
-METAINFO = {"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}
-
-_FAMILIES = {"ip": socket.AF_INET, "ip6": socket.AF_INET6}
+_FAMILY_NAMES = {4: "ip", 6: "ip6"}
 _SET_TYPES = {"ipv4_addr": "ip", "ipv6_addr": "ip6"}  # set type -> the family of its addresses
 _PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
 _PROTOCOLS = frozenset({"tcp", "udp", "sctp", "udplite", "dccp", "icmp", "icmpv6"})
@@ -103,11 +109,13 @@ class FakeNft:
     def __init__(self, write_marker: str = f"{TABLE}_write_fake"):
         #: (family, name) -> table, in the order the kernel lists them (creation)
         self.tables: dict[tuple[str, str], Table] = {}
-        #: ("list", family), ("list-structure", None), ("check", script), ("apply", script)
+        #: ("list", family), ("list-structure", None), ("apply", script), ("elements", changes)
         self.calls: list[tuple[str, object]] = []
         #: the table each :meth:`apply` adds and deletes again, as the real executor's
         self.write_marker = write_marker
         self._table_handles = 0  # the network namespace's table handle counter
+        self._monitors: list[MemoryObjectSendStream[bytes]] = []  # what nft monitor would print to
+        self._generation = 0
 
     @property
     def writes(self) -> list[str]:
@@ -124,14 +132,63 @@ class FakeNft:
         self.calls.append(("list-structure", None))
         return self.ruleset_listing(terse=True)
 
-    async def check(self, script: str) -> None:
-        self.calls.append(("check", script))
-        self._transaction(["nft", "--check", "-f", "-"], script, script)
-
     async def apply(self, script: str) -> None:
         self.calls.append(("apply", script))
         self.tables, self._table_handles = self._transaction(
             ["nft", "-f", "-"], script + marker_lines(self.write_marker), script)
+        self._report(script + marker_lines(self.write_marker))
+
+    @asynccontextmanager
+    async def monitor(self) -> AsyncIterator[MemoryObjectReceiveStream[bytes]]:
+        """What ``nft monitor`` prints, as nft 1.0.6 does in short: each transaction's statements
+        that name a table, then ``# new generation N by process 1 (nft)``. Ends, like the real
+        monitor exiting, with :class:`~masqd.errors.ToolExitedError` after :meth:`stop_monitors`."""
+        send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=math.inf)
+        self._monitors.append(send)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            self._monitors.remove(send)
+        raise ToolExitedError(["nft", "monitor"], 1, "fake nft: monitor stopped")
+
+    def stop_monitors(self) -> None:
+        list(map(MemoryObjectSendStream.close, self._monitors))
+
+    def lose_events(self) -> None:
+        """What nft monitor prints when the kernel dropped events it could not deliver."""
+        self._print(b"# ERROR: Could not receive netlink event: No buffer space available\n")
+
+    def _report(self, text: str) -> None:
+        self._generation += 1
+        lines = [line for line in text.splitlines() if len(line.split()) >= 4 and line.split()[2] in ("ip", "ip6")]
+        self._print("".join(f"{line}\n" for line in lines).encode()
+                    + f"# new generation {self._generation} by process 1 (nft)\n".encode())
+
+    def _print(self, output: bytes) -> None:
+        for send in self._monitors:
+            send.send_nowait(output)
+
+    async def change_elements(self, changes: list[Change]) -> None:
+        """As nf_tables does with the batch masqd sends over netlink: every change or none.
+        Removing an interval the set does not hold as one element, or adding one that overlaps
+        another, is refused."""
+        self.calls.append(("elements", tuple((f, tuple(r), tuple(a)) for f, r, a in changes)))
+        tables = copy.deepcopy(self.tables)
+        for family, remove, add in changes:
+            table = tables.get((_FAMILY_NAMES[family], TABLE))
+            named = None if table is None else table.sets.get(set_name(family))
+            where = f"set {_FAMILY_NAMES[family]} {TABLE} {set_name(family)}"
+            held = set(named.elements) if named is not None else set()
+            if named is None or not held.issuperset(remove):
+                raise ElementsRefusedError(f"removing {len(remove)} intervals from {where}", describe_errno(errno.ENOENT))
+            elements = sorted((held - set(remove)) | set(add))
+            if any(first <= last for (_, last), (first, _) in zip(elements, elements[1:])):
+                raise ElementsRefusedError(f"adding {len(add)} intervals to {where}", describe_errno(errno.EEXIST))
+            named.elements = elements
+        self.tables = tables
+        self._report("".join(f"delete element ip {TABLE} {set_name(f)}\nadd element ip {TABLE} {set_name(f)}\n"
+                             for f, _, _ in changes) + marker_lines(self.write_marker))
 
     # --- setting up and looking -------------------------------------------------------------------
 
@@ -139,6 +196,7 @@ class FakeNft:
         """What ``nft -f -`` does with ``script`` (not recorded): all of it, or raise
         :class:`~masqd.errors.ApplyError` and change nothing."""
         self.tables, self._table_handles = self._transaction(["nft", "-f", "-"], script, script)
+        self._report(script)
 
     def load_listing(self, text: str) -> None:
         """Make the tables ``nft --json list`` output ``text`` shows what the fake holds, each in
@@ -150,6 +208,7 @@ class FakeNft:
                 key = (body["family"], body["name"])
                 self.tables[key] = Table(body["family"], body["name"], body["handle"], flags=body.get("flags"))
                 self._table_handles = max(self._table_handles, body["handle"])
+                self._report(f"add table {body['family']} {body['name']}")
                 continue
             if kind == "metainfo":
                 continue
@@ -171,11 +230,11 @@ class FakeNft:
     def listing(self, family: str, name: str = TABLE) -> str | None:
         """``nft --json list table FAMILY NAME`` output; ``None`` when there is no such table."""
         table = self.tables.get((family, name))
-        return None if table is None else _dump(_table_json(table, terse=False))
+        return None if table is None else dump(table_json(table, terse=False))
 
     def ruleset_listing(self, terse: bool = False) -> str:
         """``nft [--terse] --json list ruleset`` output (terse: sets without their elements)."""
-        return _dump([item for table in self.tables.values() for item in _table_json(table, terse)])
+        return dump([item for table in self.tables.values() for item in table_json(table, terse)])
 
     # --- interpreting a script --------------------------------------------------------------------
 
@@ -307,7 +366,7 @@ class _Transaction:
 
 
 def _table_key(family: _Token, name: _Token) -> tuple[str, str]:
-    if family.text not in _FAMILIES:
+    if family.text not in _FAMILY_NAMES.values():
         raise _Refused(family, f"fake nft: models ip and ip6 tables only, not {family.text}")
     return family.text, name.text
 
@@ -437,50 +496,3 @@ def _listed_range(element: Any, family: str) -> tuple[int, int]:
     if isinstance(element, dict):
         element = "-".join(element["range"]) if "range" in element else "{addr}/{len}".format(**element["prefix"])
     return _span(element, 4 if family == "ip" else 6)
-
-
-# --- listing --------------------------------------------------------------------------------------------
-
-
-def _element_json(first: int, last: int, family: str) -> object:
-    """An element as nft prints it: an address, a prefix, or a range."""
-    bits = 32 if family == "ip" else 128
-    text = socket.inet_ntop(_FAMILIES[family], first.to_bytes(bits // 8, "big"))
-    size = last - first + 1
-    if size == 1:
-        return text
-    if size & (size - 1) == 0 and first % size == 0:
-        return {"prefix": {"addr": text, "len": bits - size.bit_length() + 1}}
-    return {"range": [text, socket.inet_ntop(_FAMILIES[family], last.to_bytes(bits // 8, "big"))]}
-
-
-def _table_json(table: Table, terse: bool) -> list[dict[str, Any]]:
-    """A table's objects as ``nft --json list`` prints them: the table, its sets, its chains, then
-    the rules chain by chain. nft 1.0.6 does not print table and chain comments."""
-    where = {"family": table.family, "table": table.name}
-    head: dict[str, Any] = {"family": table.family, "name": table.name, "handle": table.handle}
-    if table.flags is not None:
-        head["flags"] = table.flags
-    objects: list[dict[str, Any]] = [{"table": head}]
-    for named in table.sets.values():
-        body: dict[str, Any] = {"family": table.family, "name": named.name, "table": table.name, "type": named.type,
-                                "handle": named.handle}
-        if named.comment is not None:
-            body["comment"] = named.comment
-        if named.flags:
-            body["flags"] = list(named.flags)
-        if named.elements and not terse:
-            body["elem"] = [_element_json(first, last, table.family) for first, last in named.elements]
-        objects.append({"set": body})
-    for chain in table.chains.values():
-        body = {**where, "name": chain.name, "handle": chain.handle}
-        if chain.hook is not None:
-            body.update(zip(("type", "hook", "prio", "policy"), chain.hook))
-        objects.append({"chain": body})
-    objects += [{"rule": {**where, "chain": chain.name, "handle": rule.handle, "expr": copy.deepcopy(rule.expr)}}
-                for chain in table.chains.values() for rule in chain.rules]
-    return objects
-
-
-def _dump(objects: list[dict[str, Any]]) -> str:
-    return json.dumps({"nftables": [METAINFO, *objects]}) + "\n"

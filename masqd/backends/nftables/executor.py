@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import re
 import secrets
+import socket
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
+import anyio
 from anyio.abc import ByteReceiveStream
 
-from masqd.backends.nftables.render import NFT_FAMILY, TABLE
-from masqd.backends.tools import run_tool, script_line, tool_output
-from masqd.errors import ApplyError, ReadBackError
+from masqd.backends.nftables.netlink import Change, batch_errors, describe_errno, element_batch
+from masqd.backends.nftables.render import NFT_FAMILY, TABLE, set_name
+from masqd.backends.tools import TOOL_TIMEOUT_SECONDS, run_tool, script_line, tool_output
+from masqd.errors import ApplyError, ElementsRefusedError, ReadBackError, ToolTimeoutError
+
 
 
 class NftExecutor(Protocol):
@@ -26,9 +31,13 @@ class NftExecutor(Protocol):
 
     async def list_structure(self) -> str: ...  # JSON of every table without set elements (cheap)
 
-    async def check(self, script: str) -> None: ...
+    async def apply(self, script: str) -> None: ...  # one all-or-nothing nft -f transaction
 
-    async def apply(self, script: str) -> None: ...
+    # One transaction making each change (family, intervals to remove, intervals to add) to
+    # masqd's set of that family, and nothing else; raises ElementsRefusedError when the kernel
+    # refuses any of it (then none of it was made). With no changes it only marks a transaction
+    # as masqd's.
+    async def change_elements(self, changes: Sequence[Change]) -> None: ...
 
 
 @runtime_checkable
@@ -66,13 +75,19 @@ class NftSubprocessExecutor:
             raise ReadBackError(command, result.stderr.decode(errors="replace") or f"exit {result.returncode}")
         return result.stdout.decode()
 
-    async def check(self, script: str) -> None:
-        await self._load([self.binary, "--check", "-f", "-"], script)
-
     async def apply(self, script: str) -> None:
         """Apply ``script`` as one transaction, marked as masqd's by a table added and deleted at
         its end (after the script, so nft's line numbers in errors stay those of ``script``)."""
         await self._load([self.binary, "-f", "-"], script + marker_lines(self.write_marker), script)
+
+    async def change_elements(self, changes: Sequence[Change]) -> None:
+        """Change the sets' elements in one nf_tables transaction sent over netlink, without nft:
+        nft would first read each whole set back (see :mod:`.netlink`). Marked as masqd's like
+        :meth:`apply`. Under the same deadline as a tool run."""
+        batch, expected = element_batch(TABLE, {4: set_name(4), 6: set_name(6)}, changes, self.write_marker)
+        with anyio.move_on_after(TOOL_TIMEOUT_SECONDS):
+            return await _send_batch(batch, expected)
+        raise ToolTimeoutError(["nf_tables", "netlink", "batch:", *expected.values()], TOOL_TIMEOUT_SECONDS)
 
     def monitor(self) -> AbstractAsyncContextManager[ByteReceiveStream]:
         return tool_output([self.binary, "monitor"])
@@ -82,6 +97,48 @@ class NftSubprocessExecutor:
         result = await run_tool(command, text.encode())
         if result.returncode != 0:
             raise load_error(command, result.returncode, result.stderr.decode(errors="replace"), script or text)
+
+
+_NETLINK_NETFILTER = 12
+_SOL_NETLINK = 270
+_NETLINK_CAP_ACK = 10  # acknowledgements without a copy of the (large) message
+_NETLINK_EXT_ACK = 11  # errors with the kernel's own words
+_SO_SNDBUFFORCE = 32
+
+
+async def _send_batch(batch: bytes, expected: dict[int, str]) -> None:
+    """Send one nf_tables batch and wait for its acknowledgements; raise
+    :class:`~masqd.errors.ElementsRefusedError` when any message was refused. nf_tables handles
+    the batch inside the send, so the answers are there (or on their way) when it returns."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, _NETLINK_NETFILTER) as sock:
+        sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
+        sock.setsockopt(_SOL_NETLINK, _NETLINK_EXT_ACK, 1)
+        try:  # root (CAP_NET_ADMIN, which writing nf_tables needs anyway) may go past wmem_max
+            sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, len(batch) + 65536)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(batch) + 65536)
+        sock.bind((0, 0))
+        try:
+            sock.sendto(batch, (0, 0))
+        except OSError as exc:
+            raise ElementsRefusedError("; ".join(expected.values()), describe_errno(exc.errno or 0)) from None
+        replies = b""
+        while True:
+            try:
+                replies += sock.recv(1 << 16)
+            except BlockingIOError:
+                acked, failed = batch_errors(replies)
+                if failed:  # the kernel aborted the batch; what it had to say has been read
+                    break
+                await anyio.wait_readable(sock)
+                continue
+            acked, failed = batch_errors(replies)
+            if len(acked) >= len(expected):
+                break
+    if failed:
+        seq, code, said = failed[0]
+        reason = describe_errno(code) + (f": {said}" if said else "")
+        raise ElementsRefusedError(expected.get(seq, f"message {seq} of the batch"), reason)
 
 
 def load_error(command: list[str], returncode: int, stderr: str, script: str) -> ApplyError:

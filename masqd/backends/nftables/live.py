@@ -16,6 +16,8 @@ import json
 import socket
 from typing import Any
 
+import orjson
+
 from masqd.backends.base import AFTER, BEFORE, EITHER, INSIDE, KEEPS, MASQUERADES, ForeignRule, LiveFamily
 from masqd.backends.nftables.render import (NFT_FAMILY, CHAIN, LOCAL_RETURN, SRCNAT_PRIORITY, TABLE, MasqRule,
                                             TableState, _element_texts, _merge, _render_rule, set_name, set_return)
@@ -32,7 +34,7 @@ def parse_listing(text: str, family: int) -> TableState | None:
     nft_family = NFT_FAMILY[family]
     objects = [
         (kind, body)
-        for kind, body in (next(iter(o.items())) for o in json.loads(text).get("nftables", []))
+        for kind, body in (next(iter(o.items())) for o in orjson.loads(text).get("nftables", []))
         if body.get("family") == nft_family and (body.get("table") or body.get("name")) == TABLE
         and (kind != "table" or body.get("name") == TABLE)
     ]
@@ -63,17 +65,23 @@ def _parse_elements(elements: list[Any], family: int) -> tuple[tuple[int, int], 
     bits = 32 if family == 4 else 128
     to_int = _address_int(family)
     ranges = []
+    append = ranges.append
     for element in elements:
+        prefix = element.get("prefix") if type(element) is dict else None
+        if prefix is not None:  # the usual element: {"prefix": {"addr": ..., "len": ...}}
+            first = to_int(prefix["addr"])
+            append((first, first | ((1 << (bits - prefix["len"])) - 1)))
+            continue
         if isinstance(element, dict) and "elem" in element:  # an element with options (comment...)
             element = element["elem"]["val"]
         if isinstance(element, str):
             value = to_int(element)
-            ranges.append((value, value))
+            append((value, value))
         elif "prefix" in element:
             first = to_int(element["prefix"]["addr"])
-            ranges.append((first, first | ((1 << (bits - element["prefix"]["len"])) - 1)))
+            append((first, first | ((1 << (bits - element["prefix"]["len"])) - 1)))
         elif "range" in element:
-            ranges.append((to_int(element["range"][0]), to_int(element["range"][1])))
+            append((to_int(element["range"][0]), to_int(element["range"][1])))
     return _merge(ranges)
 
 

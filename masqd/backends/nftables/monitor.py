@@ -24,12 +24,15 @@ class ChangeFilter:
         self._marker = marker
         self._change: str | None = None  # the first line of this transaction touching masqd's tables
         self._own = False  # this transaction is masqd's
+        #: How many of masqd's own transactions were seen: one proves the monitor listens.
+        self.own_transactions = 0
 
     def feed(self, line: str) -> str | None:
         """Take one line; returns the first change of a foreign transaction that changed masqd's
         tables, and who made it (``...; by process PID (COMM)``, the PID as the host sees it),
         when ``line`` ends it, else ``None``."""
         if line.startswith(_GENERATION):
+            self.own_transactions += self._own
             change = None if self._own or self._change is None else f"{self._change}; {_writer(line)}"
             self._change, self._own = None, False
             return change

@@ -19,8 +19,8 @@ existing element before a replace, which makes every apply of a large set slower
 
 from __future__ import annotations
 
-import functools
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 from masqd.cidrs import Network
@@ -79,22 +79,28 @@ class TableState:
 
 def intervals_of(networks: list[Network] | tuple[Network, ...]) -> tuple[tuple[int, int], ...]:
     """Sorted address ranges covering ``networks``, overlapping and adjacent ones merged."""
-    return _merge(
-        (first, first | ((1 << (n.max_prefixlen - n.prefixlen)) - 1))
-        for n in networks
-        for first in (int(n.network_address),)
-    )
+    return _merge([(first, first | ((1 << (n.max_prefixlen - n._prefixlen)) - 1))
+                   for n in networks for first in (n.network_address._ip,)])
 
 
 def _merge(ranges) -> tuple[tuple[int, int], ...]:
-    merged: list[list[int]] = []
-    for first, last in sorted(ranges):
-        if merged and first <= merged[-1][1] + 1:
-            if last > merged[-1][1]:
-                merged[-1][1] = last
+    """``ranges`` (``(first, last)`` pairs) sorted, overlapping and adjacent ones merged. One pass
+    over the sorted list: 100k ranges (the kernel lists them sorted already) take milliseconds."""
+    ordered = sorted(ranges)
+    merged: list[tuple[int, int]] = []
+    append = merged.append
+    if not ordered:
+        return ()
+    start, end = ordered[0]
+    for first, last in ordered:
+        if first <= end + 1:
+            if last > end:
+                end = last
         else:
-            merged.append([first, last])
-    return tuple((a, b) for a, b in merged)
+            append((start, end))
+            start, end = first, last
+    append((start, end))
+    return tuple(merged)
 
 
 def _element_texts(intervals: tuple[tuple[int, int], ...], family: int) -> list[str]:
@@ -102,11 +108,16 @@ def _element_texts(intervals: tuple[tuple[int, int], ...], family: int) -> list[
     as the fewest CIDRs covering it."""
     address = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
     bits = 32 if family == 4 else 128
+    # IPv4 text straight from inet_ntop (a third of the time); IPv6 as ipaddress writes it
+    # (inet_ntop would write an IPv4-mapped address in dotted form)
+    text = (lambda value: socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))) if family == 4 else \
+        (lambda value: str(address(value)))
     texts: list[str] = []
+    append = texts.append
     for first, last in intervals:
         size = last - first + 1
         if size & (size - 1) == 0 and first % size == 0:
-            texts.append(f"{address(first)}/{bits - size.bit_length() + 1}")
+            append(f"{text(first)}/{bits - size.bit_length() + 1}")
         else:
             texts.extend(map(str, ipaddress.summarize_address_range(address(first), address(last))))
     return texts
@@ -130,9 +141,9 @@ def _masq_rules(masquerade: Masquerade) -> tuple[MasqRule, ...]:
     return tuple(rules)
 
 
-@functools.lru_cache(maxsize=4)
 def desired_state(family: FamilyRules, masquerade: Masquerade) -> TableState:
-    """The table masqd wants for one family (cached: every resync asks again for the same one)."""
+    """The table masqd wants for one family. Not cached: hashing 100k networks to look it up
+    would cost more than computing it (milliseconds; ``benchmarks/RESULTS.md``)."""
     return TableState(
         family=family.family,
         chain=("nat", "postrouting", SRCNAT_PRIORITY, "accept"),
