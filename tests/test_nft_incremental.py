@@ -271,3 +271,23 @@ def test_a_daemon_edit_of_a_large_set_is_one_transaction_of_the_changed_elements
     assert ours == ["delete element ip masqd nonmasq4 { 10.0.0.0/28 }",
                     "add element ip masqd nonmasq4 { 192.0.2.0/24 }"], transaction
     assert set_intervals(node_ns, 4) == tuple(sorted(span(c) for c in edited + ["169.254.0.0/16"]))
+
+
+class NoNetlinkNft(FakeNft):
+    """A host where nf_tables cannot be reached over netlink by masqd (a sandbox): only nft works."""
+
+    async def change_elements(self, changes) -> None:
+        self.calls.append(("elements refused", tuple(changes)))
+        raise ElementsRefusedError("adding 1 intervals to set ip masqd nonmasq4", "Operation not permitted (EPERM)")
+
+
+async def test_without_netlink_the_monitor_still_listens_and_edits_are_written_with_nft():
+    async with anyio.create_task_group() as tg:
+        on = Listening(tg, NoNetlinkNft())
+        await on.start()  # proven by a marked nft -f transaction instead
+        await on.edit(BASE)
+        calls = await on.edit(BASE + ["198.51.100.0/24"])
+        assert [kind for kind, _ in calls] == ["elements refused", "list", "apply", "list-structure"]
+        want = ruleset(BASE + ["198.51.100.0/24"])
+        assert parse_listing(on.nft.listing("ip"), 4) == desired_state(want.ipv4, want.masquerade)
+        tg.cancel_scope.cancel()

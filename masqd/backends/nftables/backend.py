@@ -217,7 +217,10 @@ class NftablesBackend:
         """Make marked, empty transactions until the monitor has reported one (then it listens)."""
         delay = PROBE_SECONDS
         while not self._listening:
-            await executor.change_elements(())
+            try:
+                await executor.change_elements(())
+            except ElementsRefusedError:  # netlink cannot be used here: nft writes the marker
+                await executor.apply("")
             await anyio.sleep(delay)
             delay = min(delay * 2, PROBE_MAX_SECONDS)
 

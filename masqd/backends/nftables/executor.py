@@ -110,15 +110,19 @@ async def _send_batch(batch: bytes, expected: dict[int, str]) -> None:
     """Send one nf_tables batch and wait for its acknowledgements; raise
     :class:`~masqd.errors.ElementsRefusedError` when any message was refused. nf_tables handles
     the batch inside the send, so the answers are there (or on their way) when it returns."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, _NETLINK_NETFILTER) as sock:
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, _NETLINK_NETFILTER)
+    except OSError as exc:  # no netlink here (a sandbox): the caller writes with nft -f instead
+        raise ElementsRefusedError("; ".join(expected.values()), describe_errno(exc.errno or 0)) from None
+    with sock:
         sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
         sock.setsockopt(_SOL_NETLINK, _NETLINK_EXT_ACK, 1)
         try:  # root (CAP_NET_ADMIN, which writing nf_tables needs anyway) may go past wmem_max
             sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, len(batch) + 65536)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(batch) + 65536)
-        sock.bind((0, 0))
         try:
+            sock.bind((0, 0))
             sock.sendto(batch, (0, 0))
         except OSError as exc:
             raise ElementsRefusedError("; ".join(expected.values()), describe_errno(exc.errno or 0)) from None
