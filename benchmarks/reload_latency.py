@@ -72,7 +72,7 @@ def main() -> int:
                 seen = wait_for_line(lines, f"ip daddr {cidr}")
                 latencies.append((seen - start) * 1000)
                 print(f"change {i + 1:2d}: {latencies[-1]:7.2f} ms")
-                wait_for_line(lines, "masquerade")  # the rest of that write: the chain's last rule
+                wait_for_line(lines, "# new generation")  # the end of that write's transaction
             # idle cost: the daemon with nothing to do (file watch armed, resync 1h)
             before = _cpu_seconds(daemon.pid)
             time.sleep(args.idle_seconds)

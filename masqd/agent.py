@@ -28,7 +28,7 @@ from masqd.reconcile import RETRY_INITIAL_SECONDS, Reconciler
 from masqd.sources.drift import DRIFT_CHECK_SECONDS, drift_source
 from masqd.status import AgentStatus
 
-if TYPE_CHECKING:  # imported when used: the API client and prometheus-client cost start-up time
+if TYPE_CHECKING:  # imported when used: the API client costs start-up time and memory
     from masqd.http import Address
     from masqd.kube.settings import KubeSettings
     from masqd.metrics import Metrics
@@ -193,7 +193,7 @@ def build_agent(
         sources.append(RegisteredSource("masqd", drift.name, drift))
     metrics = None
     if http_address is not None and not once:
-        from masqd.metrics import Metrics  # prometheus-client: only for an agent that serves it
+        from masqd.metrics import Metrics  # only for an agent that serves it
 
         watches = [s.source for s in sources if hasattr(s.source, "reflector")]
         metrics = Metrics(status, backend=backend.name, options=options, plugins=plugins, watches=lambda: watches)

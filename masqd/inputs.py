@@ -220,7 +220,9 @@ class ConfigLoader:
     """Reads every input, parses each present text on its own and merges the results.
 
     A text that did not change since the last load is not parsed again: a resync of an
-    unchanged 100k-CIDR file costs a string comparison, not a parse (benchmarks/RESULTS.md).
+    unchanged 100k-CIDR file costs a string comparison, not a parse (benchmarks/RESULTS.md). A
+    text that changed is parsed with the networks of its previous version at hand, so an edit of
+    a few lines builds a few networks, and the old and new rules share the others.
     :meth:`load` raises :class:`ConfigError` listing the problems of every invalid or unreadable
     text; then nothing of the new state is used (the rules last applied stay).
     """
@@ -260,8 +262,10 @@ class ConfigLoader:
     def _parse(self, text: ConfigText) -> ParsedConfig | ConfigError:
         cached = self._parsed.get(text.name)
         if cached is None or cached[0] != text.text:
+            # an edited text: the lines that did not change keep their networks (see parse_config)
+            known = cached[1].known_networks() if cached is not None and isinstance(cached[1], ParsedConfig) else None
             try:
-                cached = (text.text, parse_config(text.text, self.options, source=text.name))
+                cached = (text.text, parse_config(text.text, self.options, source=text.name, known=known))
             except ConfigError as exc:
                 cached = (text.text, exc)
             self._parsed[text.name] = cached

@@ -9,17 +9,19 @@ logged with its cause, counted (:class:`masqd.status.AgentStatus`), and retried 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from masqd.aio import Backoff
-from masqd.audit import AuditEvent
+from masqd.audit import AuditEvent, CidrChanges
 from masqd.backends.base import Backend, SyncResult
+from masqd.cidrs import cidr_text, network_key
 from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config, limit_problem
 from masqd.errors import BackendError, BackendUnsupported, ConfigError, MasqdError, PluginError
 from masqd.events import Event
@@ -52,7 +54,7 @@ async def plan_rules(config: MasqConfig, options: AgentOptions,
         _check_limit_with_plugins(config, cidrs)
     if plugins is not None:
         await plugins.validate(config, cidrs, options)
-    return compute_ruleset(config, options, extra), contributions
+    return compute_ruleset(config, options, extra, listed=cidrs), contributions
 
 
 class Reconciler:
@@ -302,7 +304,7 @@ class Reconciler:
         log.error(message, backend=self.backend.name, trigger=trigger, error=str(exc), written=list(written))
         self._last_sync_error = (str(exc), now)
 
-    def _changes(self, before: RuleSet | None, after: RuleSet | None) -> tuple[dict, dict]:
+    def _changes(self, before: RuleSet | None, after: RuleSet | None) -> tuple[CidrChanges, CidrChanges]:
         """:func:`_family_changes`, computed once for a pass's log line and its audit event."""
         memo = self._changes_memo
         if memo is None or memo[0] is not before or memo[1] is not after:
@@ -329,12 +331,13 @@ class Reconciler:
             return
         added, removed = self._changes(self.status.applied, desired)
         for name, changes in (("cidrs_added", added), ("cidrs_removed", removed)):
-            listed = [c for cidrs in changes.values() for c in cidrs]
-            fields[name] = listed[:LOGGED_CIDRS]
-            if len(listed) > LOGGED_CIDRS:  # a 100k-CIDR change is counted, not printed
-                fields[f"{name}_count"] = len(listed)
-        if self.status.applied is None:
-            log.info("rules applied", cidrs=len(desired.cidrs()), **fields)
+            listed = itertools.chain.from_iterable(changes.networks.values())
+            fields[name] = [cidr_text(net) for net in itertools.islice(listed, LOGGED_CIDRS)]
+            count = sum(map(len, changes.networks.values()))
+            if count > LOGGED_CIDRS:  # a 100k-CIDR change is counted, not printed
+                fields[f"{name}_count"] = count
+        if self.status.applied is None:  # every CIDR is added, each once
+            log.info("rules applied", cidrs=sum(map(len, added.networks.values())), **fields)
         else:
             log.info("rules updated", **fields)
 
@@ -403,30 +406,40 @@ def _check_limit_with_plugins(config: MasqConfig, cidrs: tuple) -> None:
                                          "raise cidrLimit or contribute fewer CIDRs")])
 
 
-def _family_changes(before: RuleSet | None, after: RuleSet | None) -> tuple[dict, dict]:
-    """Per family label, the CIDRs added and removed between two rule sets, each sorted.
+def _family_changes(before: RuleSet | None, after: RuleSet | None) -> tuple[CidrChanges, CidrChanges]:
+    """Per family label, the CIDRs added and removed between two rule sets, each sorted by
+    (address, prefix length); as text only when read (the log shows the first few, an audit hook
+    may read them all or none).
 
-    Networks are keyed and sorted by (address, prefix length) as plain ints: ``ipaddress``'s own
-    hashing and ordering are an order of magnitude slower, which at 100k CIDRs cost more than
+    Networks are keyed and sorted by :func:`~masqd.cidrs.network_key`, a plain int: ``ipaddress``'s
+    own hashing and ordering are an order of magnitude slower, which at 100k CIDRs cost more than
     the kernel write this describes."""
-    added: dict[str, tuple[str, ...]] = {}
-    removed: dict[str, tuple[str, ...]] = {}
+    added: dict[str, list] = {}
+    removed: dict[str, list] = {}
     old = {f.label: f.nonmasq for f in before.families} if before is not None else {}
     new = {f.label: f.nonmasq for f in after.families} if after is not None else {}
     for label in sorted(old.keys() | new.keys()):
         was, now = old.get(label, ()), new.get(label, ())
-        if was == now:
+        if was is now:
             continue
-        was_keyed, now_keyed = _keyed(was), _keyed(now)
-        plus = [now_keyed[k] for k in sorted(now_keyed.keys() - was_keyed.keys())]
-        minus = [was_keyed[k] for k in sorted(was_keyed.keys() - now_keyed.keys())]
-        if plus:
-            added[label] = tuple(map(str, plus))
-        if minus:
-            removed[label] = tuple(map(str, minus))
-    return added, removed
+        was_keys, now_keys = list(map(network_key, was)), list(map(network_key, now))
+        was_set, now_set = set(was_keys), set(now_keys)
+        added[label] = _sorted_missing(now, now_keys, now_set, was_set)
+        removed[label] = _sorted_missing(was, was_keys, was_set, now_set)
+    return CidrChanges(added), CidrChanges(removed)
 
 
-def _keyed(networks) -> dict[tuple[int, int], object]:
-    return {(int(net.network_address), net.prefixlen): net for net in networks}
+def _sorted_missing(networks, keys: list[int], keyset: set[int], present: set[int]) -> list:
+    """Each of ``networks`` (``keys``: their :func:`~masqd.cidrs.network_key`, ``keyset``: those
+    as a set) whose key is not in ``present``, once (its first listing), sorted by key."""
+    kept: Sequence[int] = range(len(keys))
+    if present:
+        missing = keyset - present
+        if not missing:
+            return []
+        kept = list(itertools.compress(kept, map(missing.__contains__, keys)))
+    order = sorted(kept, key=keys.__getitem__)  # stable: of equal keys, the first listed comes first
+    if len(keyset) < len(keys):  # some listed more than once: keep the first of each run of equal keys
+        order = [i for i, before in zip(order, [-1, *order]) if before < 0 or keys[i] != keys[before]]
+    return list(map(networks.__getitem__, order))
 

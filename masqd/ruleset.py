@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from masqd.cidrs import LINK_LOCAL_V4, LINK_LOCAL_V6, Network, split_families
+from masqd.cidrs import LINK_LOCAL_V4, LINK_LOCAL_V6, Network, network_key, split_families, unique
 from masqd.config import AgentOptions, MasqConfig, PortRange
 
 #: Protocols that get per-interval ``--to-ports`` rules, in rule order (upstream order).
@@ -80,18 +80,22 @@ class RuleSet:
 def nonmasq_list(config: MasqConfig, extra: tuple[Network, ...] = ()) -> tuple[Network, ...]:
     """The config's non-masquerade CIDRs (file order, duplicates kept, as upstream), then each
     of ``extra`` (plugin contributions) that is not already listed, once. Link-local not included."""
-    listed = set(config.non_masquerade_cidrs)
-    return config.non_masquerade_cidrs + tuple(net for net in dict.fromkeys(extra) if net not in listed)
+    if not extra:
+        return config.non_masquerade_cidrs
+    listed = set(map(network_key, config.non_masquerade_cidrs))
+    return config.non_masquerade_cidrs + tuple(net for key, net in unique(extra).items() if key not in listed)
 
 
-def compute_ruleset(config: MasqConfig, options: AgentOptions, extra: tuple[Network, ...] = ()) -> RuleSet:
+def compute_ruleset(config: MasqConfig, options: AgentOptions, extra: tuple[Network, ...] = (), *,
+                    listed: tuple[Network, ...] | None = None) -> RuleSet:
     """Derive the desired rules from a validated config, the flags and validated plugin CIDRs.
 
     Link-local (169.254.0.0/16, and fe80::/10 for IPv6) comes first unless masqueraded by config;
     then the configured CIDRs of that family in file order, duplicates kept, exactly as the
     upstream agent writes them; then ``extra`` (plugin contributions) not already listed.
+    ``listed``: :func:`nonmasq_list` of ``config`` and ``extra``, when the caller has it already.
     """
-    v4, v6 = split_families(nonmasq_list(config, extra))
+    v4, v6 = split_families(nonmasq_list(config, extra) if listed is None else listed)
     ipv4 = FamilyRules(4, (() if config.masq_link_local else (LINK_LOCAL_V4,)) + v4)
     ipv6 = None
     if options.enable_ipv6:

@@ -74,6 +74,26 @@ def test_merge_records_which_sources_list_each_cidr():
     assert set(merge_configs([], V4).origins.values()) == {("defaults",)}
 
 
+def test_origins_read_as_a_mapping_of_each_listed_cidr_in_first_listed_order():
+    merged = merge_configs([("a", parsed("nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24, 10.0.0.0/8, 'fd00::/8']", V6)),
+                            ("b", parsed("nonMasqueradeCIDRs: ['::/0', 0.0.0.0/0, 10.0.0.0/8]", V6))], V6)
+    expected = dict(zip(nets("10.0.0.0/8", "192.0.2.0/24", "fd00::/8", "::/0", "0.0.0.0/0"),
+                        [("a", "b"), ("a",), ("a",), ("b",), ("b",)]))
+    origins = merged.origins
+    assert origins == expected and dict(origins) == expected and len(origins) == 5
+    assert list(origins) == list(expected) and list(origins.items()) == list(expected.items())
+    assert list(origins.values()) == list(expected.values()) and ("b",) in origins.values()
+    assert merged.config.non_masquerade_cidrs == tuple(expected)
+    assert parse_cidr("::/0") in origins and origins[parse_cidr("0.0.0.0/0")] == ("b",)  # same int, other family
+    assert "10.0.0.0/8" not in origins and None not in origins and origins.get(parse_cidr("10.0.0.0/16")) is None
+    with pytest.raises(KeyError):
+        origins[parse_cidr("198.51.100.0/24")]
+    with pytest.raises(TypeError):
+        origins[parse_cidr("10.0.0.0/8")] = ("c",)  # read-only
+    single = merge_configs([("only", parsed("nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24, 10.0.0.0/8]"))], V4)
+    assert dict(single.origins) == dict(zip(nets("10.0.0.0/8", "192.0.2.0/24"), [("only",), ("only",)]))
+
+
 def test_merge_ipv6_link_local_ored_and_reserved_defaults_follow_the_flag():
     reserved = AgentOptions(nomasq_all_reserved_ranges=True)
     merged = merge_configs([("a", parsed("masqLinkLocalIPv6: true", reserved)),
@@ -104,6 +124,31 @@ def test_cidr_limit_applies_per_source(tmp_path):
 
 
 # --- inputs and the loader ------------------------------------------------------------------------
+
+
+def test_an_edited_text_keeps_the_networks_of_its_unchanged_lines(tmp_path):
+    """After a one-line edit of a big list only the new line is parsed: the other CIDRs are the
+    very networks of the previous version (so the old and new rules compare by identity); the
+    result is exactly a fresh parse of the new text."""
+    cidrs = [f"10.{i // 256}.{i % 256}.0/24" for i in range(2000)]
+    config = tmp_path / "ip-masq-agent"
+    config.write_text("cidrLimit: 5000\nnonMasqueradeCIDRs:\n" + "".join(f"  - {c}\n" for c in cidrs))
+    loader = ConfigLoader([FileInput(config)], V4)
+    before = loader.load().config.non_masquerade_cidrs
+    edited = cidrs[:1000] + ["192.0.2.0/24", "10.0.0.0/08"] + cidrs[1001:] + [cidrs[5]]
+    text = "cidrLimit: 5000\nnonMasqueradeCIDRs:\n" + "".join(f"  - {c}\n" for c in edited)
+    config.write_text(text)
+    loaded = loader.load()
+    after = loaded.config.non_masquerade_cidrs
+    assert after == parse_config(text, V4).config.non_masquerade_cidrs and len(after) == 2002
+    assert all(a is b for a, b in zip(after[:1000], before)) and after[-1] is before[5]
+    assert all(a is b for a, b in zip(after[1002:-1], before[1001:]))
+    assert [w.value for _, w in loaded.warnings] == [cidrs[5]]  # the repeated line is still found
+    config.write_text("nonMasqueradeCIDRs: [10.0.0.1/8]\n")
+    with pytest.raises(ConfigError):
+        loader.load()  # a bad version in between: the next good one is parsed in full
+    config.write_text(text)
+    assert loader.load().config.non_masquerade_cidrs == after
 
 
 def test_a_missing_file_contributes_nothing_even_next_to_another_source(tmp_path):

@@ -4,6 +4,7 @@ waiting for the resync, keeps the last good rules on a bad config, coalesces bur
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,6 @@ from masqd.errors import ApplyError
 from masqd.hookspecs import hookimpl
 from masqd.plugins import Plugins
 from masqd.reconcile import Reconciler
-from masqd.sources.files import ConfigFileSource
 from masqd.testing import netns, running, wait_until
 
 WAIT = 10  # seconds before a test gives up waiting for the masqd process (a failure, not a timing claim)
@@ -217,35 +217,45 @@ async def test_repeated_identical_sync_errors_are_logged_once(tmp_path: Path) ->
     assert [e["log_level"] for e in failures] == ["error", "debug", "debug", "debug"]
 
 
-async def test_inotify_failure_falls_back_to_polling(tmp_path: Path) -> None:
-    """Like a node whose fs.inotify.max_user_instances is exhausted: changes are still seen."""
-    import watchfiles
+def _limit_writable(limit: str) -> str | None:
+    """Why a user namespace whose ``/proc/sys/user/LIMIT`` can be set is not to be had here, or None."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return "no unshare command"
+    probe = subprocess.run([unshare, "--user", "--map-root-user", "sh", "-c", f"echo 0 > /proc/sys/user/{limit}"],
+                           capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"cannot set {limit} in a user namespace: {probe.stderr.strip()}"
 
-    def inotify_exhausted(*paths, force_polling=None, **kwargs):
-        if not force_polling:
-            raise OSError(24, "Too many open files")
-        return watchfiles.awatch(*paths, force_polling=force_polling, **kwargs)
 
+@pytest.mark.parametrize("limit", ["max_inotify_instances", "max_inotify_watches"])
+def test_inotify_exhausted_falls_back_to_polling(tmp_path: Path, limit: str) -> None:
+    """A node whose inotify instances (``fs.inotify.max_user_instances``: EMFILE) or watches
+    (``max_user_watches``: ENOSPC) are used up: the real command says so once and still sees a
+    change, by polling. The limit is the kernel's own, set to 0 in a user namespace of the test's."""
+    reason = _limit_writable(limit)
+    if reason is not None:
+        pytest.skip(reason)
     config = tmp_path / "config"
     config.write_text(NO_RESYNC)
-    backend = DryRunBackend()
-    source = ConfigFileSource(config, watch=inotify_exhausted)
-
-    class FileWatchWithoutInotify:  # in place of the default sources plugin
-        @hookimpl
-        def register_sources(self, register):
-            register(source)
-
-    plugins = Plugins.load(disabled=["masqd.default_plugins.sources"], entry_points=False,
-                           extra=[("no-inotify", FileWatchWithoutInotify())])
-    with structlog.testing.capture_logs() as logs:
-        async with running(agent(backend, config, plugins=plugins)):
-            await wait_until(lambda: backend.writes == 1, "first sync")
-            await wait_until(lambda: source.force_polling, "the fallback")
-            write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [192.0.2.0/24]\n")
-            await wait_until(lambda: backend.writes == 2, "the change, seen by polling")
-    assert cidrs_of(backend.applied)[1:] == ["192.0.2.0/24"]
-    assert any(e["event"].startswith("cannot watch config directory") for e in logs)
+    masqd = Path(sys.executable).with_name("masqd")
+    script = f'echo 0 > /proc/sys/user/{limit} && exec "$@"'
+    proc = subprocess.Popen(["unshare", "--user", "--map-root-user", "sh", "-c", script, "sh", str(masqd), "run",
+                             "--backend", "dry-run", "--config", str(config), "--log-format", "json",
+                             "--http-address=", "--v=4"], stderr=subprocess.PIPE)
+    lines = netns.LineReader(proc.stderr)
+    try:
+        seen = {}  # the first apply and the warning, in whichever order they come
+        while len(seen) < 2:
+            line = read_until(lines, '"event":"')
+            seen.update({key: line for key in ("cannot watch config directory", "would apply") if key in line})
+        warning = seen["cannot watch config directory"]
+        assert str(tmp_path) in warning and ("max_user_instances" if "instances" in limit else "max_user_watches") in warning
+        write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [192.0.2.0/24]\n")
+        assert "-A IP-MASQ-AGENT -d 192.0.2.0/24" in read_until(lines, "would apply")
+    finally:
+        proc.kill()
+        proc.wait()
+        lines.close()
 
 
 async def test_failing_source_is_restarted_and_daemon_keeps_running(tmp_path: Path) -> None:

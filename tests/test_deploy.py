@@ -36,7 +36,7 @@ from lightkube import codecs
 from lightkube.generic_resource import GenericGlobalResource, GenericNamespacedResource
 
 import masqd
-import masqd.kube  # noqa: F401  registers the EgressNATPolicy generic resource with lightkube's codecs
+import masqd.kube.client  # noqa: F401  registers the EgressNATPolicy generic resource with lightkube's codecs
 from deploy_files import (DOCKERFILE, EDGE_UNIT, EXAMPLES, IMAGE, KUBERNETES, REPO, dockerfile_instructions,
                           exec_form, final_stage, image_capabilities, image_user, manifest_documents, manifest_object,
                           masqd_tools, setcap_grants, unit, unit_capabilities, unit_exec_start, verified_tools)

@@ -568,3 +568,16 @@ def test_auto_detection_warns_and_skips_legacy_it_cannot_read(monkeypatch):
         assert anyio.run(iptables_mode.detect_mode, run_save) == "nft"
     assert all("legacy" not in argv[0] for argv in seen)  # never asked the variant it cannot read
     assert any("run masqd as root" in event["event"] for event in logs)
+
+
+def test_auto_detection_without_any_legacy_table_runs_no_save(monkeypatch):
+    """No legacy table means no kubelet hint and no rule there: nft wins whatever it holds, so
+    neither variant is read (two processes saved for every start, `render` and `run --once`)."""
+    from masqd.backends import iptables_mode
+
+    async def run_save(argv):
+        raise AssertionError(f"ran {argv}")
+
+    monkeypatch.setattr(iptables_mode, "installed_modes", lambda: ("legacy", "nft"))
+    monkeypatch.setattr(iptables_mode, "legacy_tables", lambda family: frozenset())
+    assert anyio.run(iptables_mode.detect_mode, run_save) == "nft"

@@ -116,14 +116,16 @@ async def detect_mode(run_save: SaveRunner) -> str:
         return "system"
     if len(modes) == 1:
         return modes[0]
-    evidence = {"legacy": (False, 0)}
+    if not legacy_readable():
+        log.warning("cannot inspect legacy iptables as a user other than root; assuming the host "
+                    "uses iptables-nft (run masqd as root on nodes that use legacy iptables)")
+        return "nft"
+    if not (legacy_tables(4) or legacy_tables(6)):
+        # no legacy table at all: no hint and no rule there, so nft wins whatever it holds
+        # (choose_mode), and reading it would only cost two processes
+        return "nft"
+    evidence = {}
     for mode in modes:
-        if mode == "legacy" and not legacy_readable():
-            log.warning("cannot inspect legacy iptables as a user other than root; assuming the host "
-                        "uses iptables-nft (run masqd as root on nodes that use legacy iptables)")
-            continue
-        if mode == "legacy" and not (legacy_tables(4) or legacy_tables(6)):
-            continue  # no legacy table at all: nothing to count
         hint = False
         rules = 0
         for binaries in binaries_for(mode).values():

@@ -23,8 +23,6 @@ import anyio
 from masqd.cli import agent_commands
 from masqd.cli.common import (EXIT_API, EXIT_BACKEND, EXIT_DRIFT, EXIT_INVALID_CONFIG, EXIT_OK, EXIT_USAGE,
                                agent_from)
-from masqd.cli.controller import controller_command
-from masqd.cli.explain import explain_command
 from masqd.cli.flags import build_alias_parser, build_parser, kube_settings, normalize_go_flags, options_from
 from masqd.errors import BackendUnsupported, FlagError, KubeError, PluginLoadError, SourceReadError
 from masqd.logs import configure_logging, verbosity_to_level
@@ -35,14 +33,22 @@ __all__ = ["EXIT_API", "EXIT_BACKEND", "EXIT_DRIFT", "EXIT_INVALID_CONFIG", "EXI
            "options_from"]
 
 _COMMANDS = {"run": agent_commands.run, "validate": agent_commands.validate, "render": agent_commands.render,
-             "explain": explain_command, "cleanup": agent_commands.cleanup, "plugins": agent_commands.list_plugins}
+             "cleanup": agent_commands.cleanup, "plugins": agent_commands.list_plugins}
 
 
 async def _command(args: argparse.Namespace) -> int:
+    # A command's modules are imported when it runs: `validate` and `render` start without the API
+    # client (the controller) or explain's code (tests/test_command_imports.py checks).
     if args.command == "controller":
+        from masqd.cli.controller import controller_command
+
         return await controller_command(args)
     plugins = Plugins.load(disabled=args.disable_plugin)
     plugins.check_backend(args.backend)  # for every command: a typo is a usage error
+    if args.command == "explain":
+        from masqd.cli.explain import explain_command
+
+        return await explain_command(args, plugins)
     return await _COMMANDS[args.command](args, plugins)
 
 

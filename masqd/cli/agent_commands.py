@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from masqd.backends.leftovers import leftover_backends
 from masqd.cli.common import (EXIT_BACKEND, EXIT_INVALID_CONFIG, EXIT_OK, agent_from, plan_and_report,
                               print_contributions, print_problems)
 from masqd.duration import format_go_duration
@@ -17,6 +16,8 @@ from masqd.plugins import Plugins
 
 async def run(args: argparse.Namespace, plugins: Plugins) -> int:
     """The agent: until SIGTERM, or one pass with ``--once`` (0 on success)."""
+    from masqd.backends.leftovers import leftover_backends  # every backend's code: only `run` looks for leftovers
+
     if args.once:
         agent = agent_from(args, plugins, once=True, leftovers=leftover_backends)
         try:
@@ -29,11 +30,12 @@ async def run(args: argparse.Namespace, plugins: Plugins) -> int:
             return EXIT_BACKEND
         return EXIT_OK
     from masqd.daemon import run_daemon
-    from masqd.kube.client import load_kube_config
 
     agent = agent_from(args, plugins, once=False, leftovers=leftover_backends, http_address=args.http_address,
                        drift_check_interval=args.drift_check_interval)
     if agent.kube is not None:
+        from masqd.kube.client import load_kube_config  # the API client library: only with a Kubernetes flag
+
         load_kube_config(agent.kube.kubeconfig)  # no credentials: a start-up error, not a retry loop
     await run_daemon(agent)
     return EXIT_OK

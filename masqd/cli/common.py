@@ -8,7 +8,6 @@ import sys
 
 from masqd.agent import Agent, build_agent
 from masqd.backends.base import BackendSettings
-from masqd.backends.dryrun import DryRunBackend
 from masqd.cli.flags import kube_settings, options_from
 from masqd.config import DEFAULT_CONFIG_PATH
 from masqd.errors import ConfigError
@@ -33,8 +32,12 @@ def agent_from(args: argparse.Namespace, plugins: Plugins, *, once: bool, uses_b
     backend stands in, so a backend plugin that cannot be created here does not fail them."""
     options = options_from(args)
     kube = kube_settings(args)
-    backend = (plugins.make_backend(args.backend, BackendSettings(options, args.iptables_mode)) if uses_backend
-               else DryRunBackend())
+    if uses_backend:
+        backend = plugins.make_backend(args.backend, BackendSettings(options, args.iptables_mode))
+    else:
+        from masqd.backends.dryrun import DryRunBackend
+
+        backend = DryRunBackend()
     inputs = config_inputs(args.config or [DEFAULT_CONFIG_PATH], args.config_dir, kube)
     return build_agent(options, backend=backend, config=inputs, plugins=plugins, kube=kube, once=once, **settings)
 

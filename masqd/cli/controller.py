@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 
 from masqd.cli.common import EXIT_OK
-from masqd.kube.client import load_kube_config
 from masqd.kube.settings import KubeSettings
 
 
 async def controller_command(args: argparse.Namespace) -> int:
     from masqd.controller.loop import run_controller
     from masqd.controller.options import ControllerOptions
+    from masqd.kube.client import load_kube_config  # the API client library: imported by this command only
 
     settings = KubeSettings(kubeconfig=args.kubeconfig)
     load_kube_config(settings.kubeconfig)  # no credentials: a start-up error (exit 2), not a retry loop

@@ -23,18 +23,20 @@ Modules, each importing only those above it:
 - :mod:`masqd.config.model`: the model, :class:`AgentOptions`, :class:`MasqConfig`,
   :class:`ParsedConfig`, :func:`default_config`, the default CIDR lists and the limits; each field
   documented where it is defined.
+- :mod:`masqd.config.fastparse`: the fast path of :func:`parse_config` for the shape a big file
+  has (a block list of CIDRs), which gives the full YAML loader's document or declines.
 - :mod:`masqd.config.parse`: :func:`parse_config`, text to :class:`ParsedConfig` or a
   :class:`~masqd.errors.ConfigError` naming every problem (the YAML/JSON loading, key matching,
   per-key parsers), and the problems other readers share (:func:`too_large_problem`,
   :func:`limit_problem`).
 - :mod:`masqd.config.merge`: :func:`merge_configs`, several sources into one
-  :class:`MergedConfig` that remembers where each CIDR came from.
+  :class:`MergedConfig` that remembers where each CIDR came from (:class:`CidrOrigins`).
 
 Go durations are :mod:`masqd.duration`. Every name below is importable from ``masqd.config``.
 """
 
 from masqd.config.flags import PortRange, parse_to_ports, validate_chain_name
-from masqd.config.merge import DEFAULTS_ORIGIN, MergedConfig, merge_configs
+from masqd.config.merge import DEFAULTS_ORIGIN, CidrOrigins, MergedConfig, merge_configs
 from masqd.config.model import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_MASQ_CHAIN,
@@ -59,6 +61,7 @@ __all__ = [
     "RESERVED_CIDRS",
     "RFC1918_CIDRS",
     "AgentOptions",
+    "CidrOrigins",
     "MasqConfig",
     "MergedConfig",
     "ParsedConfig",

@@ -7,13 +7,72 @@ Each source is parsed and validated on its own first (:func:`~masqd.config.parse
 
 from __future__ import annotations
 
+from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 from dataclasses import dataclass
 
-from masqd.cidrs import Network
+from masqd.cidrs import Network, network_key
 from masqd.config.model import AgentOptions, MasqConfig, default_config
 
 #: The origin shown for CIDRs that come from the defaults (no present source lists any).
 DEFAULTS_ORIGIN = "defaults"
+
+
+class CidrOrigins(Mapping[Network, tuple[str, ...]]):
+    """Each CIDR the sources list -> the names of the sources listing it, in source order; the
+    CIDRs in the order first listed. A read-only mapping, built when first read: ``explain`` and
+    the metrics read it, a reconcile pass does not, and a dict keyed by 100k ``ipaddress``
+    networks costs a tenth of a second of hashing them (it is keyed by
+    :func:`~masqd.cidrs.network_key` instead)."""
+
+    __slots__ = ("_index", "_listing")
+
+    def __init__(self, listing: Sequence[tuple[str, Sequence[Network]]] = ()):
+        """``listing``: ``(source name, the CIDRs it lists)``, in source order."""
+        self._listing = tuple(listing)
+        self._index: dict[int, tuple[Network, tuple[str, ...]]] | None = None
+
+    def _built(self) -> dict[int, tuple[Network, tuple[str, ...]]]:
+        index = self._index
+        if index is None:
+            found: dict[int, tuple[Network, list[str]]] = {}
+            for name, networks in self._listing:
+                for net in networks:
+                    entry = found.setdefault(network_key(net), (net, []))
+                    if name not in entry[1]:
+                        entry[1].append(name)
+            index = self._index = {key: (net, tuple(names)) for key, (net, names) in found.items()}
+        return index
+
+    def __getitem__(self, net: object) -> tuple[str, ...]:
+        try:
+            return self._built()[network_key(net)][1]  # type: ignore[arg-type]
+        except (KeyError, AttributeError):  # not listed, or not a network at all
+            raise KeyError(net) from None
+
+    def __iter__(self) -> Iterator[Network]:
+        return (net for net, _ in self._built().values())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    def items(self) -> ItemsView[Network, tuple[str, ...]]:
+        return _Items(self)
+
+    def values(self) -> ValuesView[tuple[str, ...]]:
+        return _Values(self)
+
+    def __repr__(self) -> str:
+        return f"CidrOrigins({dict(self.items())!r})"
+
+
+class _Items(ItemsView):
+    def __iter__(self):
+        return iter(self._mapping._built().values())  # (network, names) pairs as they are
+
+
+class _Values(ValuesView):
+    def __iter__(self):
+        return (names for _, names in self._mapping._built().values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,12 +82,12 @@ class MergedConfig:
 
     config: the merged values (see :func:`merge_configs`).
     origins: each CIDR of ``config.non_masquerade_cidrs`` -> the sources listing it, in source
-        order (``("defaults",)`` for default CIDRs).
+        order (``("defaults",)`` for default CIDRs): a read-only mapping (:class:`CidrOrigins`).
     sources: the names of the sources present (a missing file or ConfigMap is not present).
     """
 
     config: MasqConfig
-    origins: dict[Network, tuple[str, ...]]
+    origins: Mapping[Network, tuple[str, ...]]
     sources: tuple[str, ...]
 
 
@@ -43,21 +102,13 @@ def merge_configs(parts: list[tuple[str, MasqConfig]] | tuple[tuple[str, MasqCon
     counted against any one source's limit.
     """
     defaults = default_config(options)
-    listing = [(name, c) for name, c in parts if "nonMasqueradeCIDRs" in c.keys]
-    origins: dict[Network, list[str]] = {}
-    for name, config in listing:
-        for net in config.non_masquerade_cidrs:
-            names = origins.setdefault(net, [])
-            if name not in names:
-                names.append(name)
-    if not listing:
-        origins = {net: [DEFAULTS_ORIGIN] for net in defaults.non_masquerade_cidrs}
-    merged_origins = {net: tuple(names) for net, names in origins.items()}
+    listing = [(name, c.non_masquerade_cidrs) for name, c in parts if "nonMasqueradeCIDRs" in c.keys]
+    origins = CidrOrigins(listing or [(DEFAULTS_ORIGIN, defaults.non_masquerade_cidrs)])
     names = tuple(name for name, _ in parts)
     if len(parts) == 1:
-        return MergedConfig(parts[0][1], merged_origins, names)
+        return MergedConfig(parts[0][1], origins, names)
     if not parts:
-        return MergedConfig(defaults, merged_origins, names)
+        return MergedConfig(defaults, origins, names)
     resyncs = [c.resync_interval_ns for _, c in parts if "resyncInterval" in c.keys]
     config = MasqConfig(
         non_masquerade_cidrs=tuple(origins),
@@ -68,4 +119,4 @@ def merge_configs(parts: list[tuple[str, MasqConfig]] | tuple[tuple[str, MasqCon
         cidr_limit_set=False,
         keys=frozenset().union(*(c.keys for _, c in parts)),
     )
-    return MergedConfig(config, merged_origins, names)
+    return MergedConfig(config, origins, names)

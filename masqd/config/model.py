@@ -103,10 +103,21 @@ class MasqConfig:
 
 @dataclass(frozen=True, slots=True)
 class ParsedConfig:
-    """A valid config and the warnings found on the way (unknown keys, duplicates, ...)."""
+    """A valid config and the warnings found on the way (unknown keys, duplicates, ...).
+
+    cidr_texts: the texts ``config.non_masquerade_cidrs`` were parsed from, one per network, when
+        each is exactly its network's ``str()`` (else empty): a parse of the next version of the
+        text takes the networks of the lines that did not change from here (``known`` of
+        :func:`~masqd.config.parse.parse_config`) instead of building them again.
+    """
 
     config: MasqConfig
     warnings: tuple[Problem, ...] = field(default=())
+    cidr_texts: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    def known_networks(self) -> dict[str, Network]:
+        """``cidr_texts`` -> their networks, for the ``known`` of the next parse."""
+        return dict(zip(self.cidr_texts, self.config.non_masquerade_cidrs))
 
 
 def default_config(options: AgentOptions) -> MasqConfig:

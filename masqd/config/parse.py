@@ -6,7 +6,8 @@ every problem named. Pure: no I/O.
 valid), at most :data:`MAX_REPORTED_FINDINGS` of them. Keys are matched like Go's ``encoding/json``
 matches them (exactly, else case-insensitively) so a file behaves as it does upstream, but anything
 that is not the canonical spelling, and any unknown key, is reported as a warning. YAML is read by a
-safe loader that keeps dates as strings and refuses anchors and aliases; a document starting with
+safe loader that keeps dates as strings and refuses anchors and aliases (a big block list of CIDRs
+is read by :mod:`masqd.config.fastparse` instead, to the same document); a document starting with
 ``{`` is JSON only. :func:`too_large_problem` and :func:`limit_problem` are the problems other
 config readers (files, the reconciler counting plugin CIDRs) report in the same words.
 """
@@ -16,13 +17,15 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
 import yaml.composer
 import yaml.events
 
-from masqd.cidrs import CIDRError, Network, duplicates, parse_cidr
+from masqd.cidrs import CIDRError, Network, duplicates, parse_cidrs
+from masqd.config.fastparse import fast_document
 from masqd.config.model import (
     MAX_CONFIG_BYTES,
     MIN_RESYNC_INTERVAL_NS,
@@ -43,10 +46,15 @@ _MAX_SHOWN_CHARS = 200
 _KEYS = ("nonMasqueradeCIDRs", "masqLinkLocal", "masqLinkLocalIPv6", "resyncInterval", "cidrLimit")
 
 
-def parse_config(text: str | None, options: AgentOptions, source: str = "<config>") -> ParsedConfig:
+def parse_config(text: str | None, options: AgentOptions, source: str = "<config>", *,
+                 known: Mapping[str, Network] | None = None) -> ParsedConfig:
     """Parse and validate config file text (YAML or JSON). ``None`` (no file) means defaults.
 
     Raises :class:`ConfigError` with every problem found; returns the config and its warnings.
+    ``known``: CIDR texts -> their networks, from the parse of an earlier version of the text
+    (:meth:`ParsedConfig.known_networks`); a CIDR listed as one of those texts is that network
+    (after a one-line edit of a 100k list, one network is built instead of 100k, and the rules
+    of the two versions share their networks).
     """
     defaults = default_config(options)
     if text is None:
@@ -70,7 +78,7 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
         if key is not None:
             values[key] = (_key_text(raw_key), value)
 
-    ctx = _Context(options, {}, problems, warnings)
+    ctx = _Context(options, {}, problems, warnings, known)
     keys = set()
     for key, (raw_key, value) in values.items():
         if value is None and key != "nonMasqueradeCIDRs":
@@ -83,10 +91,10 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
     cidr_key, cidr_value = values.get("nonMasqueradeCIDRs", ("nonMasqueradeCIDRs", None))
     # Count what the file lists, valid or not, so a limit problem is reported next to the others.
     count = len(cidr_value) if isinstance(cidr_value, list) else len(config.non_masquerade_cidrs)
-    _validate(config, count, str(cidr_key), problems, warnings)
+    _validate(config, count, str(cidr_key), problems, warnings, ctx.distinct)
     if problems:
         raise _config_error(source, problems, warnings)
-    return ParsedConfig(config, _bounded(warnings, "warnings"))
+    return ParsedConfig(config, _bounded(warnings, "warnings"), ctx.cidr_texts)
 
 
 def _config_error(source: str, problems: list[Problem], warnings: list[Problem] | tuple[Problem, ...] = ()) -> ConfigError:
@@ -197,10 +205,11 @@ def _load_document(text: str, source: str) -> Any:
             raise _config_error(source, [Problem("<document>", None, "not valid JSON: nested too deeply")]) from None
         except ValueError as exc:  # a number of more than 4300 digits
             raise _config_error(source, [Problem("<document>", None, f"not valid JSON: {exc}")]) from None
-    # Anchors and aliases need '&' or '*': without either, libyaml's own (faster) composer is safe.
-    loader = _AnchorRefusingLoader if "&" in text or "*" in text else _ConfigLoader
+    document = fast_document(text, _load_yaml)  # the common shape of a big file, or None
+    if document is not None:
+        return document
     try:
-        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+        return _load_yaml(text)
     except _AnchorFound as exc:
         where, line = _where(text, exc.problem_mark)
         raise _config_error(source, [Problem(where, line, _ANCHOR_MESSAGE)]) from None
@@ -215,6 +224,12 @@ def _load_document(text: str, source: str) -> Any:
     except Exception as exc:  # PyYAML's constructors on odd input: "!!int ''" (IndexError), "!!bool ''" (KeyError)
         reason = f"a tagged value cannot be read ({type(exc).__name__}: {exc})"
         raise _config_error(source, [Problem("<document>", None, f"not valid YAML or JSON: {reason}")]) from None
+
+
+def _load_yaml(text: str) -> Any:
+    # Anchors and aliases need '&' or '*': without either, libyaml's own (faster) composer is safe.
+    loader = _AnchorRefusingLoader if "&" in text or "*" in text else _ConfigLoader
+    return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _where(text: str, mark: Any) -> tuple[str, str]:
@@ -259,6 +274,9 @@ class _Context:
     fields: dict[str, Any]
     problems: list[Problem]
     warnings: list[Problem]
+    known: Mapping[str, Network] | None = None  # see parse_config
+    distinct: bool = False  # the CIDRs are known to hold no duplicates
+    cidr_texts: tuple[str, ...] = ()  # see ParsedConfig
 
 
 def _parse_cidrs(key: str, value: Any, ctx: _Context) -> None:
@@ -268,12 +286,16 @@ def _parse_cidrs(key: str, value: Any, ctx: _Context) -> None:
     if not isinstance(value, list):
         ctx.problems.append(Problem(key, shorten(value), "expected a list of CIDR strings, e.g. ['10.0.0.0/8']"))
         return
+    parsed, canonical = parse_cidrs(value, ctx.known)
+    if canonical:  # each an IPv4 network written as str() writes it: distinct texts are distinct networks
+        ctx.distinct = len(set(value)) == len(value)
+        ctx.fields["non_masquerade_cidrs"] = tuple(parsed)
+        ctx.cidr_texts = tuple(value)
+        return
     cidrs: list[Network] = []
-    for index, item in enumerate(value):
-        try:
-            net = parse_cidr(item)
-        except CIDRError as exc:
-            ctx.problems.append(Problem(f"{key}[{index}]", shorten(item), exc.reason))
+    for index, (item, net) in enumerate(zip(value, parsed)):
+        if isinstance(net, CIDRError):
+            ctx.problems.append(Problem(f"{key}[{index}]", shorten(item), net.reason))
             continue
         if net.version == 6 and not ctx.options.enable_ipv6:
             ctx.problems.append(
@@ -336,10 +358,11 @@ def limit_problem(key: str, limit: int, counted: str, remedy: str) -> Problem:
     return Problem(key, counted, f"at most cidrLimit={limit} CIDRs are accepted (link-local not counted); {remedy}")
 
 
-def _validate(config: MasqConfig, count: int, cidr_key: str, problems: list[Problem], warnings: list[Problem]) -> None:
+def _validate(config: MasqConfig, count: int, cidr_key: str, problems: list[Problem], warnings: list[Problem],
+              distinct: bool) -> None:
     cidrs = config.non_masquerade_cidrs
     if count > config.cidr_limit:
         problems.append(limit_problem(cidr_key, config.cidr_limit, f"{count} CIDRs", "remove CIDRs or raise cidrLimit"))
-    for net in duplicates(cidrs):
+    for net in () if distinct else duplicates(cidrs):
         warnings.append(Problem(cidr_key, str(net), "listed more than once; one entry is enough"))
 

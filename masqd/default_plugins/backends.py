@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
-from masqd.backends.base import BackendSettings
-from masqd.backends.dryrun import DryRunBackend
-from masqd.backends.iptables.backend import IptablesBackend
-from masqd.backends.nftables.backend import NftablesBackend
+from typing import TYPE_CHECKING
+
 from masqd.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # each backend's code is imported when that backend is made
+    from masqd.backends.base import BackendSettings
+    from masqd.backends.dryrun import DryRunBackend
+    from masqd.backends.iptables.backend import IptablesBackend
+    from masqd.backends.nftables.backend import NftablesBackend
 
 
 def _iptables(settings: BackendSettings) -> IptablesBackend:
+    from masqd.backends.iptables.backend import IptablesBackend
+
     return IptablesBackend(mode=settings.iptables_mode)
 
 
 def _nftables(settings: BackendSettings) -> NftablesBackend:
+    from masqd.backends.nftables.backend import NftablesBackend
+
     return NftablesBackend()
 
 
 def _dry_run(settings: BackendSettings) -> DryRunBackend:
+    from masqd.backends.dryrun import DryRunBackend
+
     return DryRunBackend()
 
 

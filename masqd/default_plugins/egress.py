@@ -10,13 +10,15 @@ apply. Until the first list arrives (or without the flag) it contributes nothing
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from masqd.hookspecs import hookimpl
-from masqd.policies import Policy, PolicySet, as_mapping, parse_policies
 from masqd.provenance import Origin
+
+if TYPE_CHECKING:  # the policy code is imported once --egress-nat-policies is used
+    from masqd.policies import PolicySet
 
 log = structlog.get_logger("masqd.egress_nat_policies")
 
@@ -50,6 +52,8 @@ class EgressNATPolicies:
     def update(self, objects: dict[str, Any]) -> str | None:
         """Take the watch's copy; returns why to reconcile when a policy's spec changed (the
         controller writing a policy's status changes nothing here)."""
+        from masqd.policies import as_mapping
+
         self.objects = dict(objects)
         self.enabled = True
         fingerprint = tuple(sorted((name, repr(as_mapping(obj).get("spec"))) for name, obj in objects.items()))
@@ -62,6 +66,8 @@ class EgressNATPolicies:
     def nonmasq_cidrs(self, config, options):
         if not self.enabled:
             return None  # --egress-nat-policies not given: not a contributor at all
+        from masqd.policies import parse_policies
+
         policies = parse_policies(self.objects.values(), allow_ipv6=options.enable_ipv6)
         self.policies = policies
         self._report(policies)
@@ -75,6 +81,8 @@ class EgressNATPolicies:
 
     def _report(self, policies: PolicySet) -> None:
         """Log each invalid policy, and each policy's IPv6 destinations left out, once."""
+        from masqd.policies import Policy
+
         findings = {f"invalid {exc}": exc for exc in policies.invalid}
         findings.update({f"ignored {p.name} {p.ignored}": p for p in policies.valid if p.ignored})
         for key, finding in findings.items():

@@ -1,37 +1,50 @@
-"""The config file: reading it, and watching it for changes with watchfiles.
+"""The config file: reading it, and watching it for changes with inotify on the event loop.
 
 A Kubernetes ConfigMap mount updates by writing a new timestamped directory and swapping the
 ``..data`` symlink, so the file's own inode never changes. The watcher therefore watches the
-*directory* holding the config path, re-reads the file on every batch of events, and asks for a
-reconcile only when the content hash changed (or the file appeared or disappeared).
+*directory* holding the config path, re-reads the file after every burst of events, and asks for
+a reconcile only when the content hash changed (or the file appeared or disappeared).
+
+A directory that is removed, renamed or replaced is reported by its own watch and watched
+afresh. While the directory does not exist, and while its path is a symlink (which can be swapped
+without touching the directory), its nearest existing ancestor is watched too, for the path
+component leading to it: a directory that appears is taken up at once, a swapped symlink
+followed. Otherwise the ancestor is not watched, so a busy parent (``/tmp``) wakes nobody.
+Nothing here wakes while nothing changes (:mod:`masqd.sources.inotify`: no thread, no timer).
+Where inotify cannot be used (``fs.inotify.max_user_instances`` or ``max_user_watches``
+exhausted, no inotify at all) the source says so once and polls instead, every
+:data:`POLL_DELAY_MS`, comparing ``stat`` results and reading the file only when they change.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import anyio
-import anyio.abc
 import structlog
-import watchfiles
 
 from masqd.config import MAX_CONFIG_BYTES, too_large_problem
 from masqd.errors import ConfigError
 from masqd.events import Notify
+from masqd.sources.inotify import (ENTRY_CHANGES, IN_ATTRIB, IN_CLOSE_WRITE, IN_DELETE_SELF, IN_MODIFY, IN_MOVE_SELF,
+                                   IN_ONLYDIR, IN_Q_OVERFLOW, SELF_GONE, Inotify, InotifyEvent)
 
-#: Milliseconds watchfiles waits for more changes before yielding a batch (its default is 50): a
-#: shorter step sees a change sooner and wakes the idle daemon more often (reload latency and idle
-#: cost: benchmarks/RESULTS.md, from reload_latency.py and idle_cost.py).
-WATCH_STEP_MS = 10
-#: Seconds between checks while the config directory does not exist.
-MISSING_DIR_POLL_SECONDS = 1.0
-#: Seconds after an inotify watch starts before the file is checked once more (see _watch).
-SETTLE_SECONDS = 0.1
+#: Milliseconds without a new event after which a burst of events is over and the config is
+#: checked, so a writer's truncate and write are one change (watchfiles' ``step``, as masqd used
+#: it). Armed only after an event: an idle watch has no timer.
+QUIET_MS = 10
+#: Milliseconds a burst of events may last before the config is checked anyway.
+MAX_BURST_MS = 1600
 #: Poll period when inotify cannot be used (e.g. fs.inotify.max_user_instances exhausted).
 POLL_DELAY_MS = 300
+
+#: What the directory holding the config is watched for: any change to its entries (a check).
+_DIRECTORY_MASK = ENTRY_CHANGES | IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+#: What its nearest existing ancestor is watched for: the next path component toward it changing.
+_ANCESTOR_MASK = ENTRY_CHANGES | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+_CHECK, _REWATCH = "check", "rewatch"
 
 log = structlog.get_logger("masqd.sources.files")
 
@@ -65,77 +78,147 @@ def _read_bounded(path: str | os.PathLike[str]) -> tuple[int, bytes]:
 
 
 def content_digest(path: str | os.PathLike[str]) -> str:
-    """A fingerprint of the file: sha256 of its bytes, ``missing``, or the read error's name.
-    A file over the size limit (refused when read) is fingerprinted by its size (and the bytes read)."""
+    """A fingerprint of the file: its size and a 64-bit keyed hash of its bytes (Python's own
+    SipHash: no hashing library loaded), ``missing``, or the read error's name. A file over the
+    size limit (refused when read) is fingerprinted by its size (and the bytes read)."""
     try:
         size, data = _read_bounded(path)
     except FileNotFoundError:
         return "missing"
     except OSError as exc:
         return f"error:{type(exc).__name__}"
-    digest = hashlib.sha256(data).hexdigest()
-    return digest if size <= MAX_CONFIG_BYTES else f"too-large:{size}:{digest}"
+    digest = f"{size}:{hash(data) & 0xFFFFFFFFFFFFFFFF:016x}"
+    return digest if size <= MAX_CONFIG_BYTES else f"too-large:{digest}"
+
+
+def stat_key(path: str | os.PathLike[str]) -> tuple | str:
+    """What polling compares: the file's identity, size and times (symlinks followed), ``missing``,
+    or the error's name. Changes whenever the content may have changed (an in-place edit, an
+    atomic replace, a swapped ConfigMap symlink)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"error:{type(exc).__name__}"
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class ConfigFileSource:
-    """Asks for a reconcile whenever the config file's content changes."""
+    """Asks for a reconcile whenever the config file's content changes.
+
+    ``force_polling``: poll from the start instead of trying inotify (set when the source falls
+    back to polling). ``watching`` says how it watches once its watch is in place: ``inotify`` or
+    ``polling`` (``None`` before)."""
 
     name = "file"
 
-    def __init__(self, path: str | os.PathLike[str], *, force_polling: bool | None = None, watch=watchfiles.awatch):
+    def __init__(self, path: str | os.PathLike[str], *, force_polling: bool | None = None):
         self.path = Path(path)
         self.directory = self.path.parent
-        self.force_polling = force_polling
-        self._watch_changes = watch  # watchfiles.awatch, or a stand-in with its signature in tests
+        self.force_polling = bool(force_polling)
+        self.watching: str | None = None
+        #: the paths inotify watches now (the directory, and its ancestor while needed)
+        self.watched: tuple[str, ...] = ()
 
     def digest(self) -> str:
         """What changes whenever the watched config changes (see :func:`content_digest`)."""
         return content_digest(self.path)
 
+    def signature(self) -> object:
+        """A cheap stand-in for :meth:`digest` that polling compares (``stat``, no reading)."""
+        return stat_key(self.path)
+
     async def run(self, notify: Notify) -> None:
-        # watchfiles runs its watcher in a thread that only returns on a change, a timeout or its
-        # stop event; set that event as soon as this task is cancelled so shutdown is immediate.
-        stop = anyio.Event()
+        self.watching = None
         self._digest = self.digest()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_set_when_cancelled, stop)
-            await self._watch(notify, stop, tg)
+        if not self.force_polling:
+            try:
+                await self._watch(notify)
+            except OSError as exc:  # no inotify instance or watch to be had here: poll
+                log.warning("cannot watch config directory with inotify; polling it instead",
+                            directory=str(self.directory), error=str(exc), poll_ms=POLL_DELAY_MS)
+                self.force_polling = True
+        await self._poll(notify)
 
-    async def _watch(self, notify: Notify, stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
-        directory = self.directory
+    async def _watch(self, notify: Notify) -> None:
+        directory = Path(os.path.abspath(self.directory))
+        try:
+            with Inotify() as inotify:
+                roles = self._add_watches(inotify, directory)
+                self._check(notify)  # after the watches exist: a change from now on is seen here or reported
+                self.watching = "inotify"
+                while True:
+                    if await self._next_change(inotify, roles):
+                        for wd in roles:
+                            inotify.remove_watch(wd)
+                        roles = self._add_watches(inotify, directory)
+                    self._check(notify)
+        finally:
+            self.watched = ()
+
+    def _add_watches(self, inotify: Inotify, directory: Path) -> dict[int, str | None]:
+        """Watch ``directory`` (role ``None``: a change of its entries asks for a check) and, while
+        it is missing or a symlink, its nearest existing ancestor (role: the name of the next
+        component toward it, whose creation, removal or renaming asks for the watches to be set
+        up again). The ancestor is watched before the components below it are looked at, so a
+        directory created meanwhile is either found here or reported by the ancestor's watch."""
         while True:
-            if not directory.is_dir():
-                await anyio.sleep(MISSING_DIR_POLL_SECONDS)
-            else:
-                # A change made after the last check but before the new watcher took its first
-                # look would go unseen until the next resync: check once more when it has settled.
-                tg.start_soon(self._settle_check, notify)
+            roles: dict[int, str | None] = {}
+            child = directory
+            while child != child.parent:
                 try:
-                    async for _changes in self._watch_changes(
-                        directory,
-                        watch_filter=None,
-                        recursive=False,
-                        step=WATCH_STEP_MS,
-                        stop_event=stop,
-                        force_polling=self.force_polling,
-                        poll_delay_ms=POLL_DELAY_MS,
-                        ignore_permission_denied=True,
-                    ):
-                        self._check(notify)
-                        if not directory.is_dir():
-                            break
-                except (OSError, RuntimeError) as exc:  # watchfiles' errors derive from RuntimeError
-                    if self.force_polling:
-                        raise
-                    log.warning("cannot watch config directory with inotify; polling it instead",
-                                directory=str(directory), error=str(exc), poll_ms=POLL_DELAY_MS)
-                    self.force_polling = True
-            self._check(notify)
-            await anyio.sleep(0)  # a checkpoint: after a stop, cancellation is delivered here
+                    roles[inotify.add_watch(child.parent, _ANCESTOR_MASK)] = child.name
+                    break
+                except (FileNotFoundError, NotADirectoryError):
+                    child = child.parent
+            if child != directory and os.path.isdir(child):  # created since it was looked at: look again
+                for wd in roles:
+                    inotify.remove_watch(wd)
+                continue
+            watched = [f"{child.parent} (for {child.name})"] if roles else []
+            try:
+                roles[inotify.add_watch(directory, _DIRECTORY_MASK)] = None
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # not there (yet): its ancestor's watch says when it appears
+            else:
+                if not os.path.islink(directory):  # a directory of its own: its watch reports its removal
+                    for wd in [wd for wd, role in roles.items() if role is not None]:
+                        inotify.remove_watch(wd)
+                        del roles[wd]
+                    watched = []
+                watched.append(str(directory))
+            self.watched = tuple(watched)
+            log.debug("watching the config directory with inotify", directory=str(directory), watches=watched)
+            return roles
 
-    async def _settle_check(self, notify: Notify) -> None:
-        await anyio.sleep(2 * POLL_DELAY_MS / 1000 if self.force_polling else SETTLE_SECONDS)
-        self._check(notify)
+    async def _next_change(self, inotify: Inotify, roles: dict[int, str | None]) -> bool:
+        """Wait for events that matter, then take them until :data:`QUIET_MS` pass without one
+        (at most :data:`MAX_BURST_MS`). True when the watches must be set up again."""
+        found: set[str] = set()
+        while not found:
+            found = _classify(await inotify.read(), roles)
+        with anyio.move_on_after(MAX_BURST_MS / 1000):
+            while True:
+                with anyio.move_on_after(QUIET_MS / 1000) as quiet:
+                    more: set[str] = set()
+                    while not more:
+                        more = _classify(await inotify.read(), roles)
+                    found |= more
+                if quiet.cancelled_caught:
+                    break
+        return _REWATCH in found
+
+    async def _poll(self, notify: Notify) -> None:
+        signature = self.signature()
+        self._check(notify)  # what changed while the watch was being tried
+        self.watching = "polling"
+        while True:
+            await anyio.sleep(POLL_DELAY_MS / 1000)
+            current = self.signature()
+            if current != signature:
+                signature = current
+                self._check(notify)
 
     def _check(self, notify: Notify) -> None:
         digest = self.digest()
@@ -160,11 +243,30 @@ class ConfigDirectorySource(ConfigFileSource):
             files = self._files()
         except Exception as exc:  # unreadable directory: the reconciler reports why
             return f"error:{type(exc).__name__}"
-        return hashlib.sha256("\0".join(f"{path.name}:{content_digest(path)}" for path in files).encode()).hexdigest()
+        return "\0".join(f"{path.name}:{content_digest(path)}" for path in files)
+
+    def signature(self) -> object:
+        try:
+            files = self._files()
+        except Exception as exc:
+            return f"error:{type(exc).__name__}"
+        return tuple((path.name, stat_key(path)) for path in files)
 
 
-async def _set_when_cancelled(event: anyio.Event) -> None:
-    try:
-        await anyio.sleep_forever()
-    finally:
-        event.set()
+def _classify(events: list[InotifyEvent], roles: dict[int, str | None]) -> set[str]:
+    """What ``events`` ask for: a check (an entry of the directory changed), setting the watches
+    up again (the directory or the path to it changed, a watch is gone, events were lost), or
+    nothing (another entry of the ancestor, a watch removed earlier)."""
+    found = set()
+    for event in events:
+        if event.mask & IN_Q_OVERFLOW:
+            found.add(_REWATCH)
+        elif event.wd not in roles:
+            continue
+        elif event.mask & SELF_GONE and not event.name:
+            found.add(_REWATCH)
+        elif roles[event.wd] is None:
+            found.add(_CHECK)
+        elif event.name == roles[event.wd]:
+            found.add(_REWATCH)
+    return found

@@ -1,5 +1,6 @@
-"""The iptables backend itself: reads each family back, plans, writes with the executor, and
-checks what it wrote; also the cleanup of everything masqd wrote."""
+"""The iptables backend itself: reads each family back, plans, writes with the executor (an edit
+in place of a chain it knows, else the whole chain, checked at once); also the cleanup of
+everything masqd wrote."""
 
 from __future__ import annotations
 
@@ -7,26 +8,37 @@ import structlog
 
 from masqd.backends.base import LiveRules, SyncResult
 from masqd.backends.iptables.executor import IptablesExecutor, SubprocessExecutor
+from masqd.backends.iptables.incremental import RenderedRules, plan_edit
 from masqd.backends.iptables.live import live_family
-from masqd.backends.iptables.render import (RANDOM_FULLY_MIN_VERSION, family_rules, parse_iptables_version,
+from masqd.backends.iptables.render import (RANDOM_FULLY_MIN_VERSION, NatState, parse_iptables_version,
                                             parse_nat_chains, parse_nat_state, plan_restore, render_removal,
                                             render_ruleset)
 from masqd.backends.iptables_mode import binaries_for, detect_mode, installed_modes
 from masqd.backends.tools import run_tool
-from masqd.errors import BackendError, ReadBackError, ToolMissingError
+from masqd.errors import ApplyError, BackendError, ReadBackError, ToolMissingError
 from masqd.ruleset import FamilyRules, RuleSet
 
 log = structlog.get_logger("masqd.backend.iptables")
 
 
-
-
 class IptablesBackend:
     """Programs the upstream agent's nat chain and POSTROUTING jump, IPv4 and (optionally) IPv6.
 
-    Each family is read back and written on its own; after a write the family is read back again,
-    so a rule the kernel stores differently from how it was rendered is reported as an error
-    instead of being rewritten (and blamed on someone else) on every resync.
+    Every sync reads each family back (iptables has no change notification, and another writer's
+    change must be healed, not overwritten unseen) and writes only when it differs, one family at
+    a time. It writes in one of two ways:
+
+    - an edit in place (:func:`.incremental.plan_edit`: the rules to go deleted by their text,
+      the new ones inserted at their positions), when the chain read back is exactly the one this
+      backend knows (it wrote it, or read it back equal to what it wanted) and holds its one jump:
+      the daemon's config edits, whose cost then follows the change, not the chain's length. What
+      an edit wrote is checked by the next read-back (the next sync, or the drift check): a chain
+      found different from it is then rewritten whole and checked at once, as below;
+    - a rewrite of the whole chain (and the jump), in every other case (the first write of this
+      process, another writer's change, a large change, an edit the kernel refused because the
+      chain changed after the read-back), read back at once: a rule the kernel stores differently
+      from how it was rendered is reported as an error instead of being rewritten (and blamed on
+      someone else) on every resync.
 
     ``mode`` picks the iptables variant: ``legacy``, ``nft``, or ``auto`` (detected on first use,
     see :mod:`masqd.backends.iptables_mode`). An injected ``executor`` is used as it is.
@@ -41,6 +53,11 @@ class IptablesBackend:
             None if mode == "auto" else binaries_for(mode))
         #: Whether the iptables binary knows --random-fully; None until :meth:`probe` ran.
         self.random_fully_supported = random_fully_supported
+        self._rendered = RenderedRules()
+        #: Per family, the chain's rules as this backend last wrote them or read them back equal
+        #: to what it wanted (with the one jump); absent when unknown (before the first sync,
+        #: after a failed or refused write, after cleanup).
+        self._known: dict[int, tuple[str, ...]] = {}
 
     async def probe(self) -> None:
         """Pick the iptables variant (``auto``), then learn whether ``--random-fully`` is available."""
@@ -71,21 +88,55 @@ class IptablesBackend:
                 reasons.append(reason)
         return SyncResult(tuple(written), tuple(reasons))
 
+    def _desired(self, ruleset: RuleSet, family: FamilyRules) -> tuple[str, ...]:
+        return self._rendered.rules(ruleset, family, bool(self.random_fully_supported))
+
     async def _sync_family(self, ruleset: RuleSet, family: FamilyRules) -> str | None:
         """Bring one family in line; return why it was written, or None when it was in sync."""
-        desired = family_rules(ruleset, family, bool(self.random_fully_supported))
-        state = parse_nat_state(await self.executor.save(family.family), ruleset.chain)
-        text, reason = plan_restore(desired, state, ruleset.chain)
+        desired = self._desired(ruleset, family)
+        known = self._known.pop(family.family, None)  # unknown until this sync has read or written it
+        reason = await self._bring_in_line(family, ruleset.chain, desired, known)
+        self._known[family.family] = desired
+        return reason
+
+    async def _bring_in_line(self, family: FamilyRules, chain: str, desired: tuple[str, ...],
+                             known: tuple[str, ...] | None) -> str | None:
+        state = await self._read(family.family, chain)
+        text, reason = plan_restore(desired, state, chain)
         if text is None:
             return None
+        edit = plan_edit(state.rules, desired, chain) if state.rules == known and state.jumps == 1 else None
+        if edit is not None:
+            if await self._edited(family, edit.script):
+                return f"chain {chain} edited in place: {edit.deleted} rule(s) deleted, {edit.inserted} inserted"
+            text, reason = plan_restore(desired, await self._read(family.family, chain), chain)
+            if text is None:
+                return None
         await self.executor.restore(family.family, text)
-        after = parse_nat_state(await self.executor.save(family.family), ruleset.chain)
-        if plan_restore(desired, after, ruleset.chain)[0] is not None:
+        after = await self._read(family.family, chain)
+        if plan_restore(desired, after, chain)[0] is not None:
             raise BackendError(
                 f"{family.label}: iptables accepted the rules but reads them back differently; "
                 f"wrote {list(desired)}, read back {list(after.rules)} with {after.jumps} jump(s)"
             )
         return reason
+
+    async def _edited(self, family: FamilyRules, script: str) -> bool:
+        """Apply an edit; False when iptables refused one of its lines (a rule to delete is gone,
+        a position is past the end: the chain changed after it was read back), so that nothing
+        of it was applied. Any other failure (the xtables lock, a killed tool) is raised."""
+        try:
+            await self.executor.restore(family.family, script)
+        except ApplyError as exc:
+            if exc.line is None:
+                raise
+            log.info("iptables refused an edit of the chain, which changed after it was read back; rewriting it "
+                     "whole", family=family.label, error=str(exc))
+            return False
+        return True
+
+    async def _read(self, family: int, chain: str) -> NatState:
+        return parse_nat_state(await self.executor.save(family), chain)
 
     async def read_back(self, ruleset: RuleSet) -> LiveRules:
         """What the kernel holds of ``ruleset``'s chain and jump, per family; reads only (the
@@ -93,7 +144,7 @@ class IptablesBackend:
         await self.probe()
         families = []
         for family in ruleset.families:
-            desired = family_rules(ruleset, family, bool(self.random_fully_supported))
+            desired = self._desired(ruleset, family)
             text = await self.executor.save(family.family)
             state = parse_nat_state(text, ruleset.chain)
             families.append(live_family(state, family.family, desired, ruleset.chain, parse_nat_chains(text)))
@@ -105,6 +156,7 @@ class IptablesBackend:
         tables cannot be read (no IPv6 nat on this kernel, or no ip6tables binary) has nothing of
         masqd's and is skipped. Returns what was removed, e.g.
         ``("ipv4 chain IP-MASQ-AGENT (nft)", "ipv4 jump (nft)")``."""
+        self._known.clear()  # what is left is read back again before the next write
         variants = installed_modes() if self.mode == "auto" else ()
         targets = [(v, SubprocessExecutor(binaries_for(v))) for v in variants] or [(self.mode, self.executor)]
         removed: list[str] = []

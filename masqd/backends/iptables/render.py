@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from fractions import Fraction
 
-from masqd.cidrs import Network
+from masqd.cidrs import Network, cidr_text
 from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
 
 JUMP_COMMENT = "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain"
@@ -41,7 +41,7 @@ def destination_match(net: Network) -> str:
         if words[:5] == (0,) * 5 and (words[5] == 0xFFFF or (words[5] == 0 and words[6] != 0)):
             head = "::ffff:" if words[5] == 0xFFFF else "::"
             return f"-d {head}{ipaddress.IPv4Address(packed[12:])}/{net.prefixlen} "
-    return f"-d {net} "
+    return f"-d {cidr_text(net)} "
 
 
 def chain_rules(family: FamilyRules, chain: str, masquerade: Masquerade, random_fully: bool) -> tuple[str, ...]:
@@ -95,13 +95,33 @@ class NatState:
 
 
 def parse_nat_state(save_text: str, chain: str) -> NatState:
-    """Extract ``chain`` and the count of masqd's POSTROUTING jumps from iptables-save output."""
-    chains = parse_nat_chains(save_text)
-    jump = jump_rule(chain)
+    """Extract ``chain`` and the count of masqd's POSTROUTING jumps from iptables-save output (what
+    :func:`parse_nat_chains` would find, without sorting every rule into its chain: each sync
+    reads the chain back, and at 10k rules that costs more than the two chains needed)."""
+    prefix, declared, jump = f"-A {chain} ", f":{chain} ", jump_rule(chain)
     to_chain = re.compile(rf"(?:^| )-[jg] {re.escape(chain)}(?: |$)")
-    postrouting = chains.get("POSTROUTING", ())
-    return NatState(chain in chains, chains.get(chain, ()), sum(line == jump for line in postrouting),
+    lines = _nat_lines(save_text)
+    rules = tuple(line for line in lines if line.startswith(prefix))
+    postrouting = [line for line in lines if line.startswith("-A POSTROUTING ")]
+    return NatState(bool(rules) or any(line.startswith(declared) for line in lines), rules, postrouting.count(jump),
                     tuple(line for line in postrouting if line != jump and to_chain.search(line)))
+
+
+def _nat_lines(save_text: str) -> list[str]:
+    """The lines of the nat table(s) in iptables-save output: those after a ``*nat`` line, up to
+    the next ``*TABLE`` line (found with ``str.find`` on the rare ``*``, not line by line)."""
+    headers = []
+    at = save_text.find("*")
+    while at != -1:
+        if at == 0 or save_text[at - 1] == "\n":
+            headers.append(at)
+        at = save_text.find("*", at + 1)
+    lines: list[str] = []
+    for start, end in zip(headers, [*headers[1:], len(save_text)]):
+        name, _, body = save_text[start:end].partition("\n")
+        if name == "*nat":
+            lines += body.split("\n")
+    return lines
 
 
 def plan_restore(desired: tuple[str, ...], state: NatState, chain: str) -> tuple[str | None, str]:
