@@ -108,11 +108,13 @@ def stamped_lines(stream):
     return lines
 
 
-def wait_for_line(lines, needle: str, timeout: float = 10.0) -> float:
-    """The ``time.perf_counter()`` stamp of the next line holding ``needle`` (earlier lines are
-    consumed); raises ``TimeoutError``."""
+def wait_for_line(lines, needle, timeout: float = 10.0) -> float:
+    """The ``time.perf_counter()`` stamp of the next line holding ``needle`` (a string), or for
+    which ``needle(line)`` holds (a function of the line without its newline); earlier lines are
+    consumed. Raises ``TimeoutError``, or ``EOFError`` when the stream ends."""
     import queue
 
+    matches = needle if callable(needle) else lambda line: needle in line
     deadline = time.monotonic() + timeout
     while (remaining := deadline - time.monotonic()) > 0:
         try:
@@ -121,7 +123,7 @@ def wait_for_line(lines, needle: str, timeout: float = 10.0) -> float:
             break
         if line is None:
             raise EOFError(f"the stream ended without a line with {needle!r}")
-        if needle in line:
+        if matches(line.rstrip("\n")):
             return stamp
     raise TimeoutError(f"no line with {needle!r} within {timeout} s")
 

@@ -136,17 +136,12 @@ def arrived(backend: str, kind: str, cidr: str):
 def wait_for_match(lines, predicate, timeout: float) -> float:
     """The stamp of the next line of a :func:`stamped_lines` queue for which ``predicate`` holds
     (earlier lines are consumed)."""
-    deadline = time.monotonic() + timeout
-    while (remaining := deadline - time.monotonic()) > 0:
-        try:
-            stamp, line = lines.get(timeout=remaining)
-        except queue.Empty:
-            break
-        if line is None:
-            raise BenchmarkFailure("nft monitor ended")
-        if predicate(line.rstrip("\n")):
-            return stamp
-    raise BenchmarkFailure(f"the change was not announced by nft monitor within {timeout:g} s")
+    try:
+        return wait_for_line(lines, predicate, timeout)
+    except EOFError:
+        raise BenchmarkFailure("nft monitor ended") from None
+    except TimeoutError:
+        raise BenchmarkFailure(f"the change was not announced by nft monitor within {timeout:g} s") from None
 
 
 def sync_monitor(ns: str, lines, timeout: float = 60.0) -> None:

@@ -28,7 +28,7 @@ window of ``--seconds`` is measured from /proc:
 ``ip netns exec`` execs masqd in place, so the Popen pid is the daemon itself (checked). The
 helpers' CPU has the resolution of one clock tick (10 ms at USER_HZ 100) over the whole window.
 
-The iptables backend's idle cost is its drift check (``--drift-check-interval``, default 10 s:
+The iptables backend's idle cost is its drift check (``--drift-check-interval``, default 30 s:
 one ``iptables-save -t nat`` per family). ``--drift-probe N`` (default 10; 0: skip) measures one
 check precisely: an extra iptables daemon checks every 100 ms for N seconds, and the CPU of it and
 its helpers, divided by the checks made, is one check's cost; the line after the table says what
@@ -54,6 +54,7 @@ from pathlib import Path
 from bench_common import (check_execed_in_place, ignore_signals, namespaces_usable, stamped_lines, stop_process,
                           wait_for_line)
 
+from masqd.sources.drift import DRIFT_CHECK_SECONDS
 from masqd.testing import netns
 from masqd.testing.processes import children, cpu_ticks, rss_kib
 
@@ -156,10 +157,10 @@ def drift_probe(daemon: Daemon, seconds: float) -> str:
     # hundreds of checks make their resolution fine enough
     own = (after["own"] - before["own"]) / CLK_TCK / checks
     helpers = (after["reaped"] - before["reaped"]) / CLK_TCK / checks
-    per_second = (own + helpers) / 10.0  # at the default --drift-check-interval of 10 s
+    per_second = (own + helpers) / DRIFT_CHECK_SECONDS  # at the default --drift-check-interval
     return (f"iptables drift check: {(own + helpers) * 1000:.2f} ms CPU per check (masqd {own * 1000:.2f} ms, "
             f"iptables-save {helpers * 1000:.2f} ms; {checks:.0f} checks at {PROBE_INTERVAL * 1000:g} ms); at the "
-            f"default --drift-check-interval 10s that is {per_second * 100:.4f}% of a core")
+            f"default --drift-check-interval {DRIFT_CHECK_SECONDS:g}s that is {per_second * 100:.4f}% of a core")
 
 
 def main() -> int:

@@ -226,7 +226,7 @@ def test_check_drift_leaves_a_failed_sync_to_its_retries(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("value", "seconds"), [
-    pytest.param(None, 10.0, id="default"), pytest.param("500ms", 0.5, id="millis"), pytest.param("100ms", 0.1, id="floor"),
+    pytest.param(None, 30.0, id="default"), pytest.param("500ms", 0.5, id="millis"), pytest.param("100ms", 0.1, id="floor"),
     pytest.param("1m30s", 90.0, id="minutes"), pytest.param("0", 0.0, id="off"),
 ])
 def test_drift_check_interval_flag(value, seconds):

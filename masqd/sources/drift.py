@@ -13,7 +13,7 @@ at the next ``resyncInterval`` (default 60 s); these sources shorten the window:
   in a tight loop: the fight is logged once, naming the other writer, and slowed down. While the
   monitor cannot run, the rules are read back at once and every ``--drift-check-interval``.
 - :class:`DriftCheckSource`, for a backend that can only read back (iptables: there is no change
-  notification for legacy xtables): every ``--drift-check-interval`` (default 10 s) it reads the
+  notification for legacy xtables): every ``--drift-check-interval`` (default 30 s) it reads the
   chain back and asks for a reconcile only when it differs from the rules last applied.
 
 Neither writes: the reconciler repairs, as for any other event. ``--drift-check-interval 0``
@@ -39,7 +39,7 @@ from masqd.events import EventSource, Notify
 log = structlog.get_logger("masqd.sources.drift")
 
 #: Default seconds between two read-backs of the rules by :class:`DriftCheckSource`.
-DRIFT_CHECK_SECONDS = 10.0
+DRIFT_CHECK_SECONDS = 30.0
 #: The shortest ``--drift-check-interval`` (each check runs ``iptables-save``); 0 turns it off.
 MIN_DRIFT_CHECK_SECONDS = 0.1
 #: Outside changes restored at once, in a burst; beyond, one restore per REPAIR_REFILL_SECONDS.
