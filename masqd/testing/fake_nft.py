@@ -33,11 +33,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from masqd.backends.nftables.executor import load_error, marker_lines
 from masqd.backends.nftables.netlink import Change, describe_errno
-from masqd.backends.nftables.render import TABLE, set_name
+from masqd.backends.nftables.render import NFT_FAMILY, TABLE, set_name
 from masqd.errors import ApplyError, ElementsRefusedError, ToolExitedError
 from masqd.testing.nft_listing import dump, table_json
 
-_FAMILY_NAMES = {4: "ip", 6: "ip6"}
 _SET_TYPES = {"ipv4_addr": "ip", "ipv6_addr": "ip6"}  # set type -> the family of its addresses
 _PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
 _PROTOCOLS = frozenset({"tcp", "udp", "sctp", "udplite", "dccp", "icmp", "icmpv6"})
@@ -176,9 +175,9 @@ class FakeNft:
         self.calls.append(("elements", tuple((f, tuple(r), tuple(a)) for f, r, a in changes)))
         tables = copy.deepcopy(self.tables)
         for family, remove, add in changes:
-            table = tables.get((_FAMILY_NAMES[family], TABLE))
+            table = tables.get((NFT_FAMILY[family], TABLE))
             named = None if table is None else table.sets.get(set_name(family))
-            where = f"set {_FAMILY_NAMES[family]} {TABLE} {set_name(family)}"
+            where = f"set {NFT_FAMILY[family]} {TABLE} {set_name(family)}"
             held = set(named.elements) if named is not None else set()
             if named is None or not held.issuperset(remove):
                 raise ElementsRefusedError(f"removing {len(remove)} intervals from {where}", describe_errno(errno.ENOENT))
@@ -187,7 +186,8 @@ class FakeNft:
                 raise ElementsRefusedError(f"adding {len(add)} intervals to {where}", describe_errno(errno.EEXIST))
             named.elements = elements
         self.tables = tables
-        self._report("".join(f"delete element ip {TABLE} {set_name(f)}\nadd element ip {TABLE} {set_name(f)}\n"
+        self._report("".join(f"delete element {NFT_FAMILY[f]} {TABLE} {set_name(f)}\n"
+                             f"add element {NFT_FAMILY[f]} {TABLE} {set_name(f)}\n"
                              for f, _, _ in changes) + marker_lines(self.write_marker))
 
     # --- setting up and looking -------------------------------------------------------------------
@@ -366,7 +366,7 @@ class _Transaction:
 
 
 def _table_key(family: _Token, name: _Token) -> tuple[str, str]:
-    if family.text not in _FAMILY_NAMES.values():
+    if family.text not in NFT_FAMILY.values():
         raise _Refused(family, f"fake nft: models ip and ip6 tables only, not {family.text}")
     return family.text, name.text
 

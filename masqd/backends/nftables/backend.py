@@ -17,6 +17,7 @@ from collections.abc import Callable
 import anyio
 import structlog
 
+from masqd.aio import Backoff
 from masqd.backends.base import LiveRules, SyncResult
 from masqd.backends.nftables.executor import NftExecutor, NftMonitor, NftSubprocessExecutor
 from masqd.backends.nftables.live import why_rewritten, live_family, other_nat_chains, parse_listing
@@ -215,14 +216,13 @@ class NftablesBackend:
 
     async def _probe(self, executor: NftExecutor) -> None:
         """Make marked, empty transactions until the monitor has reported one (then it listens)."""
-        delay = PROBE_SECONDS
+        delays = Backoff(PROBE_SECONDS, PROBE_MAX_SECONDS, jitter=0)
         while not self._listening:
             try:
                 await executor.change_elements(())
             except ElementsRefusedError:  # netlink cannot be used here: nft writes the marker
                 await executor.apply("")
-            await anyio.sleep(delay)
-            delay = min(delay * 2, PROBE_MAX_SECONDS)
+            await anyio.sleep(delays.next_delay())
 
     def _forget(self) -> None:
         """The kernel may differ from what masqd knows: the next sync reads back."""

@@ -130,15 +130,15 @@ async def _send_batch(batch: bytes, expected: dict[int, str]) -> None:
         while True:
             try:
                 replies += sock.recv(1 << 16)
+                continue  # read all that is there before looking at it
             except BlockingIOError:
-                acked, failed = batch_errors(replies)
-                if failed:  # the kernel aborted the batch; what it had to say has been read
-                    break
-                await anyio.wait_readable(sock)
-                continue
+                pass
             acked, failed = batch_errors(replies)
-            if len(acked) >= len(expected):
+            # done when every message is answered, or the kernel aborted the batch (a refusal:
+            # what it had to say has been read)
+            if failed or len(acked) >= len(expected):
                 break
+            await anyio.wait_readable(sock)
     if failed:
         seq, code, said = failed[0]
         reason = describe_errno(code) + (f": {said}" if said else "")

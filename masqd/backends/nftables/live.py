@@ -67,19 +67,15 @@ def _parse_elements(elements: list[Any], family: int) -> tuple[tuple[int, int], 
     ranges = []
     append = ranges.append
     for element in elements:
-        prefix = element.get("prefix") if type(element) is dict else None
-        if prefix is not None:  # the usual element: {"prefix": {"addr": ..., "len": ...}}
-            first = to_int(prefix["addr"])
-            append((first, first | ((1 << (bits - prefix["len"])) - 1)))
-            continue
         if isinstance(element, dict) and "elem" in element:  # an element with options (comment...)
             element = element["elem"]["val"]
         if isinstance(element, str):
             value = to_int(element)
             append((value, value))
-        elif "prefix" in element:
-            first = to_int(element["prefix"]["addr"])
-            append((first, first | ((1 << (bits - element["prefix"]["len"])) - 1)))
+        elif "prefix" in element:  # the usual element: {"prefix": {"addr": ..., "len": ...}}
+            prefix = element["prefix"]
+            first = to_int(prefix["addr"])
+            append((first, first | ((1 << (bits - prefix["len"])) - 1)))
         elif "range" in element:
             append((to_int(element["range"][0]), to_int(element["range"][1])))
     return _merge(ranges)

@@ -79,8 +79,8 @@ class TableState:
 
 def intervals_of(networks: list[Network] | tuple[Network, ...]) -> tuple[tuple[int, int], ...]:
     """Sorted address ranges covering ``networks``, overlapping and adjacent ones merged."""
-    return _merge([(first, first | ((1 << (n.max_prefixlen - n._prefixlen)) - 1))
-                   for n in networks for first in (n.network_address._ip,)])
+    return _merge([(first, first | ((1 << (n.max_prefixlen - n.prefixlen)) - 1))
+                   for n in networks for first in (int(n.network_address),)])
 
 
 def _merge(ranges) -> tuple[tuple[int, int], ...]:
