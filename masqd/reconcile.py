@@ -326,7 +326,7 @@ class Reconciler:
         shares = {c.plugin: len(c.cidrs) for c in self.contributions if c.cidrs}
         if shares:
             fields["cidrs_from_plugins"] = shares
-        if desired == self.status.applied:
+        if self.status.repaired:  # the rules already applied, written again: someone changed them
             log.warning("rules restored after outside change", **fields)
             return
         added, removed = self._changes(self.status.applied, desired)
