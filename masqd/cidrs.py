@@ -184,6 +184,57 @@ def unique(networks: Iterable[Network]) -> dict[int, Network]:
     return keyed
 
 
+# --- longest-prefix match -----------------------------------------------------------------------------
+
+
+def nested_in(inner: Network, outer_keys: set[int]) -> bool:
+    """Whether a network of ``outer_keys`` (:func:`network_key` values, ``inner``'s family) holds
+    ``inner`` and is shorter than it."""
+    return any(network_key(inner.supernet(new_prefix=length)) in outer_keys for length in range(inner.prefixlen))
+
+
+def longest_prefix_ranges(keep: Iterable[Network], masq: Iterable[Network]) -> list[tuple[int, int]]:
+    """The addresses of one family whose longest matching prefix among ``keep`` and ``masq`` is a
+    ``keep`` one, as sorted, merged ``(first, last)`` ranges. A prefix in both lists counts as
+    ``masq`` (callers refuse that before). Prefixes either nest or are disjoint, so one sweep
+    over them in address order, innermost last, decides every address."""
+    entries = sorted(
+        [(int(n.network_address), -int(n.broadcast_address), False) for n in keep]
+        + [(int(n.network_address), -int(n.broadcast_address), True) for n in masq]
+    )
+    ranges: list[tuple[int, int]] = []
+    open_: list[tuple[int, bool]] = []  # (last address, kept) of the prefixes holding the sweep's position
+    position = 0  # the first address not decided yet
+
+    def decide(upto: int) -> None:
+        nonlocal position
+        if upto >= position:
+            if open_ and open_[-1][1]:
+                if ranges and ranges[-1][1] + 1 == position:
+                    ranges[-1] = (ranges[-1][0], upto)
+                else:
+                    ranges.append((position, upto))
+            position = upto + 1
+
+    for first, negative_last, masqueraded in entries:
+        while open_ and open_[-1][0] < first:
+            decide(open_[-1][0])
+            open_.pop()
+        decide(first - 1)
+        open_.append((-negative_last, not masqueraded))
+    while open_:
+        decide(open_[-1][0])
+        open_.pop()
+    return ranges
+
+
+def range_networks(ranges: Iterable[tuple[int, int]], version: int) -> tuple[Network, ...]:
+    """The fewest networks covering each ``(first, last)`` range, in order."""
+    address = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    return tuple(net for first, last in ranges
+                 for net in ipaddress.summarize_address_range(address(first), address(last)))
+
+
 # --- ipaddress without its per-object overhead -----------------------------------------------------
 
 _inet_pton = socket.inet_pton

@@ -18,6 +18,9 @@ rest of masqd never names a default plugin.
 
 Changes to the hooks, newest first (each keeps plugins written against the earlier hooks working):
 
+- Since 0.2.0: ``masquerade_cidrs`` contributes masquerade entries, which override a shorter
+  kept range by longest-prefix match (the config's ``masqueradeCIDRs``).
+
 - Since 0.1.0: ``register_sources`` is also called by the one-shot commands
   (``context.once``), which call an event source's optional ``read_once()`` instead of ``run``;
   ``SourceContext`` is keyword-only and no longer carries masqd's drift-check wiring. A plugin
@@ -53,6 +56,28 @@ def nonmasq_cidrs(config, options):
     ``EgressNATPolicy`` plugin does); the metrics then count them as ``source="policy"``, and its
     ``describe_cidrs`` should name the policies (``Origin("policy", NAME)``) so that ``explain``
     says the same. The default is ``"plugin"``; any other value is refused at start-up.
+    """
+
+
+@hookspec
+def masquerade_cidrs(config, options):
+    """More destinations masqueraded even inside a range that keeps the pod source address.
+
+    Called on every reconcile, right after :func:`nonmasq_cidrs`. These are masquerade entries,
+    beside the config's ``masqueradeCIDRs``: for each destination the longest matching prefix
+    among the kept CIDRs (config, defaults, link-local, every plugin's ``nonmasq_cidrs``, policies)
+    and the masquerade entries decides, so ``169.254.169.254/32`` here masquerades the metadata
+    server while the rest of ``169.254.0.0/16`` keeps the pod address. An entry no kept range
+    holds changes nothing (such traffic is masqueraded anyway).
+
+    :param config: the validated config file (:class:`masqd.config.MasqConfig`).
+    :param options: the agent flags (:class:`masqd.config.AgentOptions`).
+    :return: an iterable of CIDRs (strings or ``ipaddress`` networks); ``None`` for none. Each is
+        validated like a config CIDR; one bad item rejects the whole new state. A CIDR that is
+        also kept, with the same prefix length (by the config, a plugin or a policy), rejects the
+        new state too, naming both: a destination is either kept or masqueraded. Contributions
+        count toward ``cidrLimit`` (of ``masqueradeCIDRs``) only when the config file sets
+        ``cidrLimit``. ``describe_cidrs`` is called with them too, and ``explain`` names the plugin.
     """
 
 

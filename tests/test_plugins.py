@@ -53,6 +53,18 @@ class Adds:
         return self.cidrs
 
 
+class Overrides:
+    """masquerade_cidrs returns a fixed list."""
+
+    def __init__(self, name: str, *cidrs):
+        self.name = name
+        self.cidrs = list(cidrs)
+
+    @masqd.hookimpl
+    def masquerade_cidrs(self, config, options):
+        return self.cidrs
+
+
 class Vetoes:
     name = "veto"
 
@@ -862,11 +874,67 @@ def test_an_unknown_origin_kind_is_refused_at_start_up_naming_the_plugin():
         make_plugins(Odd("odd", "192.0.2.0/24"))
 
 
+# --- masquerade_cidrs ---------------------------------------------------------------------------------
+
+
+@covers("masquerade_cidrs")
+def test_a_masquerade_entry_cuts_a_longer_hole_into_a_kept_range(masqd_dry_run):
+    agent = masqd_dry_run(Overrides("metadata", "169.254.169.254/32"))
+    result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    assert result.error is None, result.error
+    assert result.overrides == {"metadata": ["169.254.169.254/32"]}
+    kept = [ipaddress.ip_network(net) for net in result.nonmasq[4]]
+    assert not any(ipaddress.ip_address("169.254.169.254") in net for net in kept)
+    assert any(ipaddress.ip_address("169.254.169.253") in net for net in kept)
+    assert ipaddress.ip_network("10.0.0.0/8") in kept
+    assert "-d 169.254.169.252/31 -m comment" in result.rules
+
+
+@covers("masquerade_cidrs")
+def test_a_masquerade_entry_outside_every_kept_range_leaves_upstreams_rules(masqd_dry_run):
+    agent = masqd_dry_run(Overrides("far", "198.51.100.0/24"))
+    result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    assert result.error is None
+    assert result.nonmasq[4] == ["169.254.0.0/16", "10.0.0.0/8"]
+
+
+@covers("masquerade_cidrs", "nonmasq_cidrs")
+def test_the_same_prefix_kept_by_one_plugin_and_masqueraded_by_another_is_refused_naming_both(masqd_dry_run):
+    agent = masqd_dry_run(Adds("keeper", "192.0.2.0/24"), Overrides("masker", "192.0.2.0/24"))
+    result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    assert isinstance(result.error, PluginError)
+    assert "masker.masquerade_cidrs: '192.0.2.0/24': also kept by keeper" in str(result.error)
+    assert result.rules is None  # nothing applied
+
+
+@covers("masquerade_cidrs")
+def test_a_config_keep_entry_and_a_plugin_masquerade_entry_of_one_prefix_are_refused(masqd_dry_run):
+    agent = masqd_dry_run(Overrides("masker", "10.0.0.0/8"))
+    result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    assert "also kept by the config" in str(result.error)
+
+
+@covers("masquerade_cidrs")
+@pytest.mark.parametrize("returned, key, reason", [
+    pytest.param(["10.0.0.1/8"], "bad.masquerade_cidrs[0]", "did you mean '10.0.0.0/8'", id="misaligned"),
+    pytest.param(["2001:db8::/32"], "bad.masquerade_cidrs[0]", "--enable-ipv6", id="ipv6-without-flag"),
+    pytest.param(42, "bad.masquerade_cidrs", "expected an iterable", id="not-iterable"),
+])
+def test_unusable_masquerade_entries_reject_the_state_naming_the_plugin(masqd_dry_run, returned, key, reason):
+    agent = masqd_dry_run(Overrides("bad", "192.0.2.0/24"))
+    assert agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n").error is None
+    agent.plugins.pm.get_plugin("bad").cidrs = returned
+    result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    assert isinstance(result.error, PluginError)
+    assert key in str(result.error) and reason in str(result.error)
+    assert result.overrides == {"bad": ["192.0.2.0/24"]}  # the last good state stays
+
+
 # --- the meta-test -------------------------------------------------------------------------------------
 
 
 def test_every_hookspec_has_a_test():
     specs = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "masqd_spec")}
-    assert specs == {"nonmasq_cidrs", "validate_config", "audit", "register_backends", "register_sources",
-                     "describe_cidrs"}
+    assert specs == {"nonmasq_cidrs", "masquerade_cidrs", "validate_config", "audit", "register_backends",
+                     "register_sources", "describe_cidrs"}
     assert specs - COVERED == set(), f"hookspecs without a test: {sorted(specs - COVERED)}"

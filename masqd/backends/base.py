@@ -104,6 +104,13 @@ class LiveFamily:
         of the rule set read back against).
     foreign: the rules masqd does not write that may decide what happens to traffic before,
         inside or after masqd's rules (:class:`ForeignRule`), in the order the kernel walks them.
+
+    What the decision model's rules hold (see :mod:`masqd.ruleset`), when masqd wrote them:
+    keep_sources: sources its rules never masquerade (``nonMasqueradeSourceCIDRs``).
+    masq_sources: the only sources its rules masquerade (``None``: any).
+    interfaces: the only interfaces its final masquerade rules act on, in iptables' form (``eth+``;
+        empty: any).
+    snat_to: the address its final rule rewrites to (``None``: MASQUERADE, the node's address).
     """
 
     family: int
@@ -115,6 +122,10 @@ class LiveFamily:
     unexpected: tuple[str, ...] = ()
     drift: str | None = None
     foreign: tuple[ForeignRule, ...] = ()
+    keep_sources: tuple[Network, ...] = ()
+    masq_sources: tuple[Network, ...] | None = None
+    interfaces: tuple[str, ...] = ()
+    snat_to: str | None = None
 
     @property
     def label(self) -> str:

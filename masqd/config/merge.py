@@ -8,10 +8,19 @@ Each source is parsed and validated on its own first (:func:`~masqd.config.parse
 from __future__ import annotations
 
 from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
+import dataclasses
 from dataclasses import dataclass
 
 from masqd.cidrs import Network, network_key
 from masqd.config.model import AgentOptions, MasqConfig, default_config
+from masqd.errors import ConfigError, Problem
+
+#: The CIDR lists of the decision model beyond upstream, and their config fields.
+OTHER_CIDR_LISTS = {
+    "masqueradeCIDRs": "masquerade_cidrs",
+    "masqueradeSourceCIDRs": "masquerade_source_cidrs",
+    "nonMasqueradeSourceCIDRs": "non_masquerade_source_cidrs",
+}
 
 #: The origin shown for CIDRs that come from the defaults (no present source lists any).
 DEFAULTS_ORIGIN = "defaults"
@@ -89,6 +98,9 @@ class MergedConfig:
     config: MasqConfig
     origins: Mapping[Network, tuple[str, ...]]
     sources: tuple[str, ...]
+    #: The same for the other CIDR lists (``masqueradeCIDRs``, ``masqueradeSourceCIDRs``,
+    #: ``nonMasqueradeSourceCIDRs``): key -> CIDR -> the sources listing it.
+    list_origins: Mapping[str, Mapping[Network, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
 
 
 def merge_configs(parts: list[tuple[str, MasqConfig]] | tuple[tuple[str, MasqConfig], ...], options: AgentOptions) -> MergedConfig:
@@ -99,16 +111,21 @@ def merge_configs(parts: list[tuple[str, MasqConfig]] | tuple[tuple[str, MasqCon
     ``masqLinkLocalIPv6`` are OR'ed, the smallest ``resyncInterval`` wins, and a key no source
     sets keeps its default. ``cidrLimit`` was already checked per source by
     :func:`~masqd.config.parse.parse_config`; with several sources plugin contributions are not
-    counted against any one source's limit.
+    counted against any one source's limit. The other CIDR lists and ``outputInterfaces`` are
+    unioned like ``nonMasqueradeCIDRs``; ``snatToAddress`` (and ``snatToAddressIPv6``) may be set
+    by several sources only to the same address: two different ones raise :class:`ConfigError`
+    naming both sources.
     """
     defaults = default_config(options)
     listing = [(name, c.non_masquerade_cidrs) for name, c in parts if "nonMasqueradeCIDRs" in c.keys]
     origins = CidrOrigins(listing or [(DEFAULTS_ORIGIN, defaults.non_masquerade_cidrs)])
+    others = {key: CidrOrigins([(name, getattr(c, field)) for name, c in parts if key in c.keys])
+              for key, field in OTHER_CIDR_LISTS.items()}
     names = tuple(name for name, _ in parts)
     if len(parts) == 1:
-        return MergedConfig(parts[0][1], origins, names)
+        return MergedConfig(parts[0][1], origins, names, others)
     if not parts:
-        return MergedConfig(defaults, origins, names)
+        return MergedConfig(defaults, origins, names, others)
     resyncs = [c.resync_interval_ns for _, c in parts if "resyncInterval" in c.keys]
     config = MasqConfig(
         non_masquerade_cidrs=tuple(origins),
@@ -118,5 +135,20 @@ def merge_configs(parts: list[tuple[str, MasqConfig]] | tuple[tuple[str, MasqCon
         cidr_limit=max(c.cidr_limit for _, c in parts),
         cidr_limit_set=False,
         keys=frozenset().union(*(c.keys for _, c in parts)),
+        **{field: tuple(others[key]) for key, field in OTHER_CIDR_LISTS.items()},
+        snat_to_address=_one_address(parts, "snatToAddress", "snat_to_address"),
+        snat_to_address_ipv6=_one_address(parts, "snatToAddressIPv6", "snat_to_address_ipv6"),
+        output_interfaces=tuple(dict.fromkeys(name for _, c in parts for name in c.output_interfaces)),
     )
-    return MergedConfig(config, origins, names)
+    return MergedConfig(config, origins, names, others)
+
+
+def _one_address(parts, key: str, field: str):
+    """The address the sources setting ``key`` agree on (``None``: no source sets it)."""
+    setting = [(name, getattr(c, field)) for name, c in parts if getattr(c, field) is not None]
+    if len({address for _, address in setting}) > 1:
+        (first, one), (second, two) = setting[0], next(item for item in setting if item[1] != setting[0][1])
+        raise ConfigError(f"{first}, {second}", [Problem(key, f"{one}, {two}", (
+            f"{first} sets {one} and {second} sets {two}: traffic can be rewritten to one address only; "
+            "set it in one config source"))])
+    return setting[0][1] if setting else None

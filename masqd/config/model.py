@@ -9,6 +9,7 @@ used when no file is present.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from masqd.cidrs import Network, parse_cidr
@@ -82,9 +83,24 @@ class MasqConfig:
         a guard against a runaway list.
     cidr_limit_set: the file sets ``cidrLimit``; only then do plugin contributions count toward
         it (the default 64 is for compatibility, not a limit plugin authors signed up for).
-    keys: the canonical keys the file sets (a null value counts only for ``nonMasqueradeCIDRs``,
+    keys: the canonical keys the file sets (a null value counts only for the CIDR lists,
         where it means an empty list); when several config sources merge, a key no source sets
         keeps its default (see :func:`~masqd.config.merge.merge_configs`).
+
+    The decision model beyond upstream (each optional; with none set the rules are upstream's,
+    byte for byte; the README's "Decision model" says how they combine):
+
+    masquerade_cidrs: ``masqueradeCIDRs``, destinations masqueraded even inside a non-masquerade
+        range: the longest matching prefix of the two lists decides (default none).
+    masquerade_source_cidrs: ``masqueradeSourceCIDRs``; when non-empty only traffic from these
+        sources is ever masqueraded (default none: any source).
+    non_masquerade_source_cidrs: ``nonMasqueradeSourceCIDRs``, sources never masqueraded
+        (default none).
+    snat_to_address / snat_to_address_ipv6: ``snatToAddress`` / ``snatToAddressIPv6``, SNAT to
+        this address instead of MASQUERADE (it must be assigned to an interface of the agent's
+        network namespace when the rules are applied; default none: MASQUERADE).
+    output_interfaces: ``outputInterfaces``, only traffic leaving through these interfaces is
+        masqueraded; a trailing ``+`` is a prefix wildcard, as in iptables (default none: any).
     """
 
     non_masquerade_cidrs: tuple[Network, ...] = tuple(parse_cidr(c) for c in RFC1918_CIDRS)
@@ -94,6 +110,12 @@ class MasqConfig:
     cidr_limit: int = 64
     cidr_limit_set: bool = False
     keys: frozenset[str] = field(default=frozenset(), compare=False)
+    masquerade_cidrs: tuple[Network, ...] = ()
+    masquerade_source_cidrs: tuple[Network, ...] = ()
+    non_masquerade_source_cidrs: tuple[Network, ...] = ()
+    snat_to_address: ipaddress.IPv4Address | None = None
+    snat_to_address_ipv6: ipaddress.IPv6Address | None = None
+    output_interfaces: tuple[str, ...] = ()
 
     @property
     def resync_interval(self) -> float:

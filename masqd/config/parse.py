@@ -14,8 +14,11 @@ config readers (files, the reconciler counting plugin CIDRs) report in the same 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import ipaddress
 import json
+import re
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +27,7 @@ import yaml
 import yaml.composer
 import yaml.events
 
-from masqd.cidrs import CIDRError, Network, duplicates, parse_cidrs
+from masqd.cidrs import LINK_LOCAL_V4, LINK_LOCAL_V6, CIDRError, Network, duplicates, parse_cidrs
 from masqd.config.fastparse import fast_document
 from masqd.config.model import (
     MAX_CONFIG_BYTES,
@@ -43,7 +46,17 @@ MAX_REPORTED_FINDINGS = 100
 #: Longest key, reason or duration text shown in a problem; longer ones are cut with "...".
 _MAX_SHOWN_CHARS = 200
 
-_KEYS = ("nonMasqueradeCIDRs", "masqLinkLocal", "masqLinkLocalIPv6", "resyncInterval", "cidrLimit")
+_KEYS = ("nonMasqueradeCIDRs", "masqLinkLocal", "masqLinkLocalIPv6", "resyncInterval", "cidrLimit",
+         # the decision model beyond upstream (README, "Decision model")
+         "masqueradeCIDRs", "masqueradeSourceCIDRs", "nonMasqueradeSourceCIDRs", "snatToAddress",
+         "snatToAddressIPv6", "outputInterfaces")
+#: The keys holding a list of CIDRs, and the config field of each. A null value is an empty list.
+CIDR_LIST_KEYS = {
+    "nonMasqueradeCIDRs": "non_masquerade_cidrs",
+    "masqueradeCIDRs": "masquerade_cidrs",
+    "masqueradeSourceCIDRs": "masquerade_source_cidrs",
+    "nonMasqueradeSourceCIDRs": "non_masquerade_source_cidrs",
+}
 
 
 def parse_config(text: str | None, options: AgentOptions, source: str = "<config>", *,
@@ -81,17 +94,20 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
     ctx = _Context(options, {}, problems, warnings, known)
     keys = set()
     for key, (raw_key, value) in values.items():
-        if value is None and key != "nonMasqueradeCIDRs":
+        if value is None and key not in CIDR_LIST_KEYS:
             warnings.append(Problem(raw_key, None, "null value ignored: the default is kept"))
             continue
         keys.add(key)
         _PARSERS[key](raw_key, value, ctx)
 
-    config = MasqConfig(**{**_defaults_as_fields(defaults), **ctx.fields, "keys": frozenset(keys)})
-    cidr_key, cidr_value = values.get("nonMasqueradeCIDRs", ("nonMasqueradeCIDRs", None))
+    config = dataclasses.replace(defaults, **ctx.fields, keys=frozenset(keys))
     # Count what the file lists, valid or not, so a limit problem is reported next to the others.
-    count = len(cidr_value) if isinstance(cidr_value, list) else len(config.non_masquerade_cidrs)
-    _validate(config, count, str(cidr_key), problems, warnings, ctx.distinct)
+    for key, attribute in CIDR_LIST_KEYS.items():
+        raw_key, value = values.get(key, (key, None))
+        count = len(value) if isinstance(value, list) else len(getattr(config, attribute))
+        distinct = ctx.distinct if key == "nonMasqueradeCIDRs" else False
+        _validate_list(config, getattr(config, attribute), count, str(raw_key), problems, warnings, distinct)
+    _validate_decisions(config, {key: str(raw) for key, (raw, _) in values.items()}, options, problems, warnings)
     if problems:
         raise _config_error(source, problems, warnings)
     return ParsedConfig(config, _bounded(warnings, "warnings"), ctx.cidr_texts)
@@ -134,18 +150,6 @@ def _key_text(raw_key: Any) -> str:
         return str(raw_key)
     except Exception:  # e.g. an int of more than 4300 digits (a 5000-digit hex key)
         return f"<a {type(raw_key).__name__} key>"
-
-
-def _defaults_as_fields(config: MasqConfig) -> dict[str, Any]:
-    return {
-        "non_masquerade_cidrs": config.non_masquerade_cidrs,
-        "masq_link_local": config.masq_link_local,
-        "masq_link_local_ipv6": config.masq_link_local_ipv6,
-        "resync_interval_ns": config.resync_interval_ns,
-        "cidr_limit": config.cidr_limit,
-        "cidr_limit_set": config.cidr_limit_set,
-        "keys": config.keys,
-    }
 
 
 class _ConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when present: far faster on big lists
@@ -283,26 +287,37 @@ def _parse_cidrs(key: str, value: Any, ctx: _Context) -> None:
     if value is None:  # like Go: null sets the list to empty
         ctx.fields["non_masquerade_cidrs"] = ()
         return
-    if not isinstance(value, list):
-        ctx.problems.append(Problem(key, shorten(value), "expected a list of CIDR strings, e.g. ['10.0.0.0/8']"))
-        return
-    parsed, canonical = parse_cidrs(value, ctx.known)
-    if canonical:  # each an IPv4 network written as str() writes it: distinct texts are distinct networks
-        ctx.distinct = len(set(value)) == len(value)
-        ctx.fields["non_masquerade_cidrs"] = tuple(parsed)
-        ctx.cidr_texts = tuple(value)
-        return
-    cidrs: list[Network] = []
-    for index, (item, net) in enumerate(zip(value, parsed)):
-        if isinstance(net, CIDRError):
-            ctx.problems.append(Problem(f"{key}[{index}]", shorten(item), net.reason))
-            continue
-        if net.version == 6 and not ctx.options.enable_ipv6:
-            ctx.problems.append(
-                Problem(f"{key}[{index}]", item, "IPv6 CIDR given but IPv6 is not enabled; start masqd with --enable-ipv6")
-            )
-        cidrs.append(net)
-    ctx.fields["non_masquerade_cidrs"] = tuple(cidrs)
+    if isinstance(value, list):
+        parsed, canonical = parse_cidrs(value, ctx.known)
+        if canonical:  # each an IPv4 network written as str() writes it: distinct texts are distinct networks
+            ctx.distinct = len(set(value)) == len(value)
+            ctx.fields["non_masquerade_cidrs"] = tuple(parsed)
+            ctx.cidr_texts = tuple(value)
+            return
+    _parse_cidr_list("non_masquerade_cidrs")(key, value, ctx)
+
+
+def _parse_cidr_list(attribute: str):
+    def parse(key: str, value: Any, ctx: _Context) -> None:
+        if value is None:  # like Go: null sets the list to empty
+            ctx.fields[attribute] = ()
+            return
+        if not isinstance(value, list):
+            ctx.problems.append(Problem(key, shorten(value), "expected a list of CIDR strings, e.g. ['10.0.0.0/8']"))
+            return
+        cidrs: list[Network] = []
+        for index, (item, net) in enumerate(zip(value, parse_cidrs(value)[0])):
+            if isinstance(net, CIDRError):
+                ctx.problems.append(Problem(f"{key}[{index}]", shorten(item), net.reason))
+                continue
+            if net.version == 6 and not ctx.options.enable_ipv6:
+                ctx.problems.append(
+                    Problem(f"{key}[{index}]", item, "IPv6 CIDR given but IPv6 is not enabled; start masqd with --enable-ipv6")
+                )
+            cidrs.append(net)
+        ctx.fields[attribute] = tuple(cidrs)
+
+    return parse
 
 
 def _parse_bool(attribute: str):
@@ -344,8 +359,72 @@ def _parse_limit(key: str, value: Any, ctx: _Context) -> None:
         ctx.fields["cidr_limit_set"] = True
 
 
+#: What an interface name in ``outputInterfaces`` may be: 1-15 characters (the kernel's IFNAMSIZ
+#: less its NUL) of letters, digits and ``_ . - @``, optionally ending in ``+`` (any name starting
+#: with the rest, as iptables' ``-o eth+``). Narrower than the kernel (which takes almost any
+#: byte), so that a name can never change the meaning of a rule text.
+_INTERFACE = re.compile(r"[A-Za-z0-9_.@-]{1,15}|[A-Za-z0-9_.@-]{0,14}\+")
+
+
+def _parse_interfaces(key: str, value: Any, ctx: _Context) -> None:
+    if not isinstance(value, list):
+        ctx.problems.append(Problem(key, shorten(value), "expected a list of interface names, e.g. ['eth0', 'ens+']"))
+        return
+    names: list[str] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not _INTERFACE.fullmatch(item) or item in (".", ".."):
+            ctx.problems.append(Problem(f"{key}[{index}]", shorten(item),
+                                        "expected an interface name of 1-15 letters, digits, '_', '.', '-' or '@' "
+                                        "(not '.' or '..'), or a prefix ending in '+' such as 'eth+'"))
+        elif item in names:
+            ctx.warnings.append(Problem(f"{key}[{index}]", item, "listed more than once; one entry is enough"))
+        else:
+            names.append(item)
+    ctx.fields["output_interfaces"] = tuple(names)
+
+
+def _parse_address(attribute: str, version: int):
+    other = "snatToAddressIPv6" if version == 4 else "snatToAddress"
+
+    def parse(key: str, value: Any, ctx: _Context) -> None:
+        example = "192.0.2.10" if version == 4 else "2001:db8::10"
+        try:
+            if not isinstance(value, str) or "/" in value or "%" in value:
+                raise ValueError
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            ctx.problems.append(Problem(key, shorten(value), f"expected an IPv{version} address such as {example} "
+                                                             "(no prefix length, no zone)"))
+            return
+        if address.version != version:
+            ctx.problems.append(Problem(key, value, f"is an IPv{address.version} address; this key takes IPv{version} "
+                                                    f"(use {other} for IPv{address.version})"))
+            return
+        if version == 6 and not ctx.options.enable_ipv6:
+            ctx.problems.append(Problem(key, value, "IPv6 address given but IPv6 is not enabled; start masqd with --enable-ipv6"))
+            return
+        unusable = next((what for what, bad in (
+            ("unspecified", address.is_unspecified), ("a loopback address", address.is_loopback),
+            ("a multicast address", address.is_multicast), ("link-local", version == 6 and address.is_link_local),
+            ("the broadcast address", version == 4 and address == ipaddress.IPv4Address("255.255.255.255")),
+        ) if bad), None)
+        if unusable:
+            ctx.problems.append(Problem(key, value, f"is {unusable}: traffic cannot leave the node from it; "
+                                                    f"give an address of this node's egress interface, e.g. {example}"))
+            return
+        ctx.fields[attribute] = address
+
+    return parse
+
+
 _PARSERS = {
     "nonMasqueradeCIDRs": _parse_cidrs,
+    "masqueradeCIDRs": _parse_cidr_list("masquerade_cidrs"),
+    "masqueradeSourceCIDRs": _parse_cidr_list("masquerade_source_cidrs"),
+    "nonMasqueradeSourceCIDRs": _parse_cidr_list("non_masquerade_source_cidrs"),
+    "snatToAddress": _parse_address("snat_to_address", 4),
+    "snatToAddressIPv6": _parse_address("snat_to_address_ipv6", 6),
+    "outputInterfaces": _parse_interfaces,
     "masqLinkLocal": _parse_bool("masq_link_local"),
     "masqLinkLocalIPv6": _parse_bool("masq_link_local_ipv6"),
     "resyncInterval": _parse_resync,
@@ -358,11 +437,35 @@ def limit_problem(key: str, limit: int, counted: str, remedy: str) -> Problem:
     return Problem(key, counted, f"at most cidrLimit={limit} CIDRs are accepted (link-local not counted); {remedy}")
 
 
-def _validate(config: MasqConfig, count: int, cidr_key: str, problems: list[Problem], warnings: list[Problem],
-              distinct: bool) -> None:
-    cidrs = config.non_masquerade_cidrs
+def _validate_list(config: MasqConfig, cidrs: tuple[Network, ...], count: int, key: str, problems: list[Problem],
+                   warnings: list[Problem], distinct: bool) -> None:
+    """``cidrLimit`` holds for each CIDR list on its own; a CIDR listed twice is a warning."""
     if count > config.cidr_limit:
-        problems.append(limit_problem(cidr_key, config.cidr_limit, f"{count} CIDRs", "remove CIDRs or raise cidrLimit"))
+        problems.append(limit_problem(key, config.cidr_limit, f"{count} CIDRs", "remove CIDRs or raise cidrLimit"))
     for net in () if distinct else duplicates(cidrs):
-        warnings.append(Problem(cidr_key, str(net), "listed more than once; one entry is enough"))
+        warnings.append(Problem(key, str(net), "listed more than once; one entry is enough"))
 
+
+def _validate_decisions(config: MasqConfig, spelled: dict[str, str], options: AgentOptions, problems: list[Problem],
+                        warnings: list[Problem]) -> None:
+    """What the decision-model keys say together (``spelled``: canonical key -> as the file spells it)."""
+    if config.masquerade_cidrs:
+        keep_key = spelled.get("nonMasqueradeCIDRs")
+        keep = {net: index for index, net in reversed(list(enumerate(config.non_masquerade_cidrs)))}
+        for index, net in enumerate(config.masquerade_cidrs):
+            where = f"{spelled.get('masqueradeCIDRs', 'masqueradeCIDRs')}[{index}]"
+            if net in keep:
+                listed = f"{keep_key}[{keep[net]}]" if keep_key else "the default nonMasqueradeCIDRs"
+                problems.append(Problem(where, str(net), f"also listed in {listed}: a destination is either kept or "
+                                                         "masqueraded; remove it from one of the two lists"))
+            elif net in (LINK_LOCAL_V4, LINK_LOCAL_V6):
+                link_key = "masqLinkLocal" if net.version == 4 else "masqLinkLocalIPv6"
+                if not (config.masq_link_local if net.version == 4 else config.masq_link_local_ipv6):
+                    problems.append(Problem(where, str(net), f"is the link-local range {link_key}: false keeps; set "
+                                                             f"{link_key}: true to masquerade it instead"))
+    if options.enable_ipv6 and config.masquerade_source_cidrs:
+        for version in (4, 6):
+            if not any(net.version == version for net in config.masquerade_source_cidrs):
+                warnings.append(Problem(spelled.get("masqueradeSourceCIDRs", "masqueradeSourceCIDRs"), None,
+                                        f"lists no IPv{version} source, so no IPv{version} traffic is masqueraded; "
+                                        f"list the IPv{version} pod ranges too"))

@@ -163,16 +163,19 @@ class Plugins:
 
     # --- reconcile-time hooks --------------------------------------------------------------------------
 
-    async def contributions(self, config: MasqConfig, options: AgentOptions) -> tuple[Contribution, ...]:
-        """Every plugin's ``nonmasq_cidrs``, validated. Raises :class:`PluginError` with every
-        problem when any plugin raised, hung or returned something that is not a usable CIDR."""
+    async def contributions(self, config: MasqConfig, options: AgentOptions, *,
+                            masquerade: bool = False) -> tuple[Contribution, ...]:
+        """Every plugin's ``nonmasq_cidrs`` (``masquerade``: ``masquerade_cidrs``), validated.
+        Raises :class:`PluginError` with every problem when any plugin raised, hung or returned
+        something that is not a usable CIDR."""
+        hook = "masquerade_cidrs" if masquerade else "nonmasq_cidrs"
         problems: list[Problem] = []
         out: list[Contribution] = []
-        results = await self._call_each("nonmasq_cidrs", problems, config=config, options=options)
+        results = await self._call_each(hook, problems, config=config, options=options)
         for plugin, items in results:
-            key = f"{plugin}.nonmasq_cidrs"
+            key = f"{plugin}.{hook}"
             if not isinstance(items, list):
-                self.failures[plugin, "nonmasq_cidrs"] += 1
+                self.failures[plugin, hook] += 1
                 problems.append(Problem(key, shorten(items), "expected an iterable of CIDR strings or ipaddress networks"))
                 continue
             found = len(problems)
@@ -189,8 +192,8 @@ class Plugins:
                     continue
                 cidrs[net] = None
             if len(problems) > found:
-                self.failures[plugin, "nonmasq_cidrs"] += 1
-            out.append(Contribution(plugin, tuple(cidrs), origin_kind(plugin, self.pm.get_plugin(plugin))))
+                self.failures[plugin, hook] += 1
+            out.append(Contribution(plugin, tuple(cidrs), origin_kind(plugin, self.pm.get_plugin(plugin)), masquerade))
         if problems:
             raise PluginError(problems)
         return tuple(out)

@@ -34,11 +34,13 @@ class PluginInfo:
 class Contribution:
     """The CIDRs one plugin added, validated, in the order it returned them (repeats dropped).
     ``kind``: what they are, as the plugin declared (``plugin``, or ``policy`` for CIDRs that each
-    stand for a policy object); provenance and the metrics classify them by it."""
+    stand for a policy object); provenance and the metrics classify them by it. ``masquerade``:
+    they are masquerade entries (``masquerade_cidrs``), not destinations kept (``nonmasq_cidrs``)."""
 
     plugin: str
     cidrs: tuple[Network, ...]
     kind: str = "plugin"
+    masquerade: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -78,6 +78,7 @@ class DryRunResult:
     contributions: dict[str, list[str]]  # plugin -> CIDRs it added (of the last accepted state)
     audits: list[AuditEvent] = field(default_factory=list)  # this apply's audit events
     error: MasqdError | None = None  # why the new state was rejected or failed
+    overrides: dict[str, list[str]] = field(default_factory=dict)  # plugin -> its masquerade_cidrs entries
 
 
 class DryRunAgent:
@@ -115,9 +116,12 @@ class DryRunAgent:
         return DryRunResult(
             rules=self.backend.last_rendered,
             nonmasq={} if applied is None else {f.family: [str(n) for n in f.nonmasq] for f in applied.families},
-            contributions={c.plugin: [str(n) for n in c.cidrs] for c in self.agent.reconciler.contributions},
+            contributions={c.plugin: [str(n) for n in c.cidrs] for c in self.agent.reconciler.contributions
+                           if not c.masquerade},
             audits=list(self._audits),
             error=error,
+            overrides={c.plugin: [str(n) for n in c.cidrs] for c in self.agent.reconciler.contributions
+                       if c.masquerade},
         )
 
 

@@ -11,6 +11,7 @@ it knows line for line (what it wrote or read back in sync, read back equal just
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from masqd.backends.iptables.render import family_rules
@@ -95,16 +96,17 @@ class RenderedRules:
         lines = list(map(memo.get, keys))
         unknown = [index for index, line in enumerate(lines) if line is None]
         missing = tuple(dict.fromkeys(nets[index] for index in unknown))
-        # the missing networks' lines, then the masquerade rules that end every chain
-        rendered = family_rules(ruleset, FamilyRules(family.family, missing), random_fully_supported)
+        # the source rules, the missing networks' lines, then the masquerade rules that end every chain
+        rendered = family_rules(ruleset, dataclasses.replace(family, nonmasq=missing, keep=None), random_fully_supported)
+        head = len(family.keep_sources)
         if missing:
-            fresh = dict(zip(map(_key, missing), rendered))
+            fresh = dict(zip(map(_key, missing), rendered[head:]))
             for index in unknown:
                 lines[index] = fresh[keys[index]]
             memo.update(fresh)
             if len(memo) > 2 * len(nets) + _MEMO_SLACK:  # networks long gone: keep only today's
                 self._lines[family.family] = dict(zip(keys, lines))
-        return (*lines, *rendered[len(missing):])
+        return (*rendered[:head], *lines, *rendered[head + len(missing):])
 
 
 def _key(net: Network) -> int:

@@ -18,8 +18,11 @@ from masqd.cidrs import Network
 
 _COMMENT = r'(?:-m comment --comment "(?:[^"\\]|\\.)*" )?'
 _KEEP_RULE = re.compile(rf"(?:-d (?P<net>\S+) )?{_COMMENT}-j RETURN")
-_MASQ_RULE = re.compile(rf"(?:-p (?P<protocol>\S+) )?{_COMMENT}(?:-m statistic --mode random --probability [0-9.]+ )?"
-                        r"-j MASQUERADE(?: --to-ports [0-9]+(?:-[0-9]+)?)?(?: --random-fully)?")
+_SOURCE_RULE = re.compile(rf"-s (?P<net>\S+) {_COMMENT}-j RETURN")
+_MASQ_RULE = re.compile(rf"(?:-s (?P<source>\S+) )?(?:-o (?P<interface>\S+) )?(?:-p (?P<protocol>\S+) )?{_COMMENT}"
+                        r"(?:-m statistic --mode random --probability [0-9.]+ )?"
+                        r"-j (?:MASQUERADE(?: --to-ports [0-9]+(?:-[0-9]+)?)?|SNAT --to-source (?P<snat>\S+))"
+                        r"(?: --random-fully)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,8 @@ def live_family(state: NatState, family: int, desired: tuple[str, ...], chain: s
         unexpected.append(f"POSTROUTING jump to {chain} present {state.jumps} times")
     unexpected += [f"POSTROUTING rule masqd does not write sends traffic to {chain}: {line}" for line in state.other_jumps]
     nonmasq: list[Network] = []
+    keep_sources: list[Network] = []
+    finals: list[re.Match] = []  # the final rule of each (source, interface) the masquerade is limited to
     masquerade = False
     prefix = f"-A {chain} "
     for rule in state.rules:
@@ -159,8 +164,12 @@ def live_family(state: NatState, family: int, desired: tuple[str, ...], chain: s
                 nonmasq.append(ipaddress.ip_network(keep["net"] or ("0.0.0.0/0" if family == 4 else "::/0"), strict=False))
             except ValueError:
                 unexpected.append(f"rule masqd does not write: {rule}")
-        elif masq := _MASQ_RULE.fullmatch(body):
-            masquerade = masq["protocol"] is None  # a -p rule is one --to-ports share; the last has none
+        elif (source := _SOURCE_RULE.fullmatch(body)) and not nonmasq and _network(source["net"]) is not None:
+            keep_sources.append(_network(source["net"]))
+        elif (masq := _MASQ_RULE.fullmatch(body)) and (masq["source"] is None or _network(masq["source"]) is not None):
+            if masq["protocol"] is None:  # a -p rule is one --to-ports share; the last has none
+                finals.append(masq)
+                masquerade = masq["source"] is None and masq["interface"] is None
         else:
             unexpected.append(f"rule masqd does not write: {rule}")
             if (found := _foreign(rule, INSIDE, chains, family, len(nonmasq))) is not None:
@@ -168,6 +177,28 @@ def live_family(state: NatState, family: int, desired: tuple[str, ...], chain: s
     local = state.jumps > 0 or any("! --dst-type LOCAL" in line for line in state.other_jumps)
     before = tuple(rule for rule in outside if rule.stage == BEFORE)
     after = tuple(rule for rule in outside if rule.stage == AFTER)
+    sources = tuple(dict.fromkeys(_network(m["source"]) for m in finals if m["source"] is not None))
+    interfaces = tuple(dict.fromkeys(m["interface"] for m in finals if m["interface"] is not None))
+    limited = finals and not masquerade
     return LiveFamily(family, present=True, hooked=state.jumps > 0 or bool(state.other_jumps), local_exempt=local,
-                      nonmasq=tuple(nonmasq), masquerade=masquerade, unexpected=tuple(unexpected), drift=drift,
-                      foreign=(*before, *inside, *after))
+                      nonmasq=tuple(nonmasq), masquerade=bool(finals), unexpected=tuple(unexpected), drift=drift,
+                      foreign=(*before, *inside, *after), keep_sources=tuple(keep_sources),
+                      masq_sources=sources if limited and all(m["source"] is not None for m in finals) else None,
+                      interfaces=interfaces if limited and all(m["interface"] is not None for m in finals) else (),
+                      snat_to=_snat_address(finals[-1]["snat"], family) if finals else None)
+
+
+def _snat_address(text: str | None, family: int) -> str | None:
+    """The address of ``--to-source`` (``192.0.2.10:1024-2000``, ``[2001:db8::10]:1024-2000``)."""
+    if text is None:
+        return None
+    if text.startswith("["):
+        return text[1:].split("]", 1)[0]
+    return text.split(":", 1)[0] if family == 4 else text
+
+
+def _network(text: str) -> Network | None:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None

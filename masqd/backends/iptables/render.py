@@ -16,11 +16,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from masqd.cidrs import Network, cidr_text
+from masqd.config import PortRange
 from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
 
 JUMP_COMMENT = "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain"
 NONMASQ_COMMENT = "ip-masq-agent: local traffic is not subject to MASQUERADE"
 MASQ_COMMENT = "ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)"
+#: The rules of the decision model beyond upstream (only written when the config asks for them).
+SOURCE_COMMENT = "masqd: traffic from this source is not subject to MASQUERADE"
+SNAT_COMMENT = "masqd: outbound traffic is subject to SNAT (must be last in chain)"
 
 
 def jump_rule(chain: str) -> str:
@@ -44,22 +48,51 @@ def destination_match(net: Network) -> str:
     return f"-d {cidr_text(net)} "
 
 
-def chain_rules(family: FamilyRules, chain: str, masquerade: Masquerade, random_fully: bool) -> tuple[str, ...]:
-    """The ``-A`` lines of ``chain`` for one family, in order, exactly as ``iptables-save`` prints them."""
-    rules = [
+def source_match(net: Network) -> str:
+    """``-s CIDR `` as iptables-save prints it (see :func:`destination_match`)."""
+    return "-s" + destination_match(net)[2:] if net.prefixlen else ""
+
+
+def chain_rules(family: FamilyRules, chain: str, masquerade: Masquerade, random_fully: bool,
+                interfaces: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The ``-A`` lines of ``chain`` for one family, in order, exactly as ``iptables-save`` prints them.
+
+    Upstream's chain is RETURN per kept destination, then MASQUERADE. The decision model's keys
+    add, only when set: RETURN per ``nonMasqueradeSourceCIDRs`` source first; and the masquerade
+    rules once per ``masqueradeSourceCIDRs`` source (``-s``) and ``outputInterfaces`` name
+    (``-o``), so traffic from other sources or through other interfaces falls off the end of the
+    chain unmasqueraded; SNAT instead of MASQUERADE with ``snatToAddress``."""
+    rules = [f'-A {chain} {source_match(net)}-m comment --comment "{SOURCE_COMMENT}" -j RETURN'
+             for net in family.keep_sources]
+    rules += [
         f'-A {chain} {destination_match(net)}-m comment --comment "{NONMASQ_COMMENT}" -j RETURN'
         for net in family.nonmasq
     ]
     suffix = " --random-fully" if random_fully else ""
-    for protocol in PORT_PROTOCOLS if masquerade.to_ports else ():
-        for share in masquerade.port_shares():
-            statistic = "" if share.probability is None else f" -m statistic --mode random --probability {format_probability(share.probability)}"
-            rules.append(
-                f'-A {chain} -p {protocol} -m comment --comment "{MASQ_COMMENT}"{statistic}'
-                f" -j MASQUERADE --to-ports {share.ports}{suffix}"
-            )
-    rules.append(f'-A {chain} -m comment --comment "{MASQ_COMMENT}" -j MASQUERADE{suffix}')
+    comment = MASQ_COMMENT if family.snat_to is None else SNAT_COMMENT
+    sources = (None,) if family.masq_sources is None else family.masq_sources
+    for source in sources:
+        for interface in interfaces or (None,):
+            scope = (source_match(source) if source is not None else "") + (f"-o {interface} " if interface else "")
+            for protocol in PORT_PROTOCOLS if masquerade.to_ports else ():
+                for share in masquerade.port_shares():
+                    statistic = "" if share.probability is None else f" -m statistic --mode random --probability {format_probability(share.probability)}"
+                    rules.append(
+                        f'-A {chain} {scope}-p {protocol} -m comment --comment "{comment}"{statistic}'
+                        f" -j {_target(family, share.ports)}{suffix}"
+                    )
+            rules.append(f'-A {chain} {scope}-m comment --comment "{comment}" -j {_target(family, None)}{suffix}')
     return tuple(rules)
+
+
+def _target(family: FamilyRules, ports: PortRange | None) -> str:
+    """``MASQUERADE [--to-ports P]`` or ``SNAT --to-source ADDRESS[:P]`` (IPv6: ``[ADDRESS]:P``)."""
+    if family.snat_to is None:
+        return "MASQUERADE" if ports is None else f"MASQUERADE --to-ports {ports}"
+    if ports is None:
+        return f"SNAT --to-source {family.snat_to}"
+    address = f"[{family.snat_to}]" if family.family == 6 else str(family.snat_to)
+    return f"SNAT --to-source {address}:{ports}"
 
 
 def format_probability(probability: Fraction) -> str:
@@ -169,7 +202,7 @@ def family_rules(ruleset: RuleSet, family: FamilyRules, random_fully_supported: 
     """The chain's ``-A`` lines for one family of ``ruleset`` (``--random-fully`` only when both
     asked for and supported by the iptables binary)."""
     random_fully = ruleset.masquerade.random_fully and random_fully_supported
-    return chain_rules(family, ruleset.chain, ruleset.masquerade, random_fully)
+    return chain_rules(family, ruleset.chain, ruleset.masquerade, random_fully, ruleset.interfaces)
 
 
 def render_removal(chain: str, state: NatState) -> str | None:

@@ -22,8 +22,8 @@ from masqd.backends.base import LiveRules, SyncResult
 from masqd.backends.nftables.executor import NftExecutor, NftMonitor, NftSubprocessExecutor
 from masqd.backends.nftables.live import why_rewritten, live_family, other_nat_chains, parse_listing
 from masqd.backends.nftables.monitor import ChangeFilter
-from masqd.backends.nftables.render import (NFT_FAMILY, SRCNAT_PRIORITY, TABLE, TableState, desired_state,
-                                            render_delete, render_replace, render_ruleset)
+from masqd.backends.nftables.render import (NFT_FAMILY, SRCNAT_PRIORITY, TABLE, TableState, render_delete,
+                                            render_replace, render_ruleset, ruleset_states)
 from masqd.errors import BackendError, ElementsRefusedError
 from masqd.ruleset import RuleSet
 
@@ -97,7 +97,7 @@ class NftablesBackend:
         replace: list[TableState] = []
         changes: list[tuple[TableState, list[tuple[int, int]], list[tuple[int, int]]]] = []
         reasons: dict[int, str] = {}
-        wanted = [desired_state(family, ruleset.masquerade) for family in ruleset.families]
+        wanted = ruleset_states(ruleset)
         edit = any((known := self._trusted(d.family)) is not None and known.state != d for d in wanted)
         for desired in wanted:
             current = await self._held(desired, edit)
@@ -174,8 +174,7 @@ class NftablesBackend:
         """What the kernel holds of masqd's table for each family of ``ruleset``; reads only."""
         structure = await self.executor.list_structure()
         families = []
-        for family in ruleset.families:
-            desired = desired_state(family, ruleset.masquerade)
+        for family, desired in zip(ruleset.families, ruleset_states(ruleset)):
             state = await self.current(family.family)
             priority = state.chain[2] if state is not None and state.chain is not None else SRCNAT_PRIORITY
             others = other_nat_chains(structure, family.family, priority if isinstance(priority, int) else SRCNAT_PRIORITY)

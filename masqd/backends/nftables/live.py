@@ -19,8 +19,10 @@ from typing import Any
 import orjson
 
 from masqd.backends.base import AFTER, BEFORE, EITHER, INSIDE, KEEPS, MASQUERADES, ForeignRule, LiveFamily
+from masqd.cidrs import Network
 from masqd.backends.nftables.render import (NFT_FAMILY, CHAIN, LOCAL_RETURN, SRCNAT_PRIORITY, TABLE, MasqRule,
-                                            TableState, _element_texts, _merge, _render_rule, set_name, set_return)
+                                            SourceReturn, TableState, _element_texts, _merge, _render_rule, set_name,
+                                            set_return)
 
 
 def parse_listing(text: str, family: int) -> TableState | None:
@@ -99,11 +101,30 @@ def _parse_rule(expr: list[dict], family: int) -> object:
         if (match.get("op") == "==" and left.get("payload") == {"protocol": NFT_FAMILY[family], "field": "daddr"}
                 and right == f"@{set_name(family)}"):
             return set_return(family)
-    if kinds and kinds[-1] == "masquerade":
+        if match.get("op") in ("==", "!=") and left.get("payload") == {"protocol": NFT_FAMILY[family], "field": "saddr"}:
+            intervals = _parse_addresses(right, family)
+            if intervals:
+                return SourceReturn(match["op"] == "!=", intervals)
+    if kinds and kinds[-1] in ("masquerade", "snat"):
         rule = _parse_masquerade(expr, family)
         if rule is not None:
             return rule
     return ("unrecognised", json.dumps(expr, sort_keys=True))
+
+
+def _parse_addresses(right: object, family: int) -> tuple[tuple[int, int], ...]:
+    """The right side of an address match (one address, a prefix, a range, or an anonymous set
+    of them) as merged intervals; empty when it is anything else (a named set, a map...)."""
+    items = right["set"] if isinstance(right, dict) and isinstance(right.get("set"), list) else [right]
+    if not all(isinstance(item, str) or (isinstance(item, dict) and ("prefix" in item or "range" in item))
+               for item in items):
+        return ()
+    if any(isinstance(item, str) and item.startswith("@") for item in items):
+        return ()
+    try:
+        return _parse_elements(items, family)
+    except (OSError, ValueError, KeyError, TypeError):
+        return ()
 
 
 def _flags(value: object) -> list:
@@ -114,18 +135,22 @@ def _flags(value: object) -> list:
 
 
 def _parse_masquerade(expr: list[dict], family: int) -> MasqRule | None:
-    protocol = modulus = below = None
+    protocol = modulus = below = interface = None
     for item in expr[:-1]:
         match = item.get("match", {})
         left = match.get("left", {})
         if match.get("op") == "==" and left.get("meta") == {"key": "l4proto"} and protocol is None:
             protocol = match["right"]
+        elif (match.get("op") == "==" and left.get("meta") == {"key": "oifname"} and interface is None
+              and isinstance(match.get("right"), str)):
+            interface = match["right"]
         elif (match.get("op") == "<" and "numgen" in left and left["numgen"].get("mode") == "random"
               and left["numgen"].get("offset", 0) == 0 and modulus is None):
             modulus, below = left["numgen"]["mod"], match["right"]
         else:
             return None
-    body = expr[-1]["masquerade"] or {}
+    kind, body = next(iter(expr[-1].items()))
+    body = body or {}
     flags = _flags(body.get("flags"))
     port = body.get("port")
     ports = None
@@ -137,7 +162,12 @@ def _parse_masquerade(expr: list[dict], family: int) -> MasqRule | None:
         return None
     if set(flags) - {"fully-random"}:
         return None
-    return MasqRule(protocol, modulus, below, ports, "fully-random" in flags)
+    snat = None
+    if kind == "snat":
+        snat = body.get("addr")
+        if not isinstance(snat, str) or set(body) - {"addr", "port", "flags", "family"}:
+            return None
+    return MasqRule(protocol, modulus, below, ports, "fully-random" in flags, interface, snat)
 
 
 _SOURCE_NAT = frozenset({"masquerade", "snat"})
@@ -283,6 +313,9 @@ def live_family(state: TableState | None, desired: TableState, others: tuple[For
         unexpected.append(f"set {set_name(family)} is {state.set_type or 'missing'}, masqd writes {desired.set_type}")
     local = lookup = masquerade = False
     inside: list[tuple[bool, object]] = []  # (after the set lookup, rule)
+    keep_sources: list[Network] = []
+    masq_sources: list[Network] | None = None
+    finals: list[MasqRule] = []  # the final masquerade rule of each outputInterfaces name
     for rule in state.rules:
         if masquerade:
             unexpected.append(f"after the final masquerade, never reached: {_describe(rule, family)}")
@@ -290,8 +323,16 @@ def live_family(state: TableState | None, desired: TableState, others: tuple[For
             local = True
         elif rule == set_return(family):
             lookup = True
+        elif isinstance(rule, SourceReturn) and not lookup and not finals:
+            nets = [ipaddress.ip_network(text) for text in _element_texts(rule.intervals, family)]
+            if rule.negated:
+                masq_sources = (masq_sources or []) + nets
+            else:
+                keep_sources += nets
         elif isinstance(rule, MasqRule):
-            masquerade = rule.protocol is None and rule.modulus is None  # else one --to-ports share
+            if rule.protocol is None and rule.modulus is None:  # else one --to-ports share
+                finals.append(rule)
+                masquerade = rule.interface is None  # one per interface: the chain goes on to the next
         else:
             unexpected.append(f"rule masqd does not write: {_describe(rule, family)}")
             inside.append((lookup, rule))
@@ -299,8 +340,17 @@ def live_family(state: TableState | None, desired: TableState, others: tuple[For
     foreign = tuple(found for after_lookup, rule in inside
                     if (found := _inside_rule(rule, family, len(nonmasq) if after_lookup else 0)) is not None)
     return LiveFamily(family, present=True, hooked=hooked, local_exempt=local, nonmasq=nonmasq,
-                      masquerade=masquerade, unexpected=tuple(unexpected), drift=drift,
-                      foreign=(*before, *foreign, *after))
+                      masquerade=bool(finals), unexpected=tuple(unexpected), drift=drift,
+                      foreign=(*before, *foreign, *after), keep_sources=tuple(keep_sources),
+                      masq_sources=None if masq_sources is None else tuple(masq_sources),
+                      interfaces=tuple(_iptables_interface(r.interface) for r in finals if r.interface is not None)
+                      if not masquerade else (),
+                      snat_to=finals[-1].snat if finals else None)
+
+
+def _iptables_interface(name: str) -> str:
+    """An ``oifname`` as iptables writes it (``eth*`` is ``eth+``)."""
+    return name[:-1] + "+" if name.endswith("*") else name
 
 
 def _describe(rule: object, family: int) -> str:

@@ -46,13 +46,25 @@ def set_name(family: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class MasqRule:
-    """``[meta l4proto P] [numgen random mod M < K] masquerade [to :A-B] [fully-random]``."""
+    """``[oifname I] [meta l4proto P] [numgen random mod M < K] masquerade [to :A-B] [fully-random]``,
+    or ``snat to ADDRESS[:A-B]`` instead of ``masquerade`` (``snat``: the address as nft prints it)."""
 
     protocol: str | None = None
     modulus: int | None = None  # with ``below``: taken when numgen random mod M < K
     below: int | None = None
     ports: tuple[int, int] | None = None
     fully_random: bool = False
+    interface: str | None = None  # nft's form: a trailing "*" is a prefix wildcard
+    snat: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceReturn:
+    """``ip saddr [!=] { CIDRs } return``: traffic from (``negated``: not from) these sources is
+    not masqueraded (``nonMasqueradeSourceCIDRs``; ``masqueradeSourceCIDRs``)."""
+
+    negated: bool
+    intervals: tuple[tuple[int, int], ...]
 
 
 #: The two return rules, as model values.
@@ -123,25 +135,44 @@ def _element_texts(intervals: tuple[tuple[int, int], ...], family: int) -> list[
     return texts
 
 
-def _masq_rules(masquerade: Masquerade) -> tuple[MasqRule, ...]:
+def _masq_rules(masquerade: Masquerade, family: FamilyRules, interfaces: tuple[str, ...]) -> tuple[MasqRule, ...]:
+    """The masquerade rules: the ``--to-ports`` shares, then the final one; once per
+    ``outputInterfaces`` name (traffic through others falls off the chain unmasqueraded); none
+    when ``masqueradeSourceCIDRs`` lists no source of this family."""
+    if not family.masquerades_any:
+        return ()
+    snat = None if family.snat_to is None else str(family.snat_to)
     rules = []
-    for protocol in PORT_PROTOCOLS if masquerade.to_ports else ():
-        remaining = sum(r.size for r in masquerade.to_ports)
-        for index, ports in enumerate(masquerade.to_ports):
-            last = index == len(masquerade.to_ports) - 1
-            rules.append(MasqRule(
-                protocol=protocol,
-                modulus=None if last else remaining,
-                below=None if last else ports.size,
-                ports=(ports.first, ports.last),
-                fully_random=masquerade.random_fully,
-            ))
-            remaining -= ports.size
-    rules.append(MasqRule(fully_random=masquerade.random_fully))
+    for interface in interfaces or (None,):
+        named = None if interface is None else interface[:-1] + "*" if interface.endswith("+") else interface
+        for protocol in PORT_PROTOCOLS if masquerade.to_ports else ():
+            remaining = sum(r.size for r in masquerade.to_ports)
+            for index, ports in enumerate(masquerade.to_ports):
+                last = index == len(masquerade.to_ports) - 1
+                rules.append(MasqRule(
+                    protocol=protocol,
+                    modulus=None if last else remaining,
+                    below=None if last else ports.size,
+                    ports=(ports.first, ports.last),
+                    fully_random=masquerade.random_fully,
+                    interface=named,
+                    snat=snat,
+                ))
+                remaining -= ports.size
+        rules.append(MasqRule(fully_random=masquerade.random_fully, interface=named, snat=snat))
     return tuple(rules)
 
 
-def desired_state(family: FamilyRules, masquerade: Masquerade) -> TableState:
+def _source_rules(family: FamilyRules) -> tuple[SourceReturn, ...]:
+    rules = []
+    if family.keep_sources:
+        rules.append(SourceReturn(False, intervals_of(family.keep_sources)))
+    if family.masq_sources:  # none of this family: no masquerade rule at all (see _masq_rules)
+        rules.append(SourceReturn(True, intervals_of(family.masq_sources)))
+    return tuple(rules)
+
+
+def desired_state(family: FamilyRules, masquerade: Masquerade, interfaces: tuple[str, ...] = ()) -> TableState:
     """The table masqd wants for one family. Not cached: hashing 100k networks to look it up
     would cost more than computing it (milliseconds; ``benchmarks/RESULTS.md``)."""
     return TableState(
@@ -149,8 +180,14 @@ def desired_state(family: FamilyRules, masquerade: Masquerade) -> TableState:
         chain=("nat", "postrouting", SRCNAT_PRIORITY, "accept"),
         set_type=_ADDR_TYPE[family.family],
         intervals=intervals_of(family.nonmasq),
-        rules=(LOCAL_RETURN, set_return(family.family), *_masq_rules(masquerade)),
+        rules=(LOCAL_RETURN, *_source_rules(family), set_return(family.family),
+               *_masq_rules(masquerade, family, interfaces)),
     )
+
+
+def ruleset_states(ruleset: RuleSet) -> list[TableState]:
+    """:func:`desired_state` of each family of ``ruleset``."""
+    return [desired_state(family, ruleset.masquerade, ruleset.interfaces) for family in ruleset.families]
 
 
 # --- rendering ---------------------------------------------------------------------------------------
@@ -161,16 +198,29 @@ def _render_rule(rule: object, family: int) -> str:
         return "fib daddr type local return"
     if rule == set_return(family):
         return f"{NFT_FAMILY[family]} daddr @{set_name(family)} return"
+    if isinstance(rule, SourceReturn):
+        elements = _element_texts(rule.intervals, family)
+        listed = elements[0] if len(elements) == 1 else "{ " + ", ".join(elements) + " }"
+        return f"{NFT_FAMILY[family]} saddr {'!= ' if rule.negated else ''}{listed} return"
     assert isinstance(rule, MasqRule)
     words = []
+    if rule.interface:
+        words.append(f'oifname "{rule.interface}"')
     if rule.protocol:
         words.append(f"meta l4proto {rule.protocol}")
     if rule.modulus is not None:
         words.append(f"numgen random mod {rule.modulus} < {rule.below}")
-    words.append("masquerade")
+    ports = ""
     if rule.ports:
         first, last = rule.ports
-        words.append(f"to :{first}" if first == last else f"to :{first}-{last}")
+        ports = f":{first}" if first == last else f":{first}-{last}"
+    if rule.snat is None:
+        words.append("masquerade")
+        if ports:
+            words.append(f"to {ports}")
+    else:
+        address = f"[{rule.snat}]" if family == 6 and ports else rule.snat
+        words.append(f"snat to {address}{ports}")
     if rule.fully_random:
         words.append("fully-random")
     return " ".join(words)
@@ -219,4 +269,4 @@ def render_delete(families: tuple[int, ...]) -> str:
 
 
 def render_ruleset(ruleset: RuleSet) -> str:
-    return render_replace([desired_state(family, ruleset.masquerade) for family in ruleset.families])
+    return render_replace(ruleset_states(ruleset))
