@@ -191,6 +191,11 @@ def build_agent(
     drift = None if once else drift_source(reconciler.kernel_monitor, reconciler.check_drift, drift_check_interval)
     if drift is not None:
         sources.append(RegisteredSource("masqd", drift.name, drift))
+    if not once:  # snatToAddress: a refused state is tried again when its address arrives
+        from masqd.sources.addresses import AddressSource
+
+        addresses = AddressSource(lambda: reconciler.snat_addresses)
+        sources.append(RegisteredSource("masqd", addresses.name, addresses))
     metrics = None
     if http_address is not None and not once:
         from masqd.metrics import Metrics  # only for an agent that serves it

@@ -187,12 +187,6 @@ def unique(networks: Iterable[Network]) -> dict[int, Network]:
 # --- longest-prefix match -----------------------------------------------------------------------------
 
 
-def nested_in(inner: Network, outer_keys: set[int]) -> bool:
-    """Whether a network of ``outer_keys`` (:func:`network_key` values, ``inner``'s family) holds
-    ``inner`` and is shorter than it."""
-    return any(network_key(inner.supernet(new_prefix=length)) in outer_keys for length in range(inner.prefixlen))
-
-
 def longest_prefix_ranges(keep: Iterable[Network], masq: Iterable[Network]) -> list[tuple[int, int]]:
     """The addresses of one family whose longest matching prefix among ``keep`` and ``masq`` is a
     ``keep`` one, as sorted, merged ``(first, last)`` ranges. A prefix in both lists counts as

@@ -2,8 +2,10 @@
 
     MasqdError                  base: anything masqd reports as a user-facing problem
     ├── ConfigError             the config (a file, a ConfigMap) cannot be used; carries every Problem found
-    │   └── PluginError         a plugin raised, hung, returned something unusable, or vetoed the
+    │   ├── PluginError         a plugin raised, hung, returned something unusable, or vetoed the
     │                           config; each Problem's key is PLUGIN.HOOK
+    │   └── SnatAddressError    the new state SNATs to an address no interface of masqd's network
+    │                           namespace holds (refused until it does)
     ├── PluginLoadError         a plugin cannot be loaded at start-up
     ├── FlagError               a command-line flag value is invalid (e.g. ``--to-ports 70000``);
     │                           raised only while a command line is read, never by the running daemon
@@ -98,6 +100,18 @@ class PluginError(ConfigError):
 
     def __init__(self, problems: list[Problem] | tuple[Problem, ...], warnings: tuple[Problem, ...] = ()):
         super().__init__("plugins", problems, warnings)
+
+
+class SnatAddressError(ConfigError):
+    """The new desired state SNATs to an address (``snatToAddress``, ``snatToAddressIPv6``) that no
+    interface of masqd's network namespace holds: the kernel would rewrite traffic to an address
+    replies never come back to. Handled like an invalid config (the rules last applied stay);
+    masqd checks again whenever an address of the namespace changes. Each problem's key is the
+    config key, its value the address."""
+
+    def __init__(self, problems: list[Problem] | tuple[Problem, ...]):
+        super().__init__("node addresses", problems)
+        self.args = (f"new state refused: {'; '.join(str(p) for p in self.problems)}",)
 
 
 class PluginLoadError(MasqdError):

@@ -23,7 +23,8 @@ from masqd.audit import AuditEvent, CidrChanges
 from masqd.backends.base import Backend, SyncResult
 from masqd.cidrs import cidr_text, network_key
 from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config, limit_problem
-from masqd.errors import BackendError, BackendUnsupported, ConfigError, MasqdError, PluginError, Problem
+from masqd.errors import (BackendError, BackendUnsupported, ConfigError, MasqdError, PluginError, Problem,
+                          SnatAddressError)
 from masqd.events import Event
 from masqd.inputs import ConfigLoader, config_loader
 from masqd.plugins import Contribution, Plugins
@@ -77,13 +78,16 @@ class Reconciler:
         on_resync_interval: Callable[[], None] | None = None,
         retry_initial_seconds: float = RETRY_INITIAL_SECONDS,
         leftovers: Callable[[Backend], tuple[Backend, ...]] | None = None,
+        addresses: Callable[[], Awaitable[frozenset]] | None = None,
     ):
         """``config``: a path (one file) or a loader over several inputs. ``plugins``: their
         ``nonmasq_cidrs`` / ``validate_config`` hooks (``None``: none). ``status``: where the
         outcome of each pass is recorded for ``/healthz``, ``/readyz`` and the metrics.
         ``on_audit``: handed every :class:`AuditEvent`; must not block. ``on_resync_interval``:
         called when ``resyncInterval`` changes. ``leftovers``: finds backends whose rules a
-        previous masqd may have left (removed after the first good sync)."""
+        previous masqd may have left (removed after the first good sync). ``addresses``: reads
+        the addresses of masqd's network namespace, to check a ``snatToAddress`` before it is
+        applied (default: :func:`masqd.sources.addresses.local_addresses`, read only then)."""
         self.backend = backend
         self.options = options
         self.loader = config_loader(config, options)
@@ -92,6 +96,10 @@ class Reconciler:
         self.on_audit = on_audit
         self.on_resync_interval = on_resync_interval
         self.leftovers = leftovers
+        self.addresses = addresses
+        #: The SNAT addresses the newest desired state asks for (applied or refused): the address
+        #: changes worth a pass (:mod:`masqd.sources.addresses`).
+        self.snat_addresses: frozenset = frozenset()
         self.config: MasqConfig = default_config(options)  # last good config
         #: The merged config and plugin contributions of the last good desired state.
         self.desired_from: tuple[MergedConfig, tuple[Contribution, ...]] | None = None
@@ -128,9 +136,12 @@ class Reconciler:
             loaded = self.loader.load()
             config = loaded.config
             ruleset, contributions = await plan_rules(config, self.options, self.plugins)
+            await self._check_snat_addresses(ruleset)
         except ConfigError as exc:
             if self._changed_since_logged(("error", *map(str, exc.problems + exc.warnings))):
-                what = "plugins rejected the new state" if isinstance(exc, PluginError) else "config rejected"
+                what = ("plugins rejected the new state" if isinstance(exc, PluginError) else
+                        "SNAT address not on this node, new state refused" if isinstance(exc, SnatAddressError)
+                        else "config rejected")
                 log.error(f"{what}; keeping the rules last applied", path=exc.source,
                           problems=[str(p) for p in exc.problems], warnings=[str(w) for w in exc.warnings])
             raise
@@ -144,6 +155,29 @@ class Reconciler:
         if config.resync_interval_ns != previous and self.on_resync_interval is not None:
             self.on_resync_interval()
         return ruleset
+
+    async def _check_snat_addresses(self, ruleset: RuleSet) -> None:
+        """Raise :class:`SnatAddressError` when ``ruleset`` SNATs to an address no interface of
+        this network namespace holds (see :class:`~masqd.errors.SnatAddressError`)."""
+        wanted = {(family.family, family.snat_to) for family in ruleset.families if family.snat_to is not None}
+        self.snat_addresses = frozenset(address for _, address in wanted)
+        if not wanted:
+            return
+        if self.addresses is None:
+            from masqd.sources.addresses import local_addresses  # read only when a config asks for SNAT
+
+            self.addresses = local_addresses
+        try:
+            assigned = await self.addresses()
+        except OSError as exc:
+            raise SnatAddressError([Problem("snatToAddress", None, f"cannot read this node's addresses: {exc}")]) from None
+        missing = sorted(wanted - {(address.version, address) for address in assigned})
+        if missing:
+            raise SnatAddressError([Problem("snatToAddress" if version == 4 else "snatToAddressIPv6", str(address),
+                                            "not assigned to any interface in masqd's network namespace; the rules "
+                                            "last applied stay, and the state is applied once the address is here "
+                                            "(masqd follows address changes)")
+                                    for version, address in missing])
 
     def _changed_since_logged(self, findings: tuple[str, ...]) -> bool:
         """True (and remembered) when these config findings differ from the ones logged last."""

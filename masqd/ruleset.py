@@ -15,19 +15,22 @@ which every backend's rules implement and ``explain`` reports):
 5. masqueraded is MASQUERADE, or SNAT to ``snatToAddress`` / ``snatToAddressIPv6``.
 
 With none of those keys set, the keep list is upstream's and rendered as upstream renders it. A
-masquerade entry that lies inside a shorter keep entry cuts it: the family's destinations are
-then the longest-prefix result flattened into the fewest CIDRs (:attr:`FamilyRules.nonmasq`),
-while :attr:`FamilyRules.listed` keeps the entries as listed, for ``explain`` and provenance.
+masquerade entry that lies inside a shorter keep entry cuts it: the outermost keep entry holding
+it is then written as the longest-prefix result within it, flattened into the fewest CIDRs, after
+the keep entries no override touches, as listed (:attr:`FamilyRules.nonmasq`); while
+:attr:`FamilyRules.listed` keeps the entries as listed, for ``explain`` and provenance.
 """
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import itertools
 from dataclasses import dataclass
 from fractions import Fraction
 
-from masqd.cidrs import (LINK_LOCAL_V4, LINK_LOCAL_V6, Network, longest_prefix_ranges, nested_in, network_key,
-                         range_networks, split_families, unique)
+from masqd.cidrs import (LINK_LOCAL_V4, LINK_LOCAL_V6, Network, longest_prefix_ranges, network_key, range_networks,
+                         split_families, unique)
 from masqd.config import AgentOptions, MasqConfig, PortRange
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -220,12 +223,37 @@ def masquerade_list(config: MasqConfig, extra: tuple[Network, ...] = ()) -> tupl
     return tuple(unique(config.masquerade_cidrs + extra).values())
 
 
+def _cut_regions(keep: tuple[Network, ...], masq: tuple[Network, ...]) -> list[tuple[int, int]]:
+    """The outermost keep entries that hold a masquerade entry longer than themselves, as sorted
+    ``(first, last)`` address ranges: the only ranges whose decisions the overrides change.
+    Prefixes nest or are disjoint, so an entry starting inside one of them lies inside it."""
+    keys = set(map(network_key, keep))
+    regions = set()
+    for net in masq:
+        bits, address, family_bit = net.max_prefixlen, int(net.network_address), net.version == 6
+        for length in range(net.prefixlen):  # shortest first: the outermost keep entry holding it
+            size = 1 << (bits - length)
+            first = address & ~(size - 1)
+            if first << 9 | length << 1 | family_bit in keys:
+                regions.add((first, first + size - 1))
+                break
+    return sorted(regions)
+
+
 def _family(version: int, keep: tuple[Network, ...], masq: tuple[Network, ...], config: MasqConfig) -> FamilyRules:
     nonmasq, listed = keep, None
-    if masq:
-        keys = set(map(network_key, keep))
-        if any(nested_in(net, keys) for net in masq):  # an override cuts into a kept range
-            nonmasq, listed = range_networks(longest_prefix_ranges(keep, masq), version), keep
+    regions = _cut_regions(keep, masq) if masq else []
+    if regions:  # an override cuts into a kept range: flatten those ranges, keep the rest as listed
+        starts = [first for first, _ in regions]
+
+        def cut(net: Network) -> bool:
+            address = network_key(net) >> 9
+            index = bisect.bisect_right(starts, address) - 1
+            return index >= 0 and address <= regions[index][1]
+
+        inside = list(map(cut, keep))
+        flat = range_networks(longest_prefix_ranges(itertools.compress(keep, inside), filter(cut, masq)), version)
+        nonmasq, listed = tuple(net for net, held in zip(keep, inside) if not held) + flat, keep
     sources = config.masquerade_source_cidrs
     return FamilyRules(
         family=version,

@@ -79,3 +79,36 @@ def test_bad_config_keeps_kernel_rules_and_still_heals_drift(node_ns, daemon, tm
     assert netns.iptables_save(node_ns) == before
     assert d.proc.poll() is None  # still running
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_snat_to_an_address_not_on_the_node_waits_for_it_and_keeps_the_rules_when_it_leaves(node_ns, tmp_path,
+                                                                                           backend):
+    from masqd_proc import DaemonProcess
+
+    config = tmp_path / "config"
+    config.write_text("nonMasqueradeCIDRs: [10.0.0.0/8]\nsnatToAddress: 192.0.2.77\n")
+    d = DaemonProcess(node_ns, config, backend=backend)
+    try:
+        refused = d.next_event(lambda e: e.get("event") == "SNAT address not on this node, new state refused; keeping the rules last applied")
+        assert refused["problems"] == ["snatToAddress: '192.0.2.77': not assigned to any interface in masqd's network "
+                                       "namespace; the rules last applied stay, and the state is applied once the "
+                                       "address is here (masqd follows address changes)"]
+        assert _snat_rules(node_ns, backend) == []  # nothing written
+        netns.run(node_ns, "ip", "addr", "add", "192.0.2.99/32", "dev", "lo")  # another address: no pass
+        netns.run(node_ns, "ip", "addr", "add", "192.0.2.77/32", "dev", "lo")  # a VIP arriving
+        applied = d.next_event(lambda e: e.get("event") == "rules applied")
+        assert applied["trigger"] == "addresses"
+        assert _snat_rules(node_ns, backend) != []
+        netns.run(node_ns, "ip", "addr", "del", "192.0.2.77/32", "dev", "lo")  # and leaving again
+        d.next_event(lambda e: e.get("event") == "SNAT address not on this node, new state refused; keeping the rules last applied")
+        assert _snat_rules(node_ns, backend) != []  # the rules last applied stay
+    finally:
+        d.kill()
+
+
+def _snat_rules(ns: str, backend: str) -> list[str]:
+    if backend == "iptables":
+        return [line for line in chain_lines(ns) if "SNAT --to-source 192.0.2.77" in line]
+    listing = netns.run(ns, "nft", "list", "table", "ip", "masqd", check=False).stdout
+    return [line.strip() for line in listing.splitlines() if "snat to 192.0.2.77" in line]

@@ -50,12 +50,16 @@ class DryRunBackend:
                 continue
             reasons = [why for why, differs in (
                 ("non-masquerade CIDRs differ", held.nonmasq != family.nonmasq),
-                ("masquerade differs", applied.masquerade != ruleset.masquerade),
+                ("source rules differ", (held.keep_sources, held.masq_sources) != (family.keep_sources, family.masq_sources)),
+                ("masquerade differs", applied.masquerade != ruleset.masquerade or held.snat_to != family.snat_to
+                 or applied.interfaces != ruleset.interfaces),
                 ("chain name differs", applied.chain != ruleset.chain),
             ) if differs]
             families.append(LiveFamily(family.family, present=True, hooked=True, local_exempt=True,
-                                       nonmasq=held.nonmasq, masquerade=True,
-                                       drift="; ".join(reasons) or None))
+                                       nonmasq=held.nonmasq, masquerade=held.masquerades_any,
+                                       drift="; ".join(reasons) or None, keep_sources=held.keep_sources,
+                                       masq_sources=held.masq_sources, interfaces=applied.interfaces,
+                                       snat_to=None if held.snat_to is None else str(held.snat_to)))
         return LiveRules(self.name, "dry-run rule set", tuple(families))
 
     async def sync(self, ruleset: RuleSet) -> SyncResult:
