@@ -137,8 +137,8 @@ def test_cidr_limit_holds_for_each_list_on_its_own(key):
     assert problems(f"cidrLimit: 2\n{keep}{key}: {three}\n") == [
         f"{key}: '3 CIDRs': at most cidrLimit=2 CIDRs are accepted (link-local not counted); remove CIDRs or raise "
         "cidrLimit"]
-    text = (f"cidrLimit: 3\nnonMasqueradeCIDRs: [192.0.2.0/26, 192.0.2.64/26, 192.0.2.128/26]\n"
-            f"masqueradeSourceCIDRs: [10.1.0.0/16, 10.2.0.0/16, 10.3.0.0/16]\n")
+    text = ("cidrLimit: 3\nnonMasqueradeCIDRs: [192.0.2.0/26, 192.0.2.64/26, 192.0.2.128/26]\n"
+            "masqueradeSourceCIDRs: [10.1.0.0/16, 10.2.0.0/16, 10.3.0.0/16]\n")
     assert config(text).cidr_limit == 3  # three in each list: each within the limit
 
 
