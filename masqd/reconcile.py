@@ -22,13 +22,14 @@ from masqd.aio import Backoff
 from masqd.audit import AuditEvent, CidrChanges
 from masqd.backends.base import Backend, SyncResult
 from masqd.cidrs import cidr_text, network_key
-from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config, limit_problem
+from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config
 from masqd.errors import (BackendError, BackendUnsupported, ConfigError, MasqdError, PluginError, Problem,
                           SnatAddressError)
 from masqd.events import Event
 from masqd.inputs import ConfigLoader, config_loader
 from masqd.plugins import Contribution, Plugins
-from masqd.ruleset import RuleSet, compute_ruleset, masquerade_list, nonmasq_list
+from masqd.plan import plan_rules
+from masqd.ruleset import RuleSet
 from masqd.status import AgentStatus
 
 log = structlog.get_logger("masqd.reconcile")
@@ -40,27 +41,6 @@ RETRY_MAX_SECONDS = 30.0
 REPEAT_ERROR_LOG_SECONDS = 60.0
 #: A write's log line lists at most this many added (and removed) CIDRs, and counts the rest.
 LOGGED_CIDRS = 50
-
-
-async def plan_rules(config: MasqConfig, options: AgentOptions,
-                     plugins: Plugins | None) -> tuple[RuleSet, tuple[Contribution, ...]]:
-    """The desired rules for a valid config: the plugins' CIDRs added (``nonmasq_cidrs``,
-    ``masquerade_cidrs``), then their vetoes heard (``validate_config``). Raises :class:`PluginError`."""
-    contributions: tuple[Contribution, ...] = ()
-    if plugins is not None:
-        contributions = await plugins.contributions(config, options)
-        contributions += await plugins.contributions(config, options, masquerade=True)
-    extra = tuple(net for contribution in contributions if not contribution.masquerade for net in contribution.cidrs)
-    masq_extra = tuple(net for contribution in contributions if contribution.masquerade for net in contribution.cidrs)
-    cidrs = nonmasq_list(config, extra)
-    if extra:
-        _check_limit_with_plugins(config, cidrs)
-    masq = masquerade_list(config, masq_extra)
-    if masq:  # config sources and plugins are each checked alone; here all of them together
-        _check_overrides(config, cidrs, masq, contributions)
-    if plugins is not None:
-        await plugins.validate(config, cidrs, options)
-    return compute_ruleset(config, options, extra, listed=cidrs, masq_extra=masq_extra), contributions
 
 
 class Reconciler:
@@ -135,7 +115,7 @@ class Reconciler:
         try:
             loaded = self.loader.load()
             config = loaded.config
-            ruleset, contributions = await plan_rules(config, self.options, self.plugins)
+            ruleset, contributions = await plan_rules(config, self.options, self.plugins, loaded.merged)
             await self._check_snat_addresses(ruleset)
         except ConfigError as exc:
             if self._changed_since_logged(("error", *map(str, exc.problems + exc.warnings))):
@@ -431,38 +411,6 @@ class Reconciler:
     def _no_retry(self) -> None:
         self._retry.reset()
         self._retry_delay = None
-
-
-def _check_limit_with_plugins(config: MasqConfig, cidrs: tuple) -> None:
-    """With plugin CIDRs, ``cidrLimit`` holds only when the file sets it (see MasqConfig)."""
-    if not config.cidr_limit_set:
-        return
-    count = len(cidrs)
-    if count > config.cidr_limit:
-        from_file = len(config.non_masquerade_cidrs)
-        raise PluginError([limit_problem("nonMasqueradeCIDRs", config.cidr_limit,
-                                         f"{count} CIDRs ({from_file} from the file, {count - from_file} from plugins)",
-                                         "raise cidrLimit or contribute fewer CIDRs")])
-
-
-def _check_overrides(config: MasqConfig, kept: tuple, masq: tuple, contributions: tuple[Contribution, ...]) -> None:
-    """With plugins' masquerade entries: none may be a kept CIDR too, and ``cidrLimit`` (when the
-    file sets it) holds for the masquerade list. Raises :class:`PluginError` naming both places."""
-    problems = []
-    if config.cidr_limit_set and len(masq) > max(config.cidr_limit, len(config.masquerade_cidrs)):
-        from_file = len(config.masquerade_cidrs)
-        problems.append(limit_problem("masqueradeCIDRs", config.cidr_limit,
-                                      f"{len(masq)} CIDRs ({from_file} from the file, {len(masq) - from_file} from plugins)",
-                                      "raise cidrLimit or contribute fewer CIDRs"))
-    keys = set(map(network_key, kept))
-    for net in masq:
-        if network_key(net) in keys:
-            keeping = [c.plugin for c in contributions if not c.masquerade and net in c.cidrs] or ["the config"]
-            masking = [c.plugin for c in contributions if c.masquerade and net in c.cidrs] or ["the config"]
-            problems.append(Problem(f"{', '.join(masking)}.masquerade_cidrs", cidr_text(net),
-                                    f"also kept by {', '.join(keeping)}: a destination is either kept or masqueraded"))
-    if problems:
-        raise PluginError(problems)
 
 
 def _family_changes(before: RuleSet | None, after: RuleSet | None) -> tuple[CidrChanges, CidrChanges]:

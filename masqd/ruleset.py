@@ -44,8 +44,9 @@ class FamilyRules:
     """One address family's decisions (see the module docstring).
 
     nonmasq: the destinations the rules keep, in rule order: the keep entries as listed
-        (link-local first when it is exempt, duplicates kept, as upstream), or, when a masquerade
-        entry cuts into one, the longest-prefix result as the fewest CIDRs, in address order.
+        (link-local first when it is exempt, duplicates kept, as upstream); when a masquerade
+        entry cuts into one, the entries no override touches, as listed, then the ranges cut,
+        each as its longest-prefix result in the fewest CIDRs, in address order.
     keep: the keep entries as listed when ``nonmasq`` is their flattening; ``None`` otherwise.
     masq: the masquerade entries (``masqueradeCIDRs``, plugins), each once.
     keep_sources: ``nonMasqueradeSourceCIDRs`` of this family.

@@ -112,3 +112,24 @@ def _snat_rules(ns: str, backend: str) -> list[str]:
         return [line for line in chain_lines(ns) if "SNAT --to-source 192.0.2.77" in line]
     listing = netns.run(ns, "nft", "list", "table", "ip", "masqd", check=False).stdout
     return [line.strip() for line in listing.splitlines() if "snat to 192.0.2.77" in line]
+
+
+DECISIONS = ("resyncInterval: 200ms\nnonMasqueradeCIDRs: [10.0.0.0/8]\nmasqueradeCIDRs: [10.99.0.0/16]\n"
+             "nonMasqueradeSourceCIDRs: [10.244.9.0/24]\nmasqueradeSourceCIDRs: [10.244.0.0/16]\n"
+             "outputInterfaces: [vdst, eth+]\n")
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(["iptables", "-t", "nat", "-D", CHAIN, "1"], id="source-rule-deleted"),
+    pytest.param(["iptables", "-t", "nat", "-R", CHAIN, "-1"], id="last-rule-replaced"),  # replaced below
+])
+def test_resync_restores_the_decision_models_rules(node_ns, daemon, damage):
+    d = daemon(DECISIONS)
+    good = chain_lines(node_ns)
+    assert good[0].startswith(f"-A {CHAIN} -s 10.244.9.0/24 ") and good[-1].startswith(f"-A {CHAIN} -s 10.244.0.0/16 -o eth+ ")
+    if damage[-1] == "-1":  # the last masquerade rule loses its interface match
+        damage = damage[:-1] + [str(len(good)), "-s", "10.244.0.0/16", "-j", "MASQUERADE"]
+    netns.run(node_ns, *damage)
+    assert chain_lines(node_ns) != good
+    d.next_event(lambda e: e.get("event") == "rules restored after outside change")
+    assert chain_lines(node_ns) == good

@@ -374,7 +374,7 @@ def test_drift_check_of_an_unchanged_chain_writes_nothing(node_ns, daemon):
 @pytest.mark.parametrize("backend", ["iptables", "nftables"])
 def test_drift_check_interval_zero_turns_drift_sources_off(node_ns, daemon, backend):
     d = daemon(HOUR, "--drift-check-interval=0", backend=backend)
-    assert started_sources(d) == ["file", "timer"]
+    assert started_sources(d) == ["file", "timer", "addresses"]
 
 
 def fights(process) -> list[dict]:

@@ -2,7 +2,9 @@
 
 Every file parses (no duplicate keys), sample policies pass the CRD's schema and broken ones do
 not, the CIDR pattern agrees with masqd's own parser, RBAC grants what the flags in the workloads
-need and nothing more, and the workloads run with the privileges the README promises.
+need and nothing more, and the workloads run with the privileges the README promises. The
+ConfigMaps of ``examples/decision-model`` (one per feature beyond upstream) are checked at the end:
+each is accepted without warnings and decides, on both backends' rules, what its comment says.
 
 There is no API server here, so the CRD's ``openAPIV3Schema`` is checked by a small validator for
 the subset of OpenAPI v3 the CRD uses. It refuses a schema with any keyword it does not implement,
@@ -21,7 +23,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deploy_files import (IMAGE, KUBERNETES as EXAMPLES, StrictLoader, agent_grants, controller_grants,
+from deploy_files import (IMAGE, KUBERNETES as EXAMPLES, REPO, StrictLoader, agent_grants, controller_grants,
                           manifest_documents, manifest_object, rbac_allows, rbac_grants)
 
 from masqd.cidrs import CIDRError, parse_cidr
@@ -618,3 +620,97 @@ def test_configmap_holds_a_config_masqd_accepts_without_warnings():
     parsed = parse_config(configmap["data"]["config"], AgentOptions(), source="configmap.yaml")
     assert parsed.warnings == ()
     assert [str(n) for n in parsed.config.non_masquerade_cidrs] == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+
+
+# --- examples/decision-model: one ConfigMap per feature beyond upstream ----------------------------
+
+DECISION_MODEL = REPO / "examples" / "decision-model"
+DECISION_MODEL_FILES = sorted(DECISION_MODEL.glob("*.yaml"))
+_UPSTREAM_ISSUE = re.compile(r"kubernetes-sigs/ip-masq-agent #[0-9]+")
+#: The config keys beyond upstream's (masqd's README, "Decision model").
+_NEW_KEYS = {"masqueradeCIDRs", "masqueradeSourceCIDRs", "nonMasqueradeSourceCIDRs", "snatToAddress",
+             "snatToAddressIPv6", "outputInterfaces"}
+
+
+def _decision_config(name: str):
+    (configmap,) = manifest_documents(DECISION_MODEL / name)
+    return parse_config(configmap["data"]["config"], AgentOptions(), source=name)
+
+
+def test_decision_model_examples_are_the_four_features_and_listed_in_the_readme():
+    assert [p.name for p in DECISION_MODEL_FILES] == ["metadata-server.yaml", "output-interfaces.yaml",
+                                                      "snat-to-address.yaml", "source-scoping.yaml"]
+    readme = (REPO / "examples" / "README.md").read_text()
+    for path in DECISION_MODEL_FILES:
+        assert f"decision-model/{path.name}" in readme, f"examples/README.md does not mention {path.name}"
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.name) for p in DECISION_MODEL_FILES])
+def test_decision_model_example_is_the_agents_configmap_accepted_without_warnings(path):
+    (configmap,) = manifest_documents(path)
+    assert (configmap["apiVersion"], configmap["kind"]) == ("v1", "ConfigMap")
+    assert (configmap["metadata"]["namespace"], configmap["metadata"]["name"]) == ("kube-system", "ip-masq-agent")
+    assert set(configmap["data"]) == {"config"}, "the agent reads the key 'config' and nothing else"
+    assert parse_config(configmap["data"]["config"], AgentOptions(), source=path.name).warnings == ()
+    header = " ".join(line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#"))
+    assert _UPSTREAM_ISSUE.search(header), "the header names the upstream issues it answers"
+    assert "upstream agent ignores" in header, "the header says what an upstream agent does with it"
+
+
+def test_each_decision_model_example_sets_only_the_feature_it_is_named_for():
+    """Beside upstream's keys, so that each can be read (and applied) on its own."""
+    expected = {"metadata-server.yaml": {"masqueradeCIDRs"},
+                "output-interfaces.yaml": {"outputInterfaces"},
+                "snat-to-address.yaml": {"snatToAddress"},
+                "source-scoping.yaml": {"masqueradeSourceCIDRs", "nonMasqueradeSourceCIDRs"}}
+    assert {p.name: _decision_config(p.name).config.keys & _NEW_KEYS for p in DECISION_MODEL_FILES} == expected
+
+
+@pytest.mark.parametrize("name, decisions, iptables, nft", [
+    pytest.param("metadata-server.yaml", [
+        (("169.254.169.254", None, None), True),  # the metadata server: the /32 is the longest match
+        (("169.254.169.253", None, None), False),  # the rest of link-local keeps the pod address
+        (("169.254.1.1", None, None), False),
+        (("10.99.1.1", None, None), True),  # the peered network ...
+        (("10.99.0.7", None, None), False),  # ... but for its /24 that routes pods back
+        (("10.1.2.3", None, None), False),
+        (("198.51.100.7", None, None), True),
+    ], ["-d 169.254.169.252/31 ", "-d 169.254.169.255/32 ", "-d 10.98.0.0/16 ", "-d 10.99.0.0/24 ", "-d 10.100.0.0/14 "],
+        ["169.254.169.252/31, 169.254.169.255/32", "10.98.0.0/16, 10.99.0.0/24, 10.100.0.0/14"],
+        id="metadata-server"),
+    pytest.param("source-scoping.yaml", [
+        (("198.51.100.7", "10.244.1.5", None), True),  # a pod
+        (("198.51.100.7", "10.244.241.5", None), False),  # a pod with a routable address
+        (("198.51.100.7", "192.0.2.5", None), False),  # routed through the node, not a pod
+        (("10.1.2.3", "10.244.1.5", None), False),  # a pod, to a kept destination
+    ], ['-A IP-MASQ-AGENT -s 10.244.240.0/20 -m comment --comment "masqd: traffic from this source is not subject to '
+        'MASQUERADE" -j RETURN', "-A IP-MASQ-AGENT -s 10.244.0.0/16 -m comment"],
+        ["ip saddr 10.244.240.0/20 return", "ip saddr != 10.244.0.0/16 return"], id="source-scoping"),
+    pytest.param("snat-to-address.yaml", [
+        (("198.51.100.7", None, None), True),
+        (("10.1.2.3", None, None), False),
+    ], ["-j SNAT --to-source 192.0.2.10 --random-fully"], ["snat to 192.0.2.10 fully-random"], id="snat-to-address"),
+    pytest.param("output-interfaces.yaml", [
+        (("198.51.100.7", None, "eth0"), True),
+        (("198.51.100.7", None, "eth0.100"), True),  # eth0.+: a VLAN sub-interface
+        (("198.51.100.7", None, "eth1"), False),  # another interface: never masqueraded
+        (("198.51.100.7", None, "eth01"), False),
+        (("10.1.2.3", None, "eth0"), False),  # through the uplink the destination decides
+    ], ["-A IP-MASQ-AGENT -o eth0 -m comment", "-A IP-MASQ-AGENT -o eth0.+ -m comment"],
+        ['oifname "eth0" masquerade fully-random', 'oifname "eth0.*" masquerade fully-random'], id="output-interfaces"),
+])
+def test_decision_model_example_decides_what_its_comment_says(name, decisions, iptables, nft):
+    from masqd.backends.iptables.render import render_ruleset as render_iptables
+    from masqd.backends.nftables.render import render_ruleset as render_nft
+    from masqd.ruleset import compute_ruleset
+
+    ruleset = compute_ruleset(_decision_config(name).config, AgentOptions())
+    for (destination, source, interface), masqueraded in decisions:
+        source_address = None if source is None else ipaddress.ip_address(source)
+        assert ruleset.decide(ipaddress.ip_address(destination), source_address, interface) == masqueraded, \
+            (destination, source, interface)
+    iptables_text, nft_text = render_iptables(ruleset), render_nft(ruleset)
+    for text in iptables:
+        assert text in iptables_text, text
+    for text in nft:
+        assert text in nft_text, text

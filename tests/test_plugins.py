@@ -903,7 +903,8 @@ def test_the_same_prefix_kept_by_one_plugin_and_masqueraded_by_another_is_refuse
     agent = masqd_dry_run(Adds("keeper", "192.0.2.0/24"), Overrides("masker", "192.0.2.0/24"))
     result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
     assert isinstance(result.error, PluginError)
-    assert "masker.masquerade_cidrs: '192.0.2.0/24': also kept by keeper" in str(result.error)
+    assert ("masqueradeCIDRs: '192.0.2.0/24': masqueraded by plugin masker and kept by plugin keeper: a destination "
+            "is either kept or masqueraded") in str(result.error)
     assert result.rules is None  # nothing applied
 
 
@@ -911,7 +912,8 @@ def test_the_same_prefix_kept_by_one_plugin_and_masqueraded_by_another_is_refuse
 def test_a_config_keep_entry_and_a_plugin_masquerade_entry_of_one_prefix_are_refused(masqd_dry_run):
     agent = masqd_dry_run(Overrides("masker", "10.0.0.0/8"))
     result = agent.apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
-    assert "also kept by the config" in str(result.error)
+    assert "masqueraded by plugin masker and kept by " in str(result.error)
+    assert "config (nonMasqueradeCIDRs): a destination is either kept or masqueraded" in str(result.error)
 
 
 @covers("masquerade_cidrs")

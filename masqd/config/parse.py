@@ -284,9 +284,6 @@ class _Context:
 
 
 def _parse_cidrs(key: str, value: Any, ctx: _Context) -> None:
-    if value is None:  # like Go: null sets the list to empty
-        ctx.fields["non_masquerade_cidrs"] = ()
-        return
     if isinstance(value, list):
         parsed, canonical = parse_cidrs(value, ctx.known)
         if canonical:  # each an IPv4 network written as str() writes it: distinct texts are distinct networks
@@ -294,30 +291,36 @@ def _parse_cidrs(key: str, value: Any, ctx: _Context) -> None:
             ctx.fields["non_masquerade_cidrs"] = tuple(parsed)
             ctx.cidr_texts = tuple(value)
             return
-    _parse_cidr_list("non_masquerade_cidrs")(key, value, ctx)
+        _collect_cidrs(key, value, parsed, "non_masquerade_cidrs", ctx)
+    else:
+        _parse_cidr_list("non_masquerade_cidrs")(key, value, ctx)
 
 
 def _parse_cidr_list(attribute: str):
     def parse(key: str, value: Any, ctx: _Context) -> None:
         if value is None:  # like Go: null sets the list to empty
             ctx.fields[attribute] = ()
-            return
-        if not isinstance(value, list):
+        elif not isinstance(value, list):
             ctx.problems.append(Problem(key, shorten(value), "expected a list of CIDR strings, e.g. ['10.0.0.0/8']"))
-            return
-        cidrs: list[Network] = []
-        for index, (item, net) in enumerate(zip(value, parse_cidrs(value)[0])):
-            if isinstance(net, CIDRError):
-                ctx.problems.append(Problem(f"{key}[{index}]", shorten(item), net.reason))
-                continue
-            if net.version == 6 and not ctx.options.enable_ipv6:
-                ctx.problems.append(
-                    Problem(f"{key}[{index}]", item, "IPv6 CIDR given but IPv6 is not enabled; start masqd with --enable-ipv6")
-                )
-            cidrs.append(net)
-        ctx.fields[attribute] = tuple(cidrs)
+        else:
+            _collect_cidrs(key, value, parse_cidrs(value)[0], attribute, ctx)
 
     return parse
+
+
+def _collect_cidrs(key: str, value: list, parsed: list, attribute: str, ctx: _Context) -> None:
+    """The networks of a list (``parsed``: :func:`parse_cidrs` of it), each bad item a problem."""
+    cidrs: list[Network] = []
+    for index, (item, net) in enumerate(zip(value, parsed)):
+        if isinstance(net, CIDRError):
+            ctx.problems.append(Problem(f"{key}[{index}]", shorten(item), net.reason))
+            continue
+        if net.version == 6 and not ctx.options.enable_ipv6:
+            ctx.problems.append(
+                Problem(f"{key}[{index}]", item, "IPv6 CIDR given but IPv6 is not enabled; start masqd with --enable-ipv6")
+            )
+        cidrs.append(net)
+    ctx.fields[attribute] = tuple(cidrs)
 
 
 def _parse_bool(attribute: str):

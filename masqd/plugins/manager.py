@@ -226,7 +226,10 @@ class Plugins:
         only lose their detail, so the problems are returned, never raised."""
         problems: list[Problem] = []
         out: dict[str, dict[Network, tuple]] = {}
-        cidrs_of = {contribution.plugin: contribution.cidrs for contribution in contributions if contribution.cidrs}
+        cidrs_of: dict[str, tuple[Network, ...]] = {}  # a plugin's kept and masquerade entries together
+        for contribution in contributions:
+            if contribution.cidrs:
+                cidrs_of[contribution.plugin] = tuple(dict.fromkeys(cidrs_of.get(contribution.plugin, ()) + contribution.cidrs))
         for impl in in_call_order(self.pm.hook.describe_cidrs):
             cidrs = cidrs_of.get(impl.plugin_name)
             if cidrs is None:
