@@ -365,8 +365,9 @@ def _parse_limit(key: str, value: Any, ctx: _Context) -> None:
 #: What an interface name in ``outputInterfaces`` may be: 1-15 characters (the kernel's IFNAMSIZ
 #: less its NUL) of letters, digits and ``_ . - @``, optionally ending in ``+`` (any name starting
 #: with the rest, as iptables' ``-o eth+``). Narrower than the kernel (which takes almost any
-#: byte), so that a name can never change the meaning of a rule text.
-_INTERFACE = re.compile(r"[A-Za-z0-9_.@-]{1,15}|[A-Za-z0-9_.@-]{0,14}\+")
+#: byte), so that a name can never change the meaning of a rule text. ``+`` alone (every
+#: interface) is refused: nft refuses its ``oifname "*"`` and iptables-save drops ``-o +``.
+_INTERFACE = re.compile(r"[A-Za-z0-9_.@-]{1,15}|[A-Za-z0-9_.@-]{1,14}\+")
 
 
 def _parse_interfaces(key: str, value: Any, ctx: _Context) -> None:
@@ -375,7 +376,10 @@ def _parse_interfaces(key: str, value: Any, ctx: _Context) -> None:
         return
     names: list[str] = []
     for index, item in enumerate(value):
-        if not isinstance(item, str) or not _INTERFACE.fullmatch(item) or item in (".", ".."):
+        if item == "+":
+            ctx.problems.append(Problem(f"{key}[{index}]", item, "'+' alone is every interface: leave "
+                                                                 "outputInterfaces out (or empty) to masquerade on any"))
+        elif not isinstance(item, str) or not _INTERFACE.fullmatch(item) or item in (".", ".."):
             ctx.problems.append(Problem(f"{key}[{index}]", shorten(item),
                                         "expected an interface name of 1-15 letters, digits, '_', '.', '-' or '@' "
                                         "(not '.' or '..'), or a prefix ending in '+' such as 'eth+'"))
