@@ -27,7 +27,15 @@ Metrics (all prefixed ``masqd_``):
 ``nonmasq_cidrs{family,source}``            gauge     CIDRs of the applied rules, by where they came from
                                                       (``config``, ``defaults``, ``reserved-ranges``,
                                                       ``link-local``, ``plugin``, ``policy``); a CIDR with
-                                                      two kinds of origin counts for each
+                                                      two kinds of origin counts for each; the entries as
+                                                      listed (not their longest-prefix flattening)
+``decision_cidrs{family,list,source}``      gauge     the entries of the decision model's other CIDR lists
+                                                      in the applied rules: ``list`` is the config key
+                                                      (``masqueradeCIDRs``, ``masqueradeSourceCIDRs``,
+                                                      ``nonMasqueradeSourceCIDRs``), ``source`` where they
+                                                      came from (``config``; for ``masqueradeCIDRs`` also
+                                                      ``plugin``, ``policy``: ``masquerade_cidrs``); no
+                                                      series for a list no entry is in
 ``plugin_errors_total{plugin,hook}``        counter   hook calls that raised, hung or returned garbage
 ``kube_watch_restarts_total{watch,reason}`` counter   Kubernetes watches restarted: ``expired`` (410, a
                                                       relist), ``error`` (a failed request, retried after
@@ -48,7 +56,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from masqd import __version__
 from masqd.audit import RESULTS, AuditEvent
 from masqd.config import AgentOptions
-from masqd.provenance import origin_counts
+from masqd.provenance import list_counts, origin_counts
 from masqd.status import AgentStatus
 
 disable_created_metrics()  # no *_created series: they double the output and no alert uses them
@@ -100,7 +108,8 @@ class _StateCollector:
         self.options = options
         self.plugins = plugins
         self.watches = watches
-        self._cidr_counts: tuple[object, object, dict[tuple[str, str], int]] | None = None
+        #: (applied, applied_from, non-masquerade CIDR counts, the other lists' counts) of the last scrape
+        self._cidr_counts: tuple[object, object, dict, dict] | None = None
 
     def describe(self) -> list:
         return []  # collected at scrape time: nothing to check names against at registration
@@ -116,9 +125,17 @@ class _StateCollector:
                          "holds the latest valid rules (unix time)", status.applied_at)
         cidrs = GaugeMetricFamily("masqd_nonmasq_cidrs", "Non-masquerade CIDRs of the applied rules by family and "
                                   "origin", labels=["family", "source"])
-        for (family, source), count in sorted(self._counts().items()):
+        counts, lists = self._counts()
+        for (family, source), count in sorted(counts.items()):
             cidrs.add_metric([family, source], count)
         yield cidrs
+        decision = GaugeMetricFamily("masqd_decision_cidrs", "Entries of the applied rules' other CIDR lists by "
+                                     "family, list (masqueradeCIDRs, masqueradeSourceCIDRs, nonMasqueradeSourceCIDRs) "
+                                     "and origin (config, plugin, policy); nonMasqueradeCIDRs are masqd_nonmasq_cidrs",
+                                     labels=["family", "list", "source"])
+        for (family, listed, source), count in sorted(lists.items()):
+            decision.add_metric([family, listed, source], count)
+        yield decision
         failures = CounterMetricFamily("masqd_plugin_errors", "Plugin hook calls that raised, hung or returned "
                                        "something unusable", labels=["plugin", "hook"])
         for (plugin, hook), count in sorted(getattr(self.plugins, "failures", {}).items()):
@@ -138,17 +155,21 @@ class _StateCollector:
         yield restarts
         yield synced
 
-    def _counts(self) -> dict[tuple[str, str], int]:
-        """CIDRs per (family, origin kind) of the applied rules, computed at the first scrape after
-        each pass that synced and reused until the next."""
+    def _counts(self) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str, str], int]]:
+        """Non-masquerade CIDRs per (family, origin kind) and the other lists' entries per (family,
+        list, origin kind) of the applied rules, computed at the first scrape after each pass that
+        synced and reused until the next."""
         applied, applied_from = self.status.applied, self.status.applied_from
         cached = self._cidr_counts
         if cached is not None and cached[0] is applied and cached[1] is applied_from:
-            return cached[2]
-        counts = {} if applied is None or applied_from is None else origin_counts(
-            applied, *applied_from, self.options)
-        self._cidr_counts = (applied, applied_from, counts)
-        return counts
+            return cached[2], cached[3]
+        if applied is None or applied_from is None:
+            counts, lists = {}, {}
+        else:
+            counts = origin_counts(applied, *applied_from, self.options)
+            lists = list_counts(*applied_from)
+        self._cidr_counts = (applied, applied_from, counts, lists)
+        return counts, lists
 
 
 def _gauge(name: str, documentation: str, value: bool | float) -> GaugeMetricFamily:

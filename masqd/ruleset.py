@@ -160,14 +160,13 @@ class RuleSet:
 
     def decide(self, destination: Address, source: Address | None = None, interface: str | None = None) -> bool:
         """Whether a packet to the non-local ``destination`` is masqueraded: the decision every
-        backend's rules make (module docstring). ``source`` / ``interface`` ``None``: one that no
-        source or interface rule singles out."""
+        backend's rules make (module docstring). ``source`` / ``interface`` ``None``: one that the
+        source and interface rules leave to the destination (a source no list singles out; an
+        interface ``outputInterfaces`` holds)."""
         family = self.family(destination.version)
         if family is None:
             return False
         if interface is not None and not self.interface_matches(interface):
-            return False
-        if interface is None and self.interfaces:
             return False
         if source is not None and family.source_rule(source) is not None:
             return False

@@ -49,9 +49,40 @@ async def validate(args: argparse.Namespace, plugins: Plugins) -> int:
     config = merged.config
     origin = ", ".join(merged.sources) or "defaults (no config source present)"
     print(f"ok: {origin}: {len(config.non_masquerade_cidrs)} non-masquerade CIDRs, "
-          f"resyncInterval {format_go_duration(config.resync_interval_ns)}, cidrLimit {config.cidr_limit}")
-    print_contributions(contributions, sys.stdout)
+          f"resyncInterval {format_go_duration(config.resync_interval_ns)}, cidrLimit {config.cidr_limit}"
+          + "".join(f", {item}" for item in decision_summary(config)))
+    _print_contributions(contributions, sys.stdout)
     return EXIT_OK
+
+
+def decision_summary(config) -> list[str]:
+    """The decision model's keys beyond upstream the config sets, one item each (``3
+    masqueradeCIDRs``, ``snatToAddress 192.0.2.10``, ``outputInterfaces [eth0, ens+]``); empty when
+    none is set, so an upstream config's summary is upstream's."""
+    items = [f"{len(getattr(config, field))} {key}" for key, field in (
+        ("masqueradeCIDRs", "masquerade_cidrs"), ("masqueradeSourceCIDRs", "masquerade_source_cidrs"),
+        ("nonMasqueradeSourceCIDRs", "non_masquerade_source_cidrs")) if getattr(config, field)]
+    return items + _settings(config)
+
+
+def _settings(config) -> list[str]:
+    """``snatToAddress[IPv6]`` and ``outputInterfaces`` as :func:`decision_summary` names them."""
+    items = [f"{key} {address}" for key, address in (("snatToAddress", config.snat_to_address),
+                                                     ("snatToAddressIPv6", config.snat_to_address_ipv6))
+             if address is not None]
+    if config.output_interfaces:
+        items.append(f"outputInterfaces [{', '.join(config.output_interfaces)}]")
+    return items
+
+
+def _print_contributions(contributions, stream) -> None:
+    """The plugins' non-masquerade CIDRs (as before), then their masquerade entries, each named so."""
+    print_contributions(tuple(c for c in contributions if not getattr(c, "masquerade", False)), stream)
+    for contribution in contributions:
+        if getattr(contribution, "masquerade", False) and contribution.cidrs:
+            shown = ", ".join(map(str, contribution.cidrs[:10])) + (", ..." if len(contribution.cidrs) > 10 else "")
+            print(f"plugin {contribution.plugin}: {len(contribution.cidrs)} masquerade CIDRs (masquerade_cidrs): "
+                  f"{shown}", file=stream)
 
 
 async def render(args: argparse.Namespace, plugins: Plugins) -> int:
@@ -60,7 +91,7 @@ async def render(args: argparse.Namespace, plugins: Plugins) -> int:
     if planned is None:
         return EXIT_INVALID_CONFIG
     _print_origins(planned[0], sys.stderr)  # stdout is exactly the script
-    print_contributions(planned[2], sys.stderr)
+    _print_contributions(planned[2], sys.stderr)
     sys.stdout.write(await agent.reconciler.render(planned[1]))
     return EXIT_OK
 
@@ -85,8 +116,15 @@ async def list_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def _print_origins(loaded: LoadedConfig, stream) -> None:
-    """With several config texts: which one listed each CIDR."""
+    """With several config texts: which one listed each CIDR (of another list than
+    ``nonMasqueradeCIDRs``: named after the CIDR)."""
     if len(loaded.merged.sources) < 2:
         return
     for net, names in loaded.merged.origins.items():
         print(f"{net}: from {', '.join(names)}", file=stream)
+    for key, origins in (loaded.merged.list_origins or {}).items():
+        for net, names in origins.items():
+            print(f"{net} ({key}): from {', '.join(names)}", file=stream)
+    settings = _settings(loaded.merged.config)
+    if settings:
+        print(f"merged: {', '.join(settings)}", file=stream)

@@ -13,7 +13,7 @@ from masqd.config import DEFAULT_CONFIG_PATH
 from masqd.errors import ConfigError
 from masqd.inputs import LoadedConfig, config_inputs
 from masqd.plugins import Contribution, Plugins
-from masqd.reconcile import plan_rules
+from masqd.plan import plan_rules
 from masqd.ruleset import RuleSet
 
 EXIT_OK = 0
@@ -62,7 +62,7 @@ async def plan_and_report(agent: Agent) -> tuple[LoadedConfig, RuleSet, tuple[Co
     for name, warning in loaded.warnings:
         print(f"warning: {name}: {warning}", file=sys.stderr)
     try:
-        ruleset, contributions = await plan_rules(loaded.config, agent.options, agent.plugins)
+        ruleset, contributions = await plan_rules(loaded.config, agent.options, agent.plugins, loaded.merged)
     except ConfigError as exc:
         print_problems(exc)
         return None

@@ -1,5 +1,7 @@
-"""``masqd explain ADDRESS...``: whether traffic to each address keeps the pod address or is
-masqueraded, and why; with ``--live``, from the rules the kernel holds too."""
+"""``masqd explain ADDRESS... [--from SOURCE] [--out-interface NAME]``: whether traffic to each
+address keeps the pod address or is masqueraded, and why (the interface and source rules, the
+deciding prefix and where it came from, the address traffic is rewritten to); with ``--live``,
+from the rules the kernel holds too."""
 
 from __future__ import annotations
 
@@ -8,17 +10,22 @@ import json
 import sys
 
 from masqd.agent import Agent
-from masqd.cli.common import EXIT_BACKEND, EXIT_DRIFT, EXIT_INVALID_CONFIG, EXIT_OK, agent_from, plan_and_report
+from masqd.cli.common import (EXIT_BACKEND, EXIT_DRIFT, EXIT_INVALID_CONFIG, EXIT_OK, EXIT_USAGE, agent_from,
+                               plan_and_report)
 from masqd.config import parse_config
 from masqd.errors import BackendError, BackendUnsupported
-from masqd.explain import as_json, explain, explain_kernel, format_text
+from masqd.explain import as_json, explain, explain_kernel, format_text, source_family_problem
 from masqd.plugins import Plugins
-from masqd.provenance import cidr_origins
+from masqd.provenance import decision_origins
 from masqd.ruleset import compute_ruleset
 
 
 async def explain_command(args: argparse.Namespace, plugins: Plugins) -> int:
     """Each address against the desired state (with ``--live``, the kernel's rules too)."""
+    source, interface = getattr(args, "source", None), getattr(args, "out_interface", None)
+    if source is not None and (problem := source_family_problem(source, args.addresses)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     agent = agent_from(args, plugins, once=True, uses_backend=args.live)
     planned = await plan_and_report(agent)
     if planned is None:
@@ -28,8 +35,8 @@ async def explain_command(args: argparse.Namespace, plugins: Plugins) -> int:
     descriptions, problems = await plugins.describe_cidrs(contributions)
     for problem in problems:
         print(f"warning: plugin {problem}; its CIDRs are shown without that detail", file=sys.stderr)
-    origins = cidr_origins(ruleset, loaded.merged, contributions, agent.options, agent.loader.texts(),
-                           descriptions=descriptions)
+    origins = decision_origins(ruleset, loaded.merged, contributions, agent.options, agent.loader.texts(),
+                               descriptions=descriptions)
     live = None
     if args.live:
         live = await _read_back(agent, ruleset)
@@ -37,7 +44,7 @@ async def explain_command(args: argparse.Namespace, plugins: Plugins) -> int:
             return EXIT_BACKEND
     config = loaded.config
     report = explain(args.addresses, ruleset, origins, live, masq_link_local=config.masq_link_local,
-                     masq_link_local_ipv6=config.masq_link_local_ipv6)
+                     masq_link_local_ipv6=config.masq_link_local_ipv6, source=source, interface=interface)
     _print_report(report, args.output)
     return EXIT_DRIFT if report.drift else EXIT_OK
 
@@ -67,5 +74,6 @@ async def _explain_kernel_only(args: argparse.Namespace, agent: Agent) -> int:
     shape = compute_ruleset(parse_config(None, agent.options).config, agent.options)
     live = await _read_back(agent, shape)
     if live is not None:
-        _print_report(explain_kernel(args.addresses, live), args.output)
+        _print_report(explain_kernel(args.addresses, live, source=getattr(args, "source", None),
+                                     interface=getattr(args, "out_interface", None)), args.output)
     return EXIT_INVALID_CONFIG

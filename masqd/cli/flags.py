@@ -170,9 +170,30 @@ def _explain_address(text: str):
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
+def _explain_value(parse_name: str):
+    """An argparse type calling :mod:`masqd.explain`'s ``parse_name`` (imported when used)."""
+    def convert(text: str):
+        from masqd import explain
+
+        try:
+            return getattr(explain, parse_name)(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    convert.__name__ = parse_name.removeprefix("parse_")
+    return convert
+
+
 def _add_explain_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("addresses", nargs="+", type=_explain_address, metavar="ADDRESS",
                         help="a destination address, IPv4 or IPv6")
+    parser.add_argument("--from", dest="source", type=_explain_value("parse_source"), metavar="SOURCE",
+                        help="explain traffic from this source address (of the destinations' family), through "
+                             "nonMasqueradeSourceCIDRs and masqueradeSourceCIDRs; without it, for a source they "
+                             "leave to the destination, listing the sources that keep the pod address")
+    parser.add_argument("--out-interface", type=_explain_value("parse_interface"), metavar="NAME",
+                        help="explain traffic leaving through this interface (one name, no wildcard), through "
+                             "outputInterfaces; without it, for an interface in the list")
     parser.add_argument("--live", action="store_true",
                         help="explain from the rules the kernel holds (read back through --backend, never "
                              "written), with the rules masqd does not write that may act on each address, and "

@@ -10,6 +10,7 @@ used when no file is present.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from masqd.cidrs import Network, parse_cidr
@@ -32,6 +33,12 @@ RESERVED_CIDRS: tuple[str, ...] = (
     "203.0.113.0/24",  # RFC 5737 TEST-NET-3
     "240.0.0.0/4",  # RFC 5735 former class E
 )
+
+#: An interface name masqd accepts (``outputInterfaces``, ``explain --out-interface``): 1-15
+#: characters (the kernel's IFNAMSIZ less its NUL) of letters, digits and ``_ . - @``, not ``.`` or
+#: ``..``. Narrower than the kernel (which takes almost any byte), so that a name can never change
+#: the meaning of a rule text; ``outputInterfaces`` may also end one in ``+`` (a prefix wildcard).
+INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
 
 _SECOND_NS = 1_000_000_000
 #: Largest config accepted, in bytes (a file) or characters (a ConfigMap's text). A file listing

@@ -30,6 +30,7 @@ import yaml.events
 from masqd.cidrs import LINK_LOCAL_V4, LINK_LOCAL_V6, CIDRError, Network, duplicates, parse_cidrs
 from masqd.config.fastparse import fast_document
 from masqd.config.model import (
+    INTERFACE_NAME,
     MAX_CONFIG_BYTES,
     MIN_RESYNC_INTERVAL_NS,
     AgentOptions,
@@ -362,12 +363,10 @@ def _parse_limit(key: str, value: Any, ctx: _Context) -> None:
         ctx.fields["cidr_limit_set"] = True
 
 
-#: What an interface name in ``outputInterfaces`` may be: 1-15 characters (the kernel's IFNAMSIZ
-#: less its NUL) of letters, digits and ``_ . - @``, optionally ending in ``+`` (any name starting
-#: with the rest, as iptables' ``-o eth+``). Narrower than the kernel (which takes almost any
-#: byte), so that a name can never change the meaning of a rule text. ``+`` alone (every
-#: interface) is refused: nft refuses its ``oifname "*"`` and iptables-save drops ``-o +``.
-_INTERFACE = re.compile(r"[A-Za-z0-9_.@-]{1,15}|[A-Za-z0-9_.@-]{1,14}\+")
+#: ``outputInterfaces`` names: :data:`~masqd.config.model.INTERFACE_NAME`, or up to 14 of its
+#: characters and a ``+`` (any name starting with them, as iptables' ``-o eth+``). ``+`` alone
+#: (every interface) is refused: nft refuses its ``oifname "*"`` and iptables-save drops ``-o +``.
+_INTERFACE = re.compile(rf"{INTERFACE_NAME.pattern}|[A-Za-z0-9_.@-]{{1,14}}\+")
 
 
 def _parse_interfaces(key: str, value: Any, ctx: _Context) -> None:
