@@ -177,6 +177,10 @@ def live_family(state: NatState, family: int, desired: tuple[str, ...], chain: s
     local = state.jumps > 0 or any("! --dst-type LOCAL" in line for line in state.other_jumps)
     before = tuple(rule for rule in outside if rule.stage == BEFORE)
     after = tuple(rule for rule in outside if rule.stage == AFTER)
+    rewrites = dict.fromkeys(_snat_address(m["snat"], family) for m in finals)
+    if len(rewrites) > 1:
+        unexpected.append("final rules rewrite to different addresses: "
+                          + ", ".join(f"SNAT to {address}" if address else "MASQUERADE" for address in rewrites))
     sources = tuple(dict.fromkeys(_network(m["source"]) for m in finals if m["source"] is not None))
     interfaces = tuple(dict.fromkeys(m["interface"] for m in finals if m["interface"] is not None))
     limited = finals and not masquerade

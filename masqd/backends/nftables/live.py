@@ -336,6 +336,9 @@ def live_family(state: TableState | None, desired: TableState, others: tuple[For
         else:
             unexpected.append(f"rule masqd does not write: {_describe(rule, family)}")
             inside.append((lookup, rule))
+    if len({rule.snat for rule in finals}) > 1:
+        unexpected.append("final rules rewrite to different addresses: " + ", ".join(
+            dict.fromkeys(f"snat to {rule.snat}" if rule.snat else "masquerade" for rule in finals)))
     nonmasq = tuple(ipaddress.ip_network(text) for text in _element_texts(state.intervals, family)) if lookup else ()
     foreign = tuple(found for after_lookup, rule in inside
                     if (found := _inside_rule(rule, family, len(nonmasq) if after_lookup else 0)) is not None)
