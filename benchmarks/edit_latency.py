@@ -25,7 +25,12 @@ deletes, also on SIGTERM/SIGINT:
   memory    the daemon's VmRSS after the edits.
 
     sudo .venv/bin/python benchmarks/edit_latency.py [--sizes 100,10000,100000] [--edits 10]
-        [--backend nftables|iptables|both]
+        [--backend nftables|iptables|both] [--extra-config FILE]
+
+``--extra-config FILE``: the text of FILE (YAML keys such as ``masqueradeCIDRs:``, each starting at
+column 0) is appended to every config written, the start-up one and each edit's, so the same edits
+are timed with those keys in force (``benchmarks/decision_model.py`` times the decision model's
+keys so). Without it the configs are exactly as described above.
 
 Default sizes: 100,10000,100000 for nftables, 100,10000 for iptables (100k works but is slow).
 Targets (nftables): median <= 100 ms at 10k CIDRs, <= 500 ms at 100k. They are reported, not
@@ -101,9 +106,11 @@ class Point:
 # --- inputs ------------------------------------------------------------------------------------------
 
 
-def config_text(cidrs: list[str]) -> str:
-    return (f"resyncInterval: 1h\ncidrLimit: {len(cidrs) + 16}\nnonMasqueradeCIDRs:\n"
+def config_text(cidrs: list[str], extra: str = "") -> str:
+    """The config listing ``cidrs``, then ``extra`` (more keys, see ``--extra-config``) when given."""
+    text = (f"resyncInterval: 1h\ncidrLimit: {len(cidrs) + 16}\nnonMasqueradeCIDRs:\n"
             + "".join(f"- {c}\n" for c in cidrs))
+    return text + extra if not extra or extra.endswith("\n") else text + extra + "\n"
 
 
 def edit_cidr(i: int) -> str:
@@ -221,12 +228,25 @@ def wait_for_update(log: DaemonLog) -> tuple[float | None, str]:
 # --- one point -----------------------------------------------------------------------------------------
 
 
-def measure(masqd: Path, backend: str, size: int, edits: int) -> Point:
+def kept_cidr_edit(backend: str, base: list[str], base_text: str, extra: str, i: int):
+    """The i-th edit of the script: alternately add one /28 (:func:`edit_cidr`) to the kept
+    CIDRs ``base`` and remove it again. ``(kind, cidr, config text, predicate on nft monitor lines)``."""
+    kind = "add" if i % 2 == 0 else "remove"
+    cidr = edit_cidr(i // 2)
+    text = config_text([*base, cidr], extra) if kind == "add" else base_text
+    return kind, cidr, text, arrived(backend, kind, cidr)
+
+
+def measure(masqd: Path, backend: str, size: int, edits: int, extra: str = "", step=None) -> Point:
+    """One point: the daemon started on ``size`` CIDRs (and ``extra``), then ``edits`` edits.
+    ``step(i)``: the i-th edit as :func:`kept_cidr_edit` gives it (default: that one)."""
     point = Point(backend, size)
     workdir = Path(tempfile.mkdtemp(prefix="masqd-edit-"))
     config, staged = workdir / "config", workdir / ".config.tmp"
     base = cidr_blocks(size)
-    base_text = config_text(base)
+    base_text = config_text(base, extra)
+    if step is None:
+        step = lambda i: kept_cidr_edit(backend, base, base_text, extra, i)
     config.write_text(base_text)
     ns = netns.unique_name("edit")
     procs: list[subprocess.Popen] = []
@@ -251,10 +271,8 @@ def measure(masqd: Path, backend: str, size: int, edits: int) -> Point:
         sync_monitor(ns, lines)  # the initial set printed, before the first edit is timed
 
         for i in range(edits):
-            kind = "add" if i % 2 == 0 else "remove"
-            cidr = edit_cidr(i // 2)
-            staged.write_text(config_text([*base, cidr]) if kind == "add" else base_text)
-            seen = arrived(backend, kind, cidr)
+            kind, cidr, text, seen = step(i)
+            staged.write_text(text)
             start = time.perf_counter()
             os.replace(staged, config)
             stamp = wait_for_match(lines, seen, EDIT_TIMEOUT_S)
@@ -358,9 +376,12 @@ def main() -> int:
                                                       "nftables, 100,10000 for iptables)")
     parser.add_argument("--edits", type=int, default=10, help="edits per size, alternately add and remove (default 10)")
     parser.add_argument("--backend", choices=("nftables", "iptables", "both"), default="nftables")
+    parser.add_argument("--extra-config", type=Path, metavar="FILE",
+                        help="append this file's text (more config keys) to every config written")
     args = parser.parse_args()
     if args.edits < 1:
         parser.error("--edits: at least 1")
+    extra = args.extra_config.read_text() if args.extra_config else ""
     if not namespaces_usable():
         return 2
     masqd = Path(sys.executable).with_name("masqd")
@@ -370,7 +391,7 @@ def main() -> int:
         for backend in backends:
             for size in args.sizes or DEFAULT_SIZES[backend]:
                 print(f"{backend}, {size:,} CIDRs:", flush=True)
-                points.append(measure(masqd, backend, size, args.edits))
+                points.append(measure(masqd, backend, size, args.edits, extra))
     except (BenchmarkFailure, netns.CommandError, subprocess.SubprocessError, OSError) as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1

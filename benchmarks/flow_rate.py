@@ -38,6 +38,12 @@ Each (backend, size) point is measured ``--repeats`` times (default 5) for up to
 order) so slow drifts of the VM spread over all of them.
 
     sudo .venv/bin/python benchmarks/flow_rate.py [--sizes 10,1000,10000] [--seconds 3] [--repeats 5]
+        [--extra-config FILE]
+
+``--extra-config FILE``: the text of FILE (more config keys, each starting at column 0) is appended
+to every config masqd applies (``benchmarks/decision_model.py`` uses it for the decision model's
+keys). The keys must leave the pod's flows to 203.0.113.2 through ``vdst`` masqueraded, or the
+counters say so (``!! ... NOT masqueraded``). Without it the configs are as described above.
 
 Output: one line per run, then per (backend, size) the delivered flows/s (median, min, max,
 spread = (max - min) / median) and the senders' CPU microseconds per flow. The second figure is
@@ -58,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench_common import cidr_blocks, ignore_signals, namespaces_usable
@@ -243,6 +250,43 @@ def send_flows(topo: Topology, senders: int, seconds: float, limit: int,
                 proc.wait()
 
 
+@dataclass
+class Run:
+    """One measured run of a point: what the senders did and what the kernel counted."""
+
+    seconds: float  # the sending time asked for (shorter than asked when conntrack would fill up)
+    sent: int
+    elapsed: float
+    errors: int
+    cpu: float  # the senders' CPU seconds
+    got: dict[str, int]  # counter deltas: masqueraded, other (not masqueraded), new_flows
+    trouble: dict[str, int]  # non-zero conntrack statistics deltas (drop, early_drop, insert_failed)
+
+    @property
+    def rate(self) -> float:
+        return self.got["masqueraded"] / self.elapsed
+
+
+def measure_run(topo: Topology, senders: int, max_seconds: float, limit: int, dport: int) -> tuple[Run, int]:
+    """One run with the rules the node holds now: a 0.25 s calibration burst sizes it (the node's
+    conntrack table must never fill up: ``limit`` flows at most), then up to ``max_seconds`` of
+    new flows, counted by the kernel. Returns the run and the next free destination port."""
+    # conntrack_max is global (read-only here), so a point may not create more
+    # entries than fit: a 0.25 s calibration burst sizes the point's duration
+    topo.flush_conntrack()
+    sent, elapsed, dport, _, _ = send_flows(topo, senders, 0.25, limit, dport)
+    seconds = min(max_seconds, 0.8 * limit / (sent / elapsed))
+    topo.flush_conntrack()
+    before, stats0 = topo.counters(), topo.conntrack_stats()
+    sent, elapsed, dport, errors, cpu = send_flows(topo, senders, seconds, limit, dport)
+    time.sleep(0.2)  # let the last datagrams land
+    after, stats1 = topo.counters(), topo.conntrack_stats()
+    got = {k: after[k] - before[k] for k in after}
+    trouble = {k: stats1[k] - stats0[k] for k in ("drop", "early_drop", "insert_failed")
+               if stats1.get(k, 0) - stats0.get(k, 0)}
+    return Run(seconds, sent, elapsed, errors, cpu, got, trouble), dport
+
+
 def rel_spread(values: list[float]) -> float:
     """(max - min) / median, in percent."""
     return (max(values) - min(values)) / statistics.median(values) * 100
@@ -275,7 +319,12 @@ def main() -> int:
                         help="parallel sender processes (default 1: the other CPU stays free for the rest "
                              "of the machine, and flows do not contend for conntrack locks across CPUs)")
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--extra-config", type=Path, metavar="FILE",
+                        help="append this file's text (more config keys) to every config masqd applies")
     args = parser.parse_args()
+    extra = args.extra_config.read_text() if args.extra_config else ""
+    if extra and not extra.endswith("\n"):
+        extra += "\n"
     sizes = [int(s) for s in args.sizes.split(",")]
     backends = [b for b in args.backends.split(",") if b]
     if not namespaces_usable():
@@ -285,7 +334,7 @@ def main() -> int:
     for n in sizes:
         configs[n] = workdir / f"config-{n}.yaml"
         configs[n].write_text(f"cidrLimit: {n + 10}\nresyncInterval: 1h\nnonMasqueradeCIDRs:\n"
-                              + "".join(f"  - {c}\n" for c in cidr_blocks(n)))
+                              + "".join(f"  - {c}\n" for c in cidr_blocks(n)) + extra)
     rates: dict[tuple[str, int], list[float]] = {}
     costs: dict[tuple[str, int], list[float]] = {}  # sender CPU microseconds per flow
     shares: dict[tuple[str, int], list[float]] = {}  # sender CPU time / (wall time x senders)
@@ -309,22 +358,11 @@ def main() -> int:
                         legacy = run(topo.node, "cat", "/proc/net/ip_tables_names", check=False).split()
                         notes.append(f"{backend} {n}: {nat_rule_count(topo, backend)}"
                                      + (f"; legacy iptables tables in the node: {legacy}" if legacy else ""))
-                    # conntrack_max is global (read-only here), so a point may not create more
-                    # entries than fit: a 0.25 s calibration burst sizes the point's duration
-                    topo.flush_conntrack()
-                    sent, elapsed, dport, _, _ = send_flows(topo, args.senders, 0.25, limit, dport)
-                    seconds = min(args.seconds, 0.8 * limit / (sent / elapsed))
-                    if seconds < args.seconds:
-                        shortened.append(seconds)
-                    topo.flush_conntrack()
-                    before, stats0 = topo.counters(), topo.conntrack_stats()
-                    sent, elapsed, dport, errors, cpu = send_flows(topo, args.senders, seconds, limit, dport)
-                    time.sleep(0.2)  # let the last datagrams land
-                    after, stats1 = topo.counters(), topo.conntrack_stats()
-                    got = {k: after[k] - before[k] for k in after}
-                    trouble = {k: stats1[k] - stats0[k] for k in ("drop", "early_drop", "insert_failed")
-                               if stats1.get(k, 0) - stats0.get(k, 0)}
-                    rate = got["masqueraded"] / elapsed
+                    measured, dport = measure_run(topo, args.senders, args.seconds, limit, dport)
+                    if measured.seconds < args.seconds:
+                        shortened.append(measured.seconds)
+                    sent, elapsed, errors, cpu = measured.sent, measured.elapsed, measured.errors, measured.cpu
+                    got, trouble, rate = measured.got, measured.trouble, measured.rate
                     rates.setdefault((backend, n), []).append(rate)
                     costs.setdefault((backend, n), []).append(cpu / sent * 1e6)
                     shares.setdefault((backend, n), []).append(cpu / (elapsed * args.senders))

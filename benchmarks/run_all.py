@@ -8,7 +8,7 @@ heading, with a one-line statement of what it measures, its command line, its ou
 long it took. A script still running past its time limit gets SIGTERM (the scripts then delete
 their network namespaces), and SIGKILL for its whole process group 30 s later.
 
-    sudo .venv/bin/python benchmarks/run_all.py             # the full set (about 10 minutes on 2 cores)
+    sudo .venv/bin/python benchmarks/run_all.py             # the full set (about 13 minutes on 2 cores)
     sudo .venv/bin/python benchmarks/run_all.py --quick     # smoke run: small sizes, few repeats (about 30 s)
     .venv/bin/python benchmarks/run_all.py --list           # what would run, with which arguments
 
@@ -122,6 +122,16 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               "/metrics, /readyz and /healthz latency at 10k and 100k CIDRs (dry-run backend, in process), also "
               "with idle clients and one that never reads its answer.",
               ("--cidrs", "10000,100000"), ("--cidrs", "1000",)),
+    Benchmark("Decision model cost", "decision_model.py",
+              "What the decision model's keys (masqueradeCIDRs holes, source lists, outputInterfaces) cost against "
+              "the same config without them: the pure steps of a pass and of a one-line edit at 10k and 100k CIDRs; "
+              "one edit -> the kernel at 100k (nftables, a kept CIDR and a new hole); new flows/s at 1k CIDRs, both "
+              "backends.",
+              ("--sizes", "10000,100000", "--repeats", "5", "--edit-size", "100000", "--edits", "6",
+               "--flow-cidrs", "1000", "--flow-seconds", "2", "--flow-repeats", "3"),
+              ("--sizes", "1000", "--repeats", "1", "--edit-size", "1000", "--edits", "2",
+               "--flow-cidrs", "100", "--flow-seconds", "0.5", "--flow-repeats", "1"),
+              timeout=600),
 )
 
 

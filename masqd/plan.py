@@ -58,7 +58,7 @@ def _check_overrides(config: MasqConfig, kept: tuple, masq: tuple, contributions
         problems.append(limit_problem("masqueradeCIDRs", config.cidr_limit,
                                       f"{len(masq)} CIDRs ({from_file} from the file, {len(masq) - from_file} from plugins)",
                                       "raise cidrLimit or contribute fewer CIDRs"))
-    keys = set(map(network_key, kept))
+    keys = {network_key(net) for net in masq}.intersection(map(network_key, kept))  # one pass over kept
 
     def places(net, masquerade: bool) -> list[str]:
         found = [f"plugin {c.plugin}" for c in contributions if c.masquerade is masquerade and net in c.cidrs]

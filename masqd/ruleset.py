@@ -223,37 +223,46 @@ def masquerade_list(config: MasqConfig, extra: tuple[Network, ...] = ()) -> tupl
     return tuple(unique(config.masquerade_cidrs + extra).values())
 
 
-def _cut_regions(keep: tuple[Network, ...], masq: tuple[Network, ...]) -> list[tuple[int, int]]:
-    """The outermost keep entries that hold a masquerade entry longer than themselves, as sorted
-    ``(first, last)`` address ranges: the only ranges whose decisions the overrides change.
-    Prefixes nest or are disjoint, so an entry starting inside one of them lies inside it."""
-    keys = set(map(network_key, keep))
-    regions = set()
-    for net in masq:
+def _cut_regions(keys: list[int], masq: tuple[Network, ...]) -> list[tuple[int, int]]:
+    """The outermost keep entries (``keys``: their :func:`~masqd.cidrs.network_key`) that hold a
+    masquerade entry longer than themselves, as sorted ``(first, last)`` address ranges: the only
+    ranges whose decisions the overrides change. Prefixes nest or are disjoint, so an entry
+    starting inside one of them lies inside it."""
+    shorter: dict[int, list[tuple[int, int, int]]] = {}  # masquerade entry -> its shorter prefixes
+    candidates: dict[int, tuple[int, int]] = {}
+    for index, net in enumerate(masq):
         bits, address, family_bit = net.max_prefixlen, int(net.network_address), net.version == 6
-        for length in range(net.prefixlen):  # shortest first: the outermost keep entry holding it
+        for length in range(net.prefixlen):  # shortest first
             size = 1 << (bits - length)
             first = address & ~(size - 1)
-            if first << 9 | length << 1 | family_bit in keys:
-                regions.add((first, first + size - 1))
-                break
+            key = first << 9 | length << 1 | family_bit
+            shorter.setdefault(index, []).append((key, first, first + size - 1))
+            candidates[key] = (first, first + size - 1)
+    held = candidates.keys() & keys  # one pass over the keep list, in C
+    regions = set()
+    for prefixes in shorter.values():
+        outermost = next(((first, last) for key, first, last in prefixes if key in held), None)
+        if outermost is not None:
+            regions.add(outermost)
     return sorted(regions)
 
 
 def _family(version: int, keep: tuple[Network, ...], masq: tuple[Network, ...], config: MasqConfig) -> FamilyRules:
     nonmasq, listed = keep, None
-    regions = _cut_regions(keep, masq) if masq else []
+    keys = list(map(network_key, keep)) if masq else []
+    regions = _cut_regions(keys, masq) if masq else []
     if regions:  # an override cuts into a kept range: flatten those ranges, keep the rest as listed
-        starts = [first for first, _ in regions]
+        starts, ends = [first for first, _ in regions], [last for _, last in regions]
+        index = bisect.bisect_right
 
-        def cut(net: Network) -> bool:
-            address = network_key(net) >> 9
-            index = bisect.bisect_right(starts, address) - 1
-            return index >= 0 and address <= regions[index][1]
+        def inside(key: int) -> bool:
+            found = index(starts, key >> 9) - 1
+            return found >= 0 and key >> 9 <= ends[found]
 
-        inside = list(map(cut, keep))
-        flat = range_networks(longest_prefix_ranges(itertools.compress(keep, inside), filter(cut, masq)), version)
-        nonmasq, listed = tuple(net for net, held in zip(keep, inside) if not held) + flat, keep
+        held = list(map(inside, keys))
+        cut_masq = [net for net in masq if inside(network_key(net))]
+        flat = range_networks(longest_prefix_ranges(itertools.compress(keep, held), cut_masq), version)
+        nonmasq, listed = tuple(itertools.compress(keep, (not h for h in held))) + flat, keep
     sources = config.masquerade_source_cidrs
     return FamilyRules(
         family=version,

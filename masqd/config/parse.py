@@ -27,7 +27,7 @@ import yaml
 import yaml.composer
 import yaml.events
 
-from masqd.cidrs import LINK_LOCAL_V4, LINK_LOCAL_V6, CIDRError, Network, duplicates, parse_cidrs
+from masqd.cidrs import LINK_LOCAL_V4, LINK_LOCAL_V6, CIDRError, Network, duplicates, network_key, parse_cidrs
 from masqd.config.fastparse import fast_document
 from masqd.config.model import (
     INTERFACE_NAME,
@@ -457,11 +457,16 @@ def _validate_decisions(config: MasqConfig, spelled: dict[str, str], options: Ag
     """What the decision-model keys say together (``spelled``: canonical key -> as the file spells it)."""
     if config.masquerade_cidrs:
         keep_key = spelled.get("nonMasqueradeCIDRs")
-        keep = {net: index for index, net in reversed(list(enumerate(config.non_masquerade_cidrs)))}
+        # one pass over a list that may hold 100k CIDRs, keyed by the few masquerade entries
+        masq = {network_key(net): None for net in config.masquerade_cidrs}
+        keep: dict[int, int] = {}
+        for index, key in enumerate(map(network_key, config.non_masquerade_cidrs)):
+            if key in masq:
+                keep.setdefault(key, index)
         for index, net in enumerate(config.masquerade_cidrs):
             where = f"{spelled.get('masqueradeCIDRs', 'masqueradeCIDRs')}[{index}]"
-            if net in keep:
-                listed = f"{keep_key}[{keep[net]}]" if keep_key else "the default nonMasqueradeCIDRs"
+            if network_key(net) in keep:
+                listed = f"{keep_key}[{keep[network_key(net)]}]" if keep_key else "the default nonMasqueradeCIDRs"
                 problems.append(Problem(where, str(net), f"also listed in {listed}: a destination is either kept or "
                                                          "masqueraded; remove it from one of the two lists"))
             elif net in (LINK_LOCAL_V4, LINK_LOCAL_V6):
