@@ -108,7 +108,7 @@ UNHELD = "192.0.2.0/24"
 HOLE_OFFSET = 7
 SOURCE_KEYS = "masqueradeSourceCIDRs:\n- 10.244.0.0/16\nnonMasqueradeSourceCIDRs:\n- 10.244.9.0/24\n"
 INTERFACES = ("eth0", "ens+")
-#: For the flows: the node's dest-facing link (masqd.testing.netns.Topology) must be listed.
+#: For the flows: the node's dest-facing link (masqd.testing.topology.Topology) must be listed.
 FLOW_INTERFACES = ("eth0", "ens+", "vdst")
 VARIANTS = ("a", "b", "c", "d")
 LABELS = {

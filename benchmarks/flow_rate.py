@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """New-flow cost: rate of new UDP flows masqueraded by the node, nftables vs iptables, 10 to 10k CIDRs.
 
-Topology (the tests' three network namespaces, :class:`masqd.testing.netns.Topology`, which this
+Topology (the tests' three network namespaces, :class:`masqd.testing.topology.Topology`, which this
 script creates and always deletes, also on SIGTERM or SIGINT; needs root)::
 
     pod  eth0 10.244.1.2/24 --veth-- vpod 10.244.1.1/24  node  vdst 172.30.0.1/24 --veth-- eth0 172.30.0.2/24  dest
@@ -70,10 +70,11 @@ from pathlib import Path
 from bench_common import cidr_blocks, ignore_signals, namespaces_usable
 
 from masqd.testing import netns
+from masqd.testing import topology as layout
 
 BACKENDS = ("nftables", "iptables")
 MASQD = Path(sys.executable).with_name("masqd")
-POD, NODE_POD_SIDE, NODE, DEST_LINK = netns.POD_V4, netns.NODE_POD_SIDE_V4, netns.NODE_V4, netns.DEST_LINK_V4
+POD, NODE_POD_SIDE, NODE, DEST_LINK = layout.POD_V4, layout.NODE_POD_SIDE_V4, layout.NODE_V4, layout.DEST_LINK_V4
 DEST = "203.0.113.2"  # owned by the dest namespace, outside every non-masquerade CIDR of the configs
 UDP_TIMEOUT_S = 5
 FIRST_PORT = 1024
@@ -91,8 +92,8 @@ def run(ns: str, *argv: str, **kwargs) -> str:
 # --- topology ----------------------------------------------------------------------------------------
 
 
-class Topology(netns.Topology):
-    """The tests' pod -> node -> dest namespaces (:class:`masqd.testing.netns.Topology`), with what
+class Topology(layout.Topology):
+    """The tests' pod -> node -> dest namespaces (:class:`masqd.testing.topology.Topology`), with what
     this benchmark adds: a short UDP conntrack timeout in the node, static neighbours (no ARP
     resolution on the path), and counters of its own (never masqd's tables) in dest and node."""
 
@@ -105,7 +106,7 @@ class Topology(netns.Topology):
             raise
 
     def _instrument(self) -> None:
-        assert DEST in netns.DEST_V4
+        assert DEST in layout.DEST_V4
         run(self.node, "sysctl", "-qw", f"net.netfilter.nf_conntrack_udp_timeout={UDP_TIMEOUT_S}",
             f"net.netfilter.nf_conntrack_udp_timeout_stream={UDP_TIMEOUT_S}")
         mac = lambda ns, link: json.loads(run(ns, "ip", "-j", "link", "show", link))[0]["address"]  # noqa: E731

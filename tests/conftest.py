@@ -15,6 +15,7 @@ import pytest
 import structlog
 
 from masqd.testing import netns
+from masqd.testing import topology as layout
 
 #: The console scripts installed next to the interpreter running the tests.
 MASQD = Path(sys.executable).parent / "masqd"
@@ -46,9 +47,9 @@ def netns_supported() -> None:
 
 
 @pytest.fixture
-def topology(netns_supported) -> Iterator[netns.Topology]:
+def topology(netns_supported) -> Iterator[layout.Topology]:
     """pod -> node -> dest namespaces (see :mod:`masqd.testing.netns`), deleted after the test."""
-    topo = netns.Topology()
+    topo = layout.Topology()
     try:
         yield topo
     finally:

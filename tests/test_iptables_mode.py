@@ -33,6 +33,7 @@ from masqd_proc import log_events
 from masqd import cli
 from masqd.backends.iptables_mode import MODES, Binaries, binaries_for, choose_mode, count_rules, has_hint
 from masqd.testing import netns
+from masqd.testing import topology as layout
 from masqd.testing.netns import CHAIN, jump_rule, masqd_lines
 
 MASQD = Path(sys.executable).parent / "masqd"
@@ -399,8 +400,8 @@ def test_auto_detected_legacy_rules_are_the_ones_the_packets_go_through(both_var
     before = legacy_nat_packets(node)
     assert before[MASQ_RULE] == 0 and before[KEEP_10] == 0
 
-    assert topology.source_seen("192.0.2.2") == netns.NODE_V4  # masqueraded
-    assert topology.source_seen("10.99.0.2") == netns.POD_V4  # exempt (10.0.0.0/8)
+    assert topology.source_seen("192.0.2.2") == layout.NODE_V4  # masqueraded
+    assert topology.source_seen("10.99.0.2") == layout.POD_V4  # exempt (10.0.0.0/8)
 
     after = legacy_nat_packets(node)
     assert after[MASQ_RULE] >= 1

@@ -24,6 +24,7 @@ from support import REF, KubeAgent, cidrs_only, configmap, configmap_reflector, 
 from masqd.config import AgentOptions
 from masqd.kube import KubeSettings, Reflector, make_client
 from masqd.testing import netns, wait_until
+from masqd.testing import topology as layout
 
 WAIT = 15  # seconds before a test gives up waiting (a failure, not a timing claim)
 RFC1918 = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"}
@@ -306,11 +307,11 @@ def test_configmap_edit_changes_the_kernel_rules_and_the_packets(topology, tmp_p
         try:
             assert netns.wait_for(lambda: "-A IP-MASQ-AGENT -d 192.0.2.0/24" in netns.iptables_save(topology.node),
                                   timeout=WAIT), "the ConfigMap's CIDR never reached the kernel"
-            assert topology.source_seen(netns.DEST_V4[0]) == netns.POD_V4  # 192.0.2.2 keeps the pod address
+            assert topology.source_seen(layout.DEST_V4[0]) == layout.POD_V4  # 192.0.2.2 keeps the pod address
             server.put(configmap(cidrs_only("10.0.0.0/8")))
             daemon.next_event(lambda e: "192.0.2.0/24" in e.get("cidrs_removed", []), timeout=WAIT)
             assert "192.0.2.0/24" not in netns.iptables_save(topology.node)
-            assert topology.source_seen(netns.DEST_V4[0]) == netns.NODE_V4  # masqueraded now
+            assert topology.source_seen(layout.DEST_V4[0]) == layout.NODE_V4  # masqueraded now
         finally:
             assert daemon.stop() == 0
 

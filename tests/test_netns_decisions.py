@@ -40,14 +40,15 @@ import pytest
 from masqd_proc import log_events, writes_logged
 
 from masqd.testing import netns
+from masqd.testing import topology as layout
 from masqd.testing.netns import CHAIN, NFT_FAMILY
 
 pytestmark = pytest.mark.netns
 
-POD_V4, POD_V6 = netns.POD_V4, netns.POD_V6
+POD_V4, POD_V6 = layout.POD_V4, layout.POD_V6
 POD2_V4, POD2_V6 = "10.244.1.3", "fd00:244::3"  # a second pod address, on the pod link
 OUTSIDE_V4, OUTSIDE_V6 = "10.245.0.3", "fd00:245::3"  # a pod source outside the pod range (routed to the pod)
-NODE = {4: netns.NODE_V4, 6: netns.NODE_V6}
+NODE = {4: layout.NODE_V4, 6: layout.NODE_V6}
 SNAT_V4, SNAT_V6 = "172.30.0.5", "fd00:30::5"  # a second node address on the dest-facing link
 METADATA_V4, METADATA_V6 = "169.254.169.254", "fd00:ec2::254"
 LINK_LOCAL = {4: "169.254.0.0/16", 6: "fe80::/10"}
@@ -142,7 +143,7 @@ def _flush_rules(ns: str) -> None:
 def shared_topology(netns_supported):
     """One pod -> node -> dest topology for the module's packet tests, with the extra
     destinations and pod sources they use; deleted at the end of the module (also on failure)."""
-    topo = netns.Topology()
+    topo = layout.Topology()
     try:
         for address, route in EXTRA_DESTINATIONS:
             topo.add_destination(address, route)
@@ -166,7 +167,7 @@ def topology(shared_topology):
 @pytest.fixture(scope="module")
 def shared_snat_topology(netns_supported):
     """A topology whose node has a second address on its dest-facing link (SNAT_V4, SNAT_V6)."""
-    topo = netns.Topology()
+    topo = layout.Topology()
     try:
         topo.add_node_address(SNAT_V4)
         topo.add_node_address(SNAT_V6)
@@ -225,14 +226,14 @@ def _expected(source: str, who: str) -> str:
     return who  # an explicit address
 
 
-def observe(topo: netns.Topology, probes) -> dict[tuple[str, str], str | None]:
+def observe(topo: layout.Topology, probes) -> dict[tuple[str, str], str | None]:
     """Send one datagram per ``(source, destination)``, each to its own port; the address each
     destination saw (``None``: nothing arrived)."""
     seen = topo.sources_seen([(source, dest) for source, dest, *_ in probes])
     return {pair: None if got is None else got[0] for pair, got in seen.items()}
 
 
-def assert_seen(topo: netns.Topology, probes) -> None:
+def assert_seen(topo: layout.Topology, probes) -> None:
     """``probes``: ``(source, destination, who)``, who being ``"kept"`` (the destination sees the
     source itself), ``"node"`` (the node's address on the dest link: MASQUERADE) or an address."""
     want = {(source, dest): _expected(source, who) for source, dest, who in probes}

@@ -28,6 +28,7 @@ from masqd_proc import writes_logged
 from support import write_atomically
 
 from masqd.testing import netns
+from masqd.testing import topology as layout
 from masqd.testing.netns import CHAIN, jump_rule, masqd_lines
 
 pytestmark = pytest.mark.netns
@@ -45,8 +46,8 @@ LINK_LOCAL = {4: "169.254.0.0/16", 6: "fe80::/10"}
 #: Backends whose packet decisions must be identical (the packet tests run against each).
 PACKET_BACKENDS = [pytest.param("iptables", id="iptables"), pytest.param("nftables", id="nftables")]
 
-POD = {4: netns.POD_V4, 6: netns.POD_V6}
-NODE = {4: netns.NODE_V4, 6: netns.NODE_V6}
+POD = {4: layout.POD_V4, 6: layout.POD_V6}
+NODE = {4: layout.NODE_V4, 6: layout.NODE_V6}
 
 
 # --- expected rule texts, as `iptables-save -t nat` prints them ---------------------------------------
@@ -104,7 +105,7 @@ def iptables(family: int) -> str:
 
 def test_without_masqd_the_pod_address_is_kept(topology):
     """The topology itself does no NAT: what the later tests observe is masqd's doing."""
-    for dest in netns.DEST_V4 + netns.DEST_V6:
+    for dest in layout.DEST_V4 + layout.DEST_V6:
         assert topology.source_seen(dest) == POD[6 if ":" in dest else 4], dest
 
 
@@ -157,9 +158,9 @@ def test_to_ports_maps_the_source_port(topology, masqd, backend, to_ports, inter
     masqd.ok(topology.node, "--to-ports", to_ports, backend=backend)
     for _ in range(3):  # fresh flows, so a split over intervals is exercised more than once
         source, port = topology.datagram_seen("192.0.2.2")
-        assert source == netns.NODE_V4
+        assert source == layout.NODE_V4
         assert any(first <= port <= last for first, last in intervals), port
-    assert topology.source_seen("10.99.0.2") == netns.POD_V4  # exempt destinations are still not NATed at all
+    assert topology.source_seen("10.99.0.2") == layout.POD_V4  # exempt destinations are still not NATed at all
 
 
 LINK_LOCAL_DEST = "169.254.9.2"  # owned by the dest namespace in the test below
@@ -182,10 +183,10 @@ def test_link_local_destination_packets(topology, masqd, backend, config, flags,
     unless masqLinkLocal is true (the IPv6 counterpart, fe80::/10, is never forwarded by a router,
     so it is checked on the rules instead)."""
     topology.add_destination(LINK_LOCAL_DEST, "169.254.9.0/24")
-    assert topology.source_seen(LINK_LOCAL_DEST) == netns.POD_V4  # routed, and no NAT without masqd
+    assert topology.source_seen(LINK_LOCAL_DEST) == layout.POD_V4  # routed, and no NAT without masqd
     masqd.ok(topology.node, *flags, config=config, backend=backend)
-    assert topology.source_seen(LINK_LOCAL_DEST) == (netns.POD_V4 if exempt else netns.NODE_V4)
-    assert topology.source_seen("192.0.2.2") == netns.NODE_V4  # and everything else is still masqueraded
+    assert topology.source_seen(LINK_LOCAL_DEST) == (layout.POD_V4 if exempt else layout.NODE_V4)
+    assert topology.source_seen("192.0.2.2") == layout.NODE_V4  # and everything else is still masqueraded
 
 
 @pytest.mark.parametrize(
@@ -400,7 +401,7 @@ RULES_B = (keep(LINK_LOCAL[4]), keep("203.0.113.0/24"), masq())
 
 def test_config_change_replaces_the_chain_atomically(topology, masqd):
     masqd.ok(topology.node, config=CONFIG_A)
-    assert topology.source_seen("192.0.2.2") == netns.POD_V4
+    assert topology.source_seen("192.0.2.2") == layout.POD_V4
 
     # Watch the chain from outside while it is rewritten: every snapshot must be A or B in full,
     # never empty, half-written or a mix.
@@ -424,8 +425,8 @@ def test_config_change_replaces_the_chain_atomically(topology, masqd):
 
     assert netns.iptables_save(topology.node) == nat_table(list(RULES_B))
     seen = {dest: topology.source_seen(dest) for dest in ("192.0.2.2", "198.51.100.2", "10.99.0.2", "203.0.113.2")}
-    assert seen == {"192.0.2.2": netns.NODE_V4, "198.51.100.2": netns.NODE_V4, "10.99.0.2": netns.NODE_V4,
-                    "203.0.113.2": netns.POD_V4}
+    assert seen == {"192.0.2.2": layout.NODE_V4, "198.51.100.2": layout.NODE_V4, "10.99.0.2": layout.NODE_V4,
+                    "203.0.113.2": layout.POD_V4}
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ import pytest
 from masqd_proc import log_events, writes_logged
 
 from masqd.testing import netns
+from masqd.testing import topology as layout
 from masqd.testing.netns import CHAIN, NFT_FAMILY, nft, nft_table, normalized, set_intervals, tables
 
 pytestmark = pytest.mark.netns
@@ -165,7 +166,7 @@ def test_next_run_restores_exactly_the_desired_table(node_ns, masqd, family, dam
 ])
 def test_next_run_restores_the_packet_decisions(topology, masqd, damage):
     """The drift cases that change what happens to packets, observed on packets."""
-    expected = {"10.99.0.2": netns.POD_V4, "198.51.100.2": netns.POD_V4, "192.0.2.2": netns.NODE_V4}
+    expected = {"10.99.0.2": layout.POD_V4, "198.51.100.2": layout.POD_V4, "192.0.2.2": layout.NODE_V4}
     masqd.ok(topology.node, config="nonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24]\n", backend="nftables")
     assert {dest: topology.source_seen(dest) for dest in expected} == expected
     damage(topology.node)
@@ -376,8 +377,8 @@ def test_refused_transaction_reports_nft_message_and_line_and_changes_nothing(no
 # --- switching backends and cleanup ----------------------------------------------------------------
 
 SWITCH_CONFIG = 'nonMasqueradeCIDRs: [198.51.100.0/24, "2001:db8:1::/64"]\n'
-SWITCH_EXPECTED = {"198.51.100.2": netns.POD_V4, "192.0.2.2": netns.NODE_V4,
-                   "2001:db8:1::2": netns.POD_V6, "2001:db8:2::2": netns.NODE_V6}
+SWITCH_EXPECTED = {"198.51.100.2": layout.POD_V4, "192.0.2.2": layout.NODE_V4,
+                   "2001:db8:1::2": layout.POD_V6, "2001:db8:2::2": layout.NODE_V6}
 
 
 def _iptables_ours(ns: str, family: int, mode: str) -> list[str]:

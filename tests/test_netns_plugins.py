@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from masqd.testing import netns
+from masqd.testing import topology as layout
 from masqd_proc import DaemonProcess
 
 PACKET_BACKENDS = [pytest.param("iptables", id="iptables"), pytest.param("nftables", id="nftables")]
@@ -26,9 +26,9 @@ def test_cidr_files_plugin_keeps_the_pod_address_for_its_ranges(topology, masqd,
     ranges.write_text(json.dumps({"prefixes": [{"ipv4Prefix": "203.0.113.0/24"}]}))
     env = {"MASQD_PLUGINS": "cidr-files", "MASQD_CIDR_FILES_DIR": str(cidrs), "MASQD_CIDR_FILES_RANGES": str(ranges)}
     masqd.ok(topology.node, config="nonMasqueradeCIDRs: [10.0.0.0/8]\n", backend=backend, env=env)
-    assert topology.source_seen("192.0.2.2") == netns.POD_V4
-    assert topology.source_seen("203.0.113.2") == netns.POD_V4
-    assert topology.source_seen("198.51.100.2") == netns.NODE_V4  # in no list: masqueraded
+    assert topology.source_seen("192.0.2.2") == layout.POD_V4
+    assert topology.source_seen("203.0.113.2") == layout.POD_V4
+    assert topology.source_seen("198.51.100.2") == layout.NODE_V4  # in no list: masqueraded
 
 
 @pytest.mark.parametrize("backend", PACKET_BACKENDS)
@@ -37,11 +37,11 @@ def test_policy_guard_veto_leaves_the_kernel_untouched(topology, masqd, tmp_path
     policy.write_text("alwaysMasquerade: [192.0.2.0/24]\n")
     env = {"MASQD_PLUGINS": "policy-guard", "MASQD_POLICY_GUARD": str(policy)}
     masqd.ok(topology.node, config="nonMasqueradeCIDRs: [10.0.0.0/8]\n", backend=backend, env=env)
-    assert topology.source_seen("192.0.2.2") == netns.NODE_V4
+    assert topology.source_seen("192.0.2.2") == layout.NODE_V4
     vetoed = masqd(topology.node, config="nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24]\n", backend=backend, env=env)
     assert vetoed.returncode == 1
     assert "policy-guard.validate_config: 192.0.2.0/24 overlaps 192.0.2.0/24" in vetoed.stderr
-    assert topology.source_seen("192.0.2.2") == netns.NODE_V4  # the vetoed list never reached the kernel
+    assert topology.source_seen("192.0.2.2") == layout.NODE_V4  # the vetoed list never reached the kernel
 
 
 def test_cidr_files_source_applies_a_file_change_in_the_running_daemon(topology, tmp_path):
@@ -54,12 +54,12 @@ def test_cidr_files_source_applies_a_file_change_in_the_running_daemon(topology,
     process = DaemonProcess(topology.node, config, backend="nftables", env=env)
     try:
         process.next_event(lambda e: e.get("event") == "rules applied")
-        assert topology.source_seen("198.51.100.2") == netns.NODE_V4
+        assert topology.source_seen("198.51.100.2") == layout.NODE_V4
         (cidrs / "more").write_text("198.51.100.0/24\n")
         updated = process.next_event(lambda e: e.get("event") == "rules updated")
         assert updated["trigger"] == "cidr-files" and updated["cidrs_added"] == ["198.51.100.0/24"]
         assert updated["cidrs_from_plugins"] == {"cidr-files": 1}
-        assert topology.source_seen("198.51.100.2") == netns.POD_V4
+        assert topology.source_seen("198.51.100.2") == layout.POD_V4
     finally:
         process.proc.terminate()
         process.proc.wait(timeout=10)
