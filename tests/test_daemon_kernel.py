@@ -8,9 +8,11 @@ reaches the kernel without waiting for the resync.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
+from masqd.http import DEFAULT_ADDRESS
 from masqd.testing import netns
 from masqd.testing.netns import CHAIN, chain_lines, jumps
 
@@ -103,8 +105,18 @@ def test_snat_to_an_address_not_on_the_node_waits_for_it_and_keeps_the_rules_whe
         netns.run(node_ns, "ip", "addr", "del", "192.0.2.77/32", "dev", "lo")  # and leaving again
         d.next_event(lambda e: e.get("event") == "SNAT address not on this node, new state refused; keeping the rules last applied")
         assert _snat_rules(node_ns, backend) != []  # the rules last applied stay
+        readyz = _get(node_ns, "/readyz")
+        assert "snatToAddress: '192.0.2.77': not assigned to any interface" in readyz, readyz
     finally:
         d.kill()
+
+
+def _get(ns: str, path: str) -> str:
+    """The body of the daemon's endpoint at ``path`` (its default address), read inside ``ns``."""
+    script = ("import urllib.request, urllib.error, sys\n"
+              "try: print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())\n"
+              "except urllib.error.HTTPError as e: print(e.read().decode())")
+    return netns.run(ns, sys.executable, "-c", script, f"http://127.0.0.1:{DEFAULT_ADDRESS.rsplit(':', 1)[1]}{path}").stdout
 
 
 def _snat_rules(ns: str, backend: str) -> list[str]:

@@ -187,27 +187,24 @@ class Explanation:
 def parse_destination(text: str) -> Address:
     """An IPv4 or IPv6 address (``10.1.2.3``, ``2001:db8::1``); raises ``ValueError`` saying what is
     valid (a CIDR is not an address)."""
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        hint = "; give one address of the network, e.g. its first" if "/" in text else ""
-        raise ValueError(f"not an IPv4 or IPv6 address, e.g. 10.1.2.3 or 2001:db8::1{hint}") from None
+    return _address(text, "address, e.g. 10.1.2.3 or 2001:db8::1", "one address of the network, e.g. its first")
 
 
 def parse_source(text: str) -> Address:
     """``--from SOURCE``: the source address of the traffic explained (a pod's, e.g. 10.244.1.5);
     raises ``ValueError`` saying what is valid. Its family is checked against the destinations'
     by :func:`source_family_problem`."""
+    return _address(text, "source address, e.g. 10.244.1.5 or 2001:db8::5", "one address, e.g. the pod's")
+
+
+def _address(text: str, what: str, instead_of_cidr: str) -> Address:
     try:
         return ipaddress.ip_address(text)
     except ValueError:
-        hint = "; give one address, e.g. the pod's" if "/" in text else ""
-        raise ValueError(f"not an IPv4 or IPv6 source address, e.g. 10.244.1.5 or 2001:db8::5{hint}") from None
+        hint = f"; give {instead_of_cidr}" if "/" in text else ""
+        raise ValueError(f"not an IPv4 or IPv6 {what}{hint}") from None
 
 
-#: ``--out-interface NAME``: the characters and length ``outputInterfaces`` accepts for a name
-#: (1-15 of letters, digits, ``_ . - @``), without its trailing ``+`` wildcard: traffic leaves
-#: through one interface.
 def parse_interface(text: str) -> str:
     """``--out-interface NAME``: the interface traffic leaves through; raises ``ValueError`` saying
     what is valid (a wildcard such as ``eth+`` is a pattern, not an interface)."""
