@@ -141,6 +141,7 @@ class Reconciler:
         this network namespace holds (see :class:`~masqd.errors.SnatAddressError`)."""
         wanted = {(family.family, family.snat_to) for family in ruleset.families if family.snat_to is not None}
         self.snat_addresses = frozenset(address for _, address in wanted)
+        self.status.snat_missing = frozenset()
         if not wanted:
             return
         if self.addresses is None:
@@ -152,11 +153,12 @@ class Reconciler:
         except OSError as exc:
             raise SnatAddressError([Problem("snatToAddress", None, f"cannot read this node's addresses: {exc}")]) from None
         missing = sorted(wanted - {(address.version, address) for address in assigned})
+        self.status.snat_missing = frozenset(address for _, address in missing)
         if missing:
             raise SnatAddressError([Problem("snatToAddress" if version == 4 else "snatToAddressIPv6", str(address),
                                             "not assigned to any interface in masqd's network namespace; the rules "
                                             "last applied stay, and the state is applied once the address is here "
-                                            "(masqd follows address changes)")
+                                            "(the daemon checks again when an address changes, and at each resync)")
                                     for version, address in missing])
 
     def _changed_since_logged(self, findings: tuple[str, ...]) -> bool:

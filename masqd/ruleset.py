@@ -264,12 +264,15 @@ def _family(version: int, keep: tuple[Network, ...], masq: tuple[Network, ...], 
         flat = range_networks(longest_prefix_ranges(itertools.compress(keep, held), cut_masq), version)
         nonmasq, listed = tuple(itertools.compress(keep, (not h for h in held))) + flat, keep
     sources = config.masquerade_source_cidrs
+    masq_sources = tuple(net for net in sources if net.version == version) if sources else None
+    if masq_sources is not None and any(net.prefixlen == 0 for net in masq_sources):
+        masq_sources = None  # every source of this family: the same as no list
     return FamilyRules(
         family=version,
         nonmasq=nonmasq,
         keep=listed,
         masq=masq,
         keep_sources=tuple(net for net in config.non_masquerade_source_cidrs if net.version == version),
-        masq_sources=tuple(net for net in sources if net.version == version) if sources else None,
+        masq_sources=masq_sources,
         snat_to=config.snat_to_address if version == 4 else config.snat_to_address_ipv6,
     )

@@ -40,6 +40,9 @@ class AgentStatus:
     sync_failure: str | None = None
     #: why the newest config was rejected; ``None`` while it is valid
     config_failure: str | None = None
+    #: SNAT addresses the newest state asks for that no interface here holds (see
+    #: :class:`~masqd.errors.SnatAddressError`); when the rules applied SNAT to one, not ready.
+    snat_missing: frozenset = frozenset()
     #: passes whose new state was rejected (config or plugins)
     config_rejections: int = 0
     #: the rule set the backend last confirmed
@@ -89,6 +92,11 @@ class AgentStatus:
             return False, f"not ready: the last apply failed, the kernel keeps older rules: {self.sync_failure}"
         if not self.holds_latest_valid:
             return False, "not ready: the newest valid config is being applied"
+        gone = sorted(str(family.snat_to) for family in self.applied.families if family.snat_to in self.snat_missing)
+        if gone:
+            return False, (f"not ready: the rules applied SNAT to {', '.join(gone)}, no longer assigned to an interface "
+                           "here: replies to those flows go to whoever holds it now; the rules stay until the address "
+                           f"is back or the config changes ({self.config_failure})")
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.applied_at or 0))
         count = sum(len(family.nonmasq) for family in self.applied.families)  # cidrs() would hash every network
         text = f"ready: the kernel holds the desired rules ({count} CIDRs, checked {when})"

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 
+import anyio
 import pytest
 
 from masqd.config import AgentOptions, merge_configs, parse_config
 from masqd.errors import ConfigError
+from masqd.plan import plan_rules
 from masqd.ruleset import compute_ruleset
 
 V6 = AgentOptions(enable_ipv6=True)
@@ -92,6 +94,8 @@ def test_null_cidr_list_is_an_empty_list(key):
     pytest.param("outputInterfaces: ['eth+0']\n", "outputInterfaces[0]: 'eth+0'", id="plus-inside"),
     pytest.param("outputInterfaces: ['']\n", "outputInterfaces[0]: ''", id="empty-name"),
     pytest.param("outputInterfaces: [3]\n", "outputInterfaces[0]: 3", id="name-number"),
+    pytest.param("outputInterfaces: ['-j']\n", "outputInterfaces[0]: '-j'", id="leading-dash"),
+    pytest.param("outputInterfaces: ['-+']\n", "outputInterfaces[0]: '-+'", id="leading-dash-wildcard"),
 ])
 def test_a_bad_value_of_a_new_key_is_named_with_what_is_valid(text, expected):
     assert any(problem.startswith(expected) or expected in problem for problem in problems(text)), problems(text)
@@ -116,17 +120,57 @@ def test_the_same_prefix_kept_and_masqueraded_names_both_places():
         "masqueraded; remove it from one of the two lists"]
 
 
+def plan_problems(*texts: str) -> str:
+    """The error of planning the merged config of ``texts`` (sources a.yaml, b.yaml, ...)."""
+    parts = [(f"{name}.yaml", config(text)) for name, text in zip("abc", texts)]
+    with pytest.raises(ConfigError) as caught:
+        anyio.run(plan_rules, merge_configs(parts, V6).config, V6, None, merge_configs(parts, V6))
+    return str(caught.value)
+
+
 def test_a_default_keep_entry_masqueraded_too_is_named_as_the_default():
-    assert problems("masqueradeCIDRs: [172.16.0.0/12]\n") == [
-        "masqueradeCIDRs[0]: '172.16.0.0/12': also listed in the default nonMasqueradeCIDRs: a destination is either "
-        "kept or masqueraded; remove it from one of the two lists"]
+    assert plan_problems("masqueradeCIDRs: [172.16.0.0/12]\n") == (
+        "invalid config a.yaml: masqueradeCIDRs: '172.16.0.0/12': masqueraded by a.yaml (masqueradeCIDRs) and kept by "
+        "the default nonMasqueradeCIDRs: a destination is either kept or masqueraded")
 
 
 def test_masquerading_the_whole_link_local_range_asks_for_masqlinklocal():
-    assert problems("masqueradeCIDRs: [169.254.0.0/16]\n") == [
-        "masqueradeCIDRs[0]: '169.254.0.0/16': is the link-local range masqLinkLocal: false keeps; set masqLinkLocal: "
-        "true to masquerade it instead"]
+    assert plan_problems("masqueradeCIDRs: [169.254.0.0/16]\n") == (
+        "invalid config a.yaml: masqueradeCIDRs: '169.254.0.0/16': masqueraded by a.yaml (masqueradeCIDRs) and kept by "
+        "the link-local default (masqLinkLocal: false; set masqLinkLocal: true to masquerade it): a destination is "
+        "either kept or masqueraded")
     assert config("masqLinkLocal: true\nmasqueradeCIDRs: [169.254.0.0/16]\n").masquerade_cidrs == (net("169.254.0.0/16"),)
+
+
+def test_another_source_replacing_the_defaults_is_no_conflict():
+    a = config("nonMasqueradeCIDRs: [192.168.0.0/16]\n")
+    b = config("masqueradeCIDRs: [10.0.0.0/8]\n")  # alone it would conflict with the default 10.0.0.0/8
+    merged = merge_configs([("a.yaml", a), ("b.yaml", b)], V6)
+    ruleset, _ = anyio.run(plan_rules, merged.config, V6, None, merged)
+    assert ruleset.decide(addr("10.1.1.1")) is True and ruleset.decide(addr("192.168.1.1")) is False
+
+
+def test_two_sources_keeping_and_masquerading_one_prefix_are_named():
+    assert plan_problems("nonMasqueradeCIDRs: [10.0.0.0/8]\n", "masqueradeCIDRs: [10.0.0.0/8]\n") == (
+        "invalid config a.yaml, b.yaml: masqueradeCIDRs: '10.0.0.0/8': masqueraded by b.yaml (masqueradeCIDRs) and "
+        "kept by a.yaml (nonMasqueradeCIDRs): a destination is either kept or masqueraded")
+
+
+def test_the_same_source_in_both_source_lists_is_a_warning():
+    warnings = parse_config("masqueradeSourceCIDRs: [10.0.0.0/8]\nnonMasqueradeSourceCIDRs: [10.0.0.0/8]\n", V6).warnings
+    assert [(w.key, w.value, w.reason) for w in warnings if w.key == "nonMasqueradeSourceCIDRs"] == [
+        ("nonMasqueradeSourceCIDRs", "10.0.0.0/8", "also listed in masqueradeSourceCIDRs: traffic from it is never "
+                                                   "masqueraded")]
+
+
+def test_every_source_in_masqueradesourcecidrs_is_the_same_as_no_list():
+    rules = compute_ruleset(config("masqueradeSourceCIDRs: [0.0.0.0/0, 10.244.0.0/16]\n"), V6)
+    assert rules.ipv4.masq_sources is None and rules.ipv6.masq_sources == ()
+
+
+def test_null_output_interfaces_is_any_interface():
+    assert parse_config("outputInterfaces: null\n", V6).warnings == ()
+    assert config("outputInterfaces: ~\n").output_interfaces == ()
 
 
 @pytest.mark.parametrize("key", ["nonMasqueradeCIDRs", "masqueradeCIDRs", "masqueradeSourceCIDRs",

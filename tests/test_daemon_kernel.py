@@ -95,7 +95,8 @@ def test_snat_to_an_address_not_on_the_node_waits_for_it_and_keeps_the_rules_whe
         refused = d.next_event(lambda e: e.get("event") == "SNAT address not on this node, new state refused; keeping the rules last applied")
         assert refused["problems"] == ["snatToAddress: '192.0.2.77': not assigned to any interface in masqd's network "
                                        "namespace; the rules last applied stay, and the state is applied once the "
-                                       "address is here (masqd follows address changes)"]
+                                       "address is here (the daemon checks again when an address changes, and at each "
+                                       "resync)"]
         assert _snat_rules(node_ns, backend) == []  # nothing written
         netns.run(node_ns, "ip", "addr", "add", "192.0.2.99/32", "dev", "lo")  # another address: no pass
         netns.run(node_ns, "ip", "addr", "add", "192.0.2.77/32", "dev", "lo")  # a VIP arriving
@@ -105,7 +106,8 @@ def test_snat_to_an_address_not_on_the_node_waits_for_it_and_keeps_the_rules_whe
         netns.run(node_ns, "ip", "addr", "del", "192.0.2.77/32", "dev", "lo")  # and leaving again
         d.next_event(lambda e: e.get("event") == "SNAT address not on this node, new state refused; keeping the rules last applied")
         assert _snat_rules(node_ns, backend) != []  # the rules last applied stay
-        readyz = _get(node_ns, "/readyz")
+        readyz = _get(node_ns, "/readyz")  # the rules still SNAT to an address gone elsewhere: not ready
+        assert readyz.startswith("not ready: the rules applied SNAT to 192.0.2.77, no longer assigned"), readyz
         assert "snatToAddress: '192.0.2.77': not assigned to any interface" in readyz, readyz
     finally:
         d.kill()

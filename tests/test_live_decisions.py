@@ -59,3 +59,15 @@ def test_nftables_final_rules_rewriting_to_different_addresses_are_flagged():
     live = nft_live(state.__class__(state.family, state.chain, state.set_type, state.intervals, rules), state)
     assert live.drift is not None
     assert "final rules rewrite to different addresses: snat to 192.0.2.10, masquerade" in live.unexpected
+
+
+def test_iptables_read_back_of_a_source_list_holding_every_address_is_in_sync():
+    options = AgentOptions(enable_ipv6=True)
+    text = "nonMasqueradeSourceCIDRs: ['::/0']\nmasqueradeSourceCIDRs: [0.0.0.0/0, '::/0']\n"
+    rules = compute_ruleset(parse_config(text, options).config, options)
+    for family, tool in ((rules.ipv4, "iptables"), (rules.ipv6, "ip6tables")):
+        save = render_ruleset(rules).split(f"# {tool}-restore --noflush\n")[1].split("COMMIT")[0] + "COMMIT\n"
+        live = iptables_live(parse_nat_state(save, rules.chain), family.family, family_rules(rules, family, True),
+                             rules.chain)
+        assert live.drift is None and live.unexpected == ()
+        assert live.keep_sources == family.keep_sources and live.masq_sources is None

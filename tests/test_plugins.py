@@ -917,6 +917,15 @@ def test_a_config_keep_entry_and_a_plugin_masquerade_entry_of_one_prefix_are_ref
 
 
 @covers("masquerade_cidrs")
+def test_a_plugin_masquerading_the_kept_link_local_range_is_refused_naming_masqlinklocal(masqd_dry_run):
+    result = masqd_dry_run(Overrides("ll", "169.254.0.0/16")).apply("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    assert isinstance(result.error, PluginError)
+    assert ("masqueraded by plugin ll and kept by the link-local default (masqLinkLocal: false; set masqLinkLocal: "
+            "true to masquerade it)") in str(result.error)
+    assert masqd_dry_run(Overrides("ll2", "169.254.0.0/16")).apply("masqLinkLocal: true\n").error is None
+
+
+@covers("masquerade_cidrs")
 @pytest.mark.parametrize("returned, key, reason", [
     pytest.param(["10.0.0.1/8"], "bad.masquerade_cidrs[0]", "did you mean '10.0.0.0/8'", id="misaligned"),
     pytest.param(["2001:db8::/32"], "bad.masquerade_cidrs[0]", "--enable-ipv6", id="ipv6-without-flag"),

@@ -35,10 +35,11 @@ RESERVED_CIDRS: tuple[str, ...] = (
 )
 
 #: An interface name masqd accepts (``outputInterfaces``, ``explain --out-interface``): 1-15
-#: characters (the kernel's IFNAMSIZ less its NUL) of letters, digits and ``_ . - @``, not ``.`` or
-#: ``..``. Narrower than the kernel (which takes almost any byte), so that a name can never change
-#: the meaning of a rule text; ``outputInterfaces`` may also end one in ``+`` (a prefix wildcard).
-INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
+#: characters (the kernel's IFNAMSIZ less its NUL) of letters, digits and ``_ . - @``, not starting
+#: with ``-``, not ``.`` or ``..``. Narrower than the kernel (which takes almost any byte), so that
+#: a name can never change the meaning of a rule text (``-o -j`` would); ``outputInterfaces`` may
+#: also end one in ``+`` (a prefix wildcard).
+INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.@][A-Za-z0-9_.@-]{0,14}")
 
 _SECOND_NS = 1_000_000_000
 #: Largest config accepted, in bytes (a file) or characters (a ConfigMap's text). A file listing

@@ -27,7 +27,7 @@ import yaml
 import yaml.composer
 import yaml.events
 
-from masqd.cidrs import LINK_LOCAL_V4, LINK_LOCAL_V6, CIDRError, Network, duplicates, network_key, parse_cidrs
+from masqd.cidrs import CIDRError, Network, duplicates, network_key, parse_cidrs
 from masqd.config.fastparse import fast_document
 from masqd.config.model import (
     INTERFACE_NAME,
@@ -95,7 +95,7 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
     ctx = _Context(options, {}, problems, warnings, known)
     keys = set()
     for key, (raw_key, value) in values.items():
-        if value is None and key not in CIDR_LIST_KEYS:
+        if value is None and key not in CIDR_LIST_KEYS and key != "outputInterfaces":
             warnings.append(Problem(raw_key, None, "null value ignored: the default is kept"))
             continue
         keys.add(key)
@@ -366,10 +366,13 @@ def _parse_limit(key: str, value: Any, ctx: _Context) -> None:
 #: ``outputInterfaces`` names: :data:`~masqd.config.model.INTERFACE_NAME`, or up to 14 of its
 #: characters and a ``+`` (any name starting with them, as iptables' ``-o eth+``). ``+`` alone
 #: (every interface) is refused: nft refuses its ``oifname "*"`` and iptables-save drops ``-o +``.
-_INTERFACE = re.compile(rf"{INTERFACE_NAME.pattern}|[A-Za-z0-9_.@-]{{1,14}}\+")
+_INTERFACE = re.compile(rf"{INTERFACE_NAME.pattern}|[A-Za-z0-9_.@][A-Za-z0-9_.@-]{{0,13}}\+")
 
 
 def _parse_interfaces(key: str, value: Any, ctx: _Context) -> None:
+    if value is None:  # as for the CIDR lists: null is an empty list (any interface)
+        ctx.fields["output_interfaces"] = ()
+        return
     if not isinstance(value, list):
         ctx.problems.append(Problem(key, shorten(value), "expected a list of interface names, e.g. ['eth0', 'ens+']"))
         return
@@ -381,7 +384,8 @@ def _parse_interfaces(key: str, value: Any, ctx: _Context) -> None:
         elif not isinstance(item, str) or not _INTERFACE.fullmatch(item) or item in (".", ".."):
             ctx.problems.append(Problem(f"{key}[{index}]", shorten(item),
                                         "expected an interface name of 1-15 letters, digits, '_', '.', '-' or '@' "
-                                        "(not '.' or '..'), or a prefix ending in '+' such as 'eth+'"))
+                                        "(not starting with '-'; not '.' or '..'), or a prefix ending in '+' such as "
+                                        "'eth+'"))
         elif item in names:
             ctx.warnings.append(Problem(f"{key}[{index}]", item, "listed more than once; one entry is enough"))
         else:
@@ -455,8 +459,10 @@ def _validate_list(config: MasqConfig, cidrs: tuple[Network, ...], count: int, k
 def _validate_decisions(config: MasqConfig, spelled: dict[str, str], options: AgentOptions, problems: list[Problem],
                         warnings: list[Problem]) -> None:
     """What the decision-model keys say together (``spelled``: canonical key -> as the file spells it)."""
-    if config.masquerade_cidrs:
-        keep_key = spelled.get("nonMasqueradeCIDRs")
+    if config.masquerade_cidrs and "nonMasqueradeCIDRs" in config.keys:
+        # the file's own list; the defaults, link-local and other sources are checked once merged
+        # (masqd.plan), as another source may replace the defaults or set masqLinkLocal
+        keep_key = spelled["nonMasqueradeCIDRs"]
         # one pass over a list that may hold 100k CIDRs, keyed by the few masquerade entries
         masq = {network_key(net): None for net in config.masquerade_cidrs}
         keep: dict[int, int] = {}
@@ -464,16 +470,14 @@ def _validate_decisions(config: MasqConfig, spelled: dict[str, str], options: Ag
             if key in masq:
                 keep.setdefault(key, index)
         for index, net in enumerate(config.masquerade_cidrs):
-            where = f"{spelled.get('masqueradeCIDRs', 'masqueradeCIDRs')}[{index}]"
             if network_key(net) in keep:
-                listed = f"{keep_key}[{keep[network_key(net)]}]" if keep_key else "the default nonMasqueradeCIDRs"
-                problems.append(Problem(where, str(net), f"also listed in {listed}: a destination is either kept or "
-                                                         "masqueraded; remove it from one of the two lists"))
-            elif net in (LINK_LOCAL_V4, LINK_LOCAL_V6):
-                link_key = "masqLinkLocal" if net.version == 4 else "masqLinkLocalIPv6"
-                if not (config.masq_link_local if net.version == 4 else config.masq_link_local_ipv6):
-                    problems.append(Problem(where, str(net), f"is the link-local range {link_key}: false keeps; set "
-                                                             f"{link_key}: true to masquerade it instead"))
+                problems.append(Problem(f"{spelled.get('masqueradeCIDRs', 'masqueradeCIDRs')}[{index}]", str(net),
+                                        f"also listed in {keep_key}[{keep[network_key(net)]}]: a destination is either "
+                                        "kept or masqueraded; remove it from one of the two lists"))
+    both = set(config.masquerade_source_cidrs) & set(config.non_masquerade_source_cidrs)
+    for net in sorted(both, key=network_key):
+        warnings.append(Problem("nonMasqueradeSourceCIDRs", str(net), "also listed in masqueradeSourceCIDRs: traffic "
+                                                                      "from it is never masqueraded"))
     if options.enable_ipv6 and config.masquerade_source_cidrs:
         for version in (4, 6):
             if not any(net.version == version for net in config.masquerade_source_cidrs):

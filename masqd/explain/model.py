@@ -212,7 +212,7 @@ def parse_interface(text: str) -> str:
         raise ValueError("a wildcard matches many interfaces (outputInterfaces may hold one); give the name of the "
                          "one traffic leaves through, e.g. eth0")
     if not INTERFACE_NAME.fullmatch(text) or text in (".", ".."):
-        raise ValueError("not an interface name: 1-15 letters, digits, '_', '.', '-' or '@' (not '.' or '..'), "
+        raise ValueError("not an interface name: 1-15 letters, digits, '_', '.', '-' or '@' (not starting with '-'; not '.' or '..'), "
                          "e.g. eth0")
     return text
 

@@ -340,7 +340,16 @@ class AddressSource:
         return bool(wanted) if address is None else address in wanted
 
     async def run(self, notify: Notify) -> None:
-        with _netlink_socket(RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR) as sock:
+        """Follow the addresses until cancelled. Returns (and is not restarted) when the kernel
+        refuses the subscription (a sandbox without rtnetlink): a refused ``snatToAddress`` is
+        then checked again at each resync only."""
+        try:
+            subscription = _netlink_socket(RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+        except OSError as exc:
+            log.warning("cannot follow address changes; a snatToAddress not yet assigned here is checked again at "
+                        "each resync only", error=str(exc))
+            return
+        with subscription as sock:
             log.debug("following the addresses of this network namespace")
             if self._matters():
                 notify("listening for address changes")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from masqd.backends.base import AFTER, BEFORE, EITHER, INSIDE, KEEPS, MASQUERADES, ForeignRule, LiveFamily
-from masqd.backends.iptables.render import NatState, plan_restore
+from masqd.backends.iptables.render import SOURCE_COMMENT, NatState, plan_restore
 from masqd.cidrs import Network
 
 _COMMENT = r'(?:-m comment --comment "(?:[^"\\]|\\.)*" )?'
@@ -160,6 +160,9 @@ def live_family(state: NatState, family: int, desired: tuple[str, ...], chain: s
         if masquerade:
             unexpected.append(f"after the final MASQUERADE, never reached: {rule}")
         elif keep := _KEEP_RULE.fullmatch(body):
+            if keep["net"] is None and f'"{SOURCE_COMMENT}"' in body and not nonmasq:  # -s 0/0: iptables omits it
+                keep_sources.append(ipaddress.ip_network("0.0.0.0/0" if family == 4 else "::/0"))
+                continue
             try:
                 nonmasq.append(ipaddress.ip_network(keep["net"] or ("0.0.0.0/0" if family == 4 else "::/0"), strict=False))
             except ValueError:
