@@ -22,8 +22,8 @@ from masqd.backends.base import LiveRules, SyncResult
 from masqd.backends.nftables.executor import NftExecutor, NftMonitor, NftSubprocessExecutor
 from masqd.backends.nftables.live import why_rewritten, live_family, other_nat_chains, parse_listing
 from masqd.backends.nftables.monitor import ChangeFilter
-from masqd.backends.nftables.render import (NFT_FAMILY, SRCNAT_PRIORITY, TABLE, TableState, render_delete,
-                                            render_replace, render_ruleset, ruleset_states)
+from masqd.backends.nftables.render import (NFT_FAMILY, SRCNAT_PRIORITY, TABLE, TableState, cidr_pieces,
+                                            render_delete, render_replace, render_ruleset, ruleset_states)
 from masqd.errors import BackendError, ElementsRefusedError
 from masqd.ruleset import RuleSet
 
@@ -254,7 +254,8 @@ def _element_change(current: TableState | None,
     while tail < shortest - head and before[-1 - tail] == after[-1 - tail]:
         tail += 1
     old, new = set(before[head:len(before) - tail]), set(after[head:len(after) - tail])
-    removed, added = old - new, new - old
+    # as the elements nft -f writes them: an interval that is no CIDR is several elements
+    removed, added = cidr_pieces(sorted(old - new), desired.family), cidr_pieces(sorted(new - old), desired.family)
     if len(removed) + len(added) > MAX_ELEMENT_CHANGES:
         return None
-    return sorted(removed), sorted(added)
+    return removed, added

@@ -135,6 +135,22 @@ def _element_texts(intervals: tuple[tuple[int, int], ...], family: int) -> list[
     return texts
 
 
+def cidr_pieces(intervals: list[tuple[int, int]], family: int) -> list[tuple[int, int]]:
+    """Each interval as the elements ``nft -f`` writes it as (:func:`_element_texts`: one CIDR, or
+    the fewest CIDRs covering it), each a ``(first, last)`` range: an element change over netlink
+    adds and deletes exactly those, so it finds (and later leaves) what either writer wrote."""
+    pieces: list[tuple[int, int]] = []
+    address = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    for first, last in intervals:
+        size = last - first + 1
+        if size & (size - 1) == 0 and first % size == 0:
+            pieces.append((first, last))
+        else:
+            pieces += [(int(net.network_address), int(net.broadcast_address))
+                       for net in ipaddress.summarize_address_range(address(first), address(last))]
+    return pieces
+
+
 def _masq_rules(masquerade: Masquerade, family: FamilyRules, interfaces: tuple[str, ...]) -> tuple[MasqRule, ...]:
     """The masquerade rules: the ``--to-ports`` shares, then the final one; once per
     ``outputInterfaces`` name (traffic through others falls off the chain unmasqueraded); none
