@@ -29,24 +29,9 @@ and live, and the differences), :mod:`.output` (text and JSON). Every public nam
 from ``masqd.explain``.
 """
 
-from masqd.explain.model import (
-                                 KEEP,
-                                 LOCAL_NOTE,
-                                 MASQUERADE,
-                                 UNCERTAIN,
-                                 UNMANAGED,
-                                 Address,
-                                 Explanation,
-                                 InterfaceRule,
-                                 Match,
-                                 Report,
-                                 SourceRule,
-                                 Verdict,
-                                 parse_destination,
-                                 parse_interface,
-                                 parse_source,
-                                 source_family_problem,
-)
+from masqd.explain.model import (KEEP, LOCAL_NOTE, MASQUERADE, UNCERTAIN, UNMANAGED, Address, Explanation,
+                                 InterfaceRule, Match, Report, SourceRule, Verdict, parse_destination, parse_interface,
+                                 parse_source, source_family_problem)
 from masqd.explain.output import as_json, format_text
 from masqd.explain.verdicts import explain, explain_kernel, family_differences
 

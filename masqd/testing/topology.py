@@ -291,11 +291,7 @@ class Topology:
                     return source, int(source_port)
             return None
         finally:
-            receiver.kill()
-            receiver.wait(timeout=COMMAND_TIMEOUT)
-            receiver.stdout.close()
-            receiver.stderr.close()
-            lines.close()
+            _stop(receiver, lines)
 
 
     def sources_seen(self, probes, *, attempts: int = 3) -> dict[tuple[str | None, str], tuple[str, int] | None]:
@@ -337,11 +333,7 @@ class Topology:
                     token, _, address, port = line.split()
                     seen[token] = (address, int(port))
         finally:
-            receiver.kill()
-            receiver.wait(timeout=COMMAND_TIMEOUT)
-            receiver.stdout.close()
-            receiver.stderr.close()
-            lines.close()
+            _stop(receiver, lines)
         return {(source, dest): seen.get(token) for token, (source, dest, _, _) in planned.items()}
 
     def _check_owned(self, dest_addr: str, family: int) -> None:
@@ -349,3 +341,12 @@ class Topology:
         owned = (*(DEST_V4 if family == 4 else DEST_V6), *extra)
         if dest_addr not in owned:
             raise ValueError(f"{dest_addr} is not owned by the dest namespace; use one of {owned}")
+
+
+def _stop(receiver, lines: LineReader) -> None:
+    """Kill and reap a receiver started in the dest namespace, and close what reads it."""
+    receiver.kill()
+    receiver.wait(timeout=COMMAND_TIMEOUT)
+    receiver.stdout.close()
+    receiver.stderr.close()
+    lines.close()
