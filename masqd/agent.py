@@ -201,7 +201,8 @@ def build_agent(
         from masqd.metrics import Metrics  # only for an agent that serves it
 
         watches = [s.source for s in sources if hasattr(s.source, "reflector")]
-        metrics = Metrics(status, backend=backend.name, options=options, plugins=plugins, watches=lambda: watches)
+        metrics = Metrics(status, backend=backend.name, options=options, plugins=plugins, watches=lambda: watches,
+                          triggers=[s.name for s in sources])
         audit.listeners.append(metrics.observe)
     return Agent(options=options, backend=backend, plugins=plugins, loader=loader, reconciler=reconciler,
                  status=status, audit=audit, sources=tuple(sources), kube=kube, http_address=http_address,

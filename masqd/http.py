@@ -5,26 +5,31 @@ request head per connection, answers it from a route table of cheap synchronous 
 closes the connection. No web framework, no keep-alive, no request bodies: Prometheus and the
 kubelet's probes need nothing more.
 
-A client can never hold the daemon up. Every connection is its own task with a deadline for
-reading its request and one for taking the answer; a client that is idle, slow or never reads
-is dropped when its deadline passes. At most :data:`MAX_CONNECTIONS` are served at once, and at
-most :data:`MAX_PER_PEER` from one address, so one pod holding connections open cannot starve
-the kubelet's probes; beyond either limit a new connection is answered ``503`` and closed at
-once, so a flood of connections costs a bounded amount of memory. A failing ``accept()`` (out
-of file descriptors) is logged and retried after a pause; it never stops the daemon, and
-neither does an address that cannot be bound: masquerading goes on and the bind is retried
-(:func:`run_endpoint`). Handlers run on the event loop, so they must not block: they read state
-the reconciler keeps, they never do I/O.
+A client can never hold the daemon up, nor keep the probes out. Every connection is its own task
+with a deadline for reading its request and one for taking the answer; a client that is idle,
+slow or never reads is dropped when its deadline passes. At most :data:`MAX_CONNECTIONS` are open
+at once, and at most :data:`MAX_PER_PEER` from one address, but a limit never refuses a new
+connection: it makes room by closing an old one. A new connection from an address that already
+holds :data:`MAX_PER_PEER` closes that address' oldest connection still waiting for its request
+(its oldest connection of all when every one is being answered); a new connection beyond
+:data:`MAX_CONNECTIONS` does the same to the address holding the most. So idle connections, even
+from the node's own address that the kubelet probes a hostNetwork pod from, never make
+``/healthz`` or ``/readyz`` fail: the probe, which sends its request at once, takes the place of
+an idle one. A flood of connections from one address closes its own (the newest stay), never
+those of an address holding fewer, and the total stays bounded, so it costs a bounded amount of
+memory and file descriptors. A failing ``accept()`` (out of file descriptors) is logged and
+retried after a pause; it never stops the daemon, and neither does an address that cannot be
+bound: masquerading goes on and the bind is retried (:func:`run_endpoint`). Handlers run on the
+event loop, so they must not block: they read state the reconciler keeps, they never do I/O.
 
 :func:`parse_listen_address` (the flag) and :func:`parse_request_head` (the protocol) are pure.
 """
 
 from __future__ import annotations
 
-import collections
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -43,7 +48,8 @@ READ_TIMEOUT_SECONDS = 5.0
 WRITE_TIMEOUT_SECONDS = 5.0
 #: A request head longer than this is refused (431): the endpoint takes no headers that matter.
 MAX_HEAD_BYTES = 8192
-#: Connections served at once, and from one peer address; more are answered 503 and closed.
+#: Connections open at once, and from one peer address. A new connection beyond either is still
+#: served: it closes an older one (idle first) of the same address, or of the address holding most.
 MAX_CONNECTIONS = 256
 MAX_PER_PEER = 16
 #: Seconds between attempts to bind an address that could not be bound.
@@ -154,21 +160,33 @@ def format_response(response: Response, *, head_only: bool = False, extra: Mappi
     return head.encode("latin-1") + (b"" if head_only else response.body)
 
 
+@dataclass(eq=False, slots=True)
+class _Connection:
+    """One open connection, as the limits see it."""
+
+    peer: str
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    waiting: bool = True  # its request head has not arrived yet
+
+
 class HttpServer:
     """Answers GET and HEAD on ``routes`` (path -> handler); everything else is 404 or 405."""
 
     def __init__(self, routes: Mapping[str, Handler], *, read_timeout: float = READ_TIMEOUT_SECONDS,
                  write_timeout: float = WRITE_TIMEOUT_SECONDS, max_connections: int = MAX_CONNECTIONS,
                  max_per_peer: int = MAX_PER_PEER):
+        if max_connections < 1 or max_per_peer < 1:
+            raise ValueError("max_connections and max_per_peer must be at least 1")
         self.routes = dict(routes)
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.max_connections = max_connections
         self.max_per_peer = max_per_peer
-        self.active = 0  # connections being served now
-        self.dropped = 0  # connections closed for being slow, idle or one too many
+        self.active = 0  # connections open now
+        self.dropped = 0  # connections closed at a deadline: idle, slow, or not reading their answer
+        self.evicted = 0  # connections closed to make room for a newer one
         self.accept_errors = 0  # failed accept() calls
-        self._per_peer: collections.Counter[str] = collections.Counter()
+        self._peers: dict[str, dict[_Connection, None]] = {}  # per address, its connections oldest first
 
     async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
         """Serve connections from ``listener`` (one or several sockets) until cancelled, each in
@@ -196,24 +214,49 @@ class HttpServer:
             tg.start_soon(self.handle, stream)
 
     async def handle(self, stream: anyio.abc.ByteStream) -> None:
-        """One connection: read a request head, answer it, close."""
+        """One connection: read a request head, answer it, close. Never refused: when a limit is
+        reached an older connection is closed instead (:meth:`_admit`)."""
         async with stream:
-            peer = _peer(stream)
-            if self.active >= self.max_connections or self._per_peer[peer] >= self.max_per_peer:
-                self.dropped += 1
-                await self._send(stream, format_response(Response.text(503, "too many connections; retry")))
-                return
-            self.active += 1
-            self._per_peer[peer] += 1
+            connection = self._admit(_peer(stream))
             try:
-                answer = await self._answer(stream)
-                if answer is not None:
-                    await self._send(stream, answer)
+                with connection.scope:  # cancelled when a newer connection takes its place
+                    answer = await self._answer(stream)
+                    connection.waiting = False
+                    if answer is not None:
+                        await self._send(stream, answer)
             finally:
-                self.active -= 1
-                self._per_peer[peer] -= 1
-                if not self._per_peer[peer]:
-                    del self._per_peer[peer]
+                self._forget(connection)
+
+    def _admit(self, peer: str) -> _Connection:
+        """Count a new connection from ``peer``, first closing one to stay within the limits: the
+        peer's own oldest when it holds :attr:`max_per_peer`, else, with :attr:`max_connections`
+        open, the oldest of the peer holding the most (never of a peer holding fewer)."""
+        own = self._peers.get(peer, {})
+        if len(own) >= self.max_per_peer:
+            self._evict(own)
+        elif self.active >= self.max_connections:
+            self._evict(max(self._peers.values(), key=len))
+        connection = _Connection(peer)
+        self._peers.setdefault(peer, {})[connection] = None
+        self.active += 1
+        return connection
+
+    def _evict(self, connections: dict[_Connection, None]) -> None:
+        """Close the oldest of ``connections`` still waiting for its request, or the oldest of all
+        when every one is being answered."""
+        victim = next((c for c in connections if c.waiting), None) or next(iter(connections))
+        victim.scope.cancel()
+        self._forget(victim)
+        self.evicted += 1
+
+    def _forget(self, connection: _Connection) -> None:
+        own = self._peers.get(connection.peer)
+        if own is None or connection not in own:
+            return  # already evicted
+        del own[connection]
+        self.active -= 1
+        if not own:
+            del self._peers[connection.peer]
 
     async def _answer(self, stream: anyio.abc.ByteStream) -> bytes | None:
         try:

@@ -42,6 +42,12 @@ Metrics (all prefixed ``masqd_``):
                                                       a back-off), ``stalled`` (a silent connection dropped)
 ``kube_watch_synced{watch}``                gauge     1 once the watch's first list arrived
 =========================================== ========= =================================================
+
+Every counter series that can occur is exported at 0 from start-up, so Prometheus' ``increase()``
+and ``rate()`` see the first pass, error or restart: ``reconciles_total`` for each trigger (the
+agent's own, :data:`AGENT_TRIGGERS`, and the name of each of its event sources) times each
+result; ``plugin_errors_total`` for each loaded plugin and each of :data:`PLUGIN_HOOKS` it
+implements; ``kube_watch_restarts_total`` for each watch and reason.
 """
 
 from __future__ import annotations
@@ -64,15 +70,28 @@ disable_created_metrics()  # no *_created series: they double the output and no 
 #: Seconds: from a dry-run pass to a 100k-CIDR apply and lock waits (benchmarks/RESULTS.md).
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+#: The triggers that are not an event source's name: the daemon's first pass and SIGHUP
+#: (:mod:`masqd.daemon`), a failed sync tried again and a pass asked for outside the daemon
+#: (:mod:`masqd.reconcile`). The sources' names are the others (``triggers`` of :class:`Metrics`).
+AGENT_TRIGGERS: tuple[str, ...] = ("startup", "sighup", "retry", "manual")
+#: The plugin hooks called while the agent runs whose failures are counted in
+#: ``plugin_errors_total`` (the start-up ones, ``register_backends`` and ``register_sources``,
+#: have failed or not before the first scrape; ``describe_cidrs`` runs in ``masqd explain`` alone).
+PLUGIN_HOOKS: tuple[str, ...] = ("nonmasq_cidrs", "masquerade_cidrs", "validate_config", "audit")
+#: Why a Kubernetes watch restarted: its reflector's counter of each.
+WATCH_RESTART_REASONS: tuple[tuple[str, str], ...] = (("expired", "relists"), ("error", "failures"),
+                                                       ("stalled", "stalls"))
+
 
 class Metrics:
     """Every metric of one agent, read from its ``status`` (:class:`masqd.status.AgentStatus`).
     ``backend``: the backend's name; ``options``: the agent flags (they decide what the default
     CIDRs are); ``watches`` returns the objects running Kubernetes watches (each with ``what``
-    and ``reflector``, see :class:`masqd.sources.kube.ReflectorSource`)."""
+    and ``reflector``, see :class:`masqd.sources.kube.ReflectorSource`); ``triggers``: the names of
+    the agent's event sources (with :data:`AGENT_TRIGGERS`, every trigger a pass can have)."""
 
     def __init__(self, status: AgentStatus, *, backend: str, options: AgentOptions, plugins: Any = None,
-                 watches: Callable[[], Iterable[Any]] = tuple):
+                 watches: Callable[[], Iterable[Any]] = tuple, triggers: Iterable[str] = ()):
         self.status = status
         self.registry = CollectorRegistry(auto_describe=True)
         build = Gauge("masqd_build_info", "masqd build: always 1, the labels say what runs",
@@ -80,17 +99,20 @@ class Metrics:
         build.labels(__version__, platform.python_version(), backend).set(1)
         self.reconciles = Counter("masqd_reconciles", "Reconcile passes by first trigger and result",
                                   ["trigger", "result"], registry=self.registry)
+        for trigger in dict.fromkeys((*AGENT_TRIGGERS, *(_first(t) for t in triggers))):
+            for result in RESULTS:  # at 0 from the start, so increase() sees the first pass
+                self.reconciles.labels(trigger, result)
         self.duration = Histogram("masqd_reconcile_duration_seconds", "Time of one reconcile pass",
                                   ["result"], buckets=DURATION_BUCKETS, registry=self.registry)
         for result in RESULTS:  # every series present from the start, so rate() works at once
             self.duration.labels(result)
         self.drift_repairs = Counter("masqd_drift_repairs", "Writes that restored rules changed by something else",
                                      registry=self.registry)
-        self.registry.register(_StateCollector(status, options, plugins, watches))
+        self.registry.register(_StateCollector(status, options, plugins, watches, _plugin_hooks(plugins)))
 
     def observe(self, event: AuditEvent) -> None:
         """Count one reconcile pass (an audit listener: cheap, never blocks)."""
-        self.reconciles.labels(event.trigger.split(",", 1)[0], event.result).inc()
+        self.reconciles.labels(_first(event.trigger), event.result).inc()
         self.duration.labels(event.result).observe(event.duration)
         if event.repair:
             self.drift_repairs.inc()
@@ -103,11 +125,14 @@ class Metrics:
 class _StateCollector:
     """The metrics read from their owners at scrape time."""
 
-    def __init__(self, status: AgentStatus, options: AgentOptions, plugins: Any, watches: Callable[[], Iterable[Any]]):
+    def __init__(self, status: AgentStatus, options: AgentOptions, plugins: Any, watches: Callable[[], Iterable[Any]],
+                 plugin_hooks: Iterable[tuple[str, str]] = ()):
         self.status = status
         self.options = options
         self.plugins = plugins
         self.watches = watches
+        #: the (plugin, hook) pairs whose errors are exported (at 0 until one happens)
+        self.plugin_hooks = tuple(plugin_hooks)
         #: (applied, applied_from, non-masquerade CIDR counts, the other lists' counts) of the last scrape
         self._cidr_counts: tuple[object, object, dict, dict] | None = None
 
@@ -138,7 +163,9 @@ class _StateCollector:
         yield decision
         failures = CounterMetricFamily("masqd_plugin_errors", "Plugin hook calls that raised, hung or returned "
                                        "something unusable", labels=["plugin", "hook"])
-        for (plugin, hook), count in sorted(getattr(self.plugins, "failures", {}).items()):
+        counts = dict.fromkeys(self.plugin_hooks, 0)
+        counts.update(getattr(self.plugins, "failures", {}))
+        for (plugin, hook), count in sorted(counts.items()):
             failures.add_metric([plugin, hook], count)
         yield failures
         restarts = CounterMetricFamily("masqd_kube_watch_restarts", "Kubernetes watches restarted, by reason",
@@ -147,10 +174,8 @@ class _StateCollector:
         for watch in self.watches():
             reflector = getattr(watch, "reflector", None)
             what = getattr(watch, "what", "") or getattr(watch, "name", "")
-            for reason, count in (("expired", reflector.relists if reflector else 0),
-                                  ("error", reflector.failures if reflector else 0),
-                                  ("stalled", reflector.stalls if reflector else 0)):
-                restarts.add_metric([what, reason], count)
+            for reason, counter in WATCH_RESTART_REASONS:
+                restarts.add_metric([what, reason], getattr(reflector, counter) if reflector is not None else 0)
             synced.add_metric([what], 1 if reflector is not None and reflector.synced else 0)
         yield restarts
         yield synced
@@ -170,6 +195,19 @@ class _StateCollector:
             lists = list_counts(*applied_from)
         self._cidr_counts = (applied, applied_from, counts, lists)
         return counts, lists
+
+
+def _first(trigger: str) -> str:
+    """The trigger label of a pass: the first of its batch's triggers (``file,timer``: ``file``)."""
+    return trigger.split(",", 1)[0]
+
+
+def _plugin_hooks(plugins: Any) -> list[tuple[str, str]]:
+    """(plugin, hook) for each loaded plugin and each of :data:`PLUGIN_HOOKS` it implements."""
+    describe = getattr(plugins, "describe", None)
+    if describe is None:
+        return []
+    return [(info.name, hook) for info in describe() for hook in info.hooks if hook in PLUGIN_HOOKS]
 
 
 def _gauge(name: str, documentation: str, value: bool | float) -> GaugeMetricFamily:
