@@ -16,11 +16,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import anyio
+import anyio.abc
 import pytest
 
 from masqd.agent import build_agent
 from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
+from masqd.http import HttpServer
 from masqd.inputs import ConfigMapInput, config_inputs
 from masqd.kube import KubeSettings, ObjectRef, Reflector
 from masqd.ruleset import RuleSet
@@ -158,3 +161,23 @@ class NftMonitor:
         self.lines.close()
         self.proc.stdout.close()
         self.proc.stderr.close()
+
+
+class Served:
+    """An :class:`~masqd.http.HttpServer` on 127.0.0.1 with the given routes, deadlines and limits,
+    serving in a task group of its own while the ``async with`` lasts (``port``: where)."""
+
+    def __init__(self, routes, **limits):
+        self.server = HttpServer(routes, **limits)
+
+    async def __aenter__(self) -> Served:
+        self.listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        self.port = self.listener.extra(anyio.abc.SocketAttribute.local_port)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self.server.serve, self.listener)
+        return self
+
+    async def __aexit__(self, *exc):
+        self._tg.cancel_scope.cancel()
+        return await self._tg.__aexit__(*exc)

@@ -33,6 +33,7 @@ from masqd.kube import KubeSettings, ObjectRef
 from masqd.plugins import Plugins
 from masqd.reconcile import Reconciler
 from masqd.testing import event_source, running, wait_until
+from support import Served
 
 NO_RESYNC = "resyncInterval: 1h\n"
 WAIT = 10  # seconds before a test gives up waiting (a failure, not a timing claim)
@@ -319,25 +320,6 @@ async def test_watch_restarts_and_sync_are_exported(tmp_path: Path) -> None:
 
 
 # --- the protocol and misbehaving clients ---------------------------------------------------------------
-
-
-class Served:
-    """An :class:`HttpServer` on 127.0.0.1 with the given routes and deadlines."""
-
-    def __init__(self, routes, **limits):
-        self.server = HttpServer(routes, **limits)
-
-    async def __aenter__(self) -> Served:
-        self.listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        self.port = self.listener.extra(anyio.abc.SocketAttribute.local_port)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self.server.serve, self.listener)
-        return self
-
-    async def __aexit__(self, *exc):
-        self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(*exc)
 
 
 ROUTES = {"/a": lambda: Response.text(200, "a")}

@@ -12,7 +12,6 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Self
 
 import anyio
 import anyio.abc
@@ -24,6 +23,7 @@ from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
 from masqd.http import MAX_PER_PEER, Address, HttpServer, Response
 from masqd.testing import running, wait_until
+from support import Served
 
 WAIT = 10  # seconds before a test gives up (a failure, not a timing claim)
 ROUTES = {"/a": lambda: Response.text(200, "a")}
@@ -71,25 +71,6 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 def still_open(socks: list[socket.socket]) -> int:
     return sum(not closed_by_server(sock) for sock in socks)
-
-
-class Served:
-    """An :class:`HttpServer` on 127.0.0.1 with the given routes and limits."""
-
-    def __init__(self, routes, **limits):
-        self.server = HttpServer(routes, **limits)
-
-    async def __aenter__(self) -> Self:
-        self.listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        self.port = self.listener.extra(anyio.abc.SocketAttribute.local_port)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self.server.serve, self.listener)
-        return self
-
-    async def __aexit__(self, *exc):
-        self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(*exc)
 
 
 # --- the agent's own endpoint, default limits ------------------------------------------------------
