@@ -16,8 +16,8 @@ from masqd.ruleset import RuleSet, compute_ruleset, masquerade_list, nonmasq_lis
 async def plan_rules(config: MasqConfig, options: AgentOptions, plugins: Plugins | None,
                      merged: MergedConfig | None = None) -> tuple[RuleSet, tuple[Contribution, ...]]:
     """The desired rules for a valid config: the plugins' CIDRs added (``nonmasq_cidrs``,
-    ``masquerade_cidrs``), then their vetoes heard (``validate_config``). Raises :class:`PluginError`.
-    ``merged``: the merged config ``config`` is, whose sources a conflict then names."""
+    ``masquerade_cidrs``), then their vetoes heard (``validate_config``). Raises :class:`PluginError`,
+    or :class:`ConfigError` when config sources alone disagree. ``merged``: the merged config ``config`` is, whose sources a conflict then names."""
     contributions: tuple[Contribution, ...] = ()
     if plugins is not None:
         contributions = await plugins.contributions(config, options)
@@ -25,43 +25,40 @@ async def plan_rules(config: MasqConfig, options: AgentOptions, plugins: Plugins
     extra = tuple(net for contribution in contributions if not contribution.masquerade for net in contribution.cidrs)
     masq_extra = tuple(net for contribution in contributions if contribution.masquerade for net in contribution.cidrs)
     cidrs = nonmasq_list(config, extra)
-    if extra:
-        _check_limit_with_plugins(config, cidrs)
     masq = masquerade_list(config, masq_extra)
+    problems = _limits_with_plugins(config, cidrs, masq)
+    conflicts, by_plugin = [], False
     if masq:  # config sources and plugins are each checked alone; here all of them together
         link_local = ((() if config.masq_link_local else (LINK_LOCAL_V4,))
                       + (() if config.masq_link_local_ipv6 else (LINK_LOCAL_V6,)))
-        _check_overrides(config, cidrs + link_local, masq, contributions, merged)
+        conflicts, by_plugin = _conflicts(cidrs + link_local, masq, contributions, merged)
+    if problems or by_plugin:
+        raise PluginError(problems + conflicts)
+    if conflicts:  # several config sources that disagree (a file's own lists were checked when parsed)
+        raise ConfigError(", ".join(merged.sources) if merged is not None and merged.sources else "config", conflicts)
     if plugins is not None:
         await plugins.validate(config, cidrs, options)
     return compute_ruleset(config, options, extra, listed=cidrs, masq_extra=masq_extra), contributions
 
 
-def _check_limit_with_plugins(config: MasqConfig, cidrs: tuple) -> None:
-    """With plugin CIDRs, ``cidrLimit`` holds only when the file sets it (see MasqConfig)."""
+def _limits_with_plugins(config: MasqConfig, cidrs: tuple, masq: tuple) -> list[Problem]:
+    """With plugin CIDRs, ``cidrLimit`` holds for each list (kept, masqueraded) only when the file
+    sets it (see MasqConfig); the file's own lists were checked when it was parsed."""
     if not config.cidr_limit_set:
-        return
-    count = len(cidrs)
-    if count > config.cidr_limit:
-        from_file = len(config.non_masquerade_cidrs)
-        raise PluginError([limit_problem("nonMasqueradeCIDRs", config.cidr_limit,
-                                         f"{count} CIDRs ({from_file} from the file, {count - from_file} from plugins)",
-                                         "raise cidrLimit or contribute fewer CIDRs")])
+        return []
+    return [limit_problem(key, config.cidr_limit, f"{len(listed)} CIDRs ({len(own)} from the file, "
+                                                  f"{len(listed) - len(own)} from plugins)",
+                          "raise cidrLimit or contribute fewer CIDRs")
+            for key, listed, own in (("nonMasqueradeCIDRs", cidrs, config.non_masquerade_cidrs),
+                                     ("masqueradeCIDRs", masq, config.masquerade_cidrs))
+            if len(listed) > config.cidr_limit]
 
 
-def _check_overrides(config: MasqConfig, kept: tuple, masq: tuple, contributions: tuple[Contribution, ...],
-                     merged: MergedConfig | None) -> None:
-    """Across every config source, the defaults, the link-local entries and every plugin: no
-    masquerade entry may be kept with the same prefix, and (when the file sets ``cidrLimit``)
-    plugins' masquerade entries count toward it. Raises :class:`PluginError` naming both places
-    when a plugin is one of them, else :class:`ConfigError` (several config sources that
-    disagree; a file's own lists were checked when it was parsed)."""
-    problems = []
-    if config.cidr_limit_set and len(masq) > max(config.cidr_limit, len(config.masquerade_cidrs)):
-        from_file = len(config.masquerade_cidrs)
-        problems.append(limit_problem("masqueradeCIDRs", config.cidr_limit,
-                                      f"{len(masq)} CIDRs ({from_file} from the file, {len(masq) - from_file} from plugins)",
-                                      "raise cidrLimit or contribute fewer CIDRs"))
+def _conflicts(kept: tuple, masq: tuple, contributions: tuple[Contribution, ...],
+               merged: MergedConfig | None) -> tuple[list[Problem], bool]:
+    """Across every config source, the defaults, the link-local entries and every plugin: each
+    masquerade entry also kept with the same prefix, as a problem naming both places; and whether
+    a plugin is one of them."""
     keys = {network_key(net) for net in masq}.intersection(map(network_key, kept))  # one pass over kept
     by_plugin = False
 
@@ -79,12 +76,8 @@ def _check_overrides(config: MasqConfig, kept: tuple, masq: tuple, contributions
             found.append(f"the link-local default ({key}: false; set {key}: true to masquerade it)")
         return found or ["the config"]
 
-    for net in masq:
-        if network_key(net) in keys:
-            problems.append(Problem("masqueradeCIDRs", cidr_text(net),
-                                    f"masqueraded by {', '.join(places(net, True))} and kept by "
-                                    f"{', '.join(places(net, False))}: a destination is either kept or masqueraded"))
-    if problems and (by_plugin or len(problems) > len(keys)):
-        raise PluginError(problems)
-    if problems:
-        raise ConfigError(", ".join(merged.sources) if merged is not None and merged.sources else "config", problems)
+    problems = [Problem("masqueradeCIDRs", cidr_text(net), f"masqueraded by {', '.join(places(net, True))} and kept by "
+                                                           f"{', '.join(places(net, False))}: a destination is either "
+                                                           "kept or masqueraded")
+                for net in masq if network_key(net) in keys]
+    return problems, by_plugin

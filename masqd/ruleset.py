@@ -228,19 +228,18 @@ def _cut_regions(keys: list[int], masq: tuple[Network, ...]) -> list[tuple[int, 
     masquerade entry longer than themselves, as sorted ``(first, last)`` address ranges: the only
     ranges whose decisions the overrides change. Prefixes nest or are disjoint, so an entry
     starting inside one of them lies inside it."""
-    shorter: dict[int, list[tuple[int, int, int]]] = {}  # masquerade entry -> its shorter prefixes
-    candidates: dict[int, tuple[int, int]] = {}
-    for index, net in enumerate(masq):
+    shorter = []  # per masquerade entry, its shorter prefixes, shortest first: (key, first, last)
+    for net in masq:
         bits, address, family_bit = net.max_prefixlen, int(net.network_address), net.version == 6
-        for length in range(net.prefixlen):  # shortest first
+        prefixes = []
+        for length in range(net.prefixlen):
             size = 1 << (bits - length)
             first = address & ~(size - 1)
-            key = first << 9 | length << 1 | family_bit
-            shorter.setdefault(index, []).append((key, first, first + size - 1))
-            candidates[key] = (first, first + size - 1)
-    held = candidates.keys() & keys  # one pass over the keep list, in C
+            prefixes.append((first << 9 | length << 1 | family_bit, first, first + size - 1))
+        shorter.append(prefixes)
+    held = {key for prefixes in shorter for key, _, _ in prefixes}.intersection(keys)  # one pass over the keep list
     regions = set()
-    for prefixes in shorter.values():
+    for prefixes in shorter:
         outermost = next(((first, last) for key, first, last in prefixes if key in held), None)
         if outermost is not None:
             regions.add(outermost)

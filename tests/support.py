@@ -181,3 +181,21 @@ class Served:
     async def __aexit__(self, *exc):
         self._tg.cancel_scope.cancel()
         return await self._tg.__aexit__(*exc)
+
+
+async def request(port: int, raw: bytes, *, local_host: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Send ``raw`` to 127.0.0.1:``port`` (from ``local_host``, e.g. 127.0.0.2) and read the whole
+    answer (the server closes the connection): status, headers, body."""
+    with anyio.fail_after(10):  # seconds: a failure, not a timing claim
+        async with await anyio.connect_tcp("127.0.0.1", port, local_host=local_host) as stream:
+            await stream.send(raw)
+            data = b""
+            try:
+                while True:
+                    data += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in header_lines)}
+    return int(status_line.split(" ")[1]), headers, body

@@ -33,30 +33,13 @@ from masqd.kube import KubeSettings, ObjectRef
 from masqd.plugins import Plugins
 from masqd.reconcile import Reconciler
 from masqd.testing import event_source, running, wait_until
-from support import Served
+from support import Served, request
 
 NO_RESYNC = "resyncInterval: 1h\n"
 WAIT = 10  # seconds before a test gives up waiting (a failure, not a timing claim)
 
 
 # --- a tiny HTTP client over a real socket ----------------------------------------------------------
-
-
-async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send ``raw`` and read the whole answer (the server closes the connection)."""
-    with anyio.fail_after(WAIT):
-        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-            await stream.send(raw)
-            data = b""
-            try:
-                while True:
-                    data += await stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                pass
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in header_lines)}
-    return int(status_line.split(" ")[1]), headers, body
 
 
 async def get(port: int, path: str, method: str = "GET") -> tuple[int, str]:

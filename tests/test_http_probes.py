@@ -23,7 +23,7 @@ from masqd.backends.dryrun import DryRunBackend
 from masqd.config import AgentOptions
 from masqd.http import MAX_PER_PEER, Address, HttpServer, Response
 from masqd.testing import running, wait_until
-from support import Served
+from support import Served, request
 
 WAIT = 10  # seconds before a test gives up (a failure, not a timing claim)
 ROUTES = {"/a": lambda: Response.text(200, "a")}
@@ -31,17 +31,8 @@ ROUTES = {"/a": lambda: Response.text(200, "a")}
 
 async def get(port: int, path: str, *, local_host: str = "127.0.0.1") -> tuple[int, str]:
     """``GET path`` from ``local_host``; the status and body of the answer."""
-    with anyio.fail_after(WAIT):
-        async with await anyio.connect_tcp("127.0.0.1", port, local_host=local_host) as stream:
-            await stream.send(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-            data = b""
-            try:
-                while True:
-                    data += await stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                pass
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), body.decode()
+    status, _, body = await request(port, f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode(), local_host=local_host)
+    return status, body.decode()
 
 
 @contextmanager

@@ -21,8 +21,8 @@ import orjson
 from masqd.backends.base import AFTER, BEFORE, EITHER, INSIDE, KEEPS, MASQUERADES, ForeignRule, LiveFamily
 from masqd.cidrs import Network
 from masqd.backends.nftables.render import (NFT_FAMILY, CHAIN, LOCAL_RETURN, SRCNAT_PRIORITY, TABLE, MasqRule,
-                                            SourceReturn, TableState, _element_texts, _merge, _render_rule, set_name,
-                                            set_return)
+                                            SourceReturn, TableState, _element_texts, _merge, _render_rule,
+                                            iptables_interface, set_name, set_return)
 
 
 def parse_listing(text: str, family: int) -> TableState | None:
@@ -346,14 +346,9 @@ def live_family(state: TableState | None, desired: TableState, others: tuple[For
                       masquerade=bool(finals), unexpected=tuple(unexpected), drift=drift,
                       foreign=(*before, *foreign, *after), keep_sources=tuple(keep_sources),
                       masq_sources=None if masq_sources is None else tuple(masq_sources),
-                      interfaces=tuple(_iptables_interface(r.interface) for r in finals if r.interface is not None)
+                      interfaces=tuple(iptables_interface(r.interface) for r in finals if r.interface is not None)
                       if not masquerade else (),
                       snat_to=finals[-1].snat if finals else None)
-
-
-def _iptables_interface(name: str) -> str:
-    """An ``oifname`` as iptables writes it (``eth*`` is ``eth+``)."""
-    return name[:-1] + "+" if name.endswith("*") else name
 
 
 def _describe(rule: object, family: int) -> str:

@@ -160,7 +160,7 @@ def _masq_rules(masquerade: Masquerade, family: FamilyRules, interfaces: tuple[s
     snat = None if family.snat_to is None else str(family.snat_to)
     rules = []
     for interface in interfaces or (None,):
-        named = None if interface is None else interface[:-1] + "*" if interface.endswith("+") else interface
+        named = None if interface is None else nft_interface(interface)
         for protocol in PORT_PROTOCOLS if masquerade.to_ports else ():
             remaining = sum(r.size for r in masquerade.to_ports)
             for index, ports in enumerate(masquerade.to_ports):
@@ -177,6 +177,16 @@ def _masq_rules(masquerade: Masquerade, family: FamilyRules, interfaces: tuple[s
                 remaining -= ports.size
         rules.append(MasqRule(fully_random=masquerade.random_fully, interface=named, snat=snat))
     return tuple(rules)
+
+
+def nft_interface(name: str) -> str:
+    """An ``outputInterfaces`` name as ``oifname`` takes it: iptables' ``eth+`` is nft's ``eth*``."""
+    return name[:-1] + "*" if name.endswith("+") else name
+
+
+def iptables_interface(name: str) -> str:
+    """An ``oifname`` as ``outputInterfaces`` (and iptables) writes it: the reverse of :func:`nft_interface`."""
+    return name[:-1] + "+" if name.endswith("*") else name
 
 
 def _source_rules(family: FamilyRules) -> tuple[SourceReturn, ...]:
