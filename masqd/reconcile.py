@@ -344,9 +344,10 @@ class Reconciler:
             "reason": list(result.reasons),
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         }
-        shares = {c.plugin: len(c.cidrs) for c in self.contributions if c.cidrs}
-        if shares:
-            fields["cidrs_from_plugins"] = shares
+        for name, masquerade in (("cidrs_from_plugins", False), ("masquerade_cidrs_from_plugins", True)):
+            shares = {c.plugin: len(c.cidrs) for c in self.contributions if c.cidrs and c.masquerade is masquerade}
+            if shares:  # a plugin contributing both kinds has one Contribution of each
+                fields[name] = shares
         if self.status.repaired:  # the rules already applied, written again: someone changed them
             log.warning("rules restored after outside change", **fields)
             return

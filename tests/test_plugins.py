@@ -163,6 +163,23 @@ def test_contributions_are_named_in_the_write_log(tmp_path):
     assert applied["cidrs_from_plugins"] == {"ranges": 1}
 
 
+@covers("masquerade_cidrs")
+def test_a_plugin_contributing_both_kinds_is_named_with_each_count_in_the_write_log(tmp_path):
+    class Both(Adds):
+        @masqd.hookimpl
+        def masquerade_cidrs(self):
+            return ["10.99.0.0/16", "10.98.0.0/16"]
+
+    config = tmp_path / "config"
+    config.write_text("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    plugins = make_plugins(Both("both", "203.0.113.0/24"))
+    with structlog.testing.capture_logs() as logs:
+        anyio.run(Reconciler(DryRunBackend(), AgentOptions(), config, plugins=plugins).reconcile)
+    (applied,) = [e for e in logs if e["event"] == "rules applied"]
+    assert applied["cidrs_from_plugins"] == {"both": 1}
+    assert applied["masquerade_cidrs_from_plugins"] == {"both": 2}
+
+
 # --- validate_config --------------------------------------------------------------------------------
 
 
