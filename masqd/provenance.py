@@ -28,7 +28,7 @@ import yaml
 
 from masqd.cidrs import LINK_LOCAL_V4, LINK_LOCAL_V6, CIDRError, Network, parse_cidr
 from masqd.config import DEFAULTS_ORIGIN, RESERVED_CIDRS, AgentOptions, MergedConfig
-from masqd.config.merge import OTHER_CIDR_LISTS
+from masqd.config.model import OTHER_CIDR_LISTS
 from masqd.ruleset import RuleSet
 
 #: Every kind of origin, in the order :func:`cidr_origins` lists them for one CIDR.

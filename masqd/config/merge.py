@@ -12,15 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from masqd.cidrs import Network, network_key
-from masqd.config.model import AgentOptions, MasqConfig, default_config
+from masqd.config.model import OTHER_CIDR_LISTS, AgentOptions, MasqConfig, default_config
 from masqd.errors import ConfigError, Problem
 
-#: The CIDR lists of the decision model beyond upstream, and their config fields.
-OTHER_CIDR_LISTS = {
-    "masqueradeCIDRs": "masquerade_cidrs",
-    "masqueradeSourceCIDRs": "masquerade_source_cidrs",
-    "nonMasqueradeSourceCIDRs": "non_masquerade_source_cidrs",
-}
 
 #: The origin shown for CIDRs that come from the defaults (no present source lists any).
 DEFAULTS_ORIGIN = "defaults"

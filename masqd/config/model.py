@@ -41,6 +41,16 @@ RESERVED_CIDRS: tuple[str, ...] = (
 #: also end one in ``+`` (a prefix wildcard).
 INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.@][A-Za-z0-9_.@-]{0,14}")
 
+#: The keys holding a list of CIDRs, and the config field of each (a null value is an empty list):
+#: upstream's, then the decision model's (:data:`OTHER_CIDR_LISTS`).
+CIDR_LIST_KEYS = {
+    "nonMasqueradeCIDRs": "non_masquerade_cidrs",
+    "masqueradeCIDRs": "masquerade_cidrs",
+    "masqueradeSourceCIDRs": "masquerade_source_cidrs",
+    "nonMasqueradeSourceCIDRs": "non_masquerade_source_cidrs",
+}
+OTHER_CIDR_LISTS = {key: field for key, field in CIDR_LIST_KEYS.items() if key != "nonMasqueradeCIDRs"}
+
 _SECOND_NS = 1_000_000_000
 #: Largest config accepted, in bytes (a file) or characters (a ConfigMap's text). A file listing
 #: 100k CIDRs is about 2 MB, so this leaves room for any real config while a runaway file (a log

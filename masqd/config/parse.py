@@ -30,6 +30,7 @@ import yaml.events
 from masqd.cidrs import CIDRError, Network, duplicates, network_key, parse_cidrs
 from masqd.config.fastparse import fast_document
 from masqd.config.model import (
+    CIDR_LIST_KEYS,
     INTERFACE_NAME,
     MAX_CONFIG_BYTES,
     MIN_RESYNC_INTERVAL_NS,
@@ -51,13 +52,6 @@ _KEYS = ("nonMasqueradeCIDRs", "masqLinkLocal", "masqLinkLocalIPv6", "resyncInte
          # the decision model beyond upstream (README, "Decision model")
          "masqueradeCIDRs", "masqueradeSourceCIDRs", "nonMasqueradeSourceCIDRs", "snatToAddress",
          "snatToAddressIPv6", "outputInterfaces")
-#: The keys holding a list of CIDRs, and the config field of each. A null value is an empty list.
-CIDR_LIST_KEYS = {
-    "nonMasqueradeCIDRs": "non_masquerade_cidrs",
-    "masqueradeCIDRs": "masquerade_cidrs",
-    "masqueradeSourceCIDRs": "masquerade_source_cidrs",
-    "nonMasqueradeSourceCIDRs": "non_masquerade_source_cidrs",
-}
 
 
 def parse_config(text: str | None, options: AgentOptions, source: str = "<config>", *,
