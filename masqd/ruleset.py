@@ -93,12 +93,7 @@ class FamilyRules:
         """Why traffic from ``source`` is never masqueraded: ``("nonMasqueradeSourceCIDRs", net)``
         or ``("masqueradeSourceCIDRs", None)``; ``None`` when the source leaves the decision to
         the destination."""
-        held = next((net for net in self.keep_sources if source in net), None)
-        if held is not None:
-            return "nonMasqueradeSourceCIDRs", held
-        if self.masq_sources is not None and not any(source in net for net in self.masq_sources):
-            return "masqueradeSourceCIDRs", None
-        return None
+        return source_rule(source, self.keep_sources, self.masq_sources)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +169,17 @@ class RuleSet:
             return False
         decided = family.deciding(destination)
         return decided is None or not decided[1]
+
+
+def source_rule(source: Address, keep_sources: tuple[Network, ...],
+                masq_sources: tuple[Network, ...] | None) -> tuple[str, Network | None] | None:
+    """:meth:`FamilyRules.source_rule` over any source lists (``explain --live`` has the kernel's)."""
+    held = next((net for net in keep_sources if source in net), None)
+    if held is not None:
+        return "nonMasqueradeSourceCIDRs", held
+    if masq_sources is not None and not any(source in net for net in masq_sources):
+        return "masqueradeSourceCIDRs", None
+    return None
 
 
 def interface_matches(pattern: str, interface: str) -> bool:

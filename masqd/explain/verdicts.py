@@ -43,7 +43,7 @@ from masqd.provenance import (
     Origin,
     Provenance,
 )
-from masqd.ruleset import FamilyRules, RuleSet, interface_matches
+from masqd.ruleset import FamilyRules, RuleSet, interface_matches, source_rule
 
 
 def explain(addresses: list[Address] | tuple[Address, ...], ruleset: RuleSet,
@@ -105,8 +105,6 @@ def _live_in_play(live: LiveRules) -> bool:
                for family in live.families)
 
 
-
-
 def _desired(address: Address, ruleset: RuleSet, provenance: Provenance, masq_link_local: bool,
              masq_link_local_ipv6: bool, source: Address | None, interface: str | None) -> Verdict:
     family = ruleset.family(address.version)
@@ -152,7 +150,7 @@ def _interface_rule(name: str | None, patterns: tuple[str, ...], provenance: Pro
 
 def _source_rule(source: Address | None, keep_sources: tuple[Network, ...], masq_sources: tuple[Network, ...] | None,
                  provenance: Provenance) -> SourceRule | None:
-    """The source rules as :meth:`~masqd.ruleset.FamilyRules.source_rule` takes them."""
+    """The source rules as :func:`~masqd.ruleset.source_rule` decides them, with their origins."""
     if source is None and not keep_sources and masq_sources is None:
         return None
     kept_from = provenance.sources.get(NON_MASQUERADE_SOURCES, {})
@@ -162,11 +160,11 @@ def _source_rule(source: Address | None, keep_sources: tuple[Network, ...], masq
                                                   for net in masq_sources)
     if source is None:
         return SourceRule(None, keep, masq, MASQUERADE_SOURCES if masq == () else None)
-    held = next((m for m in keep if source in m.cidr), None)
-    if held is not None:
-        return SourceRule(source, keep, masq, NON_MASQUERADE_SOURCES, held)
+    decided = source_rule(source, keep_sources, masq_sources)  # the decision the rules make
+    if decided is not None and decided[0] == NON_MASQUERADE_SOURCES:
+        return SourceRule(source, keep, masq, NON_MASQUERADE_SOURCES, next(m for m in keep if m.cidr == decided[1]))
     inside = None if masq is None else next((m for m in masq if source in m.cidr), None)
-    return SourceRule(source, keep, masq, MASQUERADE_SOURCES if masq is not None and inside is None else None, inside)
+    return SourceRule(source, keep, masq, None if decided is None else decided[0], inside)
 
 
 def _snat(address, provenance: Provenance) -> dict:
