@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import itertools
-import os
 import socket
 import struct
 from collections.abc import Callable, Collection
@@ -35,6 +34,8 @@ import anyio.lowlevel
 import structlog
 
 from masqd.events import Notify
+from masqd.netlink import (HEADER, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attributes,
+                           error_code, messages, strerror)
 
 #: Seconds one dump may take before :func:`local_addresses` gives up (the kernel answers at once).
 DUMP_TIMEOUT_SECONDS = 5.0
@@ -47,12 +48,8 @@ RECEIVE_BYTES = 64 * 1024
 #: ``net.core.rmem_max``. Overflowing it loses events, which the source reports (ENOBUFS).
 SUBSCRIPTION_BUFFER_BYTES = 1024 * 1024
 
-# Message types, flags and groups (<linux/netlink.h>, <linux/rtnetlink.h>).
-NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
+# Message types and groups (<linux/rtnetlink.h>).
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP_INTR = 0x10
-NLM_F_DUMP = 0x300
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
 # Attributes and flags of an address (<linux/if_addr.h>).
@@ -61,12 +58,8 @@ IFA_F_OPTIMISTIC = 0x04
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
 
-_NLMSGHDR = struct.Struct("=IHHII")  # length (header included), type, flags, sequence, port id
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags (low 8 bits), scope, interface index
-_RTATTR = struct.Struct("=HH")  # length (header included), type; then the value
-_INT = struct.Struct("=i")
 _U32 = struct.Struct("=I")
-_ATTR_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 _ADDRESS_SIZE = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -117,39 +110,23 @@ def parse_address_messages(data: bytes) -> list[AddressChange]:
 def _parse(data: bytes) -> _Batch:
     changes: list[AddressChange] = []
     done = interrupted = False
-    for offset, kind, flags, payload in _messages(data):
+    for offset, kind, flags, payload in messages(data):
         interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
         if kind == NLMSG_ERROR:
-            code = _error_code(payload, offset, "NLMSG_ERROR")
+            code = error_code(payload, offset, "NLMSG_ERROR")
             if code:
-                raise OSError(code, f"netlink: the kernel refused the request: {_strerror(code)}")
+                raise OSError(code, f"netlink: the kernel refused the request: {strerror(code)}")
         elif kind == NLMSG_DONE:
-            if len(payload) >= _INT.size:  # a dump's status; absent on older kernels' acks
-                code = _error_code(payload, offset, "NLMSG_DONE")
+            if len(payload) >= 4:  # a dump's status; absent on older kernels' acks
+                code = error_code(payload, offset, "NLMSG_DONE")
                 if code:
-                    raise OSError(code, f"netlink: the dump ended with an error: {_strerror(code)}")
+                    raise OSError(code, f"netlink: the dump ended with an error: {strerror(code)}")
             done = True
         elif kind in (RTM_NEWADDR, RTM_DELADDR):
             change = _address_change(kind == RTM_NEWADDR, payload, offset)
             if change is not None:
                 changes.append(change)
     return _Batch(changes, done, interrupted)
-
-
-def _messages(data: bytes):
-    """``(offset, type, flags, payload)`` for each netlink message in ``data``."""
-    offset = 0
-    while offset < len(data):
-        left = len(data) - offset
-        if left < _NLMSGHDR.size:
-            raise ValueError(f"netlink: truncated message header at byte {offset}: "
-                             f"{left} bytes left, a header takes {_NLMSGHDR.size}")
-        length, kind, flags, _seq, _port = _NLMSGHDR.unpack_from(data, offset)
-        if not _NLMSGHDR.size <= length <= left:
-            raise ValueError(f"netlink: message at byte {offset} says it is {length} bytes long; "
-                             f"expected {_NLMSGHDR.size} to {left}")
-        yield offset, kind, flags, data[offset + _NLMSGHDR.size:offset + length]
-        offset += _align(length)
 
 
 def _address_change(added: bool, payload: bytes, offset: int) -> AddressChange | None:
@@ -160,52 +137,18 @@ def _address_change(added: bool, payload: bytes, offset: int) -> AddressChange |
     size = _ADDRESS_SIZE.get(family)
     if size is None:
         return None  # not an IP address (AF_MCTP, say)
-    attributes = _attributes(payload, _IFADDRMSG.size, what)
-    raw = attributes.get(IFA_LOCAL, attributes.get(IFA_ADDRESS))
+    found = attributes(payload, _IFADDRMSG.size, what)
+    raw = found.get(IFA_LOCAL, found.get(IFA_ADDRESS))
     if raw is None:
         raise ValueError(f"{what}: carries neither IFA_LOCAL nor IFA_ADDRESS")
     if len(raw) != size:
         raise ValueError(f"{what}: an address of {len(raw)} bytes for family {family}; expected {size}")
-    if IFA_FLAGS in attributes:
-        if len(attributes[IFA_FLAGS]) != _U32.size:
-            raise ValueError(f"{what}: IFA_FLAGS of {len(attributes[IFA_FLAGS])} bytes; expected {_U32.size}")
-        (flags,) = _U32.unpack(attributes[IFA_FLAGS])
+    if IFA_FLAGS in found:
+        if len(found[IFA_FLAGS]) != _U32.size:
+            raise ValueError(f"{what}: IFA_FLAGS of {len(found[IFA_FLAGS])} bytes; expected {_U32.size}")
+        (flags,) = _U32.unpack(found[IFA_FLAGS])
     address = ipaddress.IPv4Address(raw) if family == socket.AF_INET else ipaddress.IPv6Address(raw)
     return AddressChange(added, address, ifindex, flags)
-
-
-def _attributes(payload: bytes, offset: int, what: str) -> dict[int, bytes]:
-    """The route attributes from ``offset`` on, by type (a repeated one: the last)."""
-    found = {}
-    while offset < len(payload):
-        left = len(payload) - offset
-        if left < _RTATTR.size:
-            raise ValueError(f"{what}: {left} stray bytes after its attributes")
-        length, kind = _RTATTR.unpack_from(payload, offset)
-        if not _RTATTR.size <= length <= left:
-            raise ValueError(f"{what}: an attribute says it is {length} bytes long; expected {_RTATTR.size} to {left}")
-        found[kind & _ATTR_TYPE_MASK] = payload[offset + _RTATTR.size:offset + length]
-        offset += _align(length)
-    return found
-
-
-def _error_code(payload: bytes, offset: int, kind: str) -> int:
-    """The errno in an ``NLMSG_ERROR`` / ``NLMSG_DONE`` payload (the kernel sends it negated)."""
-    if len(payload) < _INT.size:
-        raise ValueError(f"netlink: {kind} at byte {offset}: {len(payload)} bytes, too short for its error code")
-    (error,) = _INT.unpack_from(payload)
-    return -error
-
-
-def _strerror(code: int) -> str:
-    try:
-        return os.strerror(code)
-    except (ValueError, OverflowError):
-        return f"error {code}"
-
-
-def _align(length: int) -> int:
-    return (length + 3) & ~3
 
 
 # --- the kernel ----------------------------------------------------------------------------------
@@ -241,7 +184,7 @@ async def local_addresses() -> frozenset[IPAddress]:
 async def _dump() -> tuple[list[AddressChange], bool]:
     """One ``RTM_GETADDR`` dump of every family: its addresses, and whether it was interrupted."""
     seq = next(_sequence) & 0xFFFFFFFF
-    request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+    request = HEADER.pack(HEADER.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
     request += _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
     changes: list[AddressChange] = []
     interrupted = False

@@ -32,7 +32,8 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from masqd.backends.nftables.executor import load_error, marker_lines
-from masqd.backends.nftables.netlink import Change, describe_errno
+from masqd.backends.nftables.netlink import Change
+from masqd.netlink import describe_errno
 from masqd.backends.nftables.render import NFT_FAMILY, TABLE, set_name
 from masqd.errors import ApplyError, ElementsRefusedError, ToolExitedError
 from masqd.testing.nft_listing import dump, table_json

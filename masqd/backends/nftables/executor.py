@@ -19,7 +19,8 @@ from typing import Protocol, runtime_checkable
 import anyio
 from anyio.abc import ByteReceiveStream
 
-from masqd.backends.nftables.netlink import Change, batch_errors, describe_errno, element_batch
+from masqd.backends.nftables.netlink import Change, element_batch
+from masqd.netlink import NETLINK_NETFILTER, acknowledgements, describe_errno
 from masqd.backends.nftables.render import NFT_FAMILY, TABLE, set_name
 from masqd.backends.tools import TOOL_TIMEOUT_SECONDS, run_tool, script_line, tool_output
 from masqd.errors import ApplyError, ElementsRefusedError, ReadBackError, ToolTimeoutError
@@ -99,7 +100,6 @@ class NftSubprocessExecutor:
             raise load_error(command, result.returncode, result.stderr.decode(errors="replace"), script or text)
 
 
-_NETLINK_NETFILTER = 12
 _SOL_NETLINK = 270
 _NETLINK_CAP_ACK = 10  # acknowledgements without a copy of the (large) message
 _NETLINK_EXT_ACK = 11  # errors with the kernel's own words
@@ -111,7 +111,7 @@ async def _send_batch(batch: bytes, expected: dict[int, str]) -> None:
     :class:`~masqd.errors.ElementsRefusedError` when any message was refused. nf_tables handles
     the batch inside the send, so the answers are there (or on their way) when it returns."""
     try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, _NETLINK_NETFILTER)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_NETFILTER)
     except OSError as exc:  # no netlink here (a sandbox): the caller writes with nft -f instead
         raise ElementsRefusedError("; ".join(expected.values()), describe_errno(exc.errno or 0)) from None
     with sock:
@@ -133,7 +133,7 @@ async def _send_batch(batch: bytes, expected: dict[int, str]) -> None:
                 continue  # read all that is there before looking at it
             except BlockingIOError:
                 pass
-            acked, failed = batch_errors(replies)
+            acked, failed = acknowledgements(replies)
             # done when every message is answered, or the kernel aborted the batch (a refusal:
             # what it had to say has been read)
             if failed or len(acked) >= len(expected):

@@ -10,16 +10,17 @@ else (the table, its chain and rules, a first write, a repair) still goes throug
 The encoding is the one ``nft`` itself sends (``nft --debug=netlink,mnl``): an interval set holds
 each range ``[first, last]`` as two keys, ``first`` and ``last + 1`` with the *interval end* flag;
 a range reaching the top of the address space has no end key. Keys are addresses in network byte
-order. :func:`element_batch` builds the whole batch; :func:`batch_errors` reads the kernel's
-acknowledgements. The socket is the executor's (:mod:`.executor`).
+order. :func:`element_batch` builds the whole batch; :func:`masqd.netlink.acknowledgements` reads
+the kernel's acknowledgements. The socket is the executor's (:mod:`.executor`).
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import struct
 from collections.abc import Iterable, Sequence
+
+from masqd.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, attr as _attr, nested as _nested
+from masqd.netlink import nfnl_message as _message
 
 #: nfnetlink: the nf_tables subsystem, and the messages that open and close a batch.
 NFNL_SUBSYS_NFTABLES = 10
@@ -31,13 +32,6 @@ NFT_MSG_DELTABLE = 2
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
 
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_CREATE = 0x400
-NLMSG_ERROR = 0x2
-NLMSG_DONE = 0x3
-NLA_F_NESTED = 0x8000
-
 NFTA_TABLE_NAME = 1
 NFTA_SET_ELEM_LIST_TABLE = 1
 NFTA_SET_ELEM_LIST_SET = 2
@@ -47,10 +41,6 @@ NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_FLAGS = 3
 NFTA_DATA_VALUE = 1
 NFT_SET_ELEM_INTERVAL_END = 0x1
-#: extended ACK attributes (linux/netlink.h): the kernel's own words for an error.
-NLMSGERR_ATTR_MSG = 1
-NLM_F_ACK_TLVS = 0x200
-NLM_F_CAPPED = 0x100
 
 NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 _WIDTH = {4: 4, 6: 16}  # key bytes
@@ -59,23 +49,6 @@ _WIDTH = {4: 4, 6: 16}  # key bytes
 #: (the batch as a whole is one transaction however many messages it holds).
 ELEMENTS_PER_MESSAGE = 1024
 
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
-_NFGEN = struct.Struct(">BBH")  # nfgenmsg: family, version, resource id (big endian)
-_ATTR = struct.Struct("=HH")
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    data = _ATTR.pack(4 + len(payload), kind) + payload
-    return data + b"\0" * (-len(data) % 4)
-
-
-def _nested(kind: int, parts: Iterable[bytes]) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(parts))
-
-
-def _message(kind: int, flags: int, seq: int, family: int, payload: bytes, resource: int = 0) -> bytes:
-    body = _NFGEN.pack(family, 0, resource) + payload
-    return _HEADER.pack(_HEADER.size + len(body), kind, flags, seq, 0) + body
 
 
 def _name(text: str) -> bytes:
@@ -138,44 +111,3 @@ def element_batch(table: str, set_names: dict[int, str], changes: Sequence[Chang
     seq += 1
     messages.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0, b"", NFNL_SUBSYS_NFTABLES))
     return b"".join(messages), acked
-
-
-def batch_errors(replies: bytes) -> tuple[list[int], list[tuple[int, int, str]]]:
-    """Read acknowledgements: the sequence numbers acknowledged (success or not), and for each
-    failed message ``(seq, errno, the kernel's message or "")``."""
-    acked: list[int] = []
-    failed: list[tuple[int, int, str]] = []
-    offset = 0
-    while offset + _HEADER.size <= len(replies):
-        length, kind, flags, seq, _port = _HEADER.unpack_from(replies, offset)
-        if length < _HEADER.size:
-            break
-        if kind == NLMSG_ERROR and length >= _HEADER.size + 4 + _HEADER.size:
-            (code,) = struct.unpack_from("=i", replies, offset + _HEADER.size)
-            inner_length, _, _, inner_seq, _ = _HEADER.unpack_from(replies, offset + _HEADER.size + 4)
-            acked.append(inner_seq)
-            if code != 0:
-                failed.append((inner_seq, -code, _extack(replies, offset, length, flags, inner_length)))
-        offset += (length + 3) & ~3
-    return acked, failed
-
-
-def _extack(replies: bytes, offset: int, length: int, flags: int, inner_length: int) -> str:
-    """The kernel's error text (``NLMSGERR_ATTR_MSG``) when it sent one."""
-    if not flags & NLM_F_ACK_TLVS:
-        return ""
-    start = offset + _HEADER.size + 4 + (_HEADER.size if flags & NLM_F_CAPPED else inner_length)
-    end = offset + length
-    while start + _ATTR.size <= end:
-        size, kind = _ATTR.unpack_from(replies, start)
-        if size < _ATTR.size:
-            break
-        if kind & 0x3FFF == NLMSGERR_ATTR_MSG:
-            return replies[start + 4:start + size].rstrip(b"\0").decode(errors="replace")
-        start += (size + 3) & ~3
-    return ""
-
-
-def describe_errno(code: int) -> str:
-    """``No such file or directory (ENOENT)``."""
-    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
