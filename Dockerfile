@@ -7,8 +7,8 @@
 # test suite runs on: the same iptables 1.8.9 and nftables 1.0.6, at the same paths, as
 # tests/test_netns_capabilities.py gives capabilities to.
 #
-# The image runs as a non-root user (uid 65532) with no capabilities of its own. The iptables and
-# nft binaries carry file capabilities (cap_net_admin,cap_net_raw+ep), so masqd's child processes
+# The image runs as a non-root user (uid 65532) with no capabilities of its own. The iptables,
+# nft and conntrack binaries carry file capabilities (cap_net_admin,cap_net_raw+ep), so masqd's child processes
 # get exactly those two when the pod allows them. The pod must therefore:
 #   - add NET_ADMIN and NET_RAW (drop ALL else): a binary whose file capabilities are not all in
 #     the bounding set fails to start at all (execve returns EPERM);
@@ -51,7 +51,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # iptables (both variants: xtables-nft-multi and xtables-legacy-multi) and nft from Debian,
 # pinned to the upstream versions the tests run (Debian revisions, i.e. security fixes, float).
-# libcap2-bin provides setcap, and getcap for checking a running image.
+# libcap2-bin provides setcap, and getcap for checking a running image. conntrack: masqd, without
+# CAP_NET_ADMIN of its own, reads and prunes live flows through it (--conntrack-reconcile).
 #
 # setcap gives the real files (the iptables*, ip6tables* and nft commands are symlinks to these
 # three) exactly NET_ADMIN (change the nat table) and NET_RAW (legacy iptables talks to the kernel
@@ -65,15 +66,17 @@ RUN apt-get update \
         'iptables=1.8.9-*' \
         'nftables=1.0.6-*' \
         'libcap2-bin=1:2.66-*' \
+        'conntrack=1:1.4.7-*' \
  && rm -rf /var/lib/apt/lists/* \
  && setcap cap_net_admin,cap_net_raw+ep /usr/sbin/xtables-nft-multi \
            cap_net_admin,cap_net_raw+ep /usr/sbin/xtables-legacy-multi \
            cap_net_admin,cap_net_raw+ep /usr/sbin/nft \
+           cap_net_admin,cap_net_raw+ep /usr/sbin/conntrack \
  && for tool in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore \
                 iptables-nft iptables-nft-save iptables-nft-restore \
                 ip6tables-nft ip6tables-nft-save ip6tables-nft-restore \
                 iptables-legacy iptables-legacy-save iptables-legacy-restore \
-                ip6tables-legacy ip6tables-legacy-save ip6tables-legacy-restore nft; do \
+                ip6tables-legacy ip6tables-legacy-save ip6tables-legacy-restore nft conntrack; do \
         getcap "$(readlink -f "$(command -v "$tool")")" | grep -F 'cap_net_admin,cap_net_raw=ep' >/dev/null \
             || { echo "$tool: no file capabilities" >&2; exit 1; }; \
     done \

@@ -132,6 +132,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               ("--sizes", "1000", "--repeats", "1", "--edit-size", "1000", "--edits", "2",
                "--flow-cidrs", "100", "--flow-seconds", "0.5", "--flow-repeats", "1"),
               timeout=600),
+    Benchmark("Live flows after an apply", "conntrack_reconcile.py",
+              "--conntrack-reconcile after an apply that keeps 5% of the destinations of 10k and 100k source-NATed "
+              "conntrack entries: dump, select and delete over ctnetlink, udp and all modes; against the conntrack "
+              "tool deleting the same entries one process each, and one CIDR-filtered conntrack -D.",
+              ("--sizes", "10000,100000", "--tool-sample", "20"), ("--sizes", "1000", "--tool-sample", "3")),
 )
 
 

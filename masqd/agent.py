@@ -24,6 +24,7 @@ from masqd.config import AgentOptions
 from masqd.errors import KubeError, SourceReadError, safe_repr
 from masqd.inputs import ConfigInput, ConfigLoader, FileInput, config_loader
 from masqd.plugins import Plugins, RegisteredSource, SourceContext
+from masqd.flows import DEFAULT_CONNTRACK_MODE
 from masqd.reconcile import RETRY_INITIAL_SECONDS, Reconciler
 from masqd.sources.drift import DRIFT_CHECK_SECONDS, drift_source
 from masqd.status import AgentStatus
@@ -163,6 +164,7 @@ def build_agent(
     drift_check_interval: float = DRIFT_CHECK_SECONDS,
     retry_initial_seconds: float = RETRY_INITIAL_SECONDS,
     leftovers: Callable[[Backend], tuple[Backend, ...]] | None = None,
+    conntrack: str = DEFAULT_CONNTRACK_MODE,
 ) -> Agent:
     """A complete agent.
 
@@ -175,6 +177,7 @@ def build_agent(
     drift_check_interval: seconds between read-backs of a backend without a kernel monitor (0: off).
     retry_initial_seconds: the first delay before a failed sync is retried.
     leftovers: finds the backends whose rules a previous masqd may have left, to remove them.
+    conntrack: ``--conntrack-reconcile`` (:data:`masqd.flows.CONNTRACK_MODES`).
     """
     plugins = plugins or Plugins.load(entry_points=False)
     loader = config_loader(config, options)
@@ -183,7 +186,7 @@ def build_agent(
     listeners = ResyncListeners()
     reconciler = Reconciler(backend, options, loader, plugins=plugins, status=status, on_audit=audit,
                             on_resync_interval=listeners, retry_initial_seconds=retry_initial_seconds,
-                            leftovers=leftovers)
+                            leftovers=leftovers, conntrack=conntrack)
     first_file = next((i.name for i in loader.inputs if isinstance(i, FileInput)), "")
     context = SourceContext(config_path=first_file, options=options, resync_interval=lambda: reconciler.resync_interval,
                             on_resync_interval_change=listeners.add, config_inputs=loader.inputs, kube=kube, once=once)
@@ -202,7 +205,7 @@ def build_agent(
 
         watches = [s.source for s in sources if hasattr(s.source, "reflector")]
         metrics = Metrics(status, backend=backend.name, options=options, plugins=plugins, watches=lambda: watches,
-                          triggers=[s.name for s in sources])
+                          triggers=[s.name for s in sources], conntrack=conntrack)
         audit.listeners.append(metrics.observe)
     return Agent(options=options, backend=backend, plugins=plugins, loader=loader, reconciler=reconciler,
                  status=status, audit=audit, sources=tuple(sources), kube=kube, http_address=http_address,

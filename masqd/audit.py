@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from masqd.cidrs import Network, cidr_text
+from masqd.cidrs import Network, cidr_text, network_key
+from masqd.ruleset import RuleSet
 
 #: applied: rules were written; unchanged: the kernel already held them (nothing written);
 #: rejected: the config or a plugin made the new state unusable (the last good rules stay);
@@ -62,6 +64,10 @@ class AuditEvent:
     duration: seconds the attempt took (reading the config, the plugins' hooks and the sync).
     repair: the rules were rewritten although the desired state had not changed: something else
         had changed masqd's rules in the kernel (drift), and this attempt restored them.
+    conntrack_deleted: per family and protocol (``{"ipv4": {"udp": 3}}``), the conntrack entries
+        this attempt deleted because the rules now decide their traffic otherwise
+        (``--conntrack-reconcile``; :mod:`masqd.flow_cleanup`).
+    conntrack_error: why that step did not finish (it is tried again on the next pass), else ``None``.
     """
 
     time: float
@@ -74,6 +80,8 @@ class AuditEvent:
     error: str | None = None
     duration: float = 0.0
     repair: bool = False
+    conntrack_deleted: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    conntrack_error: str | None = None
 
     def __post_init__(self) -> None:
         if self.result not in RESULTS:
@@ -97,4 +105,45 @@ class AuditEvent:
             "error": self.error,
             "duration": self.duration,
             "repair": self.repair,
+            "conntrack_deleted": {family: dict(counts) for family, counts in self.conntrack_deleted.items()},
+            "conntrack_error": self.conntrack_error,
         }
+
+
+def family_changes(before: RuleSet | None, after: RuleSet | None) -> tuple[CidrChanges, CidrChanges]:
+    """Per family label, the CIDRs added and removed between two rule sets, each sorted by
+    (address, prefix length); as text only when read (the log shows the first few, an audit hook
+    may read them all or none).
+
+    Networks are keyed and sorted by :func:`~masqd.cidrs.network_key`, a plain int: ``ipaddress``'s
+    own hashing and ordering are an order of magnitude slower, which at 100k CIDRs cost more than
+    the kernel write this describes."""
+    added: dict[str, list] = {}
+    removed: dict[str, list] = {}
+    old = {f.label: f.nonmasq for f in before.families} if before is not None else {}
+    new = {f.label: f.nonmasq for f in after.families} if after is not None else {}
+    for label in sorted(old.keys() | new.keys()):
+        was, now = old.get(label, ()), new.get(label, ())
+        if was is now:
+            continue
+        was_keys, now_keys = list(map(network_key, was)), list(map(network_key, now))
+        was_set, now_set = set(was_keys), set(now_keys)
+        added[label] = _sorted_missing(now, now_keys, now_set, was_set)
+        removed[label] = _sorted_missing(was, was_keys, was_set, now_set)
+    return CidrChanges(added), CidrChanges(removed)
+
+
+def _sorted_missing(networks, keys: list[int], keyset: set[int], present: set[int]) -> list:
+    """Each of ``networks`` (``keys``: their :func:`~masqd.cidrs.network_key`, ``keyset``: those
+    as a set) whose key is not in ``present``, once (its first listing), sorted by key."""
+    kept: Sequence[int] = range(len(keys))
+    if present:
+        missing = keyset - present
+        if not missing:
+            return []
+        kept = list(itertools.compress(kept, map(missing.__contains__, keys)))
+    order = sorted(kept, key=keys.__getitem__)  # stable: of equal keys, the first listed comes first
+    if len(keyset) < len(keys):  # some listed more than once: keep the first of each run of equal keys
+        order = [i for i, before in zip(order, [-1, *order]) if before < 0 or keys[i] != keys[before]]
+    return list(map(networks.__getitem__, order))
+

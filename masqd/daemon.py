@@ -70,7 +70,8 @@ async def run_daemon(agent: Agent, *, handle_signals: bool = True,
     send, receive = anyio.create_memory_object_stream[Event](max_buffer_size=EVENT_BUFFER)
     emit = make_emit(send)
     log.info("masqd starting", backend=agent.backend.name, config=agent.loader.names, chain=agent.options.masq_chain,
-             ipv6=agent.options.enable_ipv6, sources=[s.name for s in agent.sources])
+             ipv6=agent.options.enable_ipv6, sources=[s.name for s in agent.sources],
+             conntrack_reconcile=agent.reconciler.flow_cleanup.mode)
     async with send, anyio.create_task_group() as tg:
         if agent.http_address is not None:
             server = HttpServer(agent_routes(agent.status, agent.metrics))

@@ -41,6 +41,10 @@ Metrics (all prefixed ``masqd_``):
                                                       relist), ``error`` (a failed request, retried after
                                                       a back-off), ``stalled`` (a silent connection dropped)
 ``kube_watch_synced{watch}``                gauge     1 once the watch's first list arrived
+``shadowing_rules{family}``                 gauge     rules masqd does not write that may masquerade
+                                                      traffic it keeps (:mod:`masqd.shadowing`), as the
+                                                      last pass or drift check found them; 0 from
+                                                      start-up for each family masqd manages
 =========================================== ========= =================================================
 
 Every counter series that can occur is exported at 0 from start-up, so Prometheus' ``increase()``
@@ -62,6 +66,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from masqd import __version__
 from masqd.audit import RESULTS, AuditEvent
 from masqd.config import AgentOptions
+from masqd.flows import PROTOCOL_NAMES, mode_protocols
 from masqd.provenance import list_counts, origin_counts
 from masqd.status import AgentStatus
 
@@ -91,7 +96,8 @@ class Metrics:
     the agent's event sources (with :data:`AGENT_TRIGGERS`, every trigger a pass can have)."""
 
     def __init__(self, status: AgentStatus, *, backend: str, options: AgentOptions, plugins: Any = None,
-                 watches: Callable[[], Iterable[Any]] = tuple, triggers: Iterable[str] = ()):
+                 watches: Callable[[], Iterable[Any]] = tuple, triggers: Iterable[str] = (),
+                 conntrack: str = "none"):
         self.status = status
         self.registry = CollectorRegistry(auto_describe=True)
         build = Gauge("masqd_build_info", "masqd build: always 1, the labels say what runs",
@@ -108,6 +114,14 @@ class Metrics:
             self.duration.labels(result)
         self.drift_repairs = Counter("masqd_drift_repairs", "Writes that restored rules changed by something else",
                                      registry=self.registry)
+        self.conntrack_deleted = Counter("masqd_conntrack_deleted",
+                                         "Conntrack entries deleted because an apply changed their traffic's NAT "
+                                         "(--conntrack-reconcile)", ["family", "protocol"], registry=self.registry)
+        self.conntrack_errors = Counter("masqd_conntrack_errors", "Passes whose conntrack step failed: the table "
+                                        "could not be read or deletes were refused (tried again on the next pass)",
+                                        registry=self.registry)
+        for family, protocol in conntrack_series(conntrack, options.enable_ipv6):
+            self.conntrack_deleted.labels(family, protocol)
         self.registry.register(_StateCollector(status, options, plugins, watches, _plugin_hooks(plugins)))
 
     def observe(self, event: AuditEvent) -> None:
@@ -116,6 +130,11 @@ class Metrics:
         self.duration.labels(event.result).observe(event.duration)
         if event.repair:
             self.drift_repairs.inc()
+        for family, counts in event.conntrack_deleted.items():
+            for protocol, count in counts.items():
+                self.conntrack_deleted.labels(family, protocol).inc(count)
+        if event.conntrack_error is not None:
+            self.conntrack_errors.inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -179,6 +198,15 @@ class _StateCollector:
             synced.add_metric([what], 1 if reflector is not None and reflector.synced else 0)
         yield restarts
         yield synced
+        shadowing = GaugeMetricFamily("masqd_shadowing_rules", "Rules masqd does not write that may masquerade "
+                                      "traffic it keeps (before or after its rules, no packet mark required)",
+                                      labels=["family"])
+        found = dict.fromkeys(("ipv4", "ipv6") if self.options.enable_ipv6 else ("ipv4",), 0)
+        for item in status.shadowing:
+            found[item.label] = found.get(item.label, 0) + 1
+        for family, count in sorted(found.items()):
+            shadowing.add_metric([family], count)
+        yield shadowing
 
     def _counts(self) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str, str], int]]:
         """Non-masquerade CIDRs per (family, origin kind) and the other lists' entries per (family,
@@ -195,6 +223,19 @@ class _StateCollector:
             lists = list_counts(*applied_from)
         self._cidr_counts = (applied, applied_from, counts, lists)
         return counts, lists
+
+
+def conntrack_series(mode: str, ipv6: bool) -> list[tuple[str, str]]:
+    """The ``(family, protocol)`` label pairs ``masqd_conntrack_deleted_total`` can have."""
+    protocols = mode_protocols(mode)
+    families = ("ipv4", "ipv6") if ipv6 else ("ipv4",)
+    pairs = []
+    for family in families:
+        names = PROTOCOL_NAMES.values() if protocols is None else protocols
+        for name in sorted({*names, "other"} if protocols is None else names):
+            if (name, family) not in (("icmpv6", "ipv4"), ("icmp", "ipv6")):
+                pairs.append((family, name))
+    return pairs
 
 
 def _first(trigger: str) -> str:

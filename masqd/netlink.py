@@ -5,16 +5,19 @@ addresses (:mod:`masqd.sources.addresses`), nf_tables for in-place set edits
 (:mod:`masqd.backends.nftables.netlink`) and ctnetlink for live flows
 (:mod:`masqd.backends.conntrack.messages`). This module holds what they share: the message and
 attribute headers (``<linux/netlink.h>``), the nfnetlink header (``nfgenmsg``), reading a
-datagram into messages and a payload into attributes, and the kernel's acknowledgements. Only
-the stdlib ``struct``; no ctypes.
+datagram into messages (:func:`dump_messages` with a dump's end and errors) and a payload into
+attributes, the kernel's acknowledgements, all pure (the stdlib ``struct``; no ctypes); and
+:func:`receive`, the one wait for a datagram from the kernel on the event loop.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 import struct
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
 NLM_F_REQUEST = 0x1
@@ -74,19 +77,76 @@ def messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
         offset += align(length)
 
 
+class Dump(NamedTuple):
+    """What one datagram of a dump held: its ``messages`` other than the end and errors, each as
+    ``(offset, type, payload)``; ``done``: the dump's ``NLMSG_DONE`` was among them;
+    ``interrupted``: the kernel flagged a message ``NLM_F_DUMP_INTR`` (what was dumped changed
+    meanwhile)."""
+
+    messages: list[tuple[int, int, bytes]]
+    done: bool
+    interrupted: bool
+
+
+def dump_messages(data: bytes, what: str) -> Dump:
+    """The messages in what one ``recv`` of a dump (or of a subscription) returned. An
+    ``NLMSG_ERROR`` carrying an error, or an ``NLMSG_DONE`` ending the dump with one, raises
+    ``OSError`` with the kernel's errno (``what`` names the request); malformed framing raises
+    ``ValueError`` (:func:`messages`)."""
+    found: list[tuple[int, int, bytes]] = []
+    done = interrupted = False
+    for offset, kind, flags, payload in messages(data):
+        interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+        if kind == NLMSG_ERROR:
+            code = error_code(payload, offset, "NLMSG_ERROR")
+            if code:
+                raise OSError(code, f"netlink: the kernel refused {what}: {strerror(code)}")
+        elif kind == NLMSG_DONE:
+            if len(payload) >= _INT.size:  # a dump's status; absent on older kernels' acks
+                code = error_code(payload, offset, "NLMSG_DONE")
+                if code:
+                    raise OSError(code, f"netlink: {what} ended with an error: {strerror(code)}")
+            done = True
+        else:
+            found.append((offset, kind, payload))
+    return Dump(found, done, interrupted)
+
+
+async def receive(sock: socket.socket, size: int) -> bytes:
+    """The next datagram the kernel sent to the non-blocking netlink socket ``sock``, waiting on
+    the event loop until there is one (datagrams from other senders are skipped). ``OSError``:
+    ``ENOBUFS`` when the kernel dropped messages because the receive buffer was full,
+    ``EMSGSIZE`` when one was longer than ``size`` bytes."""
+    import anyio  # here: the framing above is pure, and imported by pure modules alone
+
+    while True:
+        await anyio.wait_readable(sock)
+        try:
+            data, _ancillary, flags, sender = sock.recvmsg(size)
+        except BlockingIOError:
+            continue
+        if sender[0] != 0:
+            continue  # not from the kernel (another privileged process): ignored
+        if flags & socket.MSG_TRUNC:
+            raise OSError(errno.EMSGSIZE, f"netlink: a message longer than {size} bytes was truncated")
+        return data
+
+
 def attributes(payload: bytes, offset: int, what: str) -> dict[int, bytes]:
     """The attributes of ``payload`` from ``offset`` on, by type (flags masked off; a repeated
-    one: the last). ``what`` names the message in the ``ValueError`` raised when they do not fit."""
+    one: the last). ``what`` names the message in the ``ValueError`` raised when they do not fit.
+    (A conntrack dump reads seven attribute lists per entry: this loop is its hot path.)"""
     found = {}
-    while offset < len(payload):
-        left = len(payload) - offset
-        if left < ATTR.size:
-            raise ValueError(f"{what}: {left} stray bytes after its attributes")
-        length, kind = ATTR.unpack_from(payload, offset)
-        if not ATTR.size <= length <= left:
-            raise ValueError(f"{what}: an attribute says it is {length} bytes long; expected {ATTR.size} to {left}")
-        found[kind & ATTR_TYPE_MASK] = payload[offset + ATTR.size:offset + length]
-        offset += align(length)
+    end = len(payload)
+    unpack = ATTR.unpack_from
+    while offset < end:
+        if end - offset < 4:
+            raise ValueError(f"{what}: {end - offset} stray bytes after its attributes")
+        length, kind = unpack(payload, offset)
+        if length < 4 or length > end - offset:
+            raise ValueError(f"{what}: an attribute says it is {length} bytes long; expected 4 to {end - offset}")
+        found[kind & ATTR_TYPE_MASK] = payload[offset + 4:offset + length]
+        offset += (length + 3) & ~3
     return found
 
 

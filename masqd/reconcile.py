@@ -12,24 +12,27 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from masqd.aio import Backoff
-from masqd.audit import AuditEvent, CidrChanges
+from masqd.audit import AuditEvent, CidrChanges, family_changes
 from masqd.backends.base import Backend, SyncResult
-from masqd.cidrs import cidr_text, network_key
+from masqd.cidrs import cidr_text
 from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config
 from masqd.errors import (BackendError, BackendUnsupported, ConfigError, MasqdError, PluginError, Problem,
                           SnatAddressError)
 from masqd.events import Event
+from masqd.flow_cleanup import FlowCleanup, FlowReport, flow_fields
+from masqd.flows import DEFAULT_CONNTRACK_MODE
 from masqd.inputs import ConfigLoader, config_loader
 from masqd.plugins import Contribution, Plugins
 from masqd.plan import plan_rules
 from masqd.ruleset import RuleSet
+from masqd.shadowing import Reported, Shadowing, find_shadowing
 from masqd.status import AgentStatus
 
 log = structlog.get_logger("masqd.reconcile")
@@ -59,6 +62,7 @@ class Reconciler:
         retry_initial_seconds: float = RETRY_INITIAL_SECONDS,
         leftovers: Callable[[Backend], tuple[Backend, ...]] | None = None,
         addresses: Callable[[], Awaitable[frozenset]] | None = None,
+        conntrack: str = DEFAULT_CONNTRACK_MODE,
     ):
         """``config``: a path (one file) or a loader over several inputs. ``plugins``: their
         ``nonmasq_cidrs`` / ``validate_config`` hooks (``None``: none). ``status``: where the
@@ -67,7 +71,9 @@ class Reconciler:
         called when ``resyncInterval`` changes. ``leftovers``: finds backends whose rules a
         previous masqd may have left (removed after the first good sync). ``addresses``: reads
         the addresses of masqd's network namespace, to check a ``snatToAddress`` before it is
-        applied (default: :func:`masqd.sources.addresses.local_addresses`, read only then)."""
+        applied (default: :func:`masqd.sources.addresses.local_addresses`, read only then).
+        ``conntrack``: ``--conntrack-reconcile``, which live flows an apply that changed decisions
+        prunes (:mod:`masqd.flow_cleanup`), through the backend's ``conntrack`` table if it has one."""
         self.backend = backend
         self.options = options
         self.loader = config_loader(config, options)
@@ -89,6 +95,9 @@ class Reconciler:
         self._logged_findings: tuple[str, ...] = ()  # the config problems/warnings logged last
         self._last_sync_error: tuple[str, float] | None = None  # (message, when logged)
         self._changes_memo: tuple | None = None  # (before, after, their CIDR changes), see _changes
+        self.flow_cleanup = FlowCleanup(conntrack, self._local_addresses)
+        self._flows: FlowReport | None = None  # what the pass's conntrack step did
+        self._shadowing = Reported()  # the shadowing rules warned about
 
     @property
     def origins(self) -> dict:
@@ -144,12 +153,8 @@ class Reconciler:
         self.status.snat_missing = frozenset()
         if not wanted:
             return
-        if self.addresses is None:
-            from masqd.sources.addresses import local_addresses  # read only when a config asks for SNAT
-
-            self.addresses = local_addresses
         try:
-            assigned = await self.addresses()
+            assigned = await self._local_addresses()
         except OSError as exc:
             raise SnatAddressError([Problem("snatToAddress", None, f"cannot read this node's addresses: {exc}")]) from None
         missing = sorted(wanted - {(address.version, address) for address in assigned})
@@ -160,6 +165,13 @@ class Reconciler:
                                             "last applied stay, and the state is applied once the address is here "
                                             "(the daemon checks again when an address changes, and at each resync)")
                                     for version, address in missing])
+
+    async def _local_addresses(self) -> frozenset:
+        if self.addresses is None:
+            from masqd.sources.addresses import local_addresses  # read only when needed
+
+            self.addresses = local_addresses
+        return await self.addresses()
 
     def _changed_since_logged(self, findings: tuple[str, ...]) -> bool:
         """True (and remembered) when these config findings differ from the ones logged last."""
@@ -188,6 +200,7 @@ class Reconciler:
     async def _reconcile(self, trigger: str, started: float) -> SyncResult:
         config_error: ConfigError | None = None
         self.status.repaired = False
+        self._flows = None
         try:
             try:
                 desired = await self.desired()
@@ -204,6 +217,7 @@ class Reconciler:
                 result = await self.backend.sync(desired)
                 if self._leftovers_pending != []:
                     await self._remove_leftovers(desired.chain)
+            await self._check_shadowing(desired)
         except MasqdError as exc:
             self._record_error(exc)
             if not isinstance(exc, ConfigError):
@@ -212,11 +226,8 @@ class Reconciler:
             raise
         finally:
             self.status.generation += 1
-        if result.changed:
-            self.status.repaired = desired == self.status.applied
-            self._log_write(desired, result, trigger, started)
-        else:
-            log.debug("in sync", backend=self.backend.name, trigger=trigger)
+        before = self.status.applied
+        self.status.repaired = bool(result.changed) and desired == before
         if config_error is None:
             self.status.applied_from = self.desired_from
         self.status.applied = desired
@@ -225,6 +236,16 @@ class Reconciler:
             # rules last applied while the config is bad leaves the kernel behind that state.
             self.status.applied_at = time.time()
             self.status.sync_failure = None
+        if config_error is None:  # live flows follow, once the pass is recorded (masqd.flow_cleanup)
+            self._flows = await self.flow_cleanup.run(getattr(self.backend, "conntrack", None), before, desired,
+                                                      bool(result.changed))
+        if result.changed:
+            self._log_write(before, desired, result, trigger, started)
+        elif self._flows is not None and self._flows.total:
+            log.info("stale conntrack entries deleted", backend=self.backend.name, trigger=trigger,
+                     conntrack_deleted=self._flows.total)
+        else:
+            log.debug("in sync", backend=self.backend.name, trigger=trigger)
         if config_error is not None:
             self._record_error(config_error)
             raise config_error
@@ -246,7 +267,8 @@ class Reconciler:
         self.on_audit(AuditEvent(time=time.time(), trigger=trigger, backend=self.backend.name, result=outcome,
                                  added=added, removed=removed, written=result.written,
                                  error=None if error is None else str(error) or repr(error),
-                                 duration=time.perf_counter() - started, repair=self.status.repaired))
+                                 duration=time.perf_counter() - started, repair=self.status.repaired,
+                                 **flow_fields(self._flows)))
 
     async def _remove_leftovers(self, chain: str) -> None:
         """After a good sync, remove what another backend (or iptables variant) of a previous
@@ -310,8 +332,36 @@ class Reconciler:
         live = await read_back(applied)
         if self.status.generation != generation or self.status.busy_since is not None:
             return None
+        self._report_shadowing(find_shadowing(applied, {family.family: family.foreign for family in live.families}))
         drifted = [f"{family.label}: {family.drift}" for family in live.families if family.drift is not None]
         return "; ".join(drifted) or None
+
+    async def _check_shadowing(self, ruleset: RuleSet) -> None:
+        """After a sync, the rules masqd does not write that may masquerade traffic ``ruleset``
+        keeps (:mod:`masqd.shadowing`), from the backend's optional ``foreign_rules``; a read that
+        fails leaves the last finding."""
+        read = getattr(self.backend, "foreign_rules", None)
+        try:
+            foreign = None if read is None else await read(ruleset)
+        except MasqdError as exc:
+            log.debug("could not read the rules masqd does not write; shadowing not checked", error=str(exc))
+            return
+        except Exception as exc:  # a bug here must not fail a pass whose sync succeeded
+            log.warning("could not check for shadowing rules; checked again on the next pass", error=repr(exc))
+            return
+        if foreign is not None:
+            self._report_shadowing(find_shadowing(ruleset, foreign))
+
+    def _report_shadowing(self, found: tuple[Shadowing, ...]) -> None:
+        """Record ``found`` in the status; warn once per distinct rule (again if it comes back)."""
+        self.status.shadowing = found
+        new, gone = self._shadowing.update(found)
+        for item in new:
+            log.warning("a rule masqd does not write may masquerade traffic masqd keeps", family=item.label,
+                        rule=item.rule.text, where=item.where, kept=item.kept_text(), kept_count=len(item.kept))
+        for item in gone:
+            log.info("the rule that could masquerade traffic masqd keeps is gone", family=item.label,
+                     rule=item.rule.text)
 
     def _log_sync_error(self, exc: MasqdError, trigger: str) -> None:
         written = getattr(exc, "written", ())
@@ -326,17 +376,18 @@ class Reconciler:
         self._last_sync_error = (str(exc), now)
 
     def _changes(self, before: RuleSet | None, after: RuleSet | None) -> tuple[CidrChanges, CidrChanges]:
-        """:func:`_family_changes`, computed once for a pass's log line and its audit event."""
+        """:func:`~masqd.audit.family_changes`, computed once for a pass's log line and its audit event."""
         memo = self._changes_memo
         if memo is None or memo[0] is not before or memo[1] is not after:
-            memo = self._changes_memo = (before, after, _family_changes(before, after))
+            memo = self._changes_memo = (before, after, family_changes(before, after))
         return memo[2]
 
     def _record_error(self, exc: MasqdError) -> None:
         self.status.errors += 1
         self.status.last_error = exc
 
-    def _log_write(self, desired: RuleSet, result: SyncResult, trigger: str, started: float) -> None:
+    def _log_write(self, before: RuleSet | None, desired: RuleSet, result: SyncResult, trigger: str,
+                   started: float) -> None:
         fields = {
             "backend": self.backend.name,
             "trigger": trigger,
@@ -348,17 +399,19 @@ class Reconciler:
             shares = {c.plugin: len(c.cidrs) for c in self.contributions if c.cidrs and c.masquerade is masquerade}
             if shares:  # a plugin contributing both kinds has one Contribution of each
                 fields[name] = shares
+        if self._flows is not None and self._flows.total:
+            fields["conntrack_deleted"] = self._flows.total
         if self.status.repaired:  # the rules already applied, written again: someone changed them
             log.warning("rules restored after outside change", **fields)
             return
-        added, removed = self._changes(self.status.applied, desired)
+        added, removed = self._changes(before, desired)
         for name, changes in (("cidrs_added", added), ("cidrs_removed", removed)):
             listed = itertools.chain.from_iterable(changes.networks.values())
             fields[name] = [cidr_text(net) for net in itertools.islice(listed, LOGGED_CIDRS)]
             count = sum(map(len, changes.networks.values()))
             if count > LOGGED_CIDRS:  # a 100k-CIDR change is counted, not printed
                 fields[f"{name}_count"] = count
-        if self.status.applied is None:  # every CIDR is added, each once
+        if before is None:  # every CIDR is added, each once
             log.info("rules applied", cidrs=sum(map(len, added.networks.values())), **fields)
         else:
             log.info("rules updated", **fields)
@@ -414,42 +467,4 @@ class Reconciler:
     def _no_retry(self) -> None:
         self._retry.reset()
         self._retry_delay = None
-
-
-def _family_changes(before: RuleSet | None, after: RuleSet | None) -> tuple[CidrChanges, CidrChanges]:
-    """Per family label, the CIDRs added and removed between two rule sets, each sorted by
-    (address, prefix length); as text only when read (the log shows the first few, an audit hook
-    may read them all or none).
-
-    Networks are keyed and sorted by :func:`~masqd.cidrs.network_key`, a plain int: ``ipaddress``'s
-    own hashing and ordering are an order of magnitude slower, which at 100k CIDRs cost more than
-    the kernel write this describes."""
-    added: dict[str, list] = {}
-    removed: dict[str, list] = {}
-    old = {f.label: f.nonmasq for f in before.families} if before is not None else {}
-    new = {f.label: f.nonmasq for f in after.families} if after is not None else {}
-    for label in sorted(old.keys() | new.keys()):
-        was, now = old.get(label, ()), new.get(label, ())
-        if was is now:
-            continue
-        was_keys, now_keys = list(map(network_key, was)), list(map(network_key, now))
-        was_set, now_set = set(was_keys), set(now_keys)
-        added[label] = _sorted_missing(now, now_keys, now_set, was_set)
-        removed[label] = _sorted_missing(was, was_keys, was_set, now_set)
-    return CidrChanges(added), CidrChanges(removed)
-
-
-def _sorted_missing(networks, keys: list[int], keyset: set[int], present: set[int]) -> list:
-    """Each of ``networks`` (``keys``: their :func:`~masqd.cidrs.network_key`, ``keyset``: those
-    as a set) whose key is not in ``present``, once (its first listing), sorted by key."""
-    kept: Sequence[int] = range(len(keys))
-    if present:
-        missing = keyset - present
-        if not missing:
-            return []
-        kept = list(itertools.compress(kept, map(missing.__contains__, keys)))
-    order = sorted(kept, key=keys.__getitem__)  # stable: of equal keys, the first listed comes first
-    if len(keyset) < len(keys):  # some listed more than once: keep the first of each run of equal keys
-        order = [i for i, before in zip(order, [-1, *order]) if before < 0 or keys[i] != keys[before]]
-    return list(map(networks.__getitem__, order))
 

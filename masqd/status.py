@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from masqd.errors import MasqdError
 from masqd.ruleset import RuleSet
+from masqd.shadowing import summary
 
 #: A pass still running after this many seconds makes the agent unhealthy (``/healthz``). A pass
 #: is bounded well below it: plugin hooks have 5 s deadlines, iptables-restore waits at most 10 s
@@ -56,6 +57,10 @@ class AgentStatus:
     #: the merged config and plugin contributions the applied rules were computed from (the
     #: metrics count CIDRs by origin from it)
     applied_from: tuple | None = None
+    #: rules masqd does not write that may masquerade traffic the applied rules keep
+    #: (:class:`~masqd.shadowing.Shadowing`), as the last pass or drift check found them; named
+    #: by ``/readyz`` (still ready: not masqd's doing) and counted by the metrics
+    shadowing: tuple = ()
 
     def health(self) -> tuple[bool, str]:
         """Whether the reconciler loop is alive, and why (``/healthz``).
@@ -76,7 +81,16 @@ class AgentStatus:
         return True, f"ok: reconciler in a pass for {busy:.1f} s; passes so far: {self.generation}"
 
     def readiness(self) -> tuple[bool, str]:
-        """Whether the kernel holds the rules of the latest valid desired state, and why (``/readyz``).
+        """Whether the kernel holds the rules of the latest valid desired state, and why
+        (``/readyz``; see :meth:`_readiness`), and the rules masqd does not write that may
+        masquerade traffic it keeps (:attr:`shadowing`), which do not make it unready."""
+        ready, text = self._readiness()
+        if self.shadowing:
+            text += f"; {summary(self.shadowing)}"
+        return ready, text
+
+    def _readiness(self) -> tuple[bool, str]:
+        """Whether the kernel holds the rules of the latest valid desired state, and why.
 
         Not ready before the first sync succeeded, and until the newest accepted state has been
         synced after a failure (healing the older rules while the config is bad does not count:

@@ -142,13 +142,16 @@ def exec_form(keyword: str) -> list[str]:
 
 def masqd_tools() -> list[str]:
     """Every command name masqd's backends may run: each iptables variant's save, restore and
-    main binary for IPv4 and IPv6, and nft."""
+    main binary for IPv4 and IPv6, nft, and conntrack (live flows, when masqd's own socket is refused)."""
     names = {getattr(b, field) for mode in ("system", "legacy", "nft") for b in binaries_for(mode).values()
              for field in ("save", "restore", "main")}
     from masqd.backends import nftables
 
     executor = getattr(nftables, "NftSubprocessExecutor", None)
     names.add(inspect.signature(executor).parameters["binary"].default if executor else "nft")
+    from masqd.backends.conntrack.table import ConntrackTable
+
+    names.add(inspect.signature(ConntrackTable).parameters["tool"].default)
     return sorted(names)
 
 

@@ -20,6 +20,7 @@ Anything the interpreters do not know (an unknown option, match, statement or ta
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
 from dataclasses import dataclass
 from fractions import Fraction
@@ -391,7 +392,8 @@ class NftablesProgram:
                 return rules
             if text.startswith("comment "):
                 continue
-            if text == "type nat hook postrouting priority srcnat; policy accept;":
+            # any priority: it orders masqd's chain among other tables' nat chains, not modelled here
+            if re.fullmatch(r"type nat hook postrouting priority [^;]+; policy accept;", text):
                 hooked = True
                 continue
             rules.append(self._rule(family, _words(text)))

@@ -72,7 +72,7 @@ def test_changes_are_the_sorted_set_differences_whatever_the_order_and_repeats()
     objects, both families, an empty side, and identical sides."""
     import random
 
-    from masqd.reconcile import _family_changes
+    from masqd.audit import family_changes
     from masqd.ruleset import FamilyRules, Masquerade, RuleSet
 
     pool = [ipaddress.ip_network(t) for t in (
@@ -86,11 +86,11 @@ def test_changes_are_the_sorted_set_differences_whatever_the_order_and_repeats()
     for _ in range(300):
         old4, new4 = ([ipaddress.ip_network(str(n)) for n in rng.choices(pool, k=rng.randrange(8))] for _ in "ab")
         old6, new6 = (rng.choices(pool6, k=rng.randrange(6)) for _ in "ab")
-        added, removed = _family_changes(ruleset(old4, old6), ruleset(new4, new6))
+        added, removed = family_changes(ruleset(old4, old6), ruleset(new4, new6))
         for label, was, now in (("ipv4", old4, new4), ("ipv6", old6, new6)):
             assert added.get(label, ()) == tuple(map(str, sorted(set(now) - set(was)))), (was, now)
             assert removed.get(label, ()) == tuple(map(str, sorted(set(was) - set(now)))), (was, now)
     first = ruleset(pool, pool6)
-    added, removed = _family_changes(None, first)
+    added, removed = family_changes(None, first)
     assert added == {"ipv4": tuple(map(str, sorted(pool))), "ipv6": tuple(map(str, sorted(pool6)))} and removed == {}
-    assert _family_changes(first, first) == ({}, {})
+    assert family_changes(first, first) == ({}, {})

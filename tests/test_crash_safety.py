@@ -473,7 +473,7 @@ class NftablesKernel:
             assert set(elements) == cidrs[family], f"ipv{family}: the set's elements are not the config's"
             text = ours[family]
             assert text is not None
-            assert "type nat hook postrouting priority srcnat; policy accept;" in text, text[-800:]
+            assert "type nat hook postrouting priority srcnat + 10; policy accept;" in text, text[-800:]
             rules = text.split("policy accept;", 1)[1].split("}")[0].split("\n")
             rules = [r.strip() for r in rules if r.strip()]
             assert rules[0] == "fib daddr type local return", rules

@@ -487,7 +487,7 @@ def upstream_nftables(doc: dict, flags: dict) -> str:
             lines.append(f"\t\telements = {{ {elements} }}")
         lines += ["\t}", "\tchain nat {",
                   '\t\tcomment "masqd: masquerade traffic that is not local and not in the non-masquerade set"',
-                  "\t\ttype nat hook postrouting priority srcnat; policy accept;",
+                  "\t\ttype nat hook postrouting priority srcnat + 10; policy accept;",
                   "\t\tfib daddr type local return", f"\t\t{name} daddr @nonmasq{family} return"]
         for proto in ("tcp", "udp", "sctp") if flags.get("to_ports") else ():
             for ports, size, remaining in _port_shares(flags["to_ports"]):

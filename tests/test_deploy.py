@@ -210,11 +210,12 @@ def test_iptables_and_nftables_come_from_the_distribution():
 
 def test_the_binaries_carry_exactly_net_admin_and_net_raw():
     assert image_capabilities() == {"NET_ADMIN", "NET_RAW"}
-    assert set(setcap_grants()) == {"/usr/sbin/xtables-nft-multi", "/usr/sbin/xtables-legacy-multi", "/usr/sbin/nft"}
+    assert set(setcap_grants()) == {"/usr/sbin/xtables-nft-multi", "/usr/sbin/xtables-legacy-multi", "/usr/sbin/nft",
+                                    "/usr/sbin/conntrack"}
 
 
 def test_the_build_checks_every_command_masqd_runs():
-    """The Dockerfile's check loop covers every iptables/nft command masqd's backends run, so a
+    """The Dockerfile's check loop covers every iptables/nft/conntrack command masqd runs, so a
     command left without capabilities fails the build rather than the pod."""
     assert set(masqd_tools()) <= set(verified_tools()), sorted(set(masqd_tools()) - set(verified_tools()))
 

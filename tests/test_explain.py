@@ -512,7 +512,7 @@ NFT_DEFAULTS = ("10.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16
     pytest.param("drift_policy_drop_ip", dict(hooked=True, unexpected=(
         "chain nat policy drop: traffic no rule returns or masquerades is droped",)), id="policy-drop"),
     pytest.param("drift_chain_priority_ip", dict(hooked=True, unexpected=(
-        "chain nat at priority 99, masqd writes srcnat (100)",)), id="priority"),
+        "chain nat at priority 99, masqd writes srcnat + 10 (110)",)), id="priority"),
     pytest.param("drift_table_dormant_ip", dict(hooked=False, unexpected=(
         "table flags masqd does not set (table flags ip; a dormant table does nothing)",)), id="dormant"),
     pytest.param("drift_extra_chain_ip", dict(hooked=True, unexpected=("object masqd does not write: chain sneaky",)),
@@ -741,7 +741,8 @@ KUBE_JUMP = '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" 
                   "-A POSTROUTING -d 10.0.0.0/8", MASQD_JUMP, *DESIRED_IPT), 4, [], id="rules-that-cannot-decide"),
     pytest.param((KUBE, ":ONLY-LOGS - [0:0]", KUBE_JUMP, "-A POSTROUTING -j ONLY-LOGS", MASQD_JUMP, *KUBE_RULES,
                   "-A ONLY-LOGS -j LOG", "-A ONLY-LOGS -d 10.0.0.0/8 -j RETURN", *DESIRED_IPT), 4,
-                 [ForeignRule(KUBE_JUMP, "before", "masquerade")], id="kube-proxy-chain-may-masquerade"),
+                 [ForeignRule(KUBE_JUMP, "before", "masquerade", mark="0x4000/0x4000")],
+                 id="kube-proxy-chain-masquerades-marked-traffic"),
     pytest.param((":ONLY-MASQ - [0:0]", "-A POSTROUTING -d 10.0.0.0/8 -g ONLY-MASQ", "-A POSTROUTING -j NOT-A-CHAIN",
                   MASQD_JUMP, "-A ONLY-MASQ -o eth0 -j MASQUERADE", *DESIRED_IPT), 4,
                  [ForeignRule("-A POSTROUTING -d 10.0.0.0/8 -g ONLY-MASQ", "before", "either", net("10.0.0.0/8")),
@@ -954,7 +955,7 @@ def test_the_summary_does_not_claim_the_desired_state_when_other_rules_decide():
     [first, *_] = as_json(report)
     assert first["live"]["masqd_verdict"] == "keep" and first["live"]["verdict"] == "masquerade"
     assert first["live"]["foreign_rules"] == [
-        {"rule": "RULE", "kind": "rule", "stage": "before", "effect": "masquerade", "decides": True}]
+        {"rule": "RULE", "kind": "rule", "stage": "before", "effect": "masquerade", "decides": True, "mark": None}]
 
 
 # --- IPv4-mapped IPv6 addresses ------------------------------------------------------------------------

@@ -606,8 +606,8 @@ async def test_a_repair_made_while_the_config_is_bad_is_counted(tmp_path: Path) 
 
 async def test_one_peer_cannot_take_every_connection() -> None:
     async with Served(ROUTES, read_timeout=WAIT, max_per_peer=2) as served:
-        async with await anyio.connect_tcp("127.0.0.1", served.port) as one, \
-                await anyio.connect_tcp("127.0.0.1", served.port) as two:
+        async with await anyio.connect_tcp("127.0.0.1", served.port) as _one, \
+                await anyio.connect_tcp("127.0.0.1", served.port) as _two:
             await wait_until(lambda: served.server.active == 2, "two held connections")
             status, _ = await get(served.port, "/a")  # a third from the same address: served
             assert status == 200 and served.server.evicted == 1  # in place of its oldest idle one

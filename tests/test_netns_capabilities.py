@@ -237,6 +237,28 @@ def test_non_root_masqd_programs_the_kernel_through_file_capabilities(sandbox, b
         assert "masquerade fully-random" in listing, listing
 
 
+def test_non_root_masqd_prunes_live_flows_through_the_capped_conntrack_tool(sandbox):
+    """masqd's own ctnetlink socket needs CAP_NET_ADMIN, which the image's process does not have:
+    the kernel refuses it, and masqd reads and deletes through the capped ``conntrack`` instead.
+    A flow source-NATed to a destination the rules keep (10.0.0.0/8) is stale after the first
+    write; a flow to a masqueraded destination is left."""
+    for destination in ("10.99.0.2", "203.0.113.2"):
+        netns.run(sandbox.ns, "conntrack", "-I", "-p", "udp", "-s", "10.244.1.2", "-d", destination, "--sport", "40000",
+                  "--dport", "53", "--timeout", "300", "--src-nat", "172.30.0.1")
+    try:
+        result = sandbox.masqd(backend="nftables")
+        assert result.returncode == 0, _failure(result)
+        events = log_events(result.stderr)
+        assert [e["event"] for e in events if "conntrack tool" in e["event"]] == [
+            "the kernel refuses masqd's own conntrack socket (no CAP_NET_ADMIN in this process); using the conntrack tool"]
+        [applied] = [e for e in events if e["event"] == "rules applied"]
+        assert applied["conntrack_deleted"] == 1, result.stderr
+        left = netns.run(sandbox.ns, "conntrack", "-L", "-p", "udp", check=False).stdout
+        assert "dst=203.0.113.2" in left and "dst=10.99.0.2" not in left, left
+    finally:
+        netns.run(sandbox.ns, "conntrack", "-F", check=False)
+
+
 @pytest.mark.parametrize("case, options", [
     pytest.param("binaries-without-file-caps", {"bin_dir": "nocaps"}, id="no-file-caps"),
     pytest.param("allowPrivilegeEscalation-false", {"no_new_privs": True}, id="no-new-privs"),

@@ -26,7 +26,8 @@ from masqd.config import AgentOptions, parse_config
 from masqd.errors import FlagError, PluginError, PluginLoadError
 from masqd.plugins import Plugins, SourceContext
 from masqd.provenance import Origin
-from masqd.reconcile import Reconciler, _family_changes
+from masqd.audit import family_changes
+from masqd.reconcile import Reconciler
 from masqd.ruleset import compute_ruleset
 from masqd.testing import make_plugins, running, wait_until
 
@@ -264,7 +265,7 @@ def test_audit_changes_are_the_sorted_set_differences_per_family(old, new):
         text = "nonMasqueradeCIDRs: [" + ", ".join(f'"{n}"' for n in networks) + "]\ncidrLimit: 1000\n"
         return compute_ruleset(parse_config(text, IPV6).config, IPV6)
 
-    added, removed = _family_changes(ruleset(old), ruleset(new))
+    added, removed = family_changes(ruleset(old), ruleset(new))
     for label, version in (("ipv4", 4), ("ipv6", 6)):
         was = {n for n in old if n.version == version}
         now = {n for n in new if n.version == version}

@@ -257,7 +257,7 @@ def _with_jumps(text: str, count: int) -> str:
 
 def test_parse_nat_state_reads_chain_rules_and_jump():
     state = parse_nat_state(SAVE_IN_SYNC, "IP-MASQ-AGENT")
-    assert state == NatState(chain_exists=True, rules=DESIRED_DEFAULT, jumps=1)
+    assert state == NatState(chain_exists=True, rules=DESIRED_DEFAULT, jumps=1, jump_first=True)
 
 
 def test_in_sync_state_plans_no_write():

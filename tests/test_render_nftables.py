@@ -119,7 +119,7 @@ def test_every_golden_replaces_each_table_whole_in_one_script(name):
     families = ["ip", "ip6"] if "ip6" in text else ["ip"]
     assert headers == [line for f in families
                        for line in (f"add table {f} masqd", f"delete table {f} masqd", f"table {f} masqd {{")]
-    assert text.count("type nat hook postrouting priority srcnat; policy accept;") == len(families)
+    assert text.count("type nat hook postrouting priority srcnat + 10; policy accept;") == len(families)
 
 
 def test_ipv6_table_uses_ip6_matches_and_its_own_set():
@@ -168,7 +168,7 @@ def test_kernel_listing_parses_to_the_desired_state(fixture, config_text, option
 
 def test_listing_model_holds_what_the_kernel_showed():
     state = parse_listing(listing("to_ports_two_ranges_ip"), 4)
-    assert state.chain == ("nat", "postrouting", 100, "accept")
+    assert state.chain == ("nat", "postrouting", 110, "accept")
     assert state.set_type == "ipv4_addr"
     assert state.intervals == ((v4("10.0.0.0"), v4("10.255.255.255")), (v4("169.254.0.0"), v4("169.254.255.255")))
     assert len(state.rules) == 2 + 3 * 2 + 1
@@ -756,7 +756,8 @@ async def test_only_the_family_that_drifted_is_rewritten(nft):
     pytest.param("drift_element_deleted_ip", "table ip masqd: set elements differ (0 intervals removed, 1 added)",
                  False, id="element-deleted"),
     pytest.param("drift_foreign_rule_inserted_ip", "table ip masqd: rules differ", True, id="foreign-rule"),
-    pytest.param("drift_chain_priority_ip", "table ip masqd: chain differ", True, id="chain-priority"),
+    pytest.param("drift_chain_priority_ip", "table ip masqd: chain priority (99, masqd writes 110) differ", True,
+                 id="chain-priority"),
 ])
 async def test_drift_is_healed(nft, drift, reason, rewritten):
     """A table that differs in more than its elements is replaced whole; a missing element is

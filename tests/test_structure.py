@@ -113,7 +113,10 @@ PURE = ("masqd.cidrs", "masqd.ruleset", "masqd.duration", "masqd.config", "masqd
         "masqd.audit", "masqd.kube.settings", "masqd.controller.translation", "masqd.backends.base",
         "masqd.backends.iptables.render", "masqd.backends.iptables.live",
         "masqd.backends.iptables.incremental", "masqd.backends.nftables.render",
-        "masqd.backends.nftables.live", "masqd.backends.nftables.monitor", "masqd.backends.nftables.netlink")
+        "masqd.backends.nftables.live", "masqd.backends.nftables.monitor", "masqd.backends.nftables.netlink",
+        "masqd.shadowing", "masqd.backends.services", "masqd.backends.iptables.services",
+        "masqd.backends.nftables.services", "masqd.explain.services", "masqd.netlink", "masqd.flows",
+        "masqd.backends.conntrack.messages", "masqd.backends.conntrack.listing")
 #: What a pure module must not load, even through what it imports (its packages' __init__ included):
 #: the event loop, processes, the API client, file watching, and masqd's own I/O modules.
 IO_MODULES = ("anyio", "asyncio", "subprocess", "watchfiles", "lightkube", "httpx2", "masqd.backends.tools",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from masqd.backends.services import ServiceMap
 from masqd.cidrs import Network
 from masqd.config import AgentOptions
 from masqd.ruleset import RuleSet
@@ -23,10 +24,17 @@ class BackendSettings:
 
     options: the validated agent flags (chain name, IPv6, --random-fully, --to-ports).
     iptables_mode: ``--iptables-mode`` (``auto``, ``legacy``, ``nft``), for iptables-based backends.
+    postrouting_jump: ``--postrouting-jump``: where the iptables backend keeps its POSTROUTING
+        jump: ``append`` (upstream's place, after kube-proxy's ``KUBE-POSTROUTING``) or ``insert``
+        (the first rule).
+    nftables_priority: ``--nftables-priority``: the nftables backend's nat chain priority
+        (``None``: its default, ``srcnat + 10``, after kube-proxy's chain).
     """
 
     options: AgentOptions = AgentOptions()
     iptables_mode: str = "auto"
+    postrouting_jump: str = "append"
+    nftables_priority: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +75,9 @@ class ForeignRule:
         applies to destinations outside ``destination`` instead.
     certain: it matches every packet to such a destination (no match that is not evaluated).
     position: (:data:`INSIDE`) how many of :attr:`LiveFamily.nonmasq` come before it.
+    mark: the packet mark every way it may masquerade requires (``0x4000/0x4000``: value/mask, as
+        ``-m mark --mark`` takes it), so it masquerades only traffic another component marked
+        (kube-proxy's 0x4000), not pod traffic as such; ``None``: no mark is required.
     """
 
     text: str
@@ -77,6 +88,7 @@ class ForeignRule:
     certain: bool = False
     position: int = 0
     kind: str = "rule"
+    mark: str | None = None
 
     def may_match(self, address) -> bool:
         """Whether traffic to ``address`` (of this rule's family) may match it."""
@@ -111,6 +123,9 @@ class LiveFamily:
     interfaces: the only interfaces its final masquerade rules act on, in iptables' form (``eth+``;
         empty: any).
     snat_to: the address its final rule rewrites to (``None``: MASQUERADE, the node's address).
+
+    services: kube-proxy's Services of this family as its rules of the backend's kind hold them
+        (:class:`~masqd.backends.services.ServiceMap`; empty: none there, or not read).
     """
 
     family: int
@@ -126,6 +141,7 @@ class LiveFamily:
     masq_sources: tuple[Network, ...] | None = None
     interfaces: tuple[str, ...] = ()
     snat_to: str | None = None
+    services: ServiceMap = ServiceMap()
 
     @property
     def label(self) -> str:
@@ -161,6 +177,18 @@ class Backend(Protocol):
     (a plugin's) is refused there with a message saying so. Raises
     :class:`~masqd.errors.BackendError` when the kernel cannot be read. The daemon also calls it
     every ``--drift-check-interval`` to notice rules changed by someone else between resyncs.
+
+    Optional: ``async def foreign_rules(self, ruleset: RuleSet) -> dict[int, tuple[ForeignRule,
+    ...]]``: per family of ``ruleset``, the rules masqd does not write around its own that may act
+    on its traffic (as :attr:`LiveFamily.foreign` lists those before and after masqd's rules),
+    read as cheaply as the backend can after a sync (iptables: from what the sync read). The
+    reconciler calls it after every successful sync, to find rules that shadow masqd's
+    (:mod:`masqd.shadowing`). Raises :class:`~masqd.errors.BackendError` when it cannot read.
+
+    Optional: ``conntrack``, the live flows of the namespace the backend programs
+    (:class:`masqd.backends.conntrack.ConntrackTable`, or ``None``): after an apply that changed
+    decisions the reconciler deletes the entries whose NAT the new rules contradict
+    (``--conntrack-reconcile``, :mod:`masqd.flow_cleanup`). A backend without it leaves flows be.
 
     Optional: ``async def monitor(self, notify: Callable[[str], None]) -> None`` follows the
     kernel's changes until cancelled and calls ``notify(change)`` for each one another process

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import structlog
 
+from masqd.backends.conntrack import ConntrackTable
 from masqd.backends.base import LiveFamily, LiveRules, SyncResult
 from masqd.backends.iptables.render import render_ruleset
 from masqd.ruleset import RuleSet
@@ -21,7 +22,10 @@ class DryRunBackend:
 
     name = "dry-run"
 
-    def __init__(self) -> None:
+    def __init__(self, conntrack: ConntrackTable | None = None) -> None:
+        #: Read-only (``ConntrackTable(read_only=True)``, as ``--backend dry-run`` has): the stale
+        #: live flows an apply would delete are listed in the log, none deleted.
+        self.conntrack = conntrack
         self.applied: RuleSet | None = None
         self.last_rendered: str | None = None
         self.writes = 0

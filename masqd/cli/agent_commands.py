@@ -19,7 +19,7 @@ async def run(args: argparse.Namespace, plugins: Plugins) -> int:
     from masqd.backends.leftovers import leftover_backends  # every backend's code: only `run` looks for leftovers
 
     if args.once:
-        agent = agent_from(args, plugins, once=True, leftovers=leftover_backends)
+        agent = agent_from(args, plugins, once=True, leftovers=leftover_backends, conntrack=args.conntrack_reconcile)
         try:
             await agent.run_once()
         except ConfigError as exc:
@@ -32,7 +32,7 @@ async def run(args: argparse.Namespace, plugins: Plugins) -> int:
     from masqd.daemon import run_daemon
 
     agent = agent_from(args, plugins, once=False, leftovers=leftover_backends, http_address=args.http_address,
-                       drift_check_interval=args.drift_check_interval)
+                       drift_check_interval=args.drift_check_interval, conntrack=args.conntrack_reconcile)
     if agent.kube is not None:
         from masqd.kube.client import load_kube_config  # the API client library: only with a Kubernetes flag
 

@@ -33,7 +33,9 @@ def agent_from(args: argparse.Namespace, plugins: Plugins, *, once: bool, uses_b
     options = options_from(args)
     kube = kube_settings(args)
     if uses_backend:
-        backend = plugins.make_backend(args.backend, BackendSettings(options, args.iptables_mode))
+        backend = plugins.make_backend(args.backend, BackendSettings(
+            options, args.iptables_mode, postrouting_jump=args.postrouting_jump,
+            nftables_priority=args.nftables_priority))
     else:
         from masqd.backends.dryrun import DryRunBackend
 

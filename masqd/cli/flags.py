@@ -12,10 +12,12 @@ import argparse
 from collections.abc import Sequence
 
 from masqd import __version__
+from masqd.backends.iptables.render import APPEND, JUMP_PLACEMENTS
 from masqd.backends.iptables_mode import MODES
 from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, parse_to_ports, validate_chain_name
 from masqd.duration import parse_go_duration
 from masqd.errors import FlagError
+from masqd.flows import CONNTRACK_MODES, DEFAULT_CONNTRACK_MODE
 from masqd.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS, parse_listen_address
 from masqd.kube.settings import KubeSettings, parse_object_ref
 from masqd.sources.drift import DRIFT_CHECK_SECONDS, MIN_DRIFT_CHECK_SECONDS
@@ -52,6 +54,13 @@ def _named_flag(flag: str, parse):
     return _flag_type(parse_flag)
 
 
+def _nftables_priority(text: str) -> int:
+    """``--nftables-priority`` (the nftables backend's parser, imported when the flag is given)."""
+    from masqd.backends.nftables.render import parse_priority
+
+    return _flag_type(parse_priority)(text)
+
+
 def _add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
     parser.add_argument(f"--{name}", type=_go_bool, nargs="?", const=True, default=default, metavar="BOOL",
                         help=f"{help} (default {str(default).lower()})")
@@ -83,6 +92,14 @@ def _common_flags() -> argparse.ArgumentParser:
     common.add_argument("--iptables-mode", choices=MODES, default="auto",
                         help="iptables variant for the iptables backend: auto picks the one the host "
                              "already uses (default auto)")
+    common.add_argument("--postrouting-jump", choices=JUMP_PLACEMENTS, default=APPEND,
+                        help="iptables backend: append the jump to masqd's chain to nat POSTROUTING, after "
+                             "kube-proxy's KUBE-POSTROUTING (default, as upstream), or insert it as the first "
+                             "rule; a jump found in the other place is moved")
+    common.add_argument("--nftables-priority", type=_nftables_priority, default=None, metavar="PRIORITY",
+                        help="nftables backend: priority of masqd's nat postrouting chain: an integer, srcnat, "
+                             "'srcnat + N' or 'srcnat - N' (default 'srcnat + 10': after kube-proxy's and "
+                             "iptables' nat chains at srcnat); a table at another priority is rewritten")
     common.add_argument("--masq-chain", default=DEFAULT_MASQ_CHAIN, type=_flag_type(validate_chain_name),
                         help=f"name of the nat chain masqd owns (default {DEFAULT_MASQ_CHAIN})")
     _add_bool(common, "nomasq-all-reserved-ranges", False,
@@ -145,6 +162,13 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "another process changed them (Go duration: 10s, 500ms; default "
                              f"{DRIFT_CHECK_SECONDS:g}s); the nftables backend follows `nft monitor` instead and "
                              "restores at once; 0 turns both off (the resync still heals)")
+    parser.add_argument("--conntrack-reconcile", default=DEFAULT_CONNTRACK_MODE, choices=CONNTRACK_MODES,
+                        metavar="|".join(CONNTRACK_MODES),
+                        help="after an apply that changes what some traffic gets, delete the conntrack entries whose "
+                             "NAT the new rules contradict, so live flows follow the config: udp (default) only UDP "
+                             "flows, which the next datagram re-creates; all: TCP and the other protocols too (an "
+                             "established TCP connection whose NAT changes breaks); none: leave live flows "
+                             "(as upstream). Flows from the node's own addresses are never touched")
     parser.set_defaults(command="run")
     return parser
 

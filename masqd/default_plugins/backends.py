@@ -14,21 +14,24 @@ if TYPE_CHECKING:  # each backend's code is imported when that backend is made
 
 
 def _iptables(settings: BackendSettings) -> IptablesBackend:
+    from masqd.backends.conntrack import ConntrackTable
     from masqd.backends.iptables.backend import IptablesBackend
 
-    return IptablesBackend(mode=settings.iptables_mode)
+    return IptablesBackend(mode=settings.iptables_mode, jump=settings.postrouting_jump, conntrack=ConntrackTable())
 
 
 def _nftables(settings: BackendSettings) -> NftablesBackend:
+    from masqd.backends.conntrack import ConntrackTable
     from masqd.backends.nftables.backend import NftablesBackend
 
-    return NftablesBackend()
+    return NftablesBackend(priority=settings.nftables_priority, conntrack=ConntrackTable())
 
 
 def _dry_run(settings: BackendSettings) -> DryRunBackend:
+    from masqd.backends.conntrack import ConntrackTable
     from masqd.backends.dryrun import DryRunBackend
 
-    return DryRunBackend()
+    return DryRunBackend(ConntrackTable(read_only=True))  # lists the live flows an apply would delete
 
 
 @hookimpl

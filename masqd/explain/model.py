@@ -15,6 +15,7 @@ from masqd.backends.base import (
     ForeignRule,
     LiveRules,
 )
+from masqd.backends.services import ServiceEndpoint, ServiceFrontend, ServiceMap
 from masqd.cidrs import Network
 from masqd.config.model import INTERFACE_NAME
 from masqd.provenance import Origin
@@ -160,6 +161,8 @@ class Explanation:
     desired: Verdict | None
     live: Verdict | None = None
     as_ipv4: ipaddress.IPv4Address | None = None
+    #: (``--live``) kube-proxy DNATs traffic to the address: each Service port, its endpoints explained.
+    services: tuple[ServiceRoute, ...] = ()
 
     @property
     def family(self) -> int:
@@ -175,13 +178,43 @@ class Explanation:
         """The kernel masquerades it and the desired state would not, or the other way round, or
         both masquerade it (masqd's own rules) to different addresses (SNAT, MASQUERADE).
         An ``uncertain`` verdict (a rule masqd does not write *may* decide, depending on matches
-        explain does not evaluate, such as kube-proxy's packet-mark MASQUERADE on every node)
-        is shown but is not drift: otherwise ``--live`` would report drift on every such node."""
+        explain does not evaluate, such as a CNI plugin's jump to its masquerade chain) is shown
+        but is not drift. kube-proxy's packet-mark MASQUERADE, on every node, acts on marked
+        traffic only (:attr:`~masqd.backends.base.ForeignRule.mark`) and decides nothing here."""
+        if any(endpoint.drift for route in self.services for endpoint in route.endpoints):
+            return True
         if self.live is None or self.desired is None or self.live.action == UNCERTAIN:
             return False
         if self.live.masquerades != self.desired.masquerades:
             return True
         return self.live.masquerades and self.live.decided_by is None and self.live.snat_to != self.desired.snat_to
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRoute:
+    """One endpoint of a Service port, explained as traffic to it is (``explanation``: masqd's
+    rules, desired and in the kernel, with kube-proxy's mark-only masquerade left out).
+    ``marked``: kube-proxy marks this traffic for its own masquerade (``None``: that depends on a
+    source not given); marked traffic is masqueraded whatever masqd decides, so it is not drift."""
+
+    endpoint: ServiceEndpoint
+    explanation: Explanation
+    marked: bool | None = False
+
+    @property
+    def drift(self) -> bool:
+        return self.marked is not True and self.explanation.drift
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRoute:
+    """A Service port kube-proxy DNATs the explained address to (:class:`ServiceFrontend`), with
+    each endpoint explained; ``services``: the map it was read from (names, mark, chains)."""
+
+    frontend: ServiceFrontend
+    endpoints: tuple[EndpointRoute, ...]
+    services: ServiceMap
+    marked: bool | None = False
 
 
 def parse_destination(text: str) -> Address:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from masqd.backends.base import MASQUERADES, ForeignRule
 from masqd.explain.model import (
     EFFECTS,
@@ -19,8 +21,11 @@ from masqd.explain.model import (
     Report,
     Verdict,
 )
+from masqd.explain.services import headline as services_headline
+from masqd.explain.services import other_ports_prefix, route_lines, routes_json
 from masqd.explain.verdicts import rewrite_text
 from masqd.provenance import MASQUERADE_SOURCES, NON_MASQUERADE_SOURCES, SNAT_KEYS
+from masqd.shadowing import mark_meaning, shadows
 
 
 def format_text(report: Report) -> str:
@@ -34,36 +39,51 @@ def format_text(report: Report) -> str:
         lines.append(f"explained from the rules the kernel holds alone ({live.backend} backend, {live.where}): "
                      f"{NO_DESIRED}")
     for explanation in report.explanations:
-        shown = explanation.live or explanation.desired
-        where = " in the kernel" if explanation.live is not None else ""
-        own = shown.masqd if shown.action == UNCERTAIN else shown.action
-        lines.append(f"{explanation.shown_address}: {_headline(shown, shown.action)}")
-        if explanation.as_ipv4 is not None:
-            lines.append(f"  note: an IPv4-mapped IPv6 address: traffic to it leaves as IPv4, so it is explained as "
-                         f"{explanation.as_ipv4}")
-        if shown.action == UNCERTAIN:
-            lines.append(f"  masqd's rules: {_headline(shown, own)}")
-        lines += _rule_lines(shown, explanation.family)
-        lines += _destination_lines(shown, report.compared)
-        if shown.reason:
-            lines.append(f"  {shown.reason}")
-        elif own == MASQUERADE and shown.decided_by is None and shown.deciding is None:
-            lines.append(f"  no non-masquerade CIDR{where} matches it")
-        if own == MASQUERADE and shown.decided_by is None:
-            lines += [f"  {line}" for line in _conditions(shown)]
-        desired = explanation.desired
-        if explanation.live is not None and desired is not None and _masquerade_entry_matches(desired) \
-                and not desired.rule_keeps and own in (KEEP, MASQUERADE) and shown.decided_by is None:
-            lines.append(f"  in the desired state decided by {_entry_text(desired.deciding, short=True)} (the kernel "
-                         "holds the longest-prefix result flattened)")
-        lines += [f"  {_foreign_text(rule, rule is shown.decided_by)}" for rule in shown.foreign]
-        if shown.action == MASQUERADE:
-            lines.append(f"  note: {LOCAL_NOTE}")
-        if explanation.drift:
-            lines.append(f"  DRIFT: {_drift_text(explanation)}")
+        block = _block(replace(explanation, services=()), report.compared)
+        if explanation.services:  # kube-proxy DNATs it: its endpoints first, its own verdict for other ports
+            block = [services_headline(explanation),
+                     *route_lines(explanation, lambda endpoint: _block(endpoint, report.compared)),
+                     f"  {other_ports_prefix(explanation)}{block[0].split(': ', 1)[1]}", *block[1:]]
+        lines += block
     if live is not None and report.compared:
         lines += _summary(report)
     return "\n".join(lines) + "\n"
+
+
+def _block(explanation: Explanation, compared: bool) -> list[str]:
+    """One address's lines: its verdict, and why."""
+    lines: list[str] = []
+    shown = explanation.live or explanation.desired
+    where = " in the kernel" if explanation.live is not None else ""
+    own = shown.masqd if shown.action == UNCERTAIN else shown.action
+    lines.append(f"{explanation.shown_address}: {_headline(shown, shown.action)}")
+    if explanation.as_ipv4 is not None:
+        lines.append(f"  note: an IPv4-mapped IPv6 address: traffic to it leaves as IPv4, so it is explained as "
+                     f"{explanation.as_ipv4}")
+    if shown.action == UNCERTAIN:
+        lines.append(f"  masqd's rules: {_headline(shown, own)}")
+    lines += _rule_lines(shown, explanation.family)
+    lines += _destination_lines(shown, compared)
+    if shown.reason:
+        lines.append(f"  {shown.reason}")
+    elif own == MASQUERADE and shown.decided_by is None and shown.deciding is None:
+        lines.append(f"  no non-masquerade CIDR{where} matches it")
+    if own == MASQUERADE and shown.decided_by is None:
+        lines += [f"  {line}" for line in _conditions(shown)]
+    desired = explanation.desired
+    if explanation.live is not None and desired is not None and _masquerade_entry_matches(desired) \
+            and not desired.rule_keeps and own in (KEEP, MASQUERADE) and shown.decided_by is None:
+        lines.append(f"  in the desired state decided by {_entry_text(desired.deciding, short=True)} (the kernel "
+                     "holds the longest-prefix result flattened)")
+    lines += [f"  {_foreign_text(rule, rule is shown.decided_by)}" for rule in shown.foreign]
+    if shown.masqd == KEEP and any(shadows(rule) for rule in shown.foreign):
+        lines.append("  shadowing: masqd keeps it, but a rule named above may masquerade it all the same "
+                     "(counted in masqd_shadowing_rules)")
+    if shown.action == MASQUERADE:
+        lines.append(f"  note: {LOCAL_NOTE}")
+    if explanation.drift:
+        lines.append(f"  DRIFT: {_drift_text(explanation)}")
+    return lines
 
 
 def _headline(verdict: Verdict, action: str) -> str:
@@ -196,6 +216,8 @@ def _conditions(verdict: Verdict) -> list[str]:
 
 
 def _foreign_text(rule: ForeignRule, decides: bool) -> str:
+    if rule.mark is not None:
+        return f"{MAY_ACT[rule.stage]} on marked traffic ({rule.text}, mark {rule.mark}): {mark_meaning(rule.mark)}"
     if rule.kind == "chain":
         return f"may also act ({rule.text}): {EFFECTS[rule.effect]}"
     if decides:
@@ -295,8 +317,11 @@ def as_json(report: Report) -> list[dict]:
                             "kernel_differences": list(report.differences.get(explanation.family, ())),
                             "masqd_verdict": live.masqd,
                             "foreign_rules": [{"rule": rule.text, "kind": rule.kind, "stage": rule.stage,
-                                               "effect": rule.effect, "decides": rule is live.decided_by}
+                                               "effect": rule.effect, "decides": rule is live.decided_by,
+                                               "mark": rule.mark}
                                               for rule in live.foreign]}
+        if explanation.services:  # kube-proxy DNATs it (--live): its Service ports and their endpoints
+            item["services"] = routes_json(explanation, lambda verdict: _verdict_json(verdict, report.extended))
         out.append(item)
     return out
 

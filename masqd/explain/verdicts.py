@@ -19,6 +19,7 @@ from masqd.backends.base import (
     LiveRules,
 )
 from masqd.cidrs import LINK_LOCAL_V4, LINK_LOCAL_V6, Network
+from masqd.explain.services import service_routes
 from masqd.explain.model import (
     IPV6_UNMANAGED,
     KEEP,
@@ -67,7 +68,10 @@ def explain(addresses: list[Address] | tuple[Address, ...], ruleset: RuleSet,
             # IPv6 without --enable-ipv6: masqd reads no IPv6 rules back; the verdict stays the same
             unmanaged = address.version == 6 and ruleset.ipv6 is None
             verdict = desired if unmanaged else _live(address, live, provenance, ruleset, source, interface)
-        out.append(Explanation(given, desired, verdict, mapped))
+        routes = service_routes(address, live, source, lambda endpoint: (
+            _desired(endpoint, ruleset, provenance, masq_link_local, masq_link_local_ipv6, source, interface),
+            _live(endpoint, live, provenance, ruleset, source, interface)))
+        out.append(Explanation(given, desired, verdict, mapped, routes))
     extended = (source is not None or interface is not None or _in_play(ruleset)
                 or (live is not None and _live_in_play(live)))
     if live is None:
@@ -84,7 +88,10 @@ def explain_kernel(addresses: list[Address] | tuple[Address, ...], live: LiveRul
     out = []
     for given in addresses:
         address, mapped = explained_as(given)
-        out.append(Explanation(given, None, _live(address, live, Provenance({}), None, source, interface), mapped))
+        routes = service_routes(address, live, source, lambda endpoint: (
+            None, _live(endpoint, live, Provenance({}), None, source, interface)))
+        out.append(Explanation(given, None, _live(address, live, Provenance({}), None, source, interface), mapped,
+                               routes))
     extended = source is not None or interface is not None or _live_in_play(live)
     return Report(tuple(out), live, compared=False, extended=extended)
 
@@ -200,6 +207,8 @@ def _live(address: Address, live: LiveRules, provenance: Provenance, ruleset: Ru
         for rule in rules:
             if rule.may_match(address):
                 acting.append(rule)
+                if rule.mark is not None:  # acts on marked traffic only (kube-proxy's): listed, not deciding
+                    continue
                 if rule.certain:
                     return rule
                 outcomes.update({MASQUERADES: (True,), KEEPS: (False,)}.get(rule.effect, (True, False)))

@@ -34,8 +34,7 @@ import anyio.lowlevel
 import structlog
 
 from masqd.events import Notify
-from masqd.netlink import (HEADER, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attributes,
-                           error_code, messages, strerror)
+from masqd.netlink import HEADER, NLM_F_DUMP, NLM_F_REQUEST, attributes, dump_messages, receive
 
 #: Seconds one dump may take before :func:`local_addresses` gives up (the kernel answers at once).
 DUMP_TIMEOUT_SECONDS = 5.0
@@ -109,24 +108,13 @@ def parse_address_messages(data: bytes) -> list[AddressChange]:
 
 def _parse(data: bytes) -> _Batch:
     changes: list[AddressChange] = []
-    done = interrupted = False
-    for offset, kind, flags, payload in messages(data):
-        interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
-        if kind == NLMSG_ERROR:
-            code = error_code(payload, offset, "NLMSG_ERROR")
-            if code:
-                raise OSError(code, f"netlink: the kernel refused the request: {strerror(code)}")
-        elif kind == NLMSG_DONE:
-            if len(payload) >= 4:  # a dump's status; absent on older kernels' acks
-                code = error_code(payload, offset, "NLMSG_DONE")
-                if code:
-                    raise OSError(code, f"netlink: the dump ended with an error: {strerror(code)}")
-            done = True
-        elif kind in (RTM_NEWADDR, RTM_DELADDR):
+    dump = dump_messages(data, "the address dump")
+    for offset, kind, payload in dump.messages:
+        if kind in (RTM_NEWADDR, RTM_DELADDR):
             change = _address_change(kind == RTM_NEWADDR, payload, offset)
             if change is not None:
                 changes.append(change)
-    return _Batch(changes, done, interrupted)
+    return _Batch(changes, dump.done, dump.interrupted)
 
 
 def _address_change(added: bool, payload: bytes, offset: int) -> AddressChange | None:
@@ -191,7 +179,7 @@ async def _dump() -> tuple[list[AddressChange], bool]:
     with _netlink_socket(0) as sock:
         sock.sendto(request, (0, 0))
         while True:
-            data = await _receive(sock)
+            data = await receive(sock, RECEIVE_BYTES)
             try:
                 batch = _parse(data)
             except ValueError as exc:
@@ -217,22 +205,6 @@ def _netlink_socket(groups: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-async def _receive(sock: socket.socket) -> bytes:
-    """The next datagram the kernel sent to ``sock``, waiting on the event loop until there is one.
-    ``OSError`` ``ENOBUFS`` when messages were dropped because the receive buffer was full."""
-    while True:
-        await anyio.wait_readable(sock)
-        try:
-            data, _ancillary, flags, sender = sock.recvmsg(RECEIVE_BYTES)
-        except BlockingIOError:
-            continue
-        if sender[0] != 0:
-            continue  # not from the kernel (another privileged process): ignored
-        if flags & socket.MSG_TRUNC:
-            raise OSError(errno.EMSGSIZE, f"netlink: a message longer than {RECEIVE_BYTES} bytes was truncated")
-        return data
 
 
 async def _drain(sock: socket.socket) -> int:
@@ -298,7 +270,7 @@ class AddressSource:
                 notify("listening for address changes")
             while True:
                 try:
-                    data = await _receive(sock)
+                    data = await receive(sock, RECEIVE_BYTES)
                 except OSError as exc:
                     if exc.errno not in (errno.ENOBUFS, errno.EMSGSIZE):
                         raise

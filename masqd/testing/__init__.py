@@ -48,6 +48,7 @@ fails, :class:`~masqd.errors.ConfigError` when the new state is rejected).
 the agent's event sources to look at. :mod:`masqd.testing.fake_nft` is an in-memory ``nft``
 that tracks table contents, for backend tests; :mod:`masqd.testing.netns` builds throw-away
 network namespaces (one empty, or pod -> node -> dest) and reads what the kernel holds in them,
+:mod:`masqd.testing.kube_proxy` loads kube-proxy-shaped Service rules (iptables or nftables) into one,
 and :mod:`masqd.testing.processes` reads what ``/proc`` says of a process (dead or reaped, its
 children, CPU time, RSS), for kernel-facing tests and for the scripts in ``benchmarks/`` alike.
 """

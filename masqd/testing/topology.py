@@ -250,25 +250,29 @@ class Topology:
         run(ns, "ip", "addr", "add", v4, "dev", link)
         run(ns, "ip", "-6", "addr", "add", v6, "dev", link, "nodad")
 
-    def source_seen(self, dest_addr: str, family: int | None = None, *, source: str | None = None) -> str | None:
+    def source_seen(self, dest_addr: str, family: int | None = None, *, source: str | None = None,
+                    port: int | None = None) -> str | None:
         """Send one UDP datagram from the pod to ``dest_addr`` and return the source address the
         receiver in the dest namespace saw (``None`` if nothing arrived). ``source``: the pod
-        address to send from (bound before sending; ``None``: the kernel chooses)."""
-        seen = self.datagram_seen(dest_addr, family, source=source)
+        address to send from (bound before sending; ``None``: the kernel chooses). ``port``: as
+        for :meth:`datagram_seen`."""
+        seen = self.datagram_seen(dest_addr, family, source=source, port=port)
         return None if seen is None else seen[0]
 
     def datagram_seen(self, dest_addr: str, family: int | None = None, *, attempts: int = 3,
-                      source: str | None = None) -> tuple[str, int] | None:
+                      source: str | None = None, port: int | None = None) -> tuple[str, int] | None:
         """Like :meth:`source_seen`, but returns ``(source address, source port)``.
 
         Every call uses a fresh destination port, so a conntrack entry left by an earlier call
         (created before the rules changed) can never decide this packet's fate. The datagram is
         re-sent (from a new socket) up to ``attempts`` times if it does not arrive promptly.
+        ``port``: this destination port instead (e.g. a Service port that a DNAT rule matches);
+        each datagram still comes from a new socket, so from a new source port and connection.
         """
         if family is None:
             family = 6 if ":" in dest_addr else 4
         self._check_owned(dest_addr, family)
-        port = str(next(self._ports))
+        port = str(next(self._ports) if port is None else port)
         token = secrets.token_hex(8)
         receiver = subprocess.Popen(
             ["ip", "netns", "exec", self.dest, sys.executable, "-c", _RECEIVER, dest_addr, str(family), port,

@@ -24,7 +24,8 @@ the pure modules can be imported alone (see :mod:`masqd.exports`).
 from masqd.exports import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "render": ("JUMP_COMMENT", "MASQ_COMMENT", "NONMASQ_COMMENT", "RANDOM_FULLY_MIN_VERSION", "NatState", "chain_rules",
+    "render": ("APPEND", "INSERT", "JUMP_COMMENT", "JUMP_PLACEMENTS", "KUBE_POSTROUTING", "MASQ_COMMENT",
+               "NONMASQ_COMMENT", "RANDOM_FULLY_MIN_VERSION", "NatState", "chain_rules",
                "destination_match", "family_rules", "format_probability", "jump_rule", "parse_iptables_version",
                "parse_nat_chains", "parse_nat_state", "plan_restore", "render_removal", "render_restore",
                "render_ruleset"),

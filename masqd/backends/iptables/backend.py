@@ -4,16 +4,21 @@ everything masqd wrote."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import structlog
 
-from masqd.backends.base import LiveRules, SyncResult
+from masqd.backends.conntrack import ConntrackTable
+from masqd.backends.base import ForeignRule, LiveRules, SyncResult
 from masqd.backends.iptables.executor import IptablesExecutor, SubprocessExecutor
 from masqd.backends.iptables.incremental import RenderedRules, plan_edit
-from masqd.backends.iptables.live import live_family
-from masqd.backends.iptables.render import (RANDOM_FULLY_MIN_VERSION, NatState, parse_iptables_version,
+from masqd.backends.iptables.live import live_family, postrouting_rules
+from masqd.backends.iptables.services import parse_services
+from masqd.backends.iptables.render import (APPEND, RANDOM_FULLY_MIN_VERSION, NatState, parse_iptables_version,
                                             parse_nat_chains, parse_nat_state, plan_restore, render_removal,
                                             render_ruleset)
 from masqd.backends.iptables_mode import binaries_for, detect_mode, installed_modes
+from masqd.backends.services_live import with_node_addresses
 from masqd.backends.tools import run_tool
 from masqd.errors import ApplyError, BackendError, ReadBackError, ToolMissingError
 from masqd.ruleset import FamilyRules, RuleSet
@@ -41,16 +46,22 @@ class IptablesBackend:
       someone else) on every resync.
 
     ``mode`` picks the iptables variant: ``legacy``, ``nft``, or ``auto`` (detected on first use,
-    see :mod:`masqd.backends.iptables_mode`). An injected ``executor`` is used as it is.
+    see :mod:`masqd.backends.iptables_mode`). An injected ``executor`` is used as it is. ``jump``:
+    ``--postrouting-jump`` (:data:`.render.APPEND`, upstream's place, or :data:`.render.INSERT`);
+    a jump found in the other place is moved, in the same transaction as the chain.
     """
 
     name = "iptables"
 
     def __init__(self, executor: IptablesExecutor | None = None, *, random_fully_supported: bool | None = None,
-                 mode: str = "auto"):
+                 mode: str = "auto", jump: str = APPEND, conntrack: ConntrackTable | None = None):
         self.mode = mode if executor is None else "given"
+        self.jump = jump
         self.executor: IptablesExecutor = executor or SubprocessExecutor(
             None if mode == "auto" else binaries_for(mode))
+        #: The namespace's live flows (``--conntrack-reconcile``); the daemon's backends get the
+        #: kernel's (``default_plugins/backends.py``); ``None``: live flows are left alone.
+        self.conntrack = conntrack
         #: Whether the iptables binary knows --random-fully; None until :meth:`probe` ran.
         self.random_fully_supported = random_fully_supported
         self._rendered = RenderedRules()
@@ -58,6 +69,10 @@ class IptablesBackend:
         #: to what it wanted (with the one jump); absent when unknown (before the first sync,
         #: after a failed or refused write, after cleanup).
         self._known: dict[int, tuple[str, ...]] = {}
+        #: Per family, the nat table as this backend last read it, and the rules masqd does not
+        #: write found in it (:meth:`foreign_rules`; kept while the text stays the same).
+        self._saved: dict[int, str] = {}
+        self._foreign: dict[int, tuple[str, str, tuple[ForeignRule, ...]]] = {}
 
     async def probe(self) -> None:
         """Pick the iptables variant (``auto``), then learn whether ``--random-fully`` is available."""
@@ -71,7 +86,8 @@ class IptablesBackend:
 
     def render(self, ruleset: RuleSet) -> str:
         """What a sync would write to an empty kernel (``--random-fully`` assumed when not probed)."""
-        return render_ruleset(ruleset, random_fully_supported=self.random_fully_supported is not False)
+        return render_ruleset(ruleset, random_fully_supported=self.random_fully_supported is not False,
+                              placement=self.jump)
 
     async def sync(self, ruleset: RuleSet) -> SyncResult:
         await self.probe()
@@ -102,19 +118,20 @@ class IptablesBackend:
     async def _bring_in_line(self, family: FamilyRules, chain: str, desired: tuple[str, ...],
                              known: tuple[str, ...] | None) -> str | None:
         state = await self._read(family.family, chain)
-        text, reason = plan_restore(desired, state, chain)
+        text, reason = plan_restore(desired, state, chain, self.jump)
         if text is None:
             return None
-        edit = plan_edit(state.rules, desired, chain) if state.rules == known and state.jumps == 1 else None
+        edit = plan_edit(state.rules, desired, chain) \
+            if state.rules == known and state.jumps == 1 and state.misplaced(self.jump) is None else None
         if edit is not None:
             if await self._edited(family, edit.script):
                 return f"chain {chain} edited in place: {edit.deleted} rule(s) deleted, {edit.inserted} inserted"
-            text, reason = plan_restore(desired, await self._read(family.family, chain), chain)
+            text, reason = plan_restore(desired, await self._read(family.family, chain), chain, self.jump)
             if text is None:
                 return None
         await self.executor.restore(family.family, text)
         after = await self._read(family.family, chain)
-        if plan_restore(desired, after, chain)[0] is not None:
+        if plan_restore(desired, after, chain, self.jump)[0] is not None:
             raise BackendError(
                 f"{family.label}: iptables accepted the rules but reads them back differently; "
                 f"wrote {list(desired)}, read back {list(after.rules)} with {after.jumps} jump(s)"
@@ -136,7 +153,24 @@ class IptablesBackend:
         return True
 
     async def _read(self, family: int, chain: str) -> NatState:
-        return parse_nat_state(await self.executor.save(family), chain)
+        text = self._saved[family] = await self.executor.save(family)
+        return parse_nat_state(text, chain)
+
+    async def foreign_rules(self, ruleset: RuleSet) -> dict[int, tuple[ForeignRule, ...]]:
+        """Per family of ``ruleset``, the nat POSTROUTING rules masqd does not write that may act on
+        its traffic (:func:`.live.postrouting_rules`), from the nat table the last sync read: no
+        read of its own after a sync."""
+        found = {}
+        for family in ruleset.families:
+            text = self._saved.get(family.family)
+            if text is None:
+                text = self._saved[family.family] = await self.executor.save(family.family)
+            cached = self._foreign.get(family.family)
+            if cached is None or cached[:2] != (ruleset.chain, text):
+                rules = postrouting_rules(parse_nat_chains(text), ruleset.chain, family.family)
+                cached = self._foreign[family.family] = (ruleset.chain, text, rules)
+            found[family.family] = cached[2]
+        return found
 
     async def read_back(self, ruleset: RuleSet) -> LiveRules:
         """What the kernel holds of ``ruleset``'s chain and jump, per family; reads only (the
@@ -147,7 +181,11 @@ class IptablesBackend:
             desired = self._desired(ruleset, family)
             text = await self.executor.save(family.family)
             state = parse_nat_state(text, ruleset.chain)
-            families.append(live_family(state, family.family, desired, ruleset.chain, parse_nat_chains(text)))
+            chains = parse_nat_chains(text)
+            live = live_family(state, family.family, desired, ruleset.chain, chains, placement=self.jump)
+            # kube-proxy's Services in the same nat table, for explain to follow a ClusterIP to its endpoints
+            services = await with_node_addresses(parse_services(chains, family.family), family.family)
+            families.append(dataclasses.replace(live, services=services))
         return LiveRules(self.name, f"chain {ruleset.chain}", tuple(families))
 
     async def cleanup(self, chain: str, families: tuple[int, ...] = (4, 6)) -> tuple[str, ...]:

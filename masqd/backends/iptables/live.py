@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from masqd.backends.base import AFTER, BEFORE, EITHER, INSIDE, KEEPS, MASQUERADES, ForeignRule, LiveFamily
-from masqd.backends.iptables.render import SOURCE_COMMENT, NatState, plan_restore
+from masqd.backends.iptables.render import APPEND, SOURCE_COMMENT, NatState, plan_restore
 from masqd.cidrs import Network
 
 _COMMENT = r'(?:-m comment --comment "(?:[^"\\]|\\.)*" )?'
@@ -28,13 +28,16 @@ _MASQ_RULE = re.compile(rf"(?:-s (?P<source>\S+) )?(?:-o (?P<interface>\S+) )?(?
 @dataclass(frozen=True, slots=True)
 class _RuleMatch:
     """What :func:`_read_rule` makes of one ``-A`` line: its ``-d`` (and whether negated), whether
-    it has any other match (``conditional``: not evaluated here), and its target."""
+    it has any other match (``conditional``: not evaluated here), and its target. ``mark``: its
+    ``-m mark [!] --mark VALUE`` (VALUE, negated); ``only_mark``: that is its one match."""
 
     destination: Network | None
     negated: bool
     conditional: bool
     target: str | None
     goto: bool
+    mark: tuple[str, bool] | None = None
+    only_mark: bool = False
 
 
 #: Targets that rewrite the source address.
@@ -52,7 +55,7 @@ def _read_rule(line: str, family: int) -> _RuleMatch:
     except ValueError:  # an unbalanced quote: keep only the target
         target = re.search(r" -([jg]) (\S+)", line)
         return _RuleMatch(None, False, True, target and target[2], bool(target) and target[1] == "g")
-    destination, negated, conditional, negate = None, False, False, False
+    destination, negated, conditional, negate, mark = None, False, False, False, None
     index = 2  # after -A CHAIN
     while index < len(tokens):
         token = tokens[index]
@@ -62,7 +65,8 @@ def _read_rule(line: str, family: int) -> _RuleMatch:
             continue
         if token in ("-j", "-g"):
             target = tokens[index + 1] if index + 1 < len(tokens) else None
-            return _RuleMatch(destination, negated, conditional, target, token == "-g")
+            return _RuleMatch(destination, negated, conditional or mark is not None, target, token == "-g", mark,
+                              mark is not None and not conditional and destination is None)
         if token == "-d" and index + 1 < len(tokens) and destination is None:
             try:
                 destination = ipaddress.ip_network(tokens[index + 1], strict=False)
@@ -72,13 +76,20 @@ def _read_rule(line: str, family: int) -> _RuleMatch:
             index += 2
         elif token == "-m" and tokens[index + 1:index + 3] == ["comment", "--comment"]:
             index += 4
+        elif token == "-m" and mark is None and (tokens[index + 1:index + 3] == ["mark", "--mark"]
+                                                 or tokens[index + 1:index + 4] == ["mark", "!", "--mark"]):
+            negated_mark = tokens[index + 2] == "!"
+            index += 3 + negated_mark
+            mark = (tokens[index], negated_mark) if index < len(tokens) else None
+            conditional |= mark is None
+            index += 1
         else:
             conditional = True
             index += 1
         negate = False
     if destination is not None and destination.version != family:
         conditional = True
-    return _RuleMatch(destination, negated, conditional, None, False)
+    return _RuleMatch(destination, negated, conditional or mark is not None, None, False, mark)
 
 
 def _effects(rule: _RuleMatch, chains: Mapping[str, tuple[str, ...]], family: int, returns_keep: bool,
@@ -105,6 +116,38 @@ def _effects(rule: _RuleMatch, chains: Mapping[str, tuple[str, ...]], family: in
     return found
 
 
+def _required_mark(rule: _RuleMatch, chains: Mapping[str, tuple[str, ...]], family: int,
+                   seen: frozenset[str] = frozenset()) -> str | None:
+    """The packet mark every way ``rule`` may masquerade requires: its own ``-m mark --mark M``,
+    or, in the chain it jumps to, that of each masquerading rule, or a ``-m mark ! --mark M -j
+    RETURN`` ahead of it (kube-proxy's ``KUBE-POSTROUTING``); ``None``: some way requires none."""
+    if rule.mark is not None and not rule.mark[1] and _marked(rule.mark[0]):
+        return rule.mark[0]
+    target = rule.target
+    if target not in chains or target in seen:
+        return None
+    required = found = None
+    for line in chains[target]:
+        inner = _read_rule(line, family)
+        if inner.target == "RETURN" and inner.only_mark and inner.mark[1] and _marked(inner.mark[0]):
+            required = required or inner.mark[0]
+        elif MASQUERADES in _effects(inner, chains, family, False, seen | {target}):
+            mark = required or _required_mark(inner, chains, family, seen | {target})
+            if mark is None:
+                return None
+            found = found or mark
+    return found
+
+
+def _marked(mark: str) -> bool:
+    """Whether ``-m mark --mark VALUE[/MASK]`` leaves out unmarked packets (mark 0)."""
+    value, _, mask = mark.partition("/")
+    try:
+        return int(value, 0) & int(mask or "0xffffffff", 0) != 0
+    except ValueError:
+        return False
+
+
 def _foreign(line: str, stage: str, chains: Mapping[str, tuple[str, ...]], family: int,
              position: int = 0) -> ForeignRule | None:
     """``line`` (in POSTROUTING or masqd's chain) as a :class:`ForeignRule`; ``None`` when it
@@ -115,7 +158,8 @@ def _foreign(line: str, stage: str, chains: Mapping[str, tuple[str, ...]], famil
         return None
     effect = EITHER if len(effects) > 1 else next(iter(effects))
     certain = not rule.conditional and rule.target not in chains and effect != EITHER
-    return ForeignRule(line, stage, effect, rule.destination, rule.negated, certain, position)
+    mark = _required_mark(rule, chains, family) if MASQUERADES in effects else None
+    return ForeignRule(line, stage, effect, rule.destination, rule.negated, certain, position, mark=mark)
 
 
 def postrouting_rules(chains: Mapping[str, tuple[str, ...]], chain: str, family: int) -> tuple[ForeignRule, ...]:
@@ -131,15 +175,16 @@ def postrouting_rules(chains: Mapping[str, tuple[str, ...]], chain: str, family:
 
 
 def live_family(state: NatState, family: int, desired: tuple[str, ...], chain: str,
-                nat_chains: Mapping[str, tuple[str, ...]] | None = None) -> LiveFamily:
+                nat_chains: Mapping[str, tuple[str, ...]] | None = None, placement: str = APPEND) -> LiveFamily:
     """What the kernel does with traffic in one family, from masqd's chain and jumps as
     :func:`.render.parse_nat_state` found them; ``desired`` (the chain's rules as a sync would
     write them) decides ``drift``. Rules are read the way the kernel walks them: RETURN rules (any
     comment, none, or ``-d`` omitted for 0/0) keep their destination, the first MASQUERADE without
     ``-p`` ends the chain; anything else is ``unexpected`` (and, when it may decide, ``foreign``).
     ``nat_chains`` (:func:`.render.parse_nat_chains` of the same text): the other nat rules, so
-    the POSTROUTING rules around masqd's jump are ``foreign`` too."""
-    text, reason = plan_restore(desired, state, chain)
+    the POSTROUTING rules around masqd's jump are ``foreign`` too. ``placement``:
+    ``--postrouting-jump``; a jump elsewhere is ``unexpected`` and drift."""
+    text, reason = plan_restore(desired, state, chain, placement)
     drift = None if text is None else reason
     chains = nat_chains or {}
     outside = postrouting_rules(chains, chain, family) if nat_chains is not None else ()
@@ -149,6 +194,8 @@ def live_family(state: NatState, family: int, desired: tuple[str, ...], chain: s
     inside: list[ForeignRule] = []
     if state.jumps > 1:
         unexpected.append(f"POSTROUTING jump to {chain} present {state.jumps} times")
+    if (misplaced := state.misplaced(placement)) is not None:
+        unexpected.append(misplaced)
     unexpected += [f"POSTROUTING rule masqd does not write sends traffic to {chain}: {line}" for line in state.other_jumps]
     nonmasq: list[Network] = []
     keep_sources: list[Network] = []

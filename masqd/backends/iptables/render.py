@@ -25,6 +25,14 @@ MASQ_COMMENT = "ip-masq-agent: outbound traffic is subject to MASQUERADE (must b
 #: The rules of the decision model beyond upstream (only written when the config asks for them).
 SOURCE_COMMENT = "masqd: traffic from this source is not subject to MASQUERADE"
 SNAT_COMMENT = "masqd: outbound traffic is subject to SNAT (must be last in chain)"
+#: ``--postrouting-jump``: where the jump goes in POSTROUTING. ``append`` (upstream's): at the end,
+#: after kube-proxy's jump to :data:`KUBE_POSTROUTING` (which kube-proxy inserts first); a jump
+#: found ahead of that one is moved to the end. ``insert``: first; a jump found elsewhere is moved
+#: there (so masqd decides before any other POSTROUTING rule, kube-proxy's included).
+APPEND, INSERT = "append", "insert"
+JUMP_PLACEMENTS = (APPEND, INSERT)
+#: kube-proxy's (iptables mode) nat chain: masquerades the traffic it marked 0x4000, clearing the mark.
+KUBE_POSTROUTING = "KUBE-POSTROUTING"
 
 
 def jump_rule(chain: str) -> str:
@@ -101,17 +109,21 @@ def format_probability(probability: Fraction) -> str:
     return f"{stored / 0x80000000:.11f}"
 
 
-def render_restore(rules: tuple[str, ...], chain: str, *, jumps_present: int) -> str:
+def render_restore(rules: tuple[str, ...], chain: str, *, jumps_present: int, placement: str = APPEND,
+                   move: bool = False) -> str:
     """iptables-restore input that replaces ``chain`` with ``rules`` and leaves exactly one jump.
 
-    ``:CHAIN - [0:0]`` flushes only that chain (with ``--noflush``); the jump is appended when
-    missing and extra copies are deleted, so it is never duplicated.
+    ``:CHAIN - [0:0]`` flushes only that chain (with ``--noflush``); the jump is appended
+    (``placement`` :data:`INSERT`: inserted first) when missing and extra copies are deleted, so it
+    is never duplicated. ``move``: the jumps present are in the wrong place: all are deleted and
+    one is written where ``placement`` puts it.
     """
     lines = ["*nat", f":{chain} - [0:0]", *rules]
     jump = jump_rule(chain)
-    if jumps_present == 0:
-        lines.append(jump)
-    lines.extend("-D" + jump[2:] for _ in range(jumps_present - 1))
+    deleted = jumps_present if move else max(jumps_present - 1, 0)
+    lines.extend("-D" + jump[2:] for _ in range(deleted))
+    if jumps_present == 0 or move:
+        lines.append(jump if placement == APPEND else "-I POSTROUTING 1" + jump[len("-A POSTROUTING"):])
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -119,12 +131,26 @@ def render_restore(rules: tuple[str, ...], chain: str, *, jumps_present: int) ->
 @dataclass(frozen=True, slots=True)
 class NatState:
     """What ``iptables-save -t nat`` shows of masqd's chain and jump. ``other_jumps``: POSTROUTING
-    rules sending traffic to the chain that are not masqd's jump (someone edited it)."""
+    rules sending traffic to the chain that are not masqd's jump (someone edited it).
+    ``jump_first``: masqd's (first) jump is the first POSTROUTING rule; ``before_kube``: it comes
+    before a jump to kube-proxy's :data:`KUBE_POSTROUTING`."""
 
     chain_exists: bool
     rules: tuple[str, ...]
     jumps: int
     other_jumps: tuple[str, ...] = ()
+    jump_first: bool = False
+    before_kube: bool = False
+
+    def misplaced(self, placement: str) -> str | None:
+        """Why masqd's jump is not where ``placement`` keeps it (``None``: it is, or there is none)."""
+        if not self.jumps:
+            return None
+        if placement == INSERT and not self.jump_first:
+            return "POSTROUTING jump is not the first rule (--postrouting-jump=insert)"
+        if placement == APPEND and self.before_kube:
+            return f"POSTROUTING jump comes before the one to {KUBE_POSTROUTING} (--postrouting-jump=append)"
+        return None
 
 
 def parse_nat_state(save_text: str, chain: str) -> NatState:
@@ -136,8 +162,12 @@ def parse_nat_state(save_text: str, chain: str) -> NatState:
     lines = _nat_lines(save_text)
     rules = tuple(line for line in lines if line.startswith(prefix))
     postrouting = [line for line in lines if line.startswith("-A POSTROUTING ")]
+    first = postrouting.index(jump) if jump in postrouting else None
+    to_kube = re.compile(rf"(?:^| )-[jg] {KUBE_POSTROUTING}(?: |$)")
     return NatState(bool(rules) or any(line.startswith(declared) for line in lines), rules, postrouting.count(jump),
-                    tuple(line for line in postrouting if line != jump and to_chain.search(line)))
+                    tuple(line for line in postrouting if line != jump and to_chain.search(line)),
+                    jump_first=first == 0,
+                    before_kube=first is not None and any(to_kube.search(line) for line in postrouting[first + 1:]))
 
 
 def _nat_lines(save_text: str) -> list[str]:
@@ -157,8 +187,10 @@ def _nat_lines(save_text: str) -> list[str]:
     return lines
 
 
-def plan_restore(desired: tuple[str, ...], state: NatState, chain: str) -> tuple[str | None, str]:
-    """The iptables-restore text to apply (``None`` when the kernel is in sync) and why."""
+def plan_restore(desired: tuple[str, ...], state: NatState, chain: str,
+                 placement: str = APPEND) -> tuple[str | None, str]:
+    """The iptables-restore text to apply (``None`` when the kernel is in sync) and why.
+    ``placement``: ``--postrouting-jump``; a jump elsewhere is moved (see :data:`APPEND`)."""
     reasons = []
     if not state.chain_exists:
         reasons.append(f"chain {chain} missing")
@@ -166,9 +198,14 @@ def plan_restore(desired: tuple[str, ...], state: NatState, chain: str) -> tuple
         reasons.append(f"chain {chain} differs")
     if state.jumps != 1:
         reasons.append(f"POSTROUTING jump count {state.jumps}, want 1")
+    misplaced = state.misplaced(placement)
+    if misplaced is not None:
+        reasons.append(misplaced)
     if not reasons:
         return None, "in sync"
-    return render_restore(desired, chain, jumps_present=state.jumps), "; ".join(reasons)
+    # with insert, the one copy kept must be the first rule: every copy goes and one is inserted
+    move = misplaced is not None or (placement == INSERT and state.jumps > 1)
+    return render_restore(desired, chain, jumps_present=state.jumps, placement=placement, move=move), "; ".join(reasons)
 
 
 def parse_nat_chains(save_text: str) -> dict[str, tuple[str, ...]]:
@@ -188,13 +225,14 @@ def parse_nat_chains(save_text: str) -> dict[str, tuple[str, ...]]:
     return {name: tuple(rules) for name, rules in chains.items()}
 
 
-def render_ruleset(ruleset: RuleSet, *, random_fully_supported: bool = True) -> str:
+def render_ruleset(ruleset: RuleSet, *, random_fully_supported: bool = True, placement: str = APPEND) -> str:
     """The iptables-restore input for each family, as written to a kernel holding none of it."""
     parts = []
     for family in ruleset.families:
         rules = family_rules(ruleset, family, random_fully_supported)
         tool = "iptables-restore" if family.family == 4 else "ip6tables-restore"
-        parts.append(f"# {tool} --noflush\n" + render_restore(rules, ruleset.chain, jumps_present=0))
+        parts.append(f"# {tool} --noflush\n"
+                     + render_restore(rules, ruleset.chain, jumps_present=0, placement=placement))
     return "".join(parts)
 
 

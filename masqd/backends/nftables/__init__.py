@@ -25,9 +25,10 @@ the pure modules can be imported alone (see :mod:`masqd.exports`).
 from masqd.exports import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "render": ("CHAIN", "CHAIN_COMMENT", "LOCAL_RETURN", "NFT_FAMILY", "SET_COMMENT", "SRCNAT_PRIORITY", "TABLE",
-               "TABLE_COMMENT", "MasqRule", "TableState", "desired_state", "intervals_of", "render_delete",
-               "render_replace", "render_ruleset", "render_table", "set_name", "set_return"),
+    "render": ("CHAIN", "CHAIN_COMMENT", "DEFAULT_PRIORITY", "LOCAL_RETURN", "NFT_FAMILY", "SET_COMMENT",
+               "SRCNAT_PRIORITY", "TABLE", "TABLE_COMMENT", "MasqRule", "TableState", "desired_state", "intervals_of",
+               "parse_priority", "priority_text", "render_delete", "render_replace", "render_ruleset", "render_table",
+               "set_name", "set_return"),
     "live": ("live_family", "other_nat_chains", "parse_listing", "why_rewritten"),
     "monitor": ("ChangeFilter",),
     "executor": ("NftExecutor", "NftMonitor", "NftSubprocessExecutor", "load_error", "marker_lines"),

@@ -18,12 +18,17 @@ import anyio
 import structlog
 
 from masqd.aio import Backoff
-from masqd.backends.base import LiveRules, SyncResult
+from masqd.backends.conntrack import ConntrackTable
+from masqd.backends.base import ForeignRule, LiveRules, SyncResult
 from masqd.backends.nftables.executor import NftExecutor, NftMonitor, NftSubprocessExecutor
 from masqd.backends.nftables.live import why_rewritten, live_family, other_nat_chains, parse_listing
 from masqd.backends.nftables.monitor import ChangeFilter
-from masqd.backends.nftables.render import (NFT_FAMILY, SRCNAT_PRIORITY, TABLE, TableState, cidr_pieces,
+from masqd.backends.nftables.services import TABLE as KUBE_PROXY_TABLE
+from masqd.backends.nftables.services import parse_services
+from masqd.backends.nftables.render import (DEFAULT_PRIORITY, NFT_FAMILY, TABLE, TableState, cidr_pieces,
                                             render_delete, render_replace, render_ruleset, ruleset_states)
+from masqd.backends.services import ServiceMap
+from masqd.backends.services_live import with_node_addresses
 from masqd.errors import BackendError, ElementsRefusedError
 from masqd.ruleset import RuleSet
 
@@ -49,12 +54,19 @@ class _Known:
 
 class NftablesBackend:
     """masqd's own ``ip``/``ip6`` ``masqd`` tables, written with ``nft -f -`` in one transaction,
-    their set elements changed in place when only they differ."""
+    their set elements changed in place when only they differ. ``priority``: the nat chain's
+    (``--nftables-priority``; ``None``: :data:`~.render.DEFAULT_PRIORITY`, ``srcnat + 10``); a
+    table whose chain is at another priority is rewritten like any other difference."""
 
     name = "nftables"
 
-    def __init__(self, executor: NftExecutor | None = None):
+    def __init__(self, executor: NftExecutor | None = None, *, priority: int | None = None,
+                 conntrack: ConntrackTable | None = None):
         self.executor: NftExecutor = executor or NftSubprocessExecutor()
+        #: The namespace's live flows (``--conntrack-reconcile``); the daemon's backends get the
+        #: kernel's (``default_plugins/backends.py``); ``None``: live flows are left alone.
+        self.conntrack = conntrack
+        self.priority = DEFAULT_PRIORITY if priority is None else priority
         self._known: dict[int, _Known] = {}
         #: Bumped whenever the kernel may have changed without masqd knowing what it holds: what
         #: was learnt in an older epoch is read back before it is relied on.
@@ -65,7 +77,7 @@ class NftablesBackend:
         """Nothing to learn: every nft that has ``fully-random`` and ``fib`` is good enough."""
 
     def render(self, ruleset: RuleSet) -> str:
-        return render_ruleset(ruleset)
+        return render_ruleset(ruleset, self.priority)
 
     async def current(self, family: int) -> TableState | None:
         text = await self.executor.list_table(family)
@@ -97,7 +109,7 @@ class NftablesBackend:
         replace: list[TableState] = []
         changes: list[tuple[TableState, list[tuple[int, int]], list[tuple[int, int]]]] = []
         reasons: dict[int, str] = {}
-        wanted = ruleset_states(ruleset)
+        wanted = ruleset_states(ruleset, self.priority)
         edit = any((known := self._trusted(d.family)) is not None and known.state != d for d in wanted)
         for desired in wanted:
             current = await self._held(desired, edit)
@@ -174,12 +186,29 @@ class NftablesBackend:
         """What the kernel holds of masqd's table for each family of ``ruleset``; reads only."""
         structure = await self.executor.list_structure()
         families = []
-        for family, desired in zip(ruleset.families, ruleset_states(ruleset)):
+        for family, desired in zip(ruleset.families, ruleset_states(ruleset, self.priority)):
             state = await self.current(family.family)
-            priority = state.chain[2] if state is not None and state.chain is not None else SRCNAT_PRIORITY
-            others = other_nat_chains(structure, family.family, priority if isinstance(priority, int) else SRCNAT_PRIORITY)
-            families.append(live_family(state, desired, others))
+            priority = state.chain[2] if state is not None and state.chain is not None else self.priority
+            others = other_nat_chains(structure, family.family, priority if isinstance(priority, int) else self.priority)
+            live = live_family(state, desired, others)
+            families.append(dataclasses.replace(live, services=await self._services(family.family)))
         return LiveRules(self.name, f"table {TABLE}", tuple(families))
+
+    async def _services(self, family: int) -> ServiceMap:
+        """kube-proxy's Services from its ``kube-proxy`` table (nftables mode), for explain to
+        follow a ClusterIP to its endpoints; empty when there is no such table, or the executor
+        reads only masqd's own (a test's)."""
+        if not isinstance(self.executor, NftSubprocessExecutor):
+            return ServiceMap()
+        listing = await self.executor.list_table(family, KUBE_PROXY_TABLE)
+        return await with_node_addresses(parse_services(listing, family), family)
+
+    async def foreign_rules(self, ruleset: RuleSet) -> dict[int, tuple[ForeignRule, ...]]:
+        """Per family of ``ruleset``, the other tables' chains hooked at nat postrouting that may
+        masquerade (:func:`.live.other_nat_chains`): one listing of the ruleset without set
+        elements (a sync reads only masqd's own tables)."""
+        structure = await self.executor.list_structure()
+        return {family.family: other_nat_chains(structure, family.family, self.priority) for family in ruleset.families}
 
     async def monitor(self, notify: Callable[[str], None], ready: Callable[[], None] | None = None) -> None:
         """Until cancelled, call ``notify(change)`` soon after another process changes masqd's

@@ -59,8 +59,9 @@ class NftSubprocessExecutor:
         self.binary = binary
         self.write_marker = f"{TABLE}_write_{os.urandom(6).hex()}"  # (secrets would cost 0.6 MiB of RSS)
 
-    async def list_table(self, family: int) -> str | None:
-        command = [self.binary, "--json", "list", "table", NFT_FAMILY[family], TABLE]
+    async def list_table(self, family: int, name: str = TABLE) -> str | None:
+        """``nft --json list table`` of masqd's table (or another table, read only: ``name``)."""
+        command = [self.binary, "--json", "list", "table", NFT_FAMILY[family], name]
         result = await run_tool(command, None)
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace")

@@ -20,9 +20,9 @@ import orjson
 
 from masqd.backends.base import AFTER, BEFORE, EITHER, INSIDE, KEEPS, MASQUERADES, ForeignRule, LiveFamily
 from masqd.cidrs import Network
-from masqd.backends.nftables.render import (NFT_FAMILY, CHAIN, LOCAL_RETURN, SRCNAT_PRIORITY, TABLE, MasqRule,
+from masqd.backends.nftables.render import (NFT_FAMILY, CHAIN, DEFAULT_PRIORITY, LOCAL_RETURN, TABLE, MasqRule,
                                             SourceReturn, TableState, _element_texts, _merge, _render_rule,
-                                            iptables_interface, set_name, set_return)
+                                            iptables_interface, priority_text, set_name, set_return)
 
 
 def parse_listing(text: str, family: int) -> TableState | None:
@@ -174,7 +174,7 @@ _SOURCE_NAT = frozenset({"masquerade", "snat"})
 _XT_SOURCE_NAT = frozenset({"MASQUERADE", "SNAT", "NETMAP"})  # iptables-nft's targets, as nft shows them
 
 
-def other_nat_chains(structure: str, family: int, priority: int = SRCNAT_PRIORITY) -> tuple[ForeignRule, ...]:
+def other_nat_chains(structure: str, family: int, priority: int = DEFAULT_PRIORITY) -> tuple[ForeignRule, ...]:
     """The chains of other tables hooked at nat postrouting for ``family`` (``ip``/``ip6`` and
     ``inet`` tables) in ``nft --json list ruleset`` output (terse is enough) that may masquerade:
     a masquerade or snat statement in the chain or a chain it jumps to. In nftables an accept in one
@@ -200,7 +200,9 @@ def other_nat_chains(structure: str, family: int, priority: int = SRCNAT_PRIORIT
         prio = body.get("prio")
         stage = AFTER if isinstance(prio, int) and prio > priority else BEFORE
         text = f"table {where[0]} {where[1]} chain {body.get('name')} priority {prio}"
-        found.append((prio if isinstance(prio, int) else priority, ForeignRule(text, stage, MASQUERADES, kind="chain")))
+        mark = _required_mark(rules, (*where, body.get("name")))
+        found.append((prio if isinstance(prio, int) else priority,
+                      ForeignRule(text, stage, MASQUERADES, kind="chain", mark=mark)))
     return tuple(rule for _, rule in sorted(found, key=lambda item: item[0]))
 
 
@@ -219,6 +221,63 @@ def _may_source_nat(rules: dict[tuple[str, str, str], list[list]], chain: tuple[
                 return True
             pending += [(*current[:2], target) for target in targets[0]]
     return False
+
+
+def _required_mark(rules: dict[tuple[str, str, str], list[list]], chain: tuple[str, str, str],
+                   seen: frozenset = frozenset()) -> str | None:
+    """The packet mark every way ``chain`` may masquerade requires (as ``VALUE/MASK``): a mark
+    match on each masquerading rule, or a ``meta mark & M == 0 return`` ahead of it (kube-proxy's
+    ``masquerading`` chain; iptables-nft's ``KUBE-POSTROUTING``); ``None``: some way requires none."""
+    required = found = None
+    for expr in rules.get(chain, ()):
+        tests = [test for item in expr if (test := _mark_test(item)) is not None]
+        others = [item for item in expr[:-1] if _mark_test(item) is None and not _passive(item)]
+        if expr and isinstance(expr[-1], dict) and "return" in expr[-1] and len(tests) == 1 and not others:
+            required = required or _mark_text(*tests[0], returns=True)
+            continue
+        keys, (jumps, xt) = _scan(expr)
+        targets = [(*chain[:2], target) for target in jumps if _may_source_nat(rules, (*chain[:2], target))]
+        if not (keys & _SOURCE_NAT or xt & _XT_SOURCE_NAT or targets):
+            continue
+        own = required or next((text for test in tests if (text := _mark_text(*test, returns=False))), None)
+        if own is None and (keys & _SOURCE_NAT or xt & _XT_SOURCE_NAT):
+            return None
+        for target in [] if own is not None else targets:
+            inner = None if target in seen or target == chain else _required_mark(rules, target, seen | {chain})
+            if inner is None:
+                return None
+            own = own or inner
+        found = found or own
+    return found
+
+
+def _mark_test(item: object) -> tuple[int, str, int] | None:
+    """(mask, op, value) of a ``meta mark [& MASK] ==|!= VALUE`` match."""
+    match = item.get("match") if isinstance(item, dict) else None
+    if not isinstance(match, dict) or match.get("op") not in ("==", "!=") or not isinstance(match.get("right"), int):
+        return None
+    left, mark = match.get("left"), {"meta": {"key": "mark"}}
+    if left == mark:
+        return 0xFFFFFFFF, match["op"], match["right"]
+    both = left.get("&") if isinstance(left, dict) else None
+    if isinstance(both, list) and len(both) == 2 and both[0] == mark and isinstance(both[1], int):
+        return both[1], match["op"], match["right"]
+    return None
+
+
+def _mark_text(mask: int, op: str, value: int, returns: bool) -> str | None:
+    """The mark the packets a mark test lets on carry (``returns``: the test returns, so those
+    failing it go on), as ``VALUE/MASK``; ``None`` when an unmarked packet goes on too."""
+    if (op == "==") != returns:  # those going on have mark & mask == value
+        return f"{value:#x}/{mask:#x}" if value & mask else None
+    if value:  # mark & mask != value: mark 0 too
+        return None
+    return f"{mask:#x}/{mask:#x}" if mask & (mask - 1) == 0 else f"!0x0/{mask:#x}"
+
+
+def _passive(item: object) -> bool:
+    """An expression that neither matches nor decides (a counter, a log, iptables-nft's comment)."""
+    return isinstance(item, dict) and (set(item) <= {"counter", "log"} or item.get("xt", {}).get("name") == "comment")
 
 
 def _scan(value, keys=None, jumps=None, xt=None) -> tuple[set, tuple[set, set]]:
@@ -305,8 +364,9 @@ def live_family(state: TableState | None, desired: TableState, others: tuple[For
         kind, hook, priority, policy = state.chain
         if (kind, hook) != ("nat", "postrouting"):
             unexpected.append(f"chain {CHAIN} is type {kind} hook {hook}, not nat postrouting")
-        if priority != SRCNAT_PRIORITY:
-            unexpected.append(f"chain {CHAIN} at priority {priority}, masqd writes srcnat ({SRCNAT_PRIORITY})")
+        wanted = desired.chain[2] if desired.chain is not None else DEFAULT_PRIORITY
+        if priority != wanted:
+            unexpected.append(f"chain {CHAIN} at priority {priority}, masqd writes {priority_text(wanted)} ({wanted})")
         if policy != "accept":
             unexpected.append(f"chain {CHAIN} policy {policy}: traffic no rule returns or masquerades is {policy}ed")
     if state.set_type != desired.set_type:
@@ -363,8 +423,12 @@ def why_rewritten(current: TableState | None, desired: TableState) -> str:
     name = f"{NFT_FAMILY[desired.family]} {TABLE}"
     if current is None:
         return f"table {name} missing"
+    chain = "chain"
+    if current.chain is not None and desired.chain is not None and current.chain[:2] + current.chain[3:] \
+            == desired.chain[:2] + desired.chain[3:]:
+        chain = f"chain priority ({current.chain[2]}, masqd writes {desired.chain[2]})"
     diffs = [part for part, differs in (
-        ("chain", current.chain != desired.chain),
+        (chain, current.chain != desired.chain),
         ("set type", current.set_type != desired.set_type),
         ("set elements", current.intervals != desired.intervals),
         ("rules", current.rules != desired.rules),

@@ -1,7 +1,8 @@
 """The nftables backend's model and rendering (pure).
 
 Per family masqd owns one table (``ip masqd``, and ``ip6 masqd`` with IPv6) holding a set of the
-non-masquerade destinations and a ``nat`` chain hooked at postrouting (priority srcnat):
+non-masquerade destinations and a ``nat`` chain hooked at postrouting (by default at priority
+``srcnat + 10``, after kube-proxy's and iptables' nat chains at ``srcnat``; ``--nftables-priority``):
 
     fib daddr type local return          # like -m addrtype ! --dst-type LOCAL
     ip daddr @nonmasq4 return            # one O(log n) interval-set lookup, not a linear scan
@@ -20,15 +21,26 @@ existing element before a replace, which makes every apply of a large set slower
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 
 from masqd.cidrs import Network
+from masqd.errors import FlagError
 from masqd.ruleset import PORT_PROTOCOLS, FamilyRules, Masquerade, RuleSet
 
 TABLE = "masqd"
 CHAIN = "nat"
+#: nft's ``srcnat``: where iptables' nat POSTROUTING (legacy and nft) and kube-proxy's nftables
+#: ``nat-postrouting`` chain hook.
 SRCNAT_PRIORITY = 100
+#: masqd's chain runs after theirs, as upstream's jump comes after kube-proxy's ``KUBE-POSTROUTING``:
+#: nat chains at one hook run in priority order (equal ones in the order they were created), and
+#: the first to give a new connection a source NAT decides it; later ones are not consulted.
+DEFAULT_PRIORITY = SRCNAT_PRIORITY + 10
+#: The kernel refuses a nat chain at conntrack's priority (-200) or earlier.
+MIN_NAT_PRIORITY = -199
+_MAX_PRIORITY = 2**31 - 1
 TABLE_COMMENT = "masqd: masquerade decisions for traffic leaving this node (managed by masqd, do not edit)"
 CHAIN_COMMENT = "masqd: masquerade traffic that is not local and not in the non-masquerade set"
 SET_COMMENT = "masqd: destinations that keep the pod source address"
@@ -39,6 +51,36 @@ _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 
 def set_name(family: int) -> str:
     return f"nonmasq{family}"
+
+
+def parse_priority(text: str) -> int:
+    """``--nftables-priority``: an integer, ``srcnat``, ``srcnat + N`` or ``srcnat - N`` (spaces
+    optional), as nft takes a chain's priority; raises :class:`~masqd.errors.FlagError` for anything
+    else, or a priority the kernel refuses for a nat chain (:data:`MIN_NAT_PRIORITY` or later)."""
+    words = text.replace("+", " + ").replace("-", " - ").split()
+    if words[:1] == ["srcnat"] and (len(words) == 1 or (len(words) == 3 and words[1] in "+-" and words[2].isdigit())):
+        offset = 0 if len(words) == 1 else int(words[2])
+        priority = SRCNAT_PRIORITY + (offset if words[1:2] != ["-"] else -offset)
+    elif re.fullmatch(r"[+-]?[0-9]+", text.strip()):
+        priority = int(text)
+    else:
+        raise FlagError("nftables-priority", text, "expected an integer, srcnat, 'srcnat + N' or 'srcnat - N' "
+                                                   f"(default '{priority_text(DEFAULT_PRIORITY)}')")
+    if not MIN_NAT_PRIORITY <= priority <= _MAX_PRIORITY:
+        raise FlagError("nftables-priority", text, f"is {priority}: a nat chain's priority must be from "
+                                                   f"{MIN_NAT_PRIORITY} (after conntrack) to {_MAX_PRIORITY}")
+    return priority
+
+
+def priority_text(priority: int) -> str:
+    """A chain priority as ``nft list`` prints it at the postrouting hook near ``srcnat``
+    (``srcnat``, ``srcnat + 10``, ``srcnat - 5``); farther away, the number."""
+    offset = priority - SRCNAT_PRIORITY
+    if offset == 0:
+        return "srcnat"
+    if abs(offset) <= 10:
+        return f"srcnat {'+' if offset > 0 else '-'} {abs(offset)}"
+    return str(priority)
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -198,12 +240,13 @@ def _source_rules(family: FamilyRules) -> tuple[SourceReturn, ...]:
     return tuple(rules)
 
 
-def desired_state(family: FamilyRules, masquerade: Masquerade, interfaces: tuple[str, ...] = ()) -> TableState:
-    """The table masqd wants for one family. Not cached: hashing 100k networks to look it up
-    would cost more than computing it (milliseconds; ``benchmarks/RESULTS.md``)."""
+def desired_state(family: FamilyRules, masquerade: Masquerade, interfaces: tuple[str, ...] = (),
+                  priority: int = DEFAULT_PRIORITY) -> TableState:
+    """The table masqd wants for one family, its chain at ``priority``. Not cached: hashing 100k
+    networks to look it up would cost more than computing it (milliseconds; ``benchmarks/RESULTS.md``)."""
     return TableState(
         family=family.family,
-        chain=("nat", "postrouting", SRCNAT_PRIORITY, "accept"),
+        chain=("nat", "postrouting", priority, "accept"),
         set_type=_ADDR_TYPE[family.family],
         intervals=intervals_of(family.nonmasq),
         rules=(LOCAL_RETURN, *_source_rules(family), set_return(family.family),
@@ -211,9 +254,9 @@ def desired_state(family: FamilyRules, masquerade: Masquerade, interfaces: tuple
     )
 
 
-def ruleset_states(ruleset: RuleSet) -> list[TableState]:
+def ruleset_states(ruleset: RuleSet, priority: int = DEFAULT_PRIORITY) -> list[TableState]:
     """:func:`desired_state` of each family of ``ruleset``."""
-    return [desired_state(family, ruleset.masquerade, ruleset.interfaces) for family in ruleset.families]
+    return [desired_state(family, ruleset.masquerade, ruleset.interfaces, priority) for family in ruleset.families]
 
 
 # --- rendering ---------------------------------------------------------------------------------------
@@ -270,7 +313,7 @@ def render_table(state: TableState) -> str:
         "\t}",
         f"\tchain {CHAIN} {{",
         f'\t\tcomment "{CHAIN_COMMENT}"',
-        "\t\ttype nat hook postrouting priority srcnat; policy accept;",
+        f"\t\ttype nat hook postrouting priority {priority_text(state.chain[2])}; policy accept;",
         *(f"\t\t{_render_rule(rule, family)}" for rule in state.rules),
         "\t}",
         "}",
@@ -294,5 +337,5 @@ def render_delete(families: tuple[int, ...]) -> str:
     return "".join(f"add table {NFT_FAMILY[f]} {TABLE}\ndelete table {NFT_FAMILY[f]} {TABLE}\n" for f in families)
 
 
-def render_ruleset(ruleset: RuleSet) -> str:
-    return render_replace(ruleset_states(ruleset))
+def render_ruleset(ruleset: RuleSet, priority: int = DEFAULT_PRIORITY) -> str:
+    return render_replace(ruleset_states(ruleset, priority))

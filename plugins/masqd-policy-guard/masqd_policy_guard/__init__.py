@@ -18,7 +18,6 @@ naming the file and key, so masqd keeps its last good rules rather than running 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field

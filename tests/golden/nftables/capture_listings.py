@@ -51,7 +51,7 @@ CAPTURES = {
     "drift_foreign_rule_inserted": (golden("defaults"), ["insert rule ip masqd nat ip saddr 10.244.9.0/24 accept"], ("ip",)),
     "drift_counter_rule_added": (golden("defaults"), ["add rule ip masqd nat counter"], ("ip",)),
     "drift_policy_drop": (golden("defaults"), ["chain ip masqd nat { policy drop ; }"], ("ip",)),
-    "drift_chain_priority": (golden("defaults").replace("priority srcnat;", "priority srcnat - 1;"), [], ("ip",)),
+    "drift_chain_priority": (golden("defaults").replace("priority srcnat + 10;", "priority srcnat - 1;"), [], ("ip",)),
     "drift_set_flushed": (golden("defaults"), ["flush set ip masqd nonmasq4"], ("ip",)),
     "drift_chain_flushed": (golden("defaults"), ["flush chain ip masqd nat"], ("ip",)),
     "drift_table_dormant": (golden("defaults"), ["add table ip masqd { flags dormant ; }"], ("ip",)),
