@@ -92,13 +92,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               "New UDP flows per second masqueraded through the node, and sender CPU per flow, at 10 to 10k CIDRs, "
               "nftables vs iptables.",
               ("--sizes", "10,1000,10000", "--seconds", "3", "--repeats", "5"),
-              ("--sizes", "10,100", "--seconds", "0.5", "--repeats", "1"), timeout=600),
+              ("--sizes", "10", "--seconds", "0.3", "--repeats", "1"), timeout=600),
     Benchmark("Idle RSS and CPU", "idle_cost.py",
               "CPU share, resident memory and wake-ups of the running daemon (default config) with nothing to do, "
               "both backends, with the installed plugins and with the built-in ones alone; the iptables drift "
               "check's cost per check.",
               ("--seconds", "60", "--settle", "5", "--drift-probe", "20"),
-              ("--seconds", "3", "--settle", "1", "--drift-probe", "2")),
+              ("--seconds", "1", "--settle", "0.5", "--drift-probe", "1")),
     Benchmark("Short commands", "short_commands.py",
               "`masqd validate` and `masqd render` of the example config, wall-clock and CPU, beside `python -c pass` "
               "and the libraries they need, with the installed plugins and with the built-in ones alone.",
@@ -130,7 +130,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               ("--sizes", "10000,100000", "--repeats", "5", "--edit-size", "100000", "--edits", "6",
                "--flow-cidrs", "1000", "--flow-seconds", "2", "--flow-repeats", "3"),
               ("--sizes", "1000", "--repeats", "1", "--edit-size", "1000", "--edits", "2",
-               "--flow-cidrs", "100", "--flow-seconds", "0.5", "--flow-repeats", "1"),
+               "--flow-cidrs", "100", "--flow-seconds", "0.2", "--flow-repeats", "1"),
               timeout=600),
     Benchmark("Live flows after an apply", "conntrack_reconcile.py",
               "--conntrack-reconcile after an apply that keeps 5% of the destinations of 10k and 100k source-NATed "

@@ -33,9 +33,9 @@ How (one test per backend, each in a network namespace of its own, nothing in th
 - The kills that landed while an ``iptables-restore`` / ``nft -f`` was running are counted, and
   a meaningful share must have (otherwise the test would prove nothing).
 
-``MASQD_CRASH_KILLS`` (kills per backend, default 100) runs more; ``MASQD_CRASH_SEED`` replays a
+``MASQD_CRASH_KILLS`` (kills per backend, default 50) runs more; ``MASQD_CRASH_SEED`` replays a
 run's random choices (the seed is printed with the numbers: kills by what masqd was running
-when it died, how the kernel was left, restarts). Each backend takes about 35 s on a 2-core VM.
+when it died, how the kernel was left, restarts). Each backend takes about 16 s on a 2-core VM.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ import pytest
 from masqd.testing import netns
 from masqd.testing.processes import children, cmdline, process_state
 
-KILLS = int(os.environ.get("MASQD_CRASH_KILLS", "100"))
+KILLS = int(os.environ.get("MASQD_CRASH_KILLS", "50"))
 #: The first kills start from a kernel holding none of masqd's rules.
 FRESH_KILLS = max(3, KILLS // 10)
 #: Share of the other cycles that kill masqd in its first pass (the kernel differs from the file).
