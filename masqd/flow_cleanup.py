@@ -71,7 +71,8 @@ def flow_fields(report: FlowReport | None) -> dict[str, object]:
 
 class FlowCleanup:
     """The reconciler's conntrack step. ``mode``: one of :data:`masqd.flows.CONNTRACK_MODES`.
-    ``addresses``: reads the node's addresses (flows from and to them are never touched)."""
+    ``addresses``: reads the node's addresses, flows from and to which are never touched
+    (default: :func:`masqd.sources.addresses.local_addresses`)."""
 
     def __init__(self, mode: str = DEFAULT_CONNTRACK_MODE, addresses: Callable[[], Awaitable[frozenset]] | None = None,
                  *, limit: int = MAX_DELETES_PER_PASS, deadline: float = DEADLINE_SECONDS,
@@ -133,7 +134,11 @@ class FlowCleanup:
 
         read_all = False
         with anyio.move_on_after(self.read_timeout) as reading:
-            local = await self.addresses() if self.addresses is not None else frozenset()
+            if self.addresses is None:
+                from masqd.sources.addresses import local_addresses
+
+                self.addresses = local_addresses
+            local = await self.addresses()
             for family in after.families:
                 if not await table.scan(family.family, PROTOCOL_NUMBERS.get(only), select):
                     break

@@ -123,11 +123,18 @@ def mark_meaning(mark: str) -> str:
     return f"only traffic carrying packet mark {mark} (set by another component) is masqueraded by it, not by masqd"
 
 
+#: Rules ``/readyz`` names at most (the rest are counted; the log names each once).
+SUMMARY_RULES = 10
+
+
 def summary(found: Sequence[Shadowing]) -> str:
-    """One line naming each rule of ``found`` (for ``/readyz``); empty when there is none."""
+    """One line naming each rule of ``found`` (for ``/readyz``; past :data:`SUMMARY_RULES`, the
+    rest counted); empty when there is none."""
     if not found:
         return ""
-    rules = "; ".join(item.describe() for item in found)
+    rules = "; ".join(item.describe() for item in found[:SUMMARY_RULES])
+    if len(found) > SUMMARY_RULES:
+        rules += f"; and {len(found) - SUMMARY_RULES} more (named in the log)"
     return f"{len(found)} rule(s) masqd does not write may masquerade traffic it keeps (shadowing): {rules}"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_iptables_sync import FakeNatKernel
+from fake_nat import FakeNatKernel
 
 from masqd.backends.iptables import IptablesBackend, jump_rule, parse_nat_state, plan_restore
 from masqd.backends.iptables.render import APPEND, INSERT
@@ -238,3 +238,15 @@ async def test_a_chain_edit_does_not_leave_a_jump_in_the_wrong_place():
     live = (await backend.read_back(ruleset("nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24]\n"))).family(4)
     assert live.drift is None and live.unexpected == ()
     assert [(rule.stage, rule.text) for rule in live.foreign] == [("after", KUBE_JUMP)]
+
+
+def test_the_dry_run_backend_renders_the_jump_where_the_iptables_backend_would_put_it():
+    from masqd.backends.base import BackendSettings
+    from masqd.plugins import Plugins
+
+    plugins = Plugins.load(entry_points=False)
+    ruleset = compute_ruleset(parse_config("{}", AgentOptions()).config, AgentOptions())
+    for placement, first in (("append", "-A POSTROUTING"), ("insert", "-I POSTROUTING 1")):
+        backend = plugins.make_backend("dry-run", BackendSettings(AgentOptions(), postrouting_jump=placement))
+        [jump] = [line for line in backend.render(ruleset).splitlines() if "POSTROUTING" in line]
+        assert jump.startswith(first + " -m comment"), placement

@@ -33,7 +33,8 @@ from masqd.http import DEFAULT_ADDRESS, Address
 from masqd.provenance import cidr_origins
 from masqd.reconcile import Reconciler
 from masqd.ruleset import compute_ruleset
-from masqd.shadowing import KUBE_PROXY_MARK, Reported, Shadowing, family_shadowing, find_shadowing, mark_meaning
+from masqd.shadowing import (KUBE_PROXY_MARK, SUMMARY_RULES, Reported, Shadowing, family_shadowing, find_shadowing,
+                             mark_meaning, summary)
 from masqd.status import AgentStatus
 from masqd.testing import kube_proxy, netns
 from masqd.testing.netns import CHAIN
@@ -130,6 +131,13 @@ def test_each_rule_is_reported_once_while_it_stays_and_again_when_it_comes_back(
     assert reported.update([other]) == ((), (cni,))
     assert reported.update([]) == ((), (other,))
     assert reported.update([cni]) == ((cni,), ())
+
+
+def test_readyz_names_ten_rules_at_most_and_counts_the_rest():
+    many = [Shadowing(4, rule(text=f"RULE-{i}"), DEFAULT_KEPT) for i in range(SUMMARY_RULES + 3)]
+    text = summary(many)
+    assert text.startswith(f"{SUMMARY_RULES + 3} rule(s)") and text.endswith("and 3 more (named in the log)")
+    assert "RULE-9" in text and "RULE-10" not in text
 
 
 # --- rule shapes as the tools print them (pure) -----------------------------------------------------------

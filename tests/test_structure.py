@@ -131,3 +131,17 @@ def test_pure_modules_load_nothing_that_does_io(module):
              f"or n.split('.')[0] in {IO_MODULES!r})))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == [], f"{module} loads {loaded}"
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in support modules (``tests/support.py``, ``tests/fake_nat.py``...),
+    so each test module can be run, moved or deleted alone."""
+    tests = Path(__file__).parent
+    importers = {}
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(name.split(".")[0].startswith("test_") for name in names):
+                importers.setdefault(path.name, []).extend(names)
+    assert importers == {}

@@ -11,7 +11,7 @@ import structlog
 
 from masqd.backends.conntrack import ConntrackTable
 from masqd.backends.base import LiveFamily, LiveRules, SyncResult
-from masqd.backends.iptables.render import render_ruleset
+from masqd.backends.iptables.render import APPEND, render_ruleset
 from masqd.ruleset import RuleSet
 
 log = structlog.get_logger("masqd.backend.dry-run")
@@ -22,7 +22,9 @@ class DryRunBackend:
 
     name = "dry-run"
 
-    def __init__(self, conntrack: ConntrackTable | None = None) -> None:
+    def __init__(self, conntrack: ConntrackTable | None = None, *, placement: str = APPEND) -> None:
+        #: ``--postrouting-jump``: where the iptables backend would put its POSTROUTING jump.
+        self.placement = placement
         #: Read-only (``ConntrackTable(read_only=True)``, as ``--backend dry-run`` has): the stale
         #: live flows an apply would delete are listed in the log, none deleted.
         self.conntrack = conntrack
@@ -40,7 +42,7 @@ class DryRunBackend:
         return removed
 
     def render(self, ruleset: RuleSet) -> str:
-        return render_ruleset(ruleset)
+        return render_ruleset(ruleset, placement=self.placement)
 
     async def read_back(self, ruleset: RuleSet) -> LiveRules:
         """What this backend pretends the kernel holds (the rule set it last applied), per family

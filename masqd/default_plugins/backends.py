@@ -31,7 +31,8 @@ def _dry_run(settings: BackendSettings) -> DryRunBackend:
     from masqd.backends.conntrack import ConntrackTable
     from masqd.backends.dryrun import DryRunBackend
 
-    return DryRunBackend(ConntrackTable(read_only=True))  # lists the live flows an apply would delete
+    # lists the live flows an apply would delete; renders what the iptables backend would write
+    return DryRunBackend(ConntrackTable(read_only=True), placement=settings.postrouting_jump)
 
 
 @hookimpl

@@ -5,7 +5,7 @@ runs (``iptables``, ``nft``, ``conntrack``: the Dockerfile's ``setcap``), so the
 masqd's own ctnetlink socket (``EPERM``) while a ``conntrack`` child may read and delete entries.
 :class:`~masqd.backends.conntrack.table.ConntrackTable` then falls back to this class. Listing
 is one ``conntrack -L`` per family (``-p udp`` in ``udp`` mode); a delete is one ``conntrack -D``
-per entry, which the tool carries out by reading the whole table itself (about 0.4 s per delete
+per entry, which the tool carries out by reading the whole table itself (about 0.3 s per delete
 at 100k entries, against microseconds over netlink: ``benchmarks/RESULTS.md``), so deletes go in
 small batches between which the reconciler's deadline is checked. Processes run through
 :func:`masqd.backends.tools.run_tool` (its deadline, kill and reap).
