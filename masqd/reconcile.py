@@ -63,6 +63,7 @@ class Reconciler:
         leftovers: Callable[[Backend], tuple[Backend, ...]] | None = None,
         addresses: Callable[[], Awaitable[frozenset]] | None = None,
         conntrack: str = DEFAULT_CONNTRACK_MODE,
+        once: bool = False,
     ):
         """``config``: a path (one file) or a loader over several inputs. ``plugins``: their
         ``nonmasq_cidrs`` / ``validate_config`` hooks (``None``: none). ``status``: where the
@@ -73,7 +74,9 @@ class Reconciler:
         the addresses of masqd's network namespace, to check a ``snatToAddress`` before it is
         applied (default: :func:`masqd.sources.addresses.local_addresses`, read only then).
         ``conntrack``: ``--conntrack-reconcile``, which live flows an apply that changed decisions
-        prunes (:mod:`masqd.flow_cleanup`), through the backend's ``conntrack`` table if it has one."""
+        prunes (:mod:`masqd.flow_cleanup`), through the backend's ``conntrack`` table if it has one.
+        ``once``: for ``run --once``, whose command prints a rejected config's problems itself
+        (and has no rules last applied to keep): the rejection is not logged as well."""
         self.backend = backend
         self.options = options
         self.loader = config_loader(config, options)
@@ -83,6 +86,7 @@ class Reconciler:
         self.on_resync_interval = on_resync_interval
         self.leftovers = leftovers
         self.addresses = addresses
+        self.once = once
         #: The SNAT addresses the newest desired state asks for (applied or refused): the address
         #: changes worth a pass (:mod:`masqd.sources.addresses`).
         self.snat_addresses: frozenset = frozenset()
@@ -127,14 +131,17 @@ class Reconciler:
             ruleset, contributions = await plan_rules(config, self.options, self.plugins, loaded.merged)
             await self._check_snat_addresses(ruleset)
         except ConfigError as exc:
-            if self._changed_since_logged(("error", *map(str, exc.problems + exc.warnings))):
+            if self._changed_since_logged(("error", *map(str, exc.problems + exc.warnings))) and not self.once:
                 what = ("plugins rejected the new state" if isinstance(exc, PluginError) else
                         "SNAT address not on this node, new state refused" if isinstance(exc, SnatAddressError)
                         else "config rejected")
                 log.error(f"{what}; keeping the rules last applied", path=exc.source,
                           problems=[str(p) for p in exc.problems], warnings=[str(w) for w in exc.warnings])
             raise
+        rejected_before = self._logged_findings[:1] == ("error",)
         if self._changed_since_logged(("ok", *(f"{name}: {w}" for name, w in loaded.warnings))):
+            if rejected_before:  # said once, whether or not the rules then change
+                log.info("config accepted again", path=list(loaded.merged.sources) or ["defaults"])
             for name, warning in loaded.warnings:
                 log.warning("config warning", path=name, problem=str(warning))
         previous = self.config.resync_interval_ns
@@ -244,6 +251,9 @@ class Reconciler:
         elif self._flows is not None and self._flows.total:
             log.info("stale conntrack entries deleted", backend=self.backend.name, trigger=trigger,
                      conntrack_deleted=self._flows.total)
+        elif before is None and config_error is None:  # a first pass (start-up, --once) that wrote nothing
+            log.info("rules already in place", backend=self.backend.name, trigger=trigger,
+                     cidrs=sum(len(family.nonmasq) for family in desired.families))
         else:
             log.debug("in sync", backend=self.backend.name, trigger=trigger)
         if config_error is not None:
