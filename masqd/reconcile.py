@@ -323,6 +323,24 @@ class Reconciler:
                                      "read_back method), which explain --live needs; run explain without --live")
         return await read_back(ruleset)
 
+    async def rules_of_other_backends(self, ruleset: RuleSet) -> list[tuple[str, str]]:
+        """Each other backend (``leftovers``) whose rules for ``ruleset`` the kernel holds, as
+        ``(what, the flags that choose it)``: ``("nftables backend, table masqd", "--backend
+        nftables")`` (``explain --live`` names them when the chosen backend holds none). Only
+        reads; a backend that cannot be read is passed over."""
+        found = []
+        for other in self.leftovers(self.backend) if self.leftovers else ():
+            read_back = getattr(other, "read_back", None)
+            try:
+                live = None if read_back is None else await read_back(ruleset)
+            except MasqdError:
+                continue
+            if live is not None and any(family.present for family in live.families):
+                mode = getattr(other, "mode", None) if live.backend == "iptables" else None
+                found.append((f"{live.backend} backend, {live.where}" + (f" (iptables-{mode})" if mode else ""),
+                              f"--backend {live.backend}" + (f" --iptables-mode {mode}" if mode else "")))
+        return found
+
     @property
     def kernel_monitor(self) -> Callable[[Callable[[str], None]], Awaitable[None]] | None:
         """The backend's ``monitor(notify)`` (optional: it follows the kernel's changes to its rules

@@ -69,3 +69,21 @@ def test_run_once_on_a_kernel_that_already_holds_the_rules_says_so(node_ns, tmp_
     assert [e["event"] for e in log_events(first.stderr) if e["event"].startswith("rules")] == ["rules applied"]
     [in_place] = [e for e in log_events(second.stderr) if e["event"].startswith("rules")]
     assert (in_place["event"], in_place["cidrs"]) == ("rules already in place", 2)
+
+
+@pytest.mark.netns
+def test_explain_live_names_masqds_rules_of_another_backend(node_ns, tmp_path):
+    """``explain --live`` reads the iptables backend by default: after ``--backend nftables`` it
+    finds none of its rules, and says where masqd's rules are and how to explain them (issue 18,
+    item 12), still exiting 5 (the chosen backend's rules differ from the desired state)."""
+    config = tmp_path / "config"
+    config.write_text(GOOD)
+    try:
+        netns.run(node_ns, str(MASQD), "run", "--once", "--backend", "nftables", "--config", str(config))
+        result = netns.run(node_ns, str(MASQD), "explain", "--live", "10.1.2.3", "--config", str(config),
+                           check=False)
+    finally:
+        netns.run(node_ns, str(MASQD), "cleanup", "--backend", "nftables", check=False)
+    assert result.returncode == 5
+    assert ("note: the kernel holds none of the iptables backend's rules, but masqd's rules of the nftables "
+            "backend, table masqd: explain them with --backend nftables") in result.stderr.splitlines()

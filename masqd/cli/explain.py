@@ -26,7 +26,7 @@ async def explain_command(args: argparse.Namespace, plugins: Plugins) -> int:
     if source is not None and (problem := source_family_problem(source, args.addresses)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    agent = agent_from(args, plugins, once=True, uses_backend=args.live)
+    agent = agent_from(args, plugins, once=True, uses_backend=args.live, leftovers=_other_backends)
     planned = await plan_and_report(agent)
     if planned is None:
         # with --live, the kernel still holds the last good rules: explain from them alone
@@ -42,11 +42,22 @@ async def explain_command(args: argparse.Namespace, plugins: Plugins) -> int:
         live = await _read_back(agent, ruleset)
         if live is None:
             return EXIT_BACKEND
+        if not any(family.present for family in live.families):
+            for what, flags in await agent.reconciler.rules_of_other_backends(ruleset):
+                print(f"note: the kernel holds none of the {agent.backend.name} backend's rules, but masqd's rules of "
+                      f"the {what}: explain them with {flags}", file=sys.stderr)
     config = loaded.config
     report = explain(args.addresses, ruleset, origins, live, masq_link_local=config.masq_link_local,
                      masq_link_local_ipv6=config.masq_link_local_ipv6, source=source, interface=interface)
     _print_report(report, args.output)
     return EXIT_DRIFT if report.drift else EXIT_OK
+
+
+def _other_backends(active):
+    """The backends whose rules ``--live`` looks for when the chosen one holds none (loaded only then)."""
+    from masqd.backends.leftovers import leftover_backends
+
+    return leftover_backends(active)
 
 
 def _print_report(report, output: str) -> None:
