@@ -424,4 +424,14 @@ def test_one_shot_commands_exit_4_when_the_api_cannot_be_read(api, tmp_path, cap
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
     api.stop()
     assert main(["render", "--kube-configmap", str(REF), "--kubeconfig", str(kubeconfig), "--backend", "dry-run"]) == 4
-    assert "cannot read the Kubernetes API" in capsys.readouterr().err
+    assert f"error: cannot read the Kubernetes API at {api.url}: " in capsys.readouterr().err  # which server
+
+
+def test_a_kubeconfig_path_that_does_not_exist_is_named_as_the_problem(tmp_path, capsys):
+    from masqd.cli import main
+
+    missing = tmp_path / "nonexistent"
+    assert main(["validate", "--kube-configmap", str(REF), "--kubeconfig", str(missing)]) == 2
+    error = capsys.readouterr().err
+    assert f"no usable Kubernetes credentials in --kubeconfig {missing}: " in error
+    assert "check the path" in error and "pass --kubeconfig PATH" not in error

@@ -27,9 +27,20 @@ def load_kube_config(path: str | None) -> KubeConfig:
             return KubeConfig.from_file(path)
         return KubeConfig.from_env()
     except (LightkubeConfigError, OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
-        tried = path or "in-cluster service account, $KUBECONFIG, ~/.kube/config"
-        raise CredentialsError(f"no usable Kubernetes credentials ({tried}): {exc}; "
-                        "pass --kubeconfig PATH or run in a pod with a service account") from None
+        if path:
+            raise CredentialsError(f"no usable Kubernetes credentials in --kubeconfig {path}: {exc}; check the "
+                                   "path, or leave --kubeconfig out in a pod with a service account") from None
+        raise CredentialsError("no usable Kubernetes credentials (in-cluster service account, $KUBECONFIG, "
+                               f"~/.kube/config): {exc}; pass --kubeconfig PATH or run in a pod with a service "
+                               "account") from None
+
+
+def api_server(config: KubeConfig) -> str:
+    """The API server's URL the credentials name (``https://10.96.0.1:443``), for messages."""
+    try:
+        return str(config.get().cluster.server)
+    except Exception:  # a config lightkube accepted but cannot resolve: the error comes with the request
+        return "(unknown address)"
 
 
 def make_client(settings: KubeSettings, config: KubeConfig | None = None) -> AsyncClient:

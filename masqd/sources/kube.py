@@ -15,7 +15,7 @@ import anyio
 
 from masqd.errors import MasqdError, SourceReadError
 from masqd.events import Notify
-from masqd.kube.client import describe_failure, make_client
+from masqd.kube.client import api_server, describe_failure, load_kube_config, make_client
 from masqd.kube.reflector import Reflector
 from masqd.kube.settings import KubeSettings
 
@@ -60,13 +60,14 @@ class ReflectorSource:
         """One list handed to ``update``, as the watch's first list would be. Raises (no retry:
         the one-shot command reports it) :class:`~masqd.errors.CredentialsError` without
         credentials, :class:`~masqd.errors.SourceReadError` when the API does not answer."""
-        client = make_client(self.settings)
+        config = load_kube_config(self.settings.kubeconfig)
+        client = make_client(self.settings, config)
         try:
             await self._reflector(client, self.update).list_once()
         except MasqdError:
             raise
         except Exception as exc:  # the API cannot answer: a one-shot command cannot go on without it
-            raise SourceReadError("the Kubernetes API", str(exc) or describe_failure(exc)) from None
+            raise SourceReadError(f"the Kubernetes API at {api_server(config)}", str(exc) or describe_failure(exc)) from None
         finally:
             with anyio.CancelScope(shield=True):
                 await client.close()
