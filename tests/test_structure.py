@@ -145,3 +145,12 @@ def test_no_test_module_imports_another():
             if any(name.split(".")[0].startswith("test_") for name in names):
                 importers.setdefault(path.name, []).extend(names)
     assert importers == {}
+
+
+def test_no_test_prints_past_pytests_capture():
+    """A test's numbers are printed into its captured output (``pytest -rP`` shows them), never
+    past the capture, where they break the ``-q`` progress lines."""
+    tests = Path(__file__).parent
+    offenders = [path.name for path in sorted(tests.glob("*.py"))
+                 if any(escape in path.read_text() for escape in ("capsys" ".disabled(", "sys.__std" "out__"))]
+    assert offenders == []
