@@ -533,8 +533,8 @@ def test_unreadable_legacy_table_list_is_an_error_that_says_run_as_root(monkeypa
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(iptables_mode, "open", refuse, raising=False)
-    with pytest.raises(BackendError, match=r"ip_tables_names \(permission denied\): legacy iptables needs "
-                                           r"masqd to run as root; .* --iptables-mode nft"):
+    with pytest.raises(BackendError, match=r"^masqd is not running as root, .*ip_tables_names is readable by root "
+                                           r"only.* --iptables-mode nft \(legacy iptables needs root itself\)"):
         iptables_mode.legacy_tables(4)
     assert iptables_mode.legacy_readable() is False
 

@@ -388,3 +388,15 @@ def test_legacy_nodes_work_as_root_with_only_the_two_capabilities(legacy):
     assert result.returncode == 0, _failure(result)
     assert _iptables_rules(legacy.ns, "iptables-legacy-save") == _expected_iptables(
         ("169.254.0.0/16", "10.0.0.0/8", "198.51.100.0/24"))
+
+
+
+def test_cleanup_as_a_user_says_first_that_it_needs_root(sandbox):
+    """As a plain user (binaries without capabilities), ``cleanup`` cannot read the legacy tables:
+    the error leads with what is missing (root, or capabilities), not with a flag that would fail
+    next with "you must be root" (issue 18, item 11)."""
+    result = sandbox.run(str(MASQD), "cleanup", "--backend", "iptables", bin_dir="nocaps")
+    assert result.returncode == EXIT_BACKEND, _failure(result)
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith("error: iptables: masqd is not running as root, and changing iptables needs root "
+                            "or CAP_NET_ADMIN"), error

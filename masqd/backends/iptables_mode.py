@@ -87,8 +87,10 @@ def legacy_tables(family: int) -> frozenset[str]:
         with open(path) as listing:
             return frozenset(listing.read().split())
     except PermissionError:
-        raise BackendError(f"cannot read {path} (permission denied): legacy iptables needs masqd to run as "
-                           "root; on nodes that use iptables-nft pass --iptables-mode nft") from None
+        raise BackendError(f"masqd is not running as root, and changing iptables needs root or CAP_NET_ADMIN "
+                           f"({path} is readable by root only). Run masqd as root; or, where the iptables binaries "
+                           "carry the capability (the container image) and the node uses iptables-nft, pass "
+                           "--iptables-mode nft (legacy iptables needs root itself)") from None
     except OSError:
         return frozenset()
 
