@@ -69,9 +69,14 @@ async def run_daemon(agent: Agent, *, handle_signals: bool = True,
     """
     send, receive = anyio.create_memory_object_stream[Event](max_buffer_size=EVENT_BUFFER)
     emit = make_emit(send)
-    log.info("masqd starting", backend=agent.backend.name, config=agent.loader.names, chain=agent.options.masq_chain,
+    # where the rules go: the nftables backend's own table (it has no --masq-chain), else the chain
+    table = getattr(agent.backend, "table", None)
+    where = {"table": table} if table else {"chain": agent.options.masq_chain}
+    log.info("masqd starting", backend=agent.backend.name, config=agent.loader.names, **where,
              ipv6=agent.options.enable_ipv6, sources=[s.name for s in agent.sources],
              conntrack_reconcile=agent.reconciler.flow_cleanup.mode)
+    for name, note in agent.loader.missing_at_start():  # once: later changes are logged as they happen
+        log.warning(f"config file: {note}", path=name)
     async with send, anyio.create_task_group() as tg:
         if agent.http_address is not None:
             server = HttpServer(agent_routes(agent.status, agent.metrics))

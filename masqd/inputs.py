@@ -15,6 +15,7 @@ once. Inputs are read; event sources only say that something may have changed.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from masqd.config import AgentOptions, MasqConfig, MergedConfig, ParsedConfig, merge_configs, parse_config
+from masqd.config import (MAX_CONFIG_BYTES, AgentOptions, MasqConfig, MergedConfig, ParsedConfig, merge_configs,
+                          parse_config, too_large_problem)
 from masqd.errors import ConfigError, Problem, shorten
 from masqd.sources.files import ConfigDirectorySource, ConfigFileSource, read_config_text
 
@@ -37,6 +39,10 @@ log = structlog.get_logger("masqd.inputs")
 DIRECTORY_PREFIX = "ip-masq"
 #: The ConfigMap key holding the config, as in the upstream agent's volume mount.
 CONFIG_KEY = "config"
+#: ``--config -``: the config is read from standard input (``validate``, ``render``, ``explain``).
+STDIN = "-"
+#: Why a missing config file is not an error, said wherever one is reported.
+MISSING_ALLOWED = "a missing config file is allowed, as for an optional ConfigMap"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +68,17 @@ class ConfigInput(Protocol):
 
 
 class FileInput:
-    """One config file (``--config``): a config text when the file exists."""
+    """One config file (``--config``): a config text when the file exists. ``present`` says
+    whether it did at the last :meth:`read` (``None`` before the first)."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self.name = str(path)
+        self.present: bool | None = None
 
     def read(self) -> list[ConfigText]:
         text = _read_text(self.path, self.name)
+        self.present = text is not None
         return [] if text is None else [ConfigText(self.name, text, os.path.abspath(self.path))]
 
     def watcher(self) -> ConfigFileSource:
@@ -77,6 +86,34 @@ class FileInput:
 
     def __repr__(self) -> str:
         return f"FileInput({self.name!r})"
+
+
+class StdinInput:
+    """``--config -``: the config text on standard input, read once (at the first :meth:`read`),
+    for the one-shot commands; nothing watches it, so ``run`` refuses it."""
+
+    name = "<stdin>"
+
+    def __init__(self) -> None:
+        self._text: str | None = None
+
+    def read(self) -> list[ConfigText]:
+        if self._text is None:
+            data = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ConfigError(self.name, [too_large_problem("<stdin>", f"more than {MAX_CONFIG_BYTES} bytes")])
+            try:
+                self._text = data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(self.name, [Problem("<stdin>", None, f"not UTF-8 text ({exc.reason} at byte "
+                                                                       f"{exc.start})")]) from None
+        return [ConfigText(self.name, self._text)]
+
+    def watcher(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "StdinInput()"
 
 
 class DirectoryInput:
@@ -231,6 +268,8 @@ class ConfigLoader:
         self.inputs = tuple(inputs)
         self.options = options
         self._parsed: dict[str, tuple[str, ParsedConfig | ConfigError]] = {}  # name -> (text, result)
+        self._files_present: dict[str, bool | None] = {}  # each file input's presence at the last load
+        self._any_text = False  # whether any text was present at the last load
 
     @property
     def names(self) -> str:
@@ -239,6 +278,8 @@ class ConfigLoader:
 
     def load(self) -> LoadedConfig:
         texts, errors = read_inputs(self.inputs)
+        self._any_text = bool(texts)
+        self._note_files()
         parts: list[tuple[str, MasqConfig]] = []
         warnings: list[tuple[str, Problem]] = []
         for text in texts:
@@ -253,6 +294,32 @@ class ConfigLoader:
         if errors:
             raise _combined(errors, warnings)
         return LoadedConfig(merge_configs(parts, self.options), tuple(warnings))
+
+    def missing_files(self) -> list[tuple[str, str]]:
+        """``(path, what that means)`` for each config file missing at the last :meth:`load`."""
+        return [(config_input.name, missing_note(not self._any_text)) for config_input in self.inputs
+                if isinstance(config_input, FileInput) and config_input.present is False]
+
+    def missing_at_start(self) -> list[tuple[str, str]]:
+        """:meth:`missing_files` before any load (the daemon says so at start-up, once)."""
+        files = [config_input for config_input in self.inputs if isinstance(config_input, FileInput)]
+        missing = [config_input.name for config_input in files if not os.path.exists(config_input.path)]
+        return [(name, missing_note(len(missing) == len(self.inputs))) for name in missing]
+
+    def _note_files(self) -> None:
+        """Log a config file appearing or disappearing since the last load (a daemon loads again
+        on every change; a one-shot command, once, says what is missing itself)."""
+        for config_input in self.inputs:
+            if not isinstance(config_input, FileInput):
+                continue
+            before = self._files_present.get(config_input.name)
+            now = self._files_present[config_input.name] = config_input.present
+            if before is None or now is None or before == now:
+                continue
+            if now:
+                log.info("config file present now; its config applies", path=config_input.name)
+            else:
+                log.warning(f"config file gone: {missing_note(not self._any_text)}", path=config_input.name)
 
     def texts(self) -> dict[str, str]:
         """Every text present at the last :meth:`load`, by name (``masqd
@@ -286,6 +353,11 @@ def _combined(errors: list[ConfigError], warnings: list[tuple[str, Problem]]) ->
     return ConfigError(", ".join(exc.source for exc in errors), problems, tuple(notes))
 
 
+def missing_note(defaults: bool) -> str:
+    """What a missing config file means: ``defaults`` when no config text is present at all."""
+    return f"no such file; {'the defaults apply' if defaults else 'it contributes nothing'} ({MISSING_ALLOWED})"
+
+
 def config_loader(config: str | os.PathLike[str] | ConfigLoader | Sequence[ConfigInput],
                   options: AgentOptions) -> ConfigLoader:
     """A loader for ``config``: a loader as it is, a path as one file input, or the inputs."""
@@ -300,7 +372,9 @@ def config_inputs(paths: list[str] | tuple[str, ...], directories: list[str] | t
                   kube: KubeSettings | None = None) -> list[ConfigInput]:
     """Every config input the flags name: files (``--config``, may repeat), directories
     (``--config-dir``), then the API ConfigMap (``--kube-configmap``)."""
-    inputs: list[ConfigInput] = [*map(FileInput, paths), *map(DirectoryInput, directories)]
+    stdin = StdinInput() if STDIN in paths else None  # one input however often '-' is given: read once
+    inputs: list[ConfigInput] = list(dict.fromkeys(stdin if path == STDIN else FileInput(path) for path in paths))
+    inputs += map(DirectoryInput, directories)
     if kube is not None and kube.configmap is not None:
         inputs.append(ConfigMapInput(kube.configmap, kube))
     return inputs

@@ -143,7 +143,7 @@ def test_render_prints_golden_text(capsys, write, missing, config_text, flags, n
     assert main(["render", "--backend", "dry-run", "--config", path, *flags]) == 0
     out, err = capsys.readouterr()
     assert out == golden(name)
-    assert err == ""
+    assert err == ("" if config_text is not None else f"warning: {path}: {MISSING_NOTE}\n")
 
 
 def test_render_invalid_config_exits_1_and_prints_no_rules(capsys, write):
@@ -331,3 +331,205 @@ def test_version_is_still_the_version(argv, capsys):
     with pytest.raises(SystemExit) as caught:
         main(argv)
     assert caught.value.code == 0 and capsys.readouterr().out.startswith("masqd ")
+
+
+# --- first contact (issue 18): a missing path, stdin, duplicate keys, plain messages ----------------
+
+
+MISSING_NOTE = "no such file; the defaults apply (a missing config file is allowed, as for an optional ConfigMap)"
+
+
+@pytest.mark.parametrize("command", [["validate"], ["render", "--backend", "dry-run"], ["explain", "8.8.8.8"]])
+def test_a_missing_config_file_is_named_in_a_warning(capsys, missing, command):
+    assert main([*command, "--config", missing]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines()[0] == f"warning: {missing}: {MISSING_NOTE}"
+    assert missing not in out  # render's stdout stays exactly the script
+
+
+def test_a_missing_file_next_to_a_present_one_contributes_nothing(capsys, missing):
+    assert main(["validate", "--config", str(EXAMPLE), "--config", missing]) == 0
+    out, err = capsys.readouterr()
+    assert err == (f"warning: {missing}: no such file; it contributes nothing (a missing config file is allowed, "
+                   "as for an optional ConfigMap)\n")
+    assert out.startswith(f"ok: {EXAMPLE}: ")
+
+
+def test_installed_validate_names_a_mistyped_path(tmp_path):
+    ran = _run(_script("masqd"), "validate", "--config", "examples/confg.yaml")
+    assert ran.returncode == 0
+    assert ran.stderr == f"warning: examples/confg.yaml: {MISSING_NOTE}\n"
+
+
+@pytest.mark.parametrize("command", [["validate"], ["render", "--backend", "dry-run"], ["explain", "10.1.2.3"]])
+def test_config_dash_reads_stdin_once(command):
+    ran = subprocess.run([str(_script("masqd")), *command, "--config", "-", "--config", "-"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT, input="nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+    assert ran.returncode == 0, ran.stderr
+    assert "no such file" not in ran.stderr
+    expected = {"validate": "ok: <stdin>: 1 non-masquerade CIDRs, resyncInterval 1m0s, cidrLimit 64\n",
+                "render": golden("defaults").replace(
+                    '-A IP-MASQ-AGENT -d 172.16.0.0/12 -m comment --comment "ip-masq-agent: local traffic is not '
+                    'subject to MASQUERADE" -j RETURN\n-A IP-MASQ-AGENT -d 192.168.0.0/16 -m comment --comment '
+                    '"ip-masq-agent: local traffic is not subject to MASQUERADE" -j RETURN\n', ""),
+                "explain": "10.1.2.3: keeps the pod source address (not masqueraded)\n"
+                           "  matched 10.0.0.0/8 from <stdin> line 1\n"}
+    assert ran.stdout == expected[command[0]]
+
+
+def test_run_refuses_config_dash(capsys):
+    assert main(["run", "--once", "--backend", "dry-run", "--config", "-"]) == 2
+    assert capsys.readouterr().err == ("error: --config -: standard input is read by validate, render and explain; "
+                                       "run needs a config file it can watch for changes\n")
+
+
+@pytest.mark.parametrize("text, line", [
+    ("nonMasqueradeCIDRs:\n  - 10.0.0.0/8\nnonMasqueradeCIDRs:\n  - 192.168.0.0/16\n",
+     "nonMasqueradeCIDRs: given twice, at lines 1 and 3: only the last (line 3) is used, as the upstream agent "
+     "does; remove the others"),
+    ('{"nonMasqueradeCIDRs": ["10.0.0.0/8"],\n "cidrLimit": 3,\n "nonMasqueradeCIDRs": ["192.168.0.0/16"]}\n',
+     "nonMasqueradeCIDRs: given twice, at lines 1 and 3: only the last (line 3) is used, as the upstream agent "
+     "does; remove the others"),
+], ids=["yaml", "json"])
+def test_validate_warns_about_a_repeated_key_and_keeps_the_last(capsys, write, text, line):
+    path = write(text)
+    assert main(["validate", "--config", path]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"warning: {path}: {line}\n"
+    assert out.startswith(f"ok: {path}: 1 non-masquerade CIDRs")
+    assert main(["render", "--backend", "dry-run", "--config", path]) == 0
+    assert "-d 192.168.0.0/16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cidrLimit: 99999999999999999999999999999\n",
+     "cidrLimit: 99999999999999999999999999999: must be from 0 to 9223372036854775807 (2^63-1, the largest 64-bit "
+     "signed integer)"),
+    ("nonMasqueradeCIDRs:\n\t- 10.0.0.0/8\n",
+     "<line 2, column 1>: '\\t- 10.0.0.0/8': not valid YAML or JSON: a tab at line 2, column 1: tabs cannot indent "
+     "YAML (nor start a value); use spaces"),
+    ("nonMasqueradeCIDRs: [10.0.0.0/8\n",
+     "<line 1, column 21>: 'nonMasqueradeCIDRs: [10.0.0.0/8': not valid YAML or JSON: a [ list opened at line 1, "
+     "column 21 is never closed: add ']' after its last item"),
+    ("nonMasqueradeCIDRs: [10.0.0.0/8\ncidrLimit: 3\n",
+     "<line 1, column 21>: 'nonMasqueradeCIDRs: [10.0.0.0/8': not valid YAML or JSON: a [ list opened at line 1, "
+     "column 21 is not closed: at line 2, column 10 a ',' or ']' was expected; close it with ']' after its last "
+     "item"),
+    ("x: {a: 1\n", "<line 1, column 4>: 'x: {a: 1': not valid YAML or JSON: a { mapping opened at line 1, column 4 "
+                   "is never closed: add '}' after its last item"),
+], ids=["cidr-limit", "tab", "unclosed-list", "unclosed-list-then-more", "unclosed-mapping"])
+def test_validate_says_plainly_what_is_wrong(capsys, write, text, message):
+    path = write(text)
+    assert main(["validate", "--config", path]) == 1
+    assert capsys.readouterr().err == f"error: {path}: {message}\n"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("70000", "argument --to-ports: '70000': ports must be 1-65535 with the first not above the last"),
+    ("x", "argument --to-ports: 'x': not a port or a range; expected e.g. '1024-29999,32768-65535'"),
+])
+def test_to_ports_error_names_the_value_once(capsys, missing, value, message):
+    assert exit_code(["validate", "--config", missing, "--to-ports", value]) == 2
+    assert f"masqd validate: error: {message}\n" in capsys.readouterr().err
+
+
+# --- first contact (issue 18): each command's own help, and errors that point at the mistake --------
+
+
+def help_of(capsys, *argv: str) -> tuple[str, list[str]]:
+    """``masqd ARGV --help``: the text, and the long flags it lists (in order)."""
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, "--help"])
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    flags = [line.split()[0].rstrip(",") for line in out.splitlines() if line.startswith("  --")]
+    return out, flags
+
+
+LOGGING = ["--v", "--log-format"]
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("plugins", ["--disable-plugin", *LOGGING]),
+    ("cleanup", ["--backend", "--iptables-mode", "--masq-chain", "--disable-plugin", *LOGGING]),
+])
+def test_plugins_and_cleanup_help_lists_only_their_own_flags(capsys, command, flags):
+    _, shown = help_of(capsys, command)
+    assert shown == flags
+
+
+@pytest.mark.parametrize("command, description, codes", [
+    ("run", "Run the agent: keep the kernel's masquerade rules", "0 1 2 3 4"),
+    ("validate", "Check the config sources as `run` with the same flags would read them", "0 1 2 4"),
+    ("render", "Print the exact rules --backend would write", "0 1 2 4"),
+    ("explain", "Say whether traffic to each ADDRESS keeps the pod address", "0 1 2 3 4 5"),
+    ("cleanup", "Remove everything masqd created with --backend, IPv4 and IPv6", "0 2 3"),
+    ("plugins", "List the loaded plugins", "0 2"),
+    ("controller", "Cluster controller: translate EgressNATPolicy objects", "0 2"),
+])
+def test_each_command_help_has_a_description_and_its_exit_codes(capsys, command, description, codes):
+    out, _ = help_of(capsys, command)
+    assert f"\n\n{description}" in out
+    exit_section = out.split("\nexit codes:\n", 1)[1]
+    listed = [line.split()[0] for line in exit_section.splitlines() if line.startswith("  ") and line[2].isdigit()]
+    assert listed == codes.split()
+
+
+def test_validate_help_leaves_out_the_backend_settings_it_never_uses(capsys):
+    _, validate = help_of(capsys, "validate")
+    _, run = help_of(capsys, "run")
+    assert set(run) - set(validate) == {"--iptables-mode", "--postrouting-jump", "--nftables-priority", "--once",
+                                        "--http-address", "--drift-check-interval", "--conntrack-reconcile"}
+
+
+def test_cleanup_still_takes_the_run_flags_it_ignores_unlisted(capsys, missing):
+    """Scripts run ``masqd cleanup --backend X --config PATH --enable-ipv6`` (as the kernel tests
+    do): those keep working though the help no longer lists them."""
+    _, shown = help_of(capsys, "cleanup")
+    assert "--config" not in shown and "--enable-ipv6" not in shown
+    assert main(["cleanup", "--backend", "dry-run", "--config", missing, "--enable-ipv6", "-masq-chain=X"]) == 0
+
+
+@pytest.mark.parametrize("argv, err", [
+    (["run", "--backnd", "dry-run"],
+     "masqd run: error: unknown flag --backnd; did you mean --backend?\nsee 'masqd run --help'\n"),
+    (["validte"], "masqd: error: unknown command 'validte'; did you mean 'validate'?\nsee 'masqd --help'\n"),
+    (["frobnicate"], "masqd: error: unknown command 'frobnicate'; the commands are run, validate, render, explain, "
+                     "cleanup, plugins, controller\nsee 'masqd --help'\n"),
+    (["--backnd", "dry-run"],  # flags without a command mean run: so does the error
+     "masqd run: error: unknown flag --backnd; did you mean --backend?\nsee 'masqd run --help'\n"),
+    (["-masq-chian=X"], "masqd run: error: unknown flag -masq-chian; did you mean --masq-chain?\n"
+                        "see 'masqd run --help'\n"),
+    (["explain", "--lve", "10.0.0.1"],
+     "masqd explain: error: unknown flag --lve; did you mean --live?\nsee 'masqd explain --help'\n"),
+    (["plugins", "--masq-chain", "X"],
+     "masqd plugins: error: unknown flag --masq-chain: masqd plugins does not take it (a flag of run, validate, "
+     "render, explain, cleanup)\nsee 'masqd plugins --help'\n"),
+    (["render", "extra"], "masqd render: error: unexpected argument 'extra'\nsee 'masqd render --help'\n"),
+    (["controller", "--confgmap", "kube-system/ip-masq-agent"],  # the typo, not the required flag it hides
+     "masqd controller: error: unknown flag --confgmap; did you mean --configmap?\nsee 'masqd controller --help'\n"),
+], ids=["run-flag-typo", "command-typo", "unknown-command", "bare-flag-typo", "go-flag-typo", "explain-flag-typo",
+        "flag-of-another-command", "stray-argument", "typo-hiding-a-required-flag"])
+def test_a_command_line_mistake_is_reported_reason_first_by_its_command(capsys, argv, err):
+    assert exit_code(argv) == 2
+    assert capsys.readouterr() == ("", err)
+
+
+def test_a_bad_flag_value_leads_with_the_reason_not_the_usage(capsys):
+    assert exit_code(["run", "--to-ports", "x"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "masqd run: error: argument --to-ports: 'x': not a port or a range; expected e.g. '1024-29999,32768-65535'",
+        "see 'masqd run --help'",
+    ]
+
+
+def test_ip_masq_agent_flag_typo_names_the_alias(capsys):
+    assert exit_code(["--once", "--backnd", "dry-run"], ip_masq_agent_main) == 2
+    assert capsys.readouterr().err == ("ip-masq-agent: error: unknown flag --backnd; did you mean --backend?\n"
+                                       "see 'ip-masq-agent --help'\n")
+
+
+def test_installed_masqd_flag_typo():
+    ran = _run(_script("masqd"), "run", "--backnd", "dry-run")
+    assert (ran.returncode, ran.stdout, ran.stderr) == (
+        2, "", "masqd run: error: unknown flag --backnd; did you mean --backend?\nsee 'masqd run --help'\n")

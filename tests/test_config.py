@@ -220,7 +220,7 @@ CIDR_EXAMPLE = "'10.0.0.0/8'"
         pytest.param("cidrLimit: true\n", V4, "cidrLimit", True, "whole number", id="cidrLimit-bool"),
         pytest.param("cidrLimit: 64.5\n", V4, "cidrLimit", 64.5, "whole number", id="cidrLimit-float"),
         pytest.param('{"cidrLimit": 64.0}', V4, "cidrLimit", 64.0, "whole number", id="cidrLimit-json-float"),
-        pytest.param("cidrLimit: -1\n", V4, "cidrLimit", -1, "0 or more", id="cidrLimit-negative"),
+        pytest.param("cidrLimit: -1\n", V4, "cidrLimit", -1, "from 0 to 9223372036854775807", id="cidrLimit-negative"),
         pytest.param("cidrLimit: [64]\n", V4, "cidrLimit", [64], "whole number", id="cidrLimit-list"),
         # resyncInterval
         pytest.param("resyncInterval: '60'\n", V4, "resyncInterval", "60", "'60s'", id="duration-no-unit"),
@@ -662,3 +662,73 @@ def test_ipv4_fast_path_agrees_with_ipaddress(octets, prefix):
     except CIDRError:
         got = None
     assert got == expected
+
+
+# --- a key given twice (issue 18): upstream keeps the last one; masqd says so, with both lines -------
+
+
+def _repeat_warnings(parsed):
+    return [str(w) for w in parsed.warnings]
+
+
+BIG_BLOCK = "".join(f"  - 10.{i // 256}.{i % 256}.0/24\n" for i in range(300))  # the fast path's shape
+
+
+@pytest.mark.parametrize(("text", "cidrs", "warnings"), [
+    pytest.param("nonMasqueradeCIDRs:\n  - 10.0.0.0/8\nnonMasqueradeCIDRs:\n  - 192.168.0.0/16\n",
+                 ("192.168.0.0/16",),
+                 ["nonMasqueradeCIDRs: given twice, at lines 1 and 3: only the last (line 3) is used, as the upstream "
+                  "agent does; remove the others"], id="yaml-block-lists"),
+    pytest.param("cidrLimit: 5\nnonMasqueradeCIDRs: [192.168.0.0/16]\nnonMasqueradeCIDRs:\n" + BIG_BLOCK
+                 + "cidrLimit: 400\ncidrLimit: 500\n",
+                 None,
+                 ["cidrLimit: given 3 times, at lines 1, 304 and 305: only the last (line 305) is used, as the upstream "
+                  "agent does; remove the others",
+                  "nonMasqueradeCIDRs: given twice, at lines 2 and 3: only the last (line 3) is used, as the upstream "
+                  "agent does; remove the others"], id="yaml-big-block-list-after-a-flow-one"),
+    pytest.param("nonMasqueradeCIDRs:\n" + BIG_BLOCK + "cidrLimit: 400\ncidrLimit: 500\n", None,
+                 ["cidrLimit: given twice, at lines 302 and 303: only the last (line 303) is used, as the upstream "
+                  "agent does; remove the others"], id="yaml-big-block-list-other-key-repeated"),
+    pytest.param('{"nonMasqueradeCIDRs": ["10.0.0.0/8"],\n  "masqLinkLocal": {"a": 1, "a": 2},\n'
+                 '  "nonMasqueradeCIDRs": ["192.168.0.0/16"]}', None, None, id="json-nested-repeat-is-not-top-level"),
+    pytest.param('{"nonMasqueradeCIDRs": ["10.0.0.0/8"],\n "cidrLimit": 3,\n\n "nonMasqueradeCIDRs": ["192.168.0.0/16"]}',
+                 ("192.168.0.0/16",),
+                 ["nonMasqueradeCIDRs: given twice, at lines 1 and 4: only the last (line 4) is used, as the upstream "
+                  "agent does; remove the others"], id="json"),
+])
+def test_a_repeated_key_keeps_the_last_and_is_warned_with_its_lines(text, cidrs, warnings):
+    if warnings is None:  # the nested repeat makes masqLinkLocal invalid; the top-level repeat is still named
+        error = problems_error(text)
+        assert [str(w) for w in error.warnings] == [
+            "nonMasqueradeCIDRs: given twice, at lines 1 and 3: only the last (line 3) is used, as the upstream "
+            "agent does; remove the others"]
+        return
+    parsed = parse_config(text, V4)
+    assert _repeat_warnings(parsed) == warnings
+    if cidrs is not None:
+        assert parsed.config.non_masquerade_cidrs == nets(*cidrs)
+    else:
+        assert len(parsed.config.non_masquerade_cidrs) == 300 and parsed.config.cidr_limit in (400, 500)
+
+
+def problems_error(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, V4)
+    return caught.value
+
+
+def test_missing_config_files_are_named_once_and_their_appearance_logged(tmp_path):
+    from structlog.testing import capture_logs
+
+    path = tmp_path / "config"
+    loader = ConfigLoader([FileInput(path)], V4)
+    note = "no such file; the defaults apply (a missing config file is allowed, as for an optional ConfigMap)"
+    assert loader.missing_at_start() == [(str(path), note)]
+    with capture_logs() as logs:
+        loader.load()
+        assert loader.missing_files() == [(str(path), note)]
+        loader.load()  # a resync: nothing logged again
+        path.write_text("nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+        loader.load()
+        assert loader.missing_files() == []
+    assert [(e["event"], e["path"]) for e in logs] == [("config file present now; its config applies", str(path))]

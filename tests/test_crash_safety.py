@@ -558,7 +558,7 @@ class Log:
         return "\n".join(json.dumps(e) for e in self.events[-n:])
 
 
-_PASS_DONE = {"rules applied", "rules updated", "rules restored after outside change", "in sync"}
+_PASS_DONE = {"rules applied", "rules updated", "rules restored after outside change", "in sync", "rules already in place"}
 
 
 def _first_pass(event: dict) -> bool:

@@ -353,3 +353,19 @@ def test_each_apply_is_logged_with_trigger_changes_and_duration_and_big_changes_
     assert update["trigger"] == "file,timer" and update["cidrs_added"] == ["198.51.100.0/24"]
     assert len(update["cidrs_removed"]) == LOGGED_CIDRS and update["cidrs_removed_count"] == LOGGED_CIDRS + 29
     assert "cidrs_added_count" not in update and update["duration_ms"] >= 0
+
+
+async def test_a_missing_config_file_is_named_once_at_start_and_its_appearance_logged(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    backend = DryRunBackend()
+    with structlog.testing.capture_logs() as logs:
+        async with running(agent(backend, config)) as daemon:
+            await daemon.reconciler.reconcile()  # a resync: nothing said again
+            write_atomically(config, NO_RESYNC + "nonMasqueradeCIDRs: [192.0.2.0/24]\n")
+            await wait_until(lambda: backend.writes == 2, "the created file")
+    said = [(e["event"], e.get("path")) for e in logs if "config file" in e["event"]]
+    assert said == [
+        ("config file: no such file; the defaults apply (a missing config file is allowed, as for an optional "
+         "ConfigMap)", str(config)),
+        ("config file present now; its config applies", str(config)),
+    ]

@@ -714,3 +714,34 @@ def test_decision_model_example_decides_what_its_comment_says(name, decisions, i
         assert text in iptables_text, text
     for text in nft:
         assert text in nft_text, text
+
+
+# --- yamllint --------------------------------------------------------------------------------------
+
+
+def _yamllint_config():
+    try:
+        from yamllint.config import YamlLintConfig
+    except ImportError:  # pragma: no cover - the test extras install it
+        pytest.fail("yamllint is not installed: it comes with the test extras (pip install '.[test]')")
+    return YamlLintConfig(file=str(REPO / ".yamllint"))
+
+
+def test_every_example_yaml_is_clean_under_the_repositorys_yamllint_config():
+    """`yamllint examples/` from the repository root (its committed ``.yamllint``) finds nothing."""
+    from yamllint import linter
+
+    config = _yamllint_config()
+    files = sorted(p for p in (REPO / "examples").rglob("*") if p.suffix in (".yaml", ".yml"))
+    assert len(files) > 10
+    findings = [f"{path.relative_to(REPO)}:{problem.line}:{problem.column}: {problem.desc} ({problem.rule})"
+                for path in files for problem in linter.run(path.read_text(), config, str(path))]
+    assert findings == []
+
+
+def test_the_yamllint_config_still_finds_a_long_line_and_bad_indentation():
+    from yamllint import linter
+
+    text = "a:\n  b: " + "word " * 30 + "\nc:\n   - d\n  # comment\n"
+    rules = {problem.rule for problem in linter.run(text, _yamllint_config())}
+    assert {"line-length", "comments-indentation"} <= rules

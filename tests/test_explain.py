@@ -141,7 +141,9 @@ def test_explain(capsys, files, tmp_path, configs, flags, addresses, expected):
     paths = files(**configs)
     config_flags = [arg for path in paths.values() for arg in ("--config", path)] or ["--config", str(tmp_path / "absent")]
     code, out, err = explained(capsys, *config_flags, *flags, *addresses)
-    assert (code, err) == (0, "")
+    missing = "" if paths else (f"warning: {tmp_path / 'absent'}: no such file; the defaults apply (a missing config "
+                                "file is allowed, as for an optional ConfigMap)\n")
+    assert (code, err) == (0, missing)
     constants = {"KEEP": KEEP, "MASQ": MASQ, "LOCAL": LOCAL.strip(), "NO_MATCH": NO_MATCH.strip(), "DEFAULTS": DEFAULTS}
     assert out == textwrap.dedent(expected).format(**paths, **constants)
 
@@ -427,7 +429,9 @@ def test_live_with_a_backend_that_cannot_read_back_is_a_clear_usage_error(capsys
     assert main([*argv, "--live"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == ("error: --backend=no-read-back: this backend cannot read its rules back (it has no read_back "
+    assert err == ("warning: /nonexistent: no such file; the defaults apply (a missing config file is allowed, as "
+                   "for an optional ConfigMap)\n"
+                   "error: --backend=no-read-back: this backend cannot read its rules back (it has no read_back "
                    "method), which explain --live needs; run explain without --live\n")
 
 

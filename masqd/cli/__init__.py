@@ -5,6 +5,9 @@ Flags follow the upstream agent and Go's flag package (:mod:`masqd.cli.flags`). 
 one ``async def`` (:mod:`masqd.cli.agent_commands`, :mod:`masqd.cli.explain`,
 :mod:`masqd.cli.controller`), run under one event loop.
 
+Each command takes only the flags it reads; a mistake on the command line is reported by the
+command that refused it, reason first, with the closest flag or command (:mod:`masqd.cli.usage`).
+
 Exit codes: 0 success; 1 invalid configuration; 2 bad command line (or no Kubernetes credentials,
 or a backend that cannot do what was asked); 3 the kernel could not be read or refused the rules;
 4 an event source a one-shot command needs could not be read (the Kubernetes API with
@@ -24,6 +27,7 @@ from masqd.cli import agent_commands
 from masqd.cli.common import (EXIT_API, EXIT_BACKEND, EXIT_DRIFT, EXIT_INVALID_CONFIG, EXIT_OK, EXIT_USAGE,
                                agent_from)
 from masqd.cli.flags import build_alias_parser, build_parser, kube_settings, normalize_go_flags, options_from
+from masqd.cli.usage import command_parser, unknown_arguments
 from masqd.errors import BackendUnsupported, FlagError, KubeError, PluginLoadError, SourceReadError
 from masqd.logs import configure_logging, verbosity_to_level
 from masqd.plugins import Plugins
@@ -53,7 +57,10 @@ async def _command(args: argparse.Namespace) -> int:
 
 
 def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    args = parser.parse_args(normalize_go_flags(sys.argv[1:] if argv is None else argv, parser))
+    args, extras = parser.parse_known_args(normalize_go_flags(sys.argv[1:] if argv is None else argv, parser))
+    if extras:  # reported by the command that refused them (argparse would blame the top level)
+        command = command_parser(parser, getattr(args, "command", None))
+        command.error(unknown_arguments(command, extras, parser))
     # Logs go to stderr for every command, so `masqd render | iptables-restore` gets only rules.
     configure_logging(verbosity_to_level(args.v), args.log_format)
     try:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from masqd.cli.common import (EXIT_BACKEND, EXIT_INVALID_CONFIG, EXIT_OK, agent_from, plan_and_report,
+from masqd.cli.common import (EXIT_BACKEND, EXIT_INVALID_CONFIG, EXIT_OK, EXIT_USAGE, agent_from, plan_and_report,
                               print_contributions, print_problems)
 from masqd.duration import format_go_duration
 from masqd.errors import BackendError, ConfigError
-from masqd.inputs import LoadedConfig
+from masqd.inputs import STDIN, LoadedConfig
+from masqd.logs import quiet
 from masqd.plugins import Plugins
 
 
@@ -18,6 +19,10 @@ async def run(args: argparse.Namespace, plugins: Plugins) -> int:
     """The agent: until SIGTERM, or one pass with ``--once`` (0 on success)."""
     from masqd.backends.leftovers import leftover_backends  # every backend's code: only `run` looks for leftovers
 
+    if STDIN in (args.config or ()):
+        print(f"error: --config {STDIN}: standard input is read by validate, render and explain; run needs a config "
+              "file it can watch for changes", file=sys.stderr)
+        return EXIT_USAGE
     if args.once:
         agent = agent_from(args, plugins, once=True, leftovers=leftover_backends, conntrack=args.conntrack_reconcile)
         try:
@@ -92,7 +97,9 @@ async def render(args: argparse.Namespace, plugins: Plugins) -> int:
         return EXIT_INVALID_CONFIG
     _print_origins(planned[0], sys.stderr)  # stdout is exactly the script
     _print_contributions(planned[2], sys.stderr)
-    sys.stdout.write(await agent.reconciler.render(planned[1]))
+    with quiet():  # what the backend's probe learns (the iptables variant chosen) is no news here
+        script = await agent.reconciler.render(planned[1])
+    sys.stdout.write(script)
     return EXIT_OK
 
 

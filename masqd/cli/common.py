@@ -51,6 +51,13 @@ def print_problems(exc: ConfigError) -> None:
         print(f"warning: {exc.source}: {warning}", file=sys.stderr)
 
 
+def print_missing(agent: Agent) -> None:
+    """A warning for each config file that did not exist (allowed, but a mistyped path must not pass
+    unnoticed)."""
+    for name, note in agent.loader.missing_files():
+        print(f"warning: {name}: {note}", file=sys.stderr)
+
+
 async def plan_and_report(agent: Agent) -> tuple[LoadedConfig, RuleSet, tuple[Contribution, ...]] | None:
     """The config and the plugins' contributions and vetoes: ``(loaded, ruleset, contributions)``,
     or ``None`` after printing every problem. The event sources are read once first (the API
@@ -59,8 +66,10 @@ async def plan_and_report(agent: Agent) -> tuple[LoadedConfig, RuleSet, tuple[Co
     try:
         loaded = agent.loader.load()
     except ConfigError as exc:
+        print_missing(agent)
         print_problems(exc)
         return None
+    print_missing(agent)
     for name, warning in loaded.warnings:
         print(f"warning: {name}: {warning}", file=sys.stderr)
     try:

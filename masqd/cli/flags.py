@@ -3,7 +3,9 @@
 Flags follow the upstream agent and Go's flag package: ``--flag``, ``-flag``, ``--flag=value``,
 ``--flag value``, and booleans as ``--flag`` or ``--flag=true|false``. A value that cannot be used
 is refused here, while the command line is read (:class:`~masqd.errors.FlagError` becomes
-argparse's usage error), never by the running daemon.
+argparse's usage error, reported as :mod:`masqd.cli.usage` says), never by the running daemon.
+Each command takes the flags it reads and no others; what its help says besides them is in
+:mod:`masqd.cli.help_texts`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Sequence
 from masqd import __version__
 from masqd.backends.iptables.render import APPEND, JUMP_PLACEMENTS
 from masqd.backends.iptables_mode import MODES
+from masqd.cli.help_texts import DESCRIPTION, DESCRIPTIONS, EPILOG, SUMMARIES, epilog
+from masqd.cli.usage import Parser
 from masqd.config import DEFAULT_CONFIG_PATH, DEFAULT_MASQ_CHAIN, AgentOptions, parse_to_ports, validate_chain_name
 from masqd.duration import parse_go_duration
 from masqd.errors import FlagError
@@ -63,89 +67,149 @@ def _nftables_priority(text: str) -> int:
 
 def _add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
     parser.add_argument(f"--{name}", type=_go_bool, nargs="?", const=True, default=default, metavar="BOOL",
-                        help=f"{help} (default {str(default).lower()})")
+                        help=help if help is argparse.SUPPRESS else f"{help} (default {str(default).lower()})")
 
 
-def _common_flags() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    common.add_argument("--config", action="append", default=None, metavar="PATH",
-                        help=f"config file, YAML or JSON (default {DEFAULT_CONFIG_PATH}); repeat for several, which "
-                             "merge; a missing file contributes nothing, and with no source present the defaults apply")
-    common.add_argument("--config-dir", action="append", default=[], metavar="DIR",
-                        help="also read every ip-masq* file in DIR as a config source (as Azure's ip-masq-agent-v2 "
-                             "does for user- and provider-owned ConfigMaps); repeatable")
-    common.add_argument("--kube-configmap", type=_named_flag("kube-configmap", parse_object_ref),
-                        metavar="NAMESPACE/NAME",
-                        help="also watch this ConfigMap's 'config' key through the Kubernetes API (applied within "
-                             "a second of an edit; deleting the ConfigMap removes it as a source)")
-    _add_bool(common, "egress-nat-policies", False,
+def _source_flags(group) -> None:
+    group.add_argument("--config", action="append", default=None, metavar="PATH",
+                       help=f"config file, YAML or JSON (default {DEFAULT_CONFIG_PATH}); repeat for several, which "
+                            "merge; a missing file contributes nothing (with a warning naming it), and with no source "
+                            "present the defaults apply; '-' is standard input (validate, render, explain)")
+    group.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                       help="also read every ip-masq* file in DIR as a config source (as Azure's ip-masq-agent-v2 "
+                            "does for user- and provider-owned ConfigMaps); repeatable")
+    group.add_argument("--kube-configmap", type=_named_flag("kube-configmap", parse_object_ref),
+                       metavar="NAMESPACE/NAME",
+                       help="also watch this ConfigMap's 'config' key through the Kubernetes API (applied within "
+                            "a second of an edit; deleting the ConfigMap removes it as a source)")
+    _add_bool(group, "egress-nat-policies", False,
               "watch EgressNATPolicy objects (networking.gke.io/v1); NoSNAT destinations keep the pod address")
-    common.add_argument("--kubeconfig", metavar="PATH",
-                        help="Kubernetes credentials (default: in-cluster service account, else $KUBECONFIG, "
-                             "else ~/.kube/config)")
-    common.add_argument("--backend", default="iptables", metavar="NAME",
-                        help="how rules are programmed: iptables (default, as upstream), nftables, dry-run, "
-                             "or a backend a plugin offers (see `masqd plugins`)")
-    common.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
-                        help="do not load this plugin (repeatable); MASQD_PLUGINS=a,b loads only those "
-                             "entry-point plugins")
-    common.add_argument("--iptables-mode", choices=MODES, default="auto",
-                        help="iptables variant for the iptables backend: auto picks the one the host "
-                             "already uses (default auto)")
-    common.add_argument("--postrouting-jump", choices=JUMP_PLACEMENTS, default=APPEND,
-                        help="iptables backend: append the jump to masqd's chain to nat POSTROUTING, after "
-                             "kube-proxy's KUBE-POSTROUTING (default, as upstream), or insert it as the first "
-                             "rule; a jump found in the other place is moved")
-    common.add_argument("--nftables-priority", type=_nftables_priority, default=None, metavar="PRIORITY",
-                        help="nftables backend: priority of masqd's nat postrouting chain: an integer, srcnat, "
-                             "'srcnat + N' or 'srcnat - N' (default 'srcnat + 10': after kube-proxy's and "
-                             "iptables' nat chains at srcnat); a table at another priority is rewritten")
-    common.add_argument("--masq-chain", default=DEFAULT_MASQ_CHAIN, type=_flag_type(validate_chain_name),
-                        help=f"name of the nat chain masqd owns (default {DEFAULT_MASQ_CHAIN})")
-    _add_bool(common, "nomasq-all-reserved-ranges", False,
+    group.add_argument("--kubeconfig", metavar="PATH",
+                       help="Kubernetes credentials (default: in-cluster service account, else $KUBECONFIG, "
+                            "else ~/.kube/config)")
+
+
+def _backend_flag(group) -> None:
+    group.add_argument("--backend", default="iptables", metavar="NAME",
+                       help="how rules are programmed: iptables (default, as upstream), nftables, dry-run, "
+                            "or a backend a plugin offers (see `masqd plugins`)")
+
+
+def _iptables_mode_flag(group) -> None:
+    group.add_argument("--iptables-mode", choices=MODES, default="auto",
+                       help="iptables variant for the iptables backend: auto picks the one the host "
+                            "already uses (default auto)")
+
+
+def _backend_tuning_flags(group) -> None:
+    group.add_argument("--postrouting-jump", choices=JUMP_PLACEMENTS, default=APPEND,
+                       help="iptables backend: append the jump to masqd's chain to nat POSTROUTING, after "
+                            "kube-proxy's KUBE-POSTROUTING (default, as upstream), or insert it as the first "
+                            "rule; a jump found in the other place is moved")
+    group.add_argument("--nftables-priority", type=_nftables_priority, default=None, metavar="PRIORITY",
+                       help="nftables backend: priority of masqd's nat postrouting chain: an integer, srcnat, "
+                            "'srcnat + N' or 'srcnat - N' (default 'srcnat + 10': after kube-proxy's and "
+                            "iptables' nat chains at srcnat); a table at another priority is rewritten")
+
+
+def _masq_chain_flag(group) -> None:
+    group.add_argument("--masq-chain", default=DEFAULT_MASQ_CHAIN, type=_flag_type(validate_chain_name),
+                       help=f"name of the nat chain masqd owns (default {DEFAULT_MASQ_CHAIN})")
+
+
+def _enable_ipv6_flag(group, help: str = "also program ip6tables and accept IPv6 CIDRs") -> None:
+    _add_bool(group, "enable-ipv6", False, help)
+
+
+def _rule_flags(group) -> None:
+    _masq_chain_flag(group)
+    _add_bool(group, "nomasq-all-reserved-ranges", False,
               "default non-masquerade list also holds every RFC-reserved IPv4 range")
-    _add_bool(common, "enable-ipv6", False, "also program ip6tables and accept IPv6 CIDRs")
-    _add_bool(common, "random-fully", True, "add --random-fully to MASQUERADE when iptables supports it")
-    common.add_argument("--to-ports", default="", type=_flag_type(parse_to_ports), metavar="PORTS",
-                        help="source ports to masquerade to, e.g. 1024-29999,32768-65535, spread evenly")
-    common.add_argument("--v", type=int, default=0, metavar="N", help="klog verbosity; 4 or more logs debug events")
-    _add_bool(common, "logtostderr", True, "accepted for upstream manifests; masqd always logs to stderr")
-    common.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
-                        help="auto: JSON lines unless stderr is a terminal")
-    return common
+    _enable_ipv6_flag(group)
+    _add_bool(group, "random-fully", True, "add --random-fully to MASQUERADE when iptables supports it")
+    group.add_argument("--to-ports", default="", type=_flag_type(parse_to_ports), metavar="PORTS",
+                       help="source ports to masquerade to, e.g. 1024-29999,32768-65535, spread evenly")
+
+
+def _plugin_flags(group) -> None:
+    group.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
+                       help="do not load this plugin (repeatable); MASQD_PLUGINS=a,b loads only those "
+                            "entry-point plugins")
+
+
+def _log_flags(group, *, upstream: bool = True) -> None:
+    """``--v`` and ``--log-format``; with ``upstream``, klog's ``--logtostderr`` too."""
+    group.add_argument("--v", type=int, default=0, metavar="N", help="klog verbosity; 4 or more logs debug events")
+    if upstream:
+        _add_bool(group, "logtostderr", True, "accepted for upstream manifests; masqd always logs to stderr")
+    group.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                       help="auto: JSON lines unless stderr is a terminal")
+
+
+def _agent_flags(parser: argparse.ArgumentParser, *, backend_tuning: bool = True) -> argparse.ArgumentParser:
+    """The flags of a command that reads the config as the agent does (run, validate, render,
+    explain); ``backend_tuning``: the backend's own settings listed too (``validate`` creates no
+    backend, but accepts them unlisted, checked as for ``run``, so a workload's flags can be
+    copied into it whole)."""
+    _source_flags(parser.add_argument_group("config sources"))
+    backend = parser.add_argument_group("backend")
+    _backend_flag(backend)
+    listed = len(parser._actions)
+    _iptables_mode_flag(backend)
+    _backend_tuning_flags(backend)
+    if not backend_tuning:
+        for action in parser._actions[listed:]:
+            action.help = argparse.SUPPRESS
+    _rule_flags(parser.add_argument_group("rules"))
+    _plugin_flags(parser.add_argument_group("plugins"))
+    _log_flags(parser.add_argument_group("logging"))
+    return parser
+
+
+def _cleanup_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """What ``cleanup`` reads: the backend, its iptables variant, the chain, the plugins. It
+    removes both families and reads no config, but takes ``--config`` and ``--enable-ipv6``
+    unlisted, so a command line written for ``run`` still works."""
+    backend = parser.add_argument_group("backend")
+    _backend_flag(backend)
+    _iptables_mode_flag(backend)
+    _masq_chain_flag(backend)
+    parser.add_argument("--config", action="append", default=None, help=argparse.SUPPRESS)
+    _enable_ipv6_flag(parser, help=argparse.SUPPRESS)
+    _plugin_flags(parser.add_argument_group("plugins"))
+    _log_flags(parser.add_argument_group("logging"), upstream=False)
+    return parser
+
+
+def _plugins_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _plugin_flags(parser)
+    _log_flags(parser.add_argument_group("logging"), upstream=False)
+    return parser
+
+
+def _agent_defaults() -> dict:
+    """Every agent flag's value when not given, for a command that does not take all of them (the
+    code shared by the commands reads them all)."""
+    return vars(_agent_flags(Parser(add_help=False)).parse_args([]))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="masqd", allow_abbrev=False,
-        description="IP masquerade agent: a drop-in ip-masq-agent with an event-driven core.",
-        epilog="Exit codes: 0 ok, 1 invalid config, 2 bad command line, 3 kernel read/write failed, "
-               "4 an event source (the Kubernetes API) unreadable, 5 explain --live: the kernel differs from the desired "
-               "state.",
-    )
+    parser = Parser(prog="masqd", allow_abbrev=False, description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"masqd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = _common_flags()
-    _add_run_flags(commands.add_parser("run", parents=[common], allow_abbrev=False,
-                                       help="run the agent (default command of the ip-masq-agent alias)"))
-    commands.add_parser("validate", parents=[common], allow_abbrev=False,
-                        help="check a config file: exit 0 if valid, 1 with one line per problem")
-    commands.add_parser("render", parents=[common], allow_abbrev=False,
-                        help="print the exact rules the backend would apply, touching nothing")
-    _add_explain_flags(commands.add_parser(
-        "explain", parents=[common], allow_abbrev=False,
-        help="say whether traffic to each ADDRESS keeps the pod address or is masqueraded, and why",
-        epilog="Exit codes: 0 ok, 1 invalid config, 2 bad command line (or a backend that cannot read back "
-               "for --live), 3 the kernel could not be read, 4 an event source (the Kubernetes API) unreadable, "
-               "5 --live: the "
-               "kernel's rules differ from the desired state."))
-    commands.add_parser("cleanup", parents=[common], allow_abbrev=False,
-                        help="remove everything masqd created with this backend, and nothing else")
-    commands.add_parser("plugins", parents=[common], allow_abbrev=False,
-                        help="list the loaded plugins, their versions and the hooks each implements")
-    _add_controller_flags(commands.add_parser(
-        "controller", allow_abbrev=False,
-        help="cluster controller: translate EgressNATPolicy objects into the agents' ConfigMap"))
+
+    def command(name: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, allow_abbrev=False, help=SUMMARIES[name],
+                                   description=DESCRIPTIONS[name], epilog=epilog(name),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    defaults = _agent_defaults()
+    for sub in (_add_run_flags(_agent_flags(command("run"))), _agent_flags(command("validate"), backend_tuning=False),
+                _agent_flags(command("render")), _add_explain_flags(_agent_flags(command("explain"))),
+                _cleanup_flags(command("cleanup")), _plugins_flags(command("plugins"))):
+        taken = {action.dest for action in sub._actions}
+        sub.set_defaults(**{dest: value for dest, value in defaults.items() if dest not in taken})
+    _add_controller_flags(command("controller"))
     return parser
 
 
@@ -257,10 +321,11 @@ def _add_controller_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def build_alias_parser() -> argparse.ArgumentParser:
     """``ip-masq-agent``: the ``run`` command and its flags, no sub-command."""
-    return _add_run_flags(argparse.ArgumentParser(
-        prog="ip-masq-agent", parents=[_common_flags()], allow_abbrev=False,
+    return _add_run_flags(_agent_flags(Parser(
+        prog="ip-masq-agent", allow_abbrev=False,
         description="masqd run, under the upstream agent's name: same flags, same rules.",
-    ))
+        epilog=epilog("run"), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )))
 
 
 def normalize_go_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:

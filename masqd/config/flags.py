@@ -54,14 +54,22 @@ def parse_to_ports(text: str) -> tuple[PortRange, ...]:
     for piece in text.split(","):
         match = re.fullmatch(r"([0-9]{1,5})(?:-([0-9]{1,5}))?", piece)
         if not match:
-            raise FlagError("to-ports", text, f"{piece!r} is not a port or a range; expected e.g. '1024-29999,32768-65535'")
+            raise FlagError("to-ports", text, f"{_which(piece, text)}not a port or a range; expected e.g. "
+                                              "'1024-29999,32768-65535'")
         first = int(match.group(1))
         last = int(match.group(2) or first)
         if not 1 <= first <= last <= 65535:
-            raise FlagError("to-ports", text, f"{piece!r}: ports must be 1-65535 with the first not above the last")
+            raise FlagError("to-ports", text, f"{_which(piece, text)}ports must be 1-65535 with the first not above "
+                                              "the last")
         ranges.append(PortRange(first, last))
     ordered = sorted(ranges, key=lambda r: r.first)
     for before, after in zip(ordered, ordered[1:]):
         if after.first <= before.last:
             raise FlagError("to-ports", text, f"ranges {before} and {after} overlap; give each port once")
     return tuple(ranges)
+
+
+def _which(piece: str, text: str) -> str:
+    """The piece of a list a problem is about, when the flag's value (which the message shows
+    already) lists more than it."""
+    return f"{piece!r}: " if piece != text else ""

@@ -29,6 +29,8 @@ import yaml.events
 
 from masqd.cidrs import CIDRError, Network, duplicates, network_key, parse_cidrs
 from masqd.config.fastparse import fast_document
+from masqd.config.syntax import (duplicate_warnings, error_location, excerpt, has_repeat, json_duplicates,
+                                  yaml_duplicates, yaml_error_reason)
 from masqd.config.model import (
     CIDR_LIST_KEYS,
     INTERFACE_NAME,
@@ -69,7 +71,7 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
         return ParsedConfig(defaults)
     if len(text) > MAX_CONFIG_BYTES:
         raise _config_error(source, [too_large_problem("<document>", f"{len(text)} characters")])
-    document = _load_document(text, source)
+    document, repeated = _load_document(text, source)
     if document is None:  # an empty file, like upstream, means defaults
         return ParsedConfig(defaults)
     if not isinstance(document, dict):
@@ -79,7 +81,7 @@ def parse_config(text: str | None, options: AgentOptions, source: str = "<config
         )
 
     problems: list[Problem] = []
-    warnings: list[Problem] = []
+    warnings: list[Problem] = duplicate_warnings(repeated)  # upstream keeps the last one too
     values: dict[str, Any] = {}
     for raw_key, value in document.items():
         key = _canonical_key(raw_key, warnings)
@@ -149,7 +151,14 @@ def _key_text(raw_key: Any) -> str:
 
 class _ConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when present: far faster on big lists
     """YAML's safe loader without timestamp resolution: as upstream, ``2024-01-01`` stays a string
-    (and then fails as a duration with a clear message instead of becoming a date)."""
+    (and then fails as a duration with a clear message instead of becoming a date). It notes the
+    top-level keys given more than once (``duplicates``), which YAML loaders silently drop."""
+
+    duplicates: list = []
+
+    def construct_document(self, node: Any) -> Any:
+        self.duplicates = yaml_duplicates(node)
+        return super().construct_document(node)
 
 
 _ConfigLoader.yaml_implicit_resolvers = {
@@ -190,31 +199,35 @@ class _AnchorRefusingLoader(*_COMPOSER_BASES):  # type: ignore[misc]
 _ANCHOR_MESSAGE = "YAML anchors and aliases are not accepted in the config; write each value out in full"
 
 
-def _load_document(text: str, source: str) -> Any:
+def _load_document(text: str, source: str) -> tuple[Any, list]:
+    """The document and its repeated top-level keys (see :mod:`masqd.config.syntax`)."""
     # Like upstream's YAML-to-JSON step: a document starting with "{" is JSON and only JSON
     # (exact about \u escapes, strict about syntax); anything else is YAML, which covers JSON too.
     if text.lstrip().startswith("{"):
+        repeats: list[bool] = []
         try:
-            return json.loads(text)
+            document = json.loads(text, object_pairs_hook=lambda pairs: repeats.append(has_repeat(pairs)) or dict(pairs))
+            return document, json_duplicates(text) if any(repeats) else []
         except json.JSONDecodeError as exc:
             line = text.splitlines()[exc.lineno - 1] if exc.lineno <= len(text.splitlines()) else ""
             where = f"<line {exc.lineno}, column {exc.colno}>"
-            raise _config_error(source, [Problem(where, _excerpt(line, exc.colno - 1), f"not valid JSON: {exc.msg}")]) from None
+            raise _config_error(source, [Problem(where, excerpt(line, exc.colno - 1), f"not valid JSON: {exc.msg}")]) from None
         except RecursionError:
             raise _config_error(source, [Problem("<document>", None, "not valid JSON: nested too deeply")]) from None
         except ValueError as exc:  # a number of more than 4300 digits
             raise _config_error(source, [Problem("<document>", None, f"not valid JSON: {exc}")]) from None
-    document = fast_document(text, _load_yaml)  # the common shape of a big file, or None
+    document = fast_document(text, _load_unique)  # the common shape of a big file, or None
     if document is not None:
-        return document
+        return document, []
     try:
-        return _load_yaml(text)
+        return _load_yaml_keys(text)
     except _AnchorFound as exc:
-        where, line = _where(text, exc.problem_mark)
+        where, line = error_location(text, exc.problem_mark)
         raise _config_error(source, [Problem(where, line, _ANCHOR_MESSAGE)]) from None
     except yaml.YAMLError as exc:
-        where, line = _where(text, getattr(exc, "problem_mark", None))
-        problem = getattr(exc, "problem", None) or str(exc)
+        mark, problem = (yaml_error_reason(exc, text)
+                         or (getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or str(exc)))
+        where, line = error_location(text, mark)
         raise _config_error(source, [Problem(where, line, f"not valid YAML or JSON: {problem}")]) from None
     except RecursionError:  # absurd nesting (libyaml stops at depth 1000 before this)
         raise _config_error(source, [Problem("<document>", None, "not valid YAML or JSON: nested too deeply")]) from None
@@ -226,27 +239,24 @@ def _load_document(text: str, source: str) -> Any:
 
 
 def _load_yaml(text: str) -> Any:
+    return _load_yaml_keys(text)[0]
+
+
+def _load_unique(text: str) -> Any:
+    """:func:`_load_yaml` for the fast path, which declines (this raises) when a key repeats."""
+    document, repeated = _load_yaml_keys(text)
+    if repeated:
+        raise ValueError("a repeated key")
+    return document
+
+
+def _load_yaml_keys(text: str) -> tuple[Any, list]:
     # Anchors and aliases need '&' or '*': without either, libyaml's own (faster) composer is safe.
-    loader = _AnchorRefusingLoader if "&" in text or "*" in text else _ConfigLoader
-    return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def _where(text: str, mark: Any) -> tuple[str, str]:
-    """``(<line L, column C>, the text around it)`` for a YAML error's mark (``<document>`` without)."""
-    lines = text.splitlines()
-    if mark is None:
-        return "<document>", _excerpt(lines[0] if lines else "", 0)
-    line = lines[mark.line] if 0 <= mark.line < len(lines) else ""
-    return f"<line {mark.line + 1}, column {mark.column + 1}>", _excerpt(line, mark.column)
-
-
-def _excerpt(line: str, column: int) -> str:
-    """``line`` when short, else the 80 characters around ``column`` (a minified JSON document is
-    one line of megabytes: the error shows where, not all of it)."""
-    if len(line) <= 80:
-        return line
-    start = max(0, min(column - 40, len(line) - 80))
-    return ("..." if start > 0 else "") + line[start : start + 80] + ("..." if start + 80 < len(line) else "")
+    loader = (_AnchorRefusingLoader if "&" in text or "*" in text else _ConfigLoader)(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
 
 
 def _canonical_key(raw_key: Any, warnings: list[Problem]) -> str | None:
@@ -351,7 +361,7 @@ def _parse_limit(key: str, value: Any, ctx: _Context) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         ctx.problems.append(Problem(key, shorten(value), "expected a whole number such as 64"))
     elif not 0 <= value < 2**63:
-        ctx.problems.append(Problem(key, shorten(value), "must be 0 or more (and fit in 64 bits)"))
+        ctx.problems.append(Problem(key, shorten(value), "must be from 0 to 9223372036854775807 (2^63-1, the largest 64-bit signed integer)"))
     else:
         ctx.fields["cidr_limit"] = value
         ctx.fields["cidr_limit_set"] = True

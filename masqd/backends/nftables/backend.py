@@ -59,6 +59,8 @@ class NftablesBackend:
     table whose chain is at another priority is rewritten like any other difference."""
 
     name = "nftables"
+    #: Where its rules go, in the ``ip`` and ``ip6`` families (the start-up log shows it).
+    table = TABLE
 
     def __init__(self, executor: NftExecutor | None = None, *, priority: int | None = None,
                  conntrack: ConntrackTable | None = None):
