@@ -110,8 +110,15 @@ class AuditEvent:
         }
 
 
-def family_changes(before: RuleSet | None, after: RuleSet | None) -> tuple[CidrChanges, CidrChanges]:
-    """Per family label, the CIDRs added and removed between two rule sets, each sorted by
+def distinct_cidrs(ruleset: RuleSet) -> int:
+    """The non-masquerade CIDRs of ``ruleset``, each counted once per family (a list may repeat one)."""
+    return sum(len(set(map(network_key, family.nonmasq))) for family in ruleset.families)
+
+
+def family_changes(before: RuleSet | Mapping[str, Sequence[Network]] | None,
+                   after: RuleSet | None) -> tuple[CidrChanges, CidrChanges]:
+    """Per family label, the CIDRs added and removed between two rule sets (``before`` may be what
+    the kernel held instead: per family label, its non-masquerade CIDRs), each sorted by
     (address, prefix length); as text only when read (the log shows the first few, an audit hook
     may read them all or none).
 
@@ -120,7 +127,8 @@ def family_changes(before: RuleSet | None, after: RuleSet | None) -> tuple[CidrC
     the kernel write this describes."""
     added: dict[str, list] = {}
     removed: dict[str, list] = {}
-    old = {f.label: f.nonmasq for f in before.families} if before is not None else {}
+    old = ({} if before is None else dict(before) if isinstance(before, Mapping)
+           else {f.label: f.nonmasq for f in before.families})
     new = {f.label: f.nonmasq for f in after.families} if after is not None else {}
     for label in sorted(old.keys() | new.keys()):
         was, now = old.get(label, ()), new.get(label, ())

@@ -19,7 +19,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from masqd.aio import Backoff
-from masqd.audit import AuditEvent, CidrChanges, family_changes
+from masqd.audit import AuditEvent, CidrChanges, distinct_cidrs, family_changes
 from masqd.backends.base import Backend, SyncResult
 from masqd.cidrs import cidr_text
 from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config
@@ -101,6 +101,7 @@ class Reconciler:
         self._changes_memo: tuple | None = None  # (before, after, their CIDR changes), see _changes
         self.flow_cleanup = FlowCleanup(conntrack, self._local_addresses)
         self._flows: FlowReport | None = None  # what the pass's conntrack step did
+        self._held: dict | None = None  # what the backend said the kernel held before the pass's sync
         self._shadowing = Reported()  # the shadowing rules warned about
 
     @property
@@ -207,7 +208,7 @@ class Reconciler:
     async def _reconcile(self, trigger: str, started: float) -> SyncResult:
         config_error: ConfigError | None = None
         self.status.repaired = False
-        self._flows = None
+        self._flows = self._held = None
         try:
             try:
                 desired = await self.desired()
@@ -222,6 +223,7 @@ class Reconciler:
             # between two families (bounded by the restore's own lock wait).
             with anyio.CancelScope(shield=True):
                 result = await self.backend.sync(desired)
+                self._held = result.held
                 if self._leftovers_pending != []:
                     await self._remove_leftovers(desired.chain)
             await self._check_shadowing(desired)
@@ -324,10 +326,8 @@ class Reconciler:
         return await read_back(ruleset)
 
     async def rules_of_other_backends(self, ruleset: RuleSet) -> list[tuple[str, str]]:
-        """Each other backend (``leftovers``) whose rules for ``ruleset`` the kernel holds, as
-        ``(what, the flags that choose it)``: ``("nftables backend, table masqd", "--backend
-        nftables")`` (``explain --live`` names them when the chosen backend holds none). Only
-        reads; a backend that cannot be read is passed over."""
+        """Each other backend (``leftovers``) whose rules the kernel holds, as ``(what, the flags
+        that choose it)`` (for ``explain --live``); only reads, passing over one it cannot read."""
         found = []
         for other in self.leftovers(self.backend) if self.leftovers else ():
             read_back = getattr(other, "read_back", None)
@@ -404,7 +404,9 @@ class Reconciler:
         self._last_sync_error = (str(exc), now)
 
     def _changes(self, before: RuleSet | None, after: RuleSet | None) -> tuple[CidrChanges, CidrChanges]:
-        """:func:`~masqd.audit.family_changes`, computed once for a pass's log line and its audit event."""
+        """:func:`~masqd.audit.family_changes`, once for a pass's log line and audit event (a first
+        pass's against what the backend said the kernel held)."""
+        before = before if before is not None or self._held is None else self._held
         memo = self._changes_memo
         if memo is None or memo[0] is not before or memo[1] is not after:
             memo = self._changes_memo = (before, after, family_changes(before, after))
@@ -439,8 +441,8 @@ class Reconciler:
             count = sum(map(len, changes.networks.values()))
             if count > LOGGED_CIDRS:  # a 100k-CIDR change is counted, not printed
                 fields[f"{name}_count"] = count
-        if before is None:  # every CIDR is added, each once
-            log.info("rules applied", cidrs=sum(map(len, added.networks.values())), **fields)
+        if before is None:  # a first write: how many CIDRs it holds (the kernel may have held some already)
+            log.info("rules applied", cidrs=distinct_cidrs(desired), **fields)
         else:
             log.info("rules updated", **fields)
 

@@ -87,3 +87,23 @@ def test_explain_live_names_masqds_rules_of_another_backend(node_ns, tmp_path):
     assert result.returncode == 5
     assert ("note: the kernel holds none of the iptables backend's rules, but masqd's rules of the nftables "
             "backend, table masqd: explain them with --backend nftables") in result.stderr.splitlines()
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_a_first_write_logs_the_cidrs_it_changed_against_what_the_kernel_held(node_ns, tmp_path, backend):
+    """After a restart (or a migration) the kernel holds a previous config's rules: the first
+    write's log line and audit event name what it added and removed against those (issue 18,
+    item 4), not every CIDR as new."""
+    config = tmp_path / "config"
+    config.write_text("nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24, 198.51.100.0/24]\n")
+    command = [str(MASQD), "run", "--once", "--backend", backend, "--config", str(config), "--log-format", "json"]
+    try:
+        netns.run(node_ns, *command)
+        config.write_text("nonMasqueradeCIDRs: [10.0.0.0/8, 203.0.113.0/24]\n")
+        second = netns.run(node_ns, *command)
+    finally:
+        netns.run(node_ns, str(MASQD), "cleanup", "--backend", backend, check=False)
+    [written] = [e for e in log_events(second.stderr) if e["event"] == "rules applied"]
+    assert (written["cidrs_added"], written["cidrs_removed"]) == (["203.0.113.0/24"],
+                                                                  ["192.0.2.0/24", "198.51.100.0/24"])

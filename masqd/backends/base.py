@@ -9,6 +9,7 @@ only what differs, atomically, and says what it wrote. Only the reconciler calls
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -40,10 +41,13 @@ class BackendSettings:
 @dataclass(frozen=True, slots=True)
 class SyncResult:
     """What one ``sync`` did. ``written`` names each part rewritten (e.g. ``("ipv4",)``); empty when
-    the kernel already held the desired rules. ``reasons`` says, per part written, why."""
+    the kernel already held the desired rules. ``reasons`` says, per part written, why. ``held``:
+    per family label, the non-masquerade CIDRs the kernel held before the sync (what a first
+    write after a restart or a migration changed; ``None``: the backend does not say)."""
 
     written: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
+    held: Mapping[str, tuple[Network, ...]] | None = None
 
     @property
     def changed(self) -> bool:

@@ -73,6 +73,7 @@ class IptablesBackend:
         #: write found in it (:meth:`foreign_rules`; kept while the text stays the same).
         self._saved: dict[int, str] = {}
         self._foreign: dict[int, tuple[str, str, tuple[ForeignRule, ...]]] = {}
+        self._held: dict[int, tuple] = {}  # per family, the kept CIDRs the chain held before this sync wrote it
 
     async def probe(self) -> None:
         """Pick the iptables variant (``auto``), then learn whether ``--random-fully`` is available."""
@@ -93,6 +94,7 @@ class IptablesBackend:
         await self.probe()
         written: list[str] = []
         reasons: list[str] = []
+        self._held = {}
         for family in ruleset.families:
             try:
                 reason = await self._sync_family(ruleset, family)
@@ -102,7 +104,8 @@ class IptablesBackend:
             if reason is not None:
                 written.append(family.label)
                 reasons.append(reason)
-        return SyncResult(tuple(written), tuple(reasons))
+        held = {f.label: self._held.get(f.family, f.nonmasq) for f in ruleset.families}  # unwritten: as desired
+        return SyncResult(tuple(written), tuple(reasons), held)
 
     def _desired(self, ruleset: RuleSet, family: FamilyRules) -> tuple[str, ...]:
         return self._rendered.rules(ruleset, family, bool(self.random_fully_supported))
@@ -121,6 +124,7 @@ class IptablesBackend:
         text, reason = plan_restore(desired, state, chain, self.jump)
         if text is None:
             return None
+        self._held[family.family] = live_family(state, family.family, desired, chain).nonmasq
         edit = plan_edit(state.rules, desired, chain) \
             if state.rules == known and state.jumps == 1 and state.misplaced(self.jump) is None else None
         if edit is not None:

@@ -19,6 +19,7 @@ import structlog
 
 from masqd.aio import Backoff
 from masqd.backends.conntrack import ConntrackTable
+from masqd.cidrs import range_networks
 from masqd.backends.base import ForeignRule, LiveRules, SyncResult
 from masqd.backends.nftables.executor import NftExecutor, NftMonitor, NftSubprocessExecutor
 from masqd.backends.nftables.live import why_rewritten, live_family, other_nat_chains, parse_listing
@@ -113,11 +114,13 @@ class NftablesBackend:
         reasons: dict[int, str] = {}
         wanted = ruleset_states(ruleset, self.priority)
         edit = any((known := self._trusted(d.family)) is not None and known.state != d for d in wanted)
+        held: dict[str, tuple] = {f.label: f.nonmasq for f in ruleset.families}  # in sync: as desired
         for desired in wanted:
             current = await self._held(desired, edit)
             if current == desired:
                 self._known[desired.family] = _Known(epoch, desired)
                 continue
+            held[f"ipv{desired.family}"] = () if current is None else range_networks(current.intervals, desired.family)
             change = _element_change(current, desired)
             if change is None:
                 replace.append(desired)
@@ -169,6 +172,7 @@ class NftablesBackend:
             written,
             tuple(reasons.values()) + tuple(f"table {NFT_FAMILY[f]} {TABLE} removed: that family is not enabled"
                                             for f in unmanaged),
+            held,
         )
 
     async def _verify(self, written: list[TableState]) -> None:
