@@ -627,7 +627,7 @@ def test_configmap_holds_a_config_masqd_accepts_without_warnings():
 DECISION_MODEL = REPO / "examples" / "decision-model"
 DECISION_MODEL_FILES = sorted(DECISION_MODEL.glob("*.yaml"))
 _UPSTREAM_ISSUE = re.compile(r"kubernetes-sigs/ip-masq-agent #[0-9]+")
-#: The config keys beyond upstream's (masqd's README, "Decision model").
+#: The config keys beyond upstream's (docs/configuration.md, "Decision model").
 _NEW_KEYS = {"masqueradeCIDRs", "masqueradeSourceCIDRs", "nonMasqueradeSourceCIDRs", "snatToAddress",
              "snatToAddressIPv6", "outputInterfaces"}
 

@@ -7,7 +7,7 @@ list changes; one-shot commands await ``read_once``), contributes the CIDRs with
 and says which IPAM pool each CIDR came from with ``describe_cidrs``. It declares no
 ``masqd_origin_kind`` (so its CIDRs are plain plugin CIDRs).
 
-Documented sources used: README.md "Plugins", docs/architecture.md, masqd/hookspecs.py,
+Documented sources used: docs/plugins.md, docs/architecture.md, masqd/hookspecs.py,
 masqd/testing (docstrings), masqd/plugins/values.py (SourceContext), masqd/events.py.
 """
 

@@ -106,7 +106,7 @@ class MasqConfig:
         keeps its default (see :func:`~masqd.config.merge.merge_configs`).
 
     The decision model beyond upstream (each optional; with none set the rules are upstream's,
-    byte for byte; the README's "Decision model" says how they combine):
+    byte for byte; docs/configuration.md, "Decision model", says how they combine):
 
     masquerade_cidrs: ``masqueradeCIDRs``, destinations masqueraded even inside a non-masquerade
         range: the longest matching prefix of the two lists decides (default none).

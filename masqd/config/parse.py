@@ -51,7 +51,7 @@ MAX_REPORTED_FINDINGS = 100
 _MAX_SHOWN_CHARS = 200
 
 _KEYS = ("nonMasqueradeCIDRs", "masqLinkLocal", "masqLinkLocalIPv6", "resyncInterval", "cidrLimit",
-         # the decision model beyond upstream (README, "Decision model")
+         # the decision model beyond upstream (docs/configuration.md, "Decision model")
          "masqueradeCIDRs", "masqueradeSourceCIDRs", "nonMasqueradeSourceCIDRs", "snatToAddress",
          "snatToAddressIPv6", "outputInterfaces")
 

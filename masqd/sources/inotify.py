@@ -2,7 +2,7 @@
 
 The kernel queues an event on the descriptor for every change under a watched directory; the
 event loop is woken only then (``anyio.wait_readable``), so a watch costs nothing while nothing
-changes: no thread, no timer (see the README, "How it runs", for the figures that made masqd
+changes: no thread, no timer (see docs/how-it-runs.md for the figures that made masqd
 leave watchfiles, whose watcher thread wakes every ``step`` whether or not anything happened).
 
 libc's ``inotify_init1`` / ``inotify_add_watch`` / ``inotify_rm_watch`` are called through ctypes;
