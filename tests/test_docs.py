@@ -53,7 +53,8 @@ def test_the_readme_is_a_front_door_that_links_every_page():
 
 def test_the_readme_gives_the_commands_ci_runs():
     commands = re.findall(r"```sh\n(.*?)\n```", README.read_text(), re.S)
-    assert any("masqd run --backend dry-run --config examples/config.yaml" in block for block in commands)
+    demo = [block for block in commands if "masqd run --backend dry-run --config examples/config.yaml" in block]
+    assert len(demo) == 1 and "--http-address 127.0.0.1:" in demo[0]  # the demo never listens on the LAN
     assert ".venv/bin/python -m pytest -q" in commands
     assert ".venv/bin/python -m pytest -q" in (REPO / ".ci" / "run").read_text()
 
