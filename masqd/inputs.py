@@ -26,7 +26,7 @@ import structlog
 from masqd.config import (MAX_CONFIG_BYTES, AgentOptions, MasqConfig, MergedConfig, ParsedConfig, merge_configs,
                           parse_config, too_large_problem)
 from masqd.errors import ConfigError, Problem, shorten
-from masqd.sources.files import ConfigDirectorySource, ConfigFileSource, read_config_text
+from masqd.sources.files import ConfigDirectorySource, ConfigFileSource, read_config_text, read_limited
 
 if TYPE_CHECKING:  # the API client library is imported only when an API input is used
     from masqd.kube.settings import KubeSettings, ObjectRef
@@ -99,7 +99,7 @@ class StdinInput:
 
     def read(self) -> list[ConfigText]:
         if self._text is None:
-            data = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
+            data = read_limited(sys.stdin.buffer, MAX_CONFIG_BYTES + 1)
             if len(data) > MAX_CONFIG_BYTES:
                 raise ConfigError(self.name, [too_large_problem("<stdin>", f"more than {MAX_CONFIG_BYTES} bytes")])
             try:

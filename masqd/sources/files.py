@@ -65,6 +65,10 @@ def read_config_text(path: str | os.PathLike[str]) -> str | None:
     return data.decode("utf-8-sig")
 
 
+#: Bytes read at once from a config file (a typical one is read in one piece).
+READ_PIECE_BYTES = 256 * 1024
+
+
 def _read_bounded(path: str | os.PathLike[str]) -> tuple[int, bytes]:
     """``(size, bytes)``: the file's bytes when it holds at most MAX_CONFIG_BYTES; for a bigger one
     its size (as ``stat`` says, or more than the limit when it grew or is not a regular file) and
@@ -73,8 +77,19 @@ def _read_bounded(path: str | os.PathLike[str]) -> tuple[int, bytes]:
         size = os.fstat(file.fileno()).st_size
         if size > MAX_CONFIG_BYTES:
             return size, b""
-        data = file.read(MAX_CONFIG_BYTES + 1)
+        data = read_limited(file, MAX_CONFIG_BYTES + 1)
     return max(size, len(data)), data
+
+
+def read_limited(file, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``file``, read by pieces: ``read(limit)`` would reserve the whole
+    limit (16 MiB for a config) however small the file."""
+    pieces: list[bytes] = []
+    held = 0
+    while held < limit and (piece := file.read(min(READ_PIECE_BYTES, limit - held))):
+        pieces.append(piece)
+        held += len(piece)
+    return b"".join(pieces)
 
 
 def content_digest(path: str | os.PathLike[str]) -> str:

@@ -68,14 +68,14 @@ class NftSubprocessExecutor:
             if "No such file or directory" in stderr:  # ENOENT (LC_ALL=C)
                 return None
             raise ReadBackError(command, stderr or f"exit {result.returncode}")
-        return result.stdout.decode()
+        return json_output(command, result.stdout)
 
     async def list_structure(self) -> str:
         command = [self.binary, "--terse", "--json", "list", "ruleset"]
         result = await run_tool(command, None)
         if result.returncode != 0:
             raise ReadBackError(command, result.stderr.decode(errors="replace") or f"exit {result.returncode}")
-        return result.stdout.decode()
+        return json_output(command, result.stdout)
 
     async def apply(self, script: str) -> None:
         """Apply ``script`` as one transaction, marked as masqd's by a table added and deleted at
@@ -99,6 +99,23 @@ class NftSubprocessExecutor:
         result = await run_tool(command, text.encode())
         if result.returncode != 0:
             raise load_error(command, result.returncode, result.stderr.decode(errors="replace"), script or text)
+
+
+#: Characters of output shown when nft's answer is not the JSON document asked for.
+SHOWN_OUTPUT = 200
+
+
+def json_output(command: list[str], stdout: bytes) -> str:
+    """``stdout`` of an ``nft --json`` command as text, or :class:`~masqd.errors.ReadBackError`
+    naming the command and showing the start of what it printed when that is not one JSON
+    document of nft's (an nft that ignores ``--json``, a wrapper script printing a banner, a
+    truncated answer): a read-back error, never a parse failure deep in masqd."""
+    text = stdout.decode(errors="replace")
+    body = text.strip()
+    if not (body.startswith('{"nftables"') and body.endswith("}")):
+        shown = body[:SHOWN_OUTPUT] + ("..." if len(body) > SHOWN_OUTPUT else "")
+        raise ReadBackError(command, f"the output is not nft's JSON: {shown!r}" if body else "no output")
+    return text
 
 
 _SOL_NETLINK = 270
