@@ -137,6 +137,7 @@ def stale_flows(flows: Iterable[Flow], after: RuleSet, before: Sequence[RuleSet]
     flow is compared with ``after`` alone). ``local``: the node's addresses. ``protocols``: the
     protocol names to consider (``None``: all)."""
     unsure_unnated = bool(after.interfaces) or any(rules.interfaces for rules in before)
+    snat_changed = {f.family: any(_snat_to(rules, f.family) != f.snat_to for rules in before) for f in after.families}
     stale = []
     for flow in flows:
         if protocols is not None and flow.protocol_name not in protocols:
@@ -149,8 +150,8 @@ def stale_flows(flows: Iterable[Flow], after: RuleSet, before: Sequence[RuleSet]
             continue  # kube-proxy may have masqueraded it (a Service's marked traffic): unknown without the rules before
         target = flow.reply_source
         now = after.decide(target, flow.source)
-        if before and all(rules.decide(target, flow.source) == now and _snat_to(rules, flow.family) == family.snat_to
-                          for rules in before):
+        if before and not snat_changed[flow.family] and all(rules.decide(target, flow.source) == now
+                                                             for rules in before):
             continue
         if flow.source_nat and not now:
             stale.append(StaleFlow(flow, "masqueraded, now kept"))

@@ -255,7 +255,7 @@ class Reconciler:
                      conntrack_deleted=self._flows.total)
         elif before is None and config_error is None:  # a first pass (start-up, --once) that wrote nothing
             log.info("rules already in place", backend=self.backend.name, trigger=trigger,
-                     cidrs=sum(len(family.nonmasq) for family in desired.families))
+                     cidrs=distinct_cidrs(desired))
         else:
             log.debug("in sync", backend=self.backend.name, trigger=trigger)
         if config_error is not None:

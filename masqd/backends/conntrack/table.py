@@ -84,12 +84,6 @@ class ConntrackTable:
                     return True
                 await anyio.lowlevel.checkpoint()  # a table of 100k entries does not hold up the loop
 
-    async def flows(self, family: int, protocol: int | None = None) -> list[Flow]:
-        """Every entry of ``family`` now (of IP ``protocol`` only, when given)."""
-        found: list[Flow] = []
-        await self.scan(family, protocol, found.extend)
-        return found
-
     async def delete(self, flows: Sequence[Flow]) -> Deleted:
         """Delete each of ``flows`` (each named by its tuple, zone and id)."""
         if self._tool is not None:
