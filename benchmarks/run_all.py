@@ -73,6 +73,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               "backends, against the raw `nft` / `iptables-restore` writing the same text; where the time goes.",
               ("--sizes", "100,1000,10000,100000", "--repeats", "3"), ("--sizes", "100", "--repeats", "1"),
               timeout=900),
+    Benchmark("Size limits", "size_limits.py",
+              "How the read-back every pass and drift check does grows from 10k to 200k CIDRs, each backend "
+              "(iptables nft and legacy variants, nftables), with `run --once` and no-op run times, and the room "
+              "masqd's scaled tool deadline leaves over the read.",
+              ("--sizes", "10000,50000,100000,200000"), ("--sizes", "1000",), timeout=1800),
     Benchmark("One-line edit, iptables", "iptables_edit.py",
               "A config edit of one CIDR at 1k and 10k CIDRs synced by the daemon's kept iptables backend (nft and "
               "legacy variants), split into iptables-save, iptables-restore and Python, against `iptables-restore` "

@@ -186,7 +186,8 @@ def build_agent(
     listeners = ResyncListeners()
     reconciler = Reconciler(backend, options, loader, plugins=plugins, status=status, on_audit=audit,
                             on_resync_interval=listeners, retry_initial_seconds=retry_initial_seconds,
-                            leftovers=leftovers, conntrack=conntrack, once=once)
+                            leftovers=leftovers, conntrack=conntrack, once=once,
+                            drift_check_interval=drift_check_interval)
     first_file = next((i.name for i in loader.inputs if isinstance(i, FileInput)), "")
     context = SourceContext(config_path=first_file, options=options, resync_interval=lambda: reconciler.resync_interval,
                             on_resync_interval_change=listeners.add, config_inputs=loader.inputs, kube=kube, once=once)

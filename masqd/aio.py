@@ -11,8 +11,15 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 import anyio
+
+#: Told the deadline of each kernel tool run (seconds, the grace for a killed one included) when
+#: set: the reconciler sets it for its pass, so ``/healthz`` allows a pass as long as the tool it
+#: runs is allowed to take (:meth:`masqd.status.AgentStatus.allow_until`). Read by
+#: :func:`masqd.backends.tools.run_tool`.
+deadline_listener: ContextVar[Callable[[float], None] | None] = ContextVar("deadline_listener", default=None)
 
 
 class Backoff:

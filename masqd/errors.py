@@ -34,6 +34,7 @@ or the exit message of ``masqd validate`` is enough to fix the problem.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -60,8 +61,60 @@ def shorten(value: object) -> object:
     return value if len(text) <= 80 else truncate(text, 80)
 
 
+#: At most this much of what a tool printed on stderr is kept, for its error (and so the log and
+#: ``/readyz``): the first and the last half, with a marker between saying how much was left out.
+#: A tool printing megabytes must not make a log line (or a ``/readyz`` answer) of megabytes.
+KEPT_OUTPUT = 4096
+#: Text longer than the bound by at most this much passes whole: it was kept while it was read
+#: (:func:`masqd.backends.tools.run_tool`) and holds its marker already.
+_MARKER_ROOM = 200
+_UNUSUAL = re.compile(r"[^\t\n -~]")
+_DETAILS = re.compile(r"'[^']*'|\"[^\"]*\"|\d+")
+
+
+def left_out(count: int, unit: str = "bytes") -> str:
+    """The marker standing where ``count`` bytes (or characters) of a tool's output were left out."""
+    return f"[... {count} {unit} left out ...]"
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable, newline and tab aside, written as its
+    escape (``\\x1b``, ``\\x00``, ``\\r``, ``\\u202e``): what a tool printed cannot move a
+    terminal's cursor, end a log line early, hide text or cut the ``/readyz`` answer."""
+    return _UNUSUAL.sub(_escaped, text)
+
+
+def _escaped(match: re.Match) -> str:
+    character = match.group()
+    return character if character.isprintable() else repr(character)[1:-1]
+
+
+def kept_output(text: str, limit: int = KEPT_OUTPUT) -> str:
+    """What a message shows of a tool's output ``text``: stripped, cut to its first and last
+    ``limit // 2`` characters when longer than ``limit``, and :func:`printable`."""
+    text = text.strip()
+    if len(text) > limit + _MARKER_ROOM:
+        half = limit // 2
+        text = f"{text[:half]}\n{left_out(len(text) - 2 * half, 'characters')}\n{text[-half:]}"
+    return printable(text)
+
+
+def without_details(text: str) -> str:
+    """``text`` with its numbers and quoted values left out: what stays names the kind of thing
+    said (``line 7`` and ``line 9``, ``'a'`` and ``'b'`` alike)."""
+    return _DETAILS.sub("#", text)
+
+
 class MasqdError(Exception):
     """Base class of all errors masqd reports to the user."""
+
+    @property
+    def kind(self) -> tuple:
+        """What sort of failure this is, its details left out: the reconciler logs repeats of one
+        kind at most once a minute, however their texts differ (a tool's output that changes on
+        every run, a file growing past the size limit). By default the class and the message
+        without its numbers and quoted values; subclasses say more precisely."""
+        return (type(self).__name__, without_details(str(self)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +144,14 @@ class ConfigError(MasqdError):
         self.warnings = tuple(warnings)
         lines = "; ".join(str(p) for p in self.problems)
         super().__init__(f"invalid config {source}: {lines}")
+
+    @property
+    def kind(self) -> tuple:
+        """The class, the source, and each problem's key and reason without numbers and quoted
+        values: a file growing past the size limit, or YAML broken at another line each time it
+        is saved, is one kind of rejection; another key or reason is another."""
+        return (type(self).__name__, self.source,
+                tuple((without_details(p.key), without_details(p.reason)) for p in self.problems))
 
 
 class PluginError(ConfigError):
@@ -200,17 +261,22 @@ class ToolMissingError(BackendError):
 class ApplyError(BackendError):
     """A write was refused by the kernel tool; the kernel kept the rules it had before.
 
-    ``command`` is the argv that failed, ``stderr`` what it printed, ``line`` the input line
-    it complained about when it named one.
+    ``command`` is the argv that failed, ``stderr`` what it printed (as much as is kept of it,
+    printable: :func:`kept_output`), ``line`` the input line it complained about when it named one.
     """
 
     def __init__(self, command: list[str], returncode: int, stderr: str, line: str | None = None):
         self.command = list(command)
         self.returncode = returncode
-        self.stderr = stderr.strip()
+        self.stderr = kept_output(stderr)
         self.line = line
         where = f" (input line: {line})" if line else ""
         super().__init__(f"{' '.join(self.command)} exited {returncode}: {self.stderr}{where}")
+
+    @property
+    def kind(self) -> tuple:
+        """The command and its exit status: what it printed may differ on every run."""
+        return (type(self).__name__, tuple(self.command), self.returncode)
 
 
 class ElementsRefusedError(BackendError):
@@ -225,12 +291,18 @@ class ElementsRefusedError(BackendError):
 
 
 class ReadBackError(BackendError):
-    """The current kernel state could not be read."""
+    """The current kernel state could not be read. ``detail`` says why (what the tool printed: as
+    much as is kept of it, printable: :func:`kept_output`)."""
 
     def __init__(self, command: list[str], detail: str):
         self.command = list(command)
-        self.detail = detail.strip()
+        self.detail = kept_output(detail)
         super().__init__(f"{' '.join(self.command)}: {self.detail}")
+
+    @property
+    def kind(self) -> tuple:
+        """The command: what it printed may differ on every run."""
+        return (type(self).__name__, tuple(self.command))
 
 
 class ToolExitedError(ReadBackError):
@@ -239,25 +311,31 @@ class ToolExitedError(ReadBackError):
 
     def __init__(self, command: list[str], returncode: int, stderr: str):
         self.returncode = returncode
-        self.stderr = stderr.strip()
+        self.stderr = kept_output(stderr)
         said = f": {self.stderr}" if self.stderr else " without a message"
         super().__init__(command, f"exited with status {returncode}{said}")
+
+    @property
+    def kind(self) -> tuple:
+        return (type(self).__name__, tuple(self.command), self.returncode)
 
 
 class ToolTimeoutError(BackendError):
     """A kernel tool (``iptables-save``, ``iptables-restore``, ``nft``) did not finish within
-    ``timeout`` seconds and was killed. The tools commit all or nothing, so the kernel holds the
-    rules it had (or, for a write killed after its commit, all of the new ones); the next sync
-    reads back which. ``exited`` is False when the killed process had still not exited after the
-    grace period (stuck in the kernel); it is reaped when it does."""
+    ``timeout`` seconds and was killed. ``wrote``: it was writing (it had input). The tools commit
+    all or nothing, so the kernel holds the rules it had or, for a write killed after its commit,
+    all of the new ones: which one is unknown until the next sync reads back. ``exited`` is False
+    when the killed process had still not exited after the grace period (stuck in the kernel); it
+    is reaped when it does."""
 
-    def __init__(self, command: list[str], timeout: float, *, exited: bool = True):
+    def __init__(self, command: list[str], timeout: float, *, exited: bool = True, wrote: bool = False):
         self.command = list(command)
         self.timeout = timeout
         self.exited = exited
-        stuck = ("" if exited else "; it has not exited yet (stuck in the kernel: a wedged lock or uninterruptible "
-                 "I/O), and is reaped when it does")
-        super().__init__(
-            f"{' '.join(self.command)} did not finish within {timeout:g} s and was killed; the kernel keeps the "
-            f"rules it had (a write is committed whole or not at all, and the next sync reads back and retries)"
-            f"{stuck}")
+        self.wrote = wrote
+        stuck = ("; it has not exited yet (stuck in the kernel: a wedged lock or uninterruptible "
+                 "I/O), and is reaped when it does" if not exited else "")
+        held = ("the kernel holds either the rules it had or all of the new ones (a write is committed whole or "
+                "not at all), which is read back on the next sync" if wrote else
+                "nothing was written; the next sync reads back again")
+        super().__init__(f"{' '.join(self.command)} did not finish within {round(timeout, 1):g} s and was killed; {held}{stuck}")

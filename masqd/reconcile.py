@@ -4,12 +4,13 @@ For every batch of events it recomputes the whole desired state (read every conf
 validate and merge its texts, hear the plugins, compute the RuleSet) and asks the backend to
 sync. Failures never remove rules: a bad config or a refused apply leaves the kernel as it was, is
 logged with its cause, counted (:class:`masqd.status.AgentStatus`), and retried on the next event
-(or after a short, jittered back-off when the apply itself failed).
+(or after a short, jittered back-off when the apply itself failed). A rejected config is not
+read back on every change of it (see :meth:`Reconciler.reconcile`). What it logs, and how it keeps
+repeats out of the log: :mod:`masqd.reconcile_log`.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -18,10 +19,9 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from masqd.aio import Backoff
-from masqd.audit import AuditEvent, CidrChanges, distinct_cidrs, family_changes
+from masqd.aio import Backoff, deadline_listener
+from masqd.audit import AuditEvent, CidrChanges, family_changes
 from masqd.backends.base import Backend, SyncResult
-from masqd.cidrs import cidr_text
 from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config
 from masqd.errors import (BackendError, BackendUnsupported, ConfigError, MasqdError, PluginError, Problem,
                           SnatAddressError)
@@ -31,8 +31,12 @@ from masqd.flows import DEFAULT_CONNTRACK_MODE
 from masqd.inputs import ConfigLoader, config_loader
 from masqd.plugins import Contribution, Plugins
 from masqd.plan import plan_rules
+from masqd.reconcile_log import LOGGED_CIDRS as LOGGED_CIDRS  # (named here too, as before the split)
+from masqd.reconcile_log import REPEAT_ERROR_LOG_SECONDS as REPEAT_ERROR_LOG_SECONDS
+from masqd.reconcile_log import PassLog, log_pass
 from masqd.ruleset import RuleSet
-from masqd.shadowing import Reported, Shadowing, find_shadowing
+from masqd.shadowing import Shadowing, find_shadowing
+from masqd.sources.drift import DRIFT_CHECK_SECONDS
 from masqd.status import AgentStatus
 
 log = structlog.get_logger("masqd.reconcile")
@@ -40,10 +44,13 @@ log = structlog.get_logger("masqd.reconcile")
 #: First retry delay after a failed sync, doubled (with jitter) per failure up to RETRY_MAX_SECONDS.
 RETRY_INITIAL_SECONDS = 0.5
 RETRY_MAX_SECONDS = 30.0
-#: The same sync error is logged at most this often (repeats in between are debug events).
-REPEAT_ERROR_LOG_SECONDS = 60.0
-#: A write's log line lists at most this many added (and removed) CIDRs, and counts the rest.
-LOGGED_CIDRS = 50
+#: The triggers of a pass that syncs the rules last applied while the config is rejected, however
+#: recently the kernel was read: those about the kernel (drift seen, the resync timer), a person
+#: asking (SIGHUP, one manual pass), the first pass and a retry of a failed sync. Others (a config
+#: file, a ConfigMap or policy changing, an address, a plugin's source) say an input changed, which
+#: changes nothing in the kernel: they sync only when the kernel was last confirmed longer ago
+#: than the drift checks' interval (see :meth:`Reconciler.reconcile`).
+HEALING_TRIGGERS = frozenset({"drift-check", "kernel-monitor", "timer", "sighup", "startup", "manual", "retry"})
 
 
 class Reconciler:
@@ -64,6 +71,7 @@ class Reconciler:
         addresses: Callable[[], Awaitable[frozenset]] | None = None,
         conntrack: str = DEFAULT_CONNTRACK_MODE,
         once: bool = False,
+        drift_check_interval: float = DRIFT_CHECK_SECONDS,
     ):
         """``config``: a path (one file) or a loader over several inputs. ``plugins``: their
         ``nonmasq_cidrs`` / ``validate_config`` hooks (``None``: none). ``status``: where the
@@ -76,7 +84,9 @@ class Reconciler:
         ``conntrack``: ``--conntrack-reconcile``, which live flows an apply that changed decisions
         prunes (:mod:`masqd.flow_cleanup`), through the backend's ``conntrack`` table if it has one.
         ``once``: for ``run --once``, whose command prints a rejected config's problems itself
-        (and has no rules last applied to keep): the rejection is not logged as well."""
+        (and has no rules last applied to keep): the rejection is not logged as well.
+        ``drift_check_interval``: ``--drift-check-interval`` (0: off, then the resync interval
+        stands for it): how long a rejected config's passes go without reading the kernel back."""
         self.backend = backend
         self.options = options
         self.loader = config_loader(config, options)
@@ -87,6 +97,9 @@ class Reconciler:
         self.leftovers = leftovers
         self.addresses = addresses
         self.once = once
+        self.drift_check_interval = drift_check_interval
+        #: The clock of the log's repeat limits and of the read-backs while the config is rejected.
+        self.clock: Callable[[], float] = time.monotonic
         #: The SNAT addresses the newest desired state asks for (applied or refused): the address
         #: changes worth a pass (:mod:`masqd.sources.addresses`).
         self.snat_addresses: frozenset = frozenset()
@@ -96,13 +109,13 @@ class Reconciler:
         self._retry = Backoff(retry_initial_seconds, RETRY_MAX_SECONDS)
         self._retry_delay: float | None = None  # seconds until a failed sync is retried; None: none pending
         self._leftovers_pending: list[Backend] | None = None  # None: not looked for yet
-        self._logged_findings: tuple[str, ...] = ()  # the config problems/warnings logged last
-        self._last_sync_error: tuple[str, float] | None = None  # (message, when logged)
+        self._log = PassLog()
+        self._syncs = 0  # syncs started (a drift check that saw one start discards what it read)
+        self._confirmed_at: float | None = None  # when a sync last succeeded (clock); None: failed since
         self._changes_memo: tuple | None = None  # (before, after, their CIDR changes), see _changes
         self.flow_cleanup = FlowCleanup(conntrack, self._local_addresses)
         self._flows: FlowReport | None = None  # what the pass's conntrack step did
         self._held: dict | None = None  # what the backend said the kernel held before the pass's sync
-        self._shadowing = Reported()  # the shadowing rules warned about
 
     @property
     def origins(self) -> dict:
@@ -124,7 +137,8 @@ class Reconciler:
         :class:`PluginError`) and then changes nothing.
 
         Problems and warnings are logged when they differ from the ones logged last, so a bad
-        file (or plugin) is reported once, not on every resync.
+        file (or plugin) is reported once, not on every resync; repeats of one kind of problem at
+        most once a minute (:class:`masqd.reconcile_log.PassLog`).
         """
         try:
             loaded = self.loader.load()
@@ -132,19 +146,10 @@ class Reconciler:
             ruleset, contributions = await plan_rules(config, self.options, self.plugins, loaded.merged)
             await self._check_snat_addresses(ruleset)
         except ConfigError as exc:
-            if self._changed_since_logged(("error", *map(str, exc.problems + exc.warnings))) and not self.once:
-                what = ("plugins rejected the new state" if isinstance(exc, PluginError) else
-                        "SNAT address not on this node, new state refused" if isinstance(exc, SnatAddressError)
-                        else "config rejected")
-                log.error(f"{what}; keeping the rules last applied", path=exc.source,
-                          problems=[str(p) for p in exc.problems], warnings=[str(w) for w in exc.warnings])
+            if not self.once:
+                self._log.config_rejected(exc, self.clock())
             raise
-        rejected_before = self._logged_findings[:1] == ("error",)
-        if self._changed_since_logged(("ok", *(f"{name}: {w}" for name, w in loaded.warnings))):
-            if rejected_before:  # said once, whether or not the rules then change
-                log.info("config accepted again", path=list(loaded.merged.sources) or ["defaults"])
-            for name, warning in loaded.warnings:
-                log.warning("config warning", path=name, problem=str(warning))
+        self._log.config_accepted(loaded.merged.sources, loaded.warnings)
         previous = self.config.resync_interval_ns
         self.config = config
         self.desired_from = (loaded.merged, contributions)
@@ -181,31 +186,31 @@ class Reconciler:
             self.addresses = local_addresses
         return await self.addresses()
 
-    def _changed_since_logged(self, findings: tuple[str, ...]) -> bool:
-        """True (and remembered) when these config findings differ from the ones logged last."""
-        if findings == self._logged_findings:
-            return False
-        self._logged_findings = findings
-        return True
-
     async def reconcile(self, events: tuple[Event, ...] = (Event("manual"),)) -> SyncResult:
         """One full pass. Raises :class:`MasqdError` on failure (after recording it).
 
         With an invalid config the rules last applied are still synced, so drift made by someone
-        else is healed while the config is being fixed; the config error is raised afterwards.
+        else is healed while the config is being fixed; the config error is raised afterwards. Not
+        on every change of an invalid config though (a file growing by megabytes a second would
+        have the kernel read back each time): a pass that only an input changing asked for (no
+        trigger in :data:`HEALING_TRIGGERS`) syncs when the last successful sync is older than the
+        drift checks' interval (the resync interval when they are off), or failed.
         """
         started = time.perf_counter()
         trigger = ",".join(dict.fromkeys(e.trigger for e in events))
         before = self.status.applied
+        listening = deadline_listener.set(self.status.allow_until)  # a long tool run is no stuck pass
         try:
-            result = await self._reconcile(trigger, started)
+            result = await self._reconcile(trigger, started, {e.trigger for e in events})
         except BaseException as exc:
             self._audit(trigger, before, None, SyncResult(getattr(exc, "written", ())), exc, started)
             raise
+        finally:
+            deadline_listener.reset(listening)
         self._audit(trigger, before, self.status.applied, result, None, started)
         return result
 
-    async def _reconcile(self, trigger: str, started: float) -> SyncResult:
+    async def _reconcile(self, trigger: str, started: float, triggers: set[str]) -> SyncResult:
         config_error: ConfigError | None = None
         self.status.repaired = False
         self._flows = self._held = None
@@ -219,10 +224,17 @@ class Reconciler:
                 if self.status.applied is None:
                     raise
                 config_error, desired = exc, self.status.applied
+                if not self._heal_now(triggers):
+                    log.debug("config rejected; the rules last applied were confirmed recently, not read back now",
+                              trigger=trigger)
+                    raise
             # A sync started is finished: shutdown waits for it rather than killing iptables-restore
             # between two families (bounded by the restore's own lock wait).
             with anyio.CancelScope(shield=True):
+                self._syncs += 1
+                self._confirmed_at = None
                 result = await self.backend.sync(desired)
+                self._confirmed_at = self.clock()
                 self._held = result.held
                 if self._leftovers_pending != []:
                     await self._remove_leftovers(desired.chain)
@@ -231,7 +243,7 @@ class Reconciler:
             self._record_error(exc)
             if not isinstance(exc, ConfigError):
                 self.status.sync_failure = str(exc)
-                self._log_sync_error(exc, trigger)
+                self._log.sync_failed(exc, self.backend.name, trigger, self.clock())
             raise
         finally:
             self.status.generation += 1
@@ -248,22 +260,23 @@ class Reconciler:
         if config_error is None:  # live flows follow, once the pass is recorded (masqd.flow_cleanup)
             self._flows = await self.flow_cleanup.run(getattr(self.backend, "conntrack", None), before, desired,
                                                       bool(result.changed))
-        if result.changed:
-            self._log_write(before, desired, result, trigger, started)
-        elif self._flows is not None and self._flows.total:
-            log.info("stale conntrack entries deleted", backend=self.backend.name, trigger=trigger,
-                     conntrack_deleted=self._flows.total)
-        elif before is None and config_error is None:  # a first pass (start-up, --once) that wrote nothing
-            log.info("rules already in place", backend=self.backend.name, trigger=trigger,
-                     cidrs=distinct_cidrs(desired))
-        else:
-            log.debug("in sync", backend=self.backend.name, trigger=trigger)
+        log_pass(self.backend.name, trigger, before, desired, result, accepted=config_error is None,
+                 repaired=self.status.repaired, flows=self._flows, contributions=self.contributions,
+                 changes=lambda: self._changes(before, desired),
+                 duration_ms=round((time.perf_counter() - started) * 1000, 2))
         if config_error is not None:
             self._record_error(config_error)
             raise config_error
         self.status.last_error = None
-        self._last_sync_error = None
+        self._log.sync_succeeded()
         return result
+
+    def _heal_now(self, triggers: set[str]) -> bool:
+        """Whether a pass whose config was rejected syncs the rules last applied (see :meth:`reconcile`)."""
+        if self._confirmed_at is None or not HEALING_TRIGGERS.isdisjoint(triggers):
+            return True
+        interval = self.drift_check_interval if self.drift_check_interval > 0 else self.config.resync_interval
+        return self.clock() - self._confirmed_at >= interval
 
     def _audit(self, trigger: str, before: RuleSet | None, after: RuleSet | None, result: SyncResult,
                error: BaseException | None, started: float) -> None:
@@ -349,16 +362,17 @@ class Reconciler:
 
     async def check_drift(self) -> str | None:
         """Read the kernel back and say why it no longer holds the rules last applied (one reason
-        per family, ``; ``-joined), or ``None``: it does, nothing has been applied yet, a pass ran
-        meanwhile (its sync read back already), a retry of a failed sync is scheduled (with its
-        back-off; it reads back too), or the backend cannot read back. Only reads.
+        per family, ``; ``-joined), or ``None``: it does, nothing has been applied yet, a sync ran
+        meanwhile (it read back already; a pass that rejected a config without syncing does not
+        count), a retry of a failed sync is scheduled (with its back-off; it reads back too), or
+        the backend cannot read back. Only reads.
         Raises :class:`~masqd.errors.BackendError` when the kernel cannot be read."""
-        applied, generation = self.status.applied, self.status.generation
+        applied, syncs = self.status.applied, self._syncs
         read_back = getattr(self.backend, "read_back", None)
         if applied is None or read_back is None or self.status.busy_since is not None or self._retry_delay is not None:
             return None
         live = await read_back(applied)
-        if self.status.generation != generation or self.status.busy_since is not None:
+        if self._syncs != syncs or self.status.busy_since is not None:
             return None
         self._report_shadowing(find_shadowing(applied, {family.family: family.foreign for family in live.families}))
         drifted = [f"{family.label}: {family.drift}" for family in live.families if family.drift is not None]
@@ -383,25 +397,7 @@ class Reconciler:
     def _report_shadowing(self, found: tuple[Shadowing, ...]) -> None:
         """Record ``found`` in the status; warn once per distinct rule (again if it comes back)."""
         self.status.shadowing = found
-        new, gone = self._shadowing.update(found)
-        for item in new:
-            log.warning("a rule masqd does not write may masquerade traffic masqd keeps", family=item.label,
-                        rule=item.rule.text, where=item.where, kept=item.kept_text(), kept_count=len(item.kept))
-        for item in gone:
-            log.info("the rule that could masquerade traffic masqd keeps is gone", family=item.label,
-                     rule=item.rule.text)
-
-    def _log_sync_error(self, exc: MasqdError, trigger: str) -> None:
-        written = getattr(exc, "written", ())
-        message = (f"sync failed after writing {', '.join(written)}; other parts keep their previous rules"
-                   if written else "sync failed; kernel keeps its previous rules")
-        now = time.monotonic()
-        repeat = self._last_sync_error is not None and self._last_sync_error[0] == str(exc)
-        if repeat and now - self._last_sync_error[1] < REPEAT_ERROR_LOG_SECONDS:
-            log.debug(message, backend=self.backend.name, trigger=trigger, error=str(exc), repeated=True)
-            return
-        log.error(message, backend=self.backend.name, trigger=trigger, error=str(exc), written=list(written))
-        self._last_sync_error = (str(exc), now)
+        self._log.shadowing(found)
 
     def _changes(self, before: RuleSet | None, after: RuleSet | None) -> tuple[CidrChanges, CidrChanges]:
         """:func:`~masqd.audit.family_changes`, once for a pass's log line and audit event (a first
@@ -415,36 +411,6 @@ class Reconciler:
     def _record_error(self, exc: MasqdError) -> None:
         self.status.errors += 1
         self.status.last_error = exc
-
-    def _log_write(self, before: RuleSet | None, desired: RuleSet, result: SyncResult, trigger: str,
-                   started: float) -> None:
-        fields = {
-            "backend": self.backend.name,
-            "trigger": trigger,
-            "written": list(result.written),
-            "reason": list(result.reasons),
-            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-        }
-        for name, masquerade in (("cidrs_from_plugins", False), ("masquerade_cidrs_from_plugins", True)):
-            shares = {c.plugin: len(c.cidrs) for c in self.contributions if c.cidrs and c.masquerade is masquerade}
-            if shares:  # a plugin contributing both kinds has one Contribution of each
-                fields[name] = shares
-        if self._flows is not None and self._flows.total:
-            fields["conntrack_deleted"] = self._flows.total
-        if self.status.repaired:  # the rules already applied, written again: someone changed them
-            log.warning("rules restored after outside change", **fields)
-            return
-        added, removed = self._changes(before, desired)
-        for name, changes in (("cidrs_added", added), ("cidrs_removed", removed)):
-            listed = itertools.chain.from_iterable(changes.networks.values())
-            fields[name] = [cidr_text(net) for net in itertools.islice(listed, LOGGED_CIDRS)]
-            count = sum(map(len, changes.networks.values()))
-            if count > LOGGED_CIDRS:  # a 100k-CIDR change is counted, not printed
-                fields[f"{name}_count"] = count
-        if before is None:  # a first write: how many CIDRs it holds (the kernel may have held some already)
-            log.info("rules applied", cidrs=distinct_cidrs(desired), **fields)
-        else:
-            log.info("rules updated", **fields)
 
     async def run(self, events: MemoryObjectReceiveStream[Event]) -> None:
         """Reconcile on every batch of events until the stream closes or the task is cancelled."""
@@ -474,6 +440,7 @@ class Reconciler:
 
     async def _reconcile_guarded(self, batch: tuple[Event, ...]) -> None:
         self.status.busy_since = time.monotonic()
+        self.status.busy_allowed_until = 0.0
         try:
             await self.reconcile(batch)
         except PluginError:

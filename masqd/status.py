@@ -16,8 +16,10 @@ from masqd.shadowing import summary
 #: A pass still running after this many seconds makes the agent unhealthy (``/healthz``). A pass
 #: is bounded well below it: plugin hooks have 5 s deadlines, iptables-restore waits at most 10 s
 #: for the xtables lock per family, and a kernel tool that hangs is killed after 30 s
-#: (:data:`masqd.backends.tools.TOOL_TIMEOUT_SECONDS`), failing the sync. (How long a pass takes
-#: at each scale: benchmarks/RESULTS.md.)
+#: (:data:`masqd.backends.tools.TOOL_TIMEOUT_SECONDS`), failing the sync. A tool given longer
+#: for a large table (:func:`masqd.backends.tools.tool_deadline`) extends it for as long as that
+#: tool may run (:meth:`AgentStatus.allow_until`). (How long a pass takes at each scale:
+#: benchmarks/RESULTS.md.)
 HEALTH_DEADLINE_SECONDS = 60.0
 
 
@@ -31,6 +33,9 @@ class AgentStatus:
     running: bool = False
     #: monotonic start of the pass in progress; ``None`` between passes
     busy_since: float | None = None
+    #: monotonic time until which the pass in progress is healthy however long it has run: the
+    #: end of the deadline of the kernel tool it runs (:meth:`allow_until`)
+    busy_allowed_until: float = 0.0
     #: passes completed, successful or not
     generation: int = 0
     #: passes that failed (a rejected config, a failed sync, an internal error)
@@ -74,11 +79,22 @@ class AgentStatus:
             return False, "reconciler loop is not running"
         if self.busy_since is None:
             return True, f"ok: reconciler idle; passes so far: {self.generation}"
-        busy = time.monotonic() - self.busy_since
-        if busy > self.health_deadline:
+        now = time.monotonic()
+        busy = now - self.busy_since
+        if busy > self.health_deadline and now > self.busy_allowed_until:
             return False, (f"reconciler stuck: one pass has run for {busy:.1f} s "
                            f"(deadline {self.health_deadline:g} s); passes so far: {self.generation}")
+        if busy > self.health_deadline:
+            return True, (f"ok: reconciler in a pass for {busy:.1f} s, running a kernel tool allowed "
+                          f"{self.busy_allowed_until - now:.0f} s more for a large table; passes so far: {self.generation}")
         return True, f"ok: reconciler in a pass for {busy:.1f} s; passes so far: {self.generation}"
+
+    def allow_until(self, seconds: float) -> None:
+        """The pass in progress starts a kernel tool that may run ``seconds`` (its deadline, scaled
+        to the rules it handles, and the grace for a killed one to exit): it is healthy until then,
+        past :attr:`health_deadline` (a tool that overruns is killed and the pass fails, so a pass
+        stuck for good still turns ``/healthz`` unhealthy)."""
+        self.busy_allowed_until = max(self.busy_allowed_until, time.monotonic() + seconds)
 
     def readiness(self) -> tuple[bool, str]:
         """Whether the kernel holds the rules of the latest valid desired state, and why
@@ -103,6 +119,10 @@ class AgentStatus:
             waiting = f"the last attempt failed: {reason}" if reason else "waiting for the first sync"
             return False, f"not ready: no rules applied yet; {waiting}"
         if self.sync_failure is not None:
+            error = self.last_error
+            if getattr(error, "wrote", False) or getattr(error, "written", ()):  # a write was cut short, or done in part
+                return False, ("not ready: the last apply failed after writing; what the kernel holds is read back "
+                               f"on the next pass: {self.sync_failure}")
             return False, f"not ready: the last apply failed, the kernel keeps older rules: {self.sync_failure}"
         if not self.holds_latest_valid:
             return False, "not ready: the newest valid config is being applied"

@@ -172,3 +172,22 @@ async def test_a_connection_being_answered_is_not_closed_while_an_idle_one_can_b
 def test_the_limits_must_admit_at_least_one_connection() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         HttpServer(ROUTES, max_per_peer=0)
+
+
+async def test_hundreds_of_addresses_holding_idle_connections_do_not_keep_a_probe_waiting() -> None:
+    """The global cap (MAX_CONNECTIONS, 256) and the per-address eviction fit together: with more
+    addresses than the cap each holding an idle connection, a probe from one more address is
+    answered at once (an idle connection makes room), never queued behind the read deadlines."""
+    from contextlib import ExitStack
+
+    from masqd.http import MAX_CONNECTIONS
+
+    async with Served(ROUTES, read_timeout=WAIT * 10) as served:
+        with ExitStack() as stack:
+            for index in range(MAX_CONNECTIONS + 20):  # 127.0.1.1 and up: one idle connection each
+                peer = f"127.0.{1 + index // 250}.{index % 250 + 1}"
+                stack.enter_context(idle_connections(served.port, 1, local_host=peer))
+            await wait_until(lambda: served.server.active == MAX_CONNECTIONS, "the cap to be reached", timeout=WAIT)
+            with anyio.fail_after(WAIT):  # well inside the idle connections' read deadline
+                status, body = await get(served.port, "/a", local_host="127.0.0.2")  # the kubelet, say
+            assert (status, body) == (200, "a\n")

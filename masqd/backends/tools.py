@@ -36,7 +36,8 @@ from contextlib import asynccontextmanager
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from masqd.errors import ToolExitedError, ToolMissingError, ToolTimeoutError
+from masqd.aio import deadline_listener
+from masqd.errors import KEPT_OUTPUT, ToolExitedError, ToolMissingError, ToolTimeoutError, left_out
 
 #: The tools' messages are parsed ("No such file or directory", "line N failed"): keep them English.
 _ENV = {**os.environ, "LC_ALL": "C"}
@@ -53,17 +54,37 @@ TOOL_TIMEOUT_SECONDS = 30.0
 #: the kernel; one stuck in uninterruptible I/O (state D) exits later, and is reaped then (by the
 #: event loop's child watcher), while the sync reports the failure without waiting for it.
 KILL_GRACE_SECONDS = 5.0
+#: How a tool's deadline grows with the rules it reads or writes (:func:`tool_deadline`). The
+#: nft variant of ``iptables-save`` takes time growing with the square of the rules in the table
+#: (the kernel's rule dump restarts from the chain's start for every batch it returns): on the
+#: 2-core machine of benchmarks/RESULTS.md, 2.2 s at 50k rules, 9 s at 100k, 43 s at 200k
+#: ("Size limits"). The deadline allows about four times that, plus 0.1 ms per rule for the linear
+#: part (legacy iptables, ``nft -f``): 80 s at 100k rules, 210 s at 200k.
+SECONDS_PER_RULE = 1e-4
+SECONDS_PER_RULE_SQUARED = 4e-9
 
 
-async def run_tool(command: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def tool_deadline(rules: int = 0) -> float:
+    """Seconds a tool run that reads or writes about ``rules`` rules may take before it is killed:
+    :data:`TOOL_TIMEOUT_SECONDS`, plus what the rules cost (see :data:`SECONDS_PER_RULE_SQUARED`)."""
+    return TOOL_TIMEOUT_SECONDS + rules * SECONDS_PER_RULE + rules * rules * SECONDS_PER_RULE_SQUARED
+
+
+
+async def run_tool(command: list[str], stdin: bytes | None = None, *,
+                   timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run ``command`` to completion, capturing its output (``stdin``: its whole standard input).
 
     A binary that cannot be started is a :class:`~masqd.errors.ToolMissingError`; a run longer than
-    :data:`TOOL_TIMEOUT_SECONDS` is killed and raises :class:`~masqd.errors.ToolTimeoutError`.
+    ``timeout`` seconds (default :data:`TOOL_TIMEOUT_SECONDS`; :func:`tool_deadline` for a run
+    whose work grows with the rules) is killed and raises :class:`~masqd.errors.ToolTimeoutError`.
     The deadline holds inside a shielded cancel scope (the reconciler's sync) too. When the
     caller is cancelled instead, the tool is killed and reaped just the same.
     """
-    timeout = TOOL_TIMEOUT_SECONDS
+    timeout = TOOL_TIMEOUT_SECONDS if timeout is None else timeout
+    listener = deadline_listener.get()
+    if listener is not None:
+        listener(timeout + KILL_GRACE_SECONDS)
     process = await _spawn(command, stdin)
     output: list[bytes] = [b"", b""]
     finished = exited = False
@@ -72,14 +93,14 @@ async def run_tool(command: list[str], stdin: bytes | None = None) -> subprocess
             async with anyio.create_task_group() as tg:
                 assert process.stdout is not None and process.stderr is not None
                 tg.start_soon(_drain, process.stdout, output, 0)
-                tg.start_soon(_drain, process.stderr, output, 1)
+                tg.start_soon(_drain, process.stderr, output, 1, STDERR_KEPT_BYTES)
                 await process.wait()
             finished = True
     finally:
         if not finished:  # the deadline passed, or the caller was cancelled or failed
             exited = await _kill_and_reap(process)
     if not finished:
-        raise ToolTimeoutError(command, timeout, exited=exited)
+        raise ToolTimeoutError(command, timeout, exited=exited, wrote=stdin is not None)
     await process.aclose()  # it has exited: closes the pipes, returns at once
     assert process.returncode is not None
     return subprocess.CompletedProcess(command, process.returncode, output[0], output[1])
@@ -101,8 +122,10 @@ async def _spawn(command: list[str], stdin: bytes | None, stderr: int = subproce
             os.close(source)  # the tool holds its own copy as its standard input
 
 
-#: At most this much of what a long-running tool printed on stderr is kept for its error.
-STDERR_KEPT_BYTES = 4096
+#: At most this much of what a tool printed on stderr is kept for its error (:data:`masqd.errors.KEPT_OUTPUT`):
+#: of a run, its first and last half (iptables-restore names the failed line at the end); of a tool
+#: that reports until stopped, its start. Standard output, the read-back, is kept whole.
+STDERR_KEPT_BYTES = KEPT_OUTPUT
 
 
 @asynccontextmanager
@@ -118,7 +141,7 @@ async def tool_output(command: list[str]) -> AsyncIterator[ByteReceiveStream]:
     The tool is started through a small Python wrapper, so a tool that cannot be started exits at
     once (status 127, ``cannot run TOOL: ...``): that too is a ``ToolExitedError``.
     """
-    errors = _bounded_file(STDERR_KEPT_BYTES)  # read after exit: no task draining a pipe
+    errors = _bounded_file(STDERR_KEPT_BYTES + 1)  # read after exit: no task draining a pipe
     try:
         process = await _spawn(_dies_with_masqd(command), None, stderr=errors)
         exited = False
@@ -130,10 +153,13 @@ async def tool_output(command: list[str]) -> AsyncIterator[ByteReceiveStream]:
             exited = process.returncode is not None
         finally:
             await _kill_and_reap(process)
-        printed = os.pread(errors, STDERR_KEPT_BYTES, 0).rstrip(b"\0").decode(errors="replace")
+        printed = os.pread(errors, STDERR_KEPT_BYTES + 1, 0).rstrip(b"\0")
+        if len(printed) > STDERR_KEPT_BYTES:  # it printed more than is kept (the last byte tells)
+            printed = printed[:STDERR_KEPT_BYTES] + b"\n[... more left out ...]"
     finally:
         os.close(errors)
-    raise ToolExitedError(command, process.returncode if exited else -signal.SIGKILL, printed)
+    raise ToolExitedError(command, process.returncode if exited else -signal.SIGKILL,
+                          printed.decode(errors="replace"))
 
 
 #: Run as ``python -c`` before the tool: ask the kernel to SIGKILL this process when its parent
@@ -162,11 +188,49 @@ def _dies_with_masqd(command: list[str]) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *command]
 
 
-async def _drain(stream: ByteReceiveStream, output: list[bytes], index: int) -> None:
+async def _drain(stream: ByteReceiveStream, output: list[bytes], index: int, limit: int | None = None) -> None:
+    """Read ``stream`` to its end into ``output[index]``: all of it, or with ``limit`` its first and
+    last ``limit // 2`` bytes (:class:`HeadAndTail`), kept as it is read."""
+    if limit is not None:
+        kept = HeadAndTail(limit)
+        async for chunk in stream:
+            kept.add(chunk)
+        output[index] = kept.value()
+        return
     chunks = []
     async for chunk in stream:
         chunks.append(chunk)
     output[index] = b"".join(chunks)
+
+
+class HeadAndTail:
+    """The first and the last ``limit // 2`` bytes of a stream, kept as its pieces arrive: a tool
+    printing without end costs a few KiB, not what it printed. :meth:`value` puts a marker saying
+    how many bytes were left out between the two."""
+
+    def __init__(self, limit: int):
+        self.half = limit // 2
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        if len(chunk) >= self.half:
+            self.tail[:] = chunk[len(chunk) - self.half:]
+        elif chunk:
+            self.tail += chunk
+            del self.tail[:max(0, len(self.tail) - self.half)]
+
+    def value(self) -> bytes:
+        skipped = self.total - len(self.head) - len(self.tail)
+        if not skipped:
+            return bytes(self.head + self.tail)
+        return bytes(self.head) + f"\n{left_out(skipped)}\n".encode() + bytes(self.tail)
 
 
 def _bounded_file(size: int) -> int:

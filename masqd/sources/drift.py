@@ -14,7 +14,8 @@ at the next ``resyncInterval`` (default 60 s); these sources shorten the window:
   monitor cannot run, the rules are read back at once and every ``--drift-check-interval``.
 - :class:`DriftCheckSource`, for a backend that can only read back (iptables: there is no change
   notification for legacy xtables): every ``--drift-check-interval`` (default 30 s) it reads the
-  chain back and asks for a reconcile only when it differs from the rules last applied.
+  chain back and asks for a reconcile only when it differs from the rules last applied; when a
+  read takes long (a huge table), checks are spaced so they cost at most a tenth of the time.
 
 Neither writes: the reconciler repairs, as for any other event. ``--drift-check-interval 0``
 turns both off (the resync timer still heals). The agent picks one for its backend
@@ -42,6 +43,8 @@ log = structlog.get_logger("masqd.sources.drift")
 DRIFT_CHECK_SECONDS = 30.0
 #: The shortest ``--drift-check-interval`` (each check runs ``iptables-save``); 0 turns it off.
 MIN_DRIFT_CHECK_SECONDS = 0.1
+#: A drift check waits at least this many times as long as the last one took before the next.
+CHECK_COST_SHARE = 10
 #: Outside changes restored at once, in a burst; beyond, one restore per REPAIR_REFILL_SECONDS.
 REPAIR_BURST = 5
 REPAIR_REFILL_SECONDS = 10.0
@@ -109,8 +112,15 @@ class DriftCheckSource:
         if not at_once:
             await anyio.sleep(self.interval)
         while True:
+            started = anyio.current_time()
             await self._check_once(notify)
-            await anyio.sleep(self.interval)
+            await anyio.sleep(self.next_wait(anyio.current_time() - started))
+
+    def next_wait(self, took: float) -> float:
+        """Seconds until the next check after one that took ``took``: the interval, or longer when
+        reading back is slow (a table of 200k iptables-nft rules takes about 40 s to read), so that
+        checking never takes more than 1/:data:`CHECK_COST_SHARE` of the time."""
+        return max(self.interval, took * CHECK_COST_SHARE)
 
     async def _check_once(self, notify: Notify) -> None:
         try:

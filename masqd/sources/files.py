@@ -10,15 +10,35 @@ afresh. While the directory does not exist, and while its path is a symlink (whi
 without touching the directory), its nearest existing ancestor is watched too, for the path
 component leading to it: a directory that appears is taken up at once, a swapped symlink
 followed. Otherwise the ancestor is not watched, so a busy parent (``/tmp``) wakes nobody.
+Each time, the watch is set up again at once, says so (at info level), and the file is read again.
 Nothing here wakes while nothing changes (:mod:`masqd.sources.inotify`: no thread, no timer).
 Where inotify cannot be used (``fs.inotify.max_user_instances`` or ``max_user_watches``
 exhausted, no inotify at all) the source says so once and polls instead, every
 :data:`POLL_DELAY_MS`, comparing ``stat`` results and reading the file only when they change.
+
+A file written in place is read when its writer closes it, never half-written. A config entry
+written (``IN_MODIFY``) or created as a new file, and not yet closed (``IN_CLOSE_WRITE``), is
+*being written*, and while one is, the check waits for its close; a writer that keeps the file
+open is read after :data:`WRITE_QUIET_MS` (1 s) without a write, or :data:`MAX_WRITE_MS` (5 s)
+after the burst began when it writes on and on. Writers pause far less than a second between two
+pieces of one file and nearly all close it, so the wait costs little, where reading early applied
+a half-written list (its missing CIDRs masqueraded, in conntrack for the life of each flow
+opened meanwhile). Every other change means a file is in place, and is checked
+after :data:`QUIET_MS` without another event: a close, a rename onto the path (an atomic replace,
+a ConfigMap's ``..data`` swap), a hard link or symlink created there, a removal, an attribute
+change.
+
+Only a regular file (after symlinks) is read, opened non-blocking: anything else at the path is
+refused by name (:class:`NotRegularFileError`) without being opened, as it could block the event
+loop (a FIFO's ``open()`` waits for a writer), and the rules last applied stay. The null device
+reads as an empty config (``--config /dev/null``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,17 +46,26 @@ import anyio
 import structlog
 
 from masqd.config import MAX_CONFIG_BYTES, too_large_problem
-from masqd.errors import ConfigError
+from masqd.errors import ConfigError, Problem
 from masqd.events import Notify
-from masqd.sources.inotify import (ENTRY_CHANGES, IN_ATTRIB, IN_CLOSE_WRITE, IN_DELETE_SELF, IN_MODIFY, IN_MOVE_SELF,
-                                   IN_ONLYDIR, IN_Q_OVERFLOW, SELF_GONE, Inotify, InotifyEvent)
+from masqd.sources.inotify import (ENTRY_CHANGES, IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_DELETE_SELF,
+                                   IN_MODIFY, IN_MOVE_SELF, IN_MOVED_FROM, IN_MOVED_TO, IN_ONLYDIR, IN_Q_OVERFLOW,
+                                   SELF_GONE, Inotify, InotifyEvent)
 
 #: Milliseconds without a new event after which a burst of events is over and the config is
-#: checked, so a writer's truncate and write are one change (watchfiles' ``step``, as masqd used
-#: it). Armed only after an event: an idle watch has no timer.
+#: checked, when no config file is being written (watchfiles' ``step``, as masqd used it): the
+#: events of one replace come microseconds apart. Armed only after an event: an idle watch has no timer.
 QUIET_MS = 10
 #: Milliseconds a burst of events may last before the config is checked anyway.
 MAX_BURST_MS = 1600
+#: Milliseconds without a write after which a file its writer keeps open is read anyway. Writers
+#: pause far less between two pieces of one file (the issue's 100 ms, a command run between two
+#: ``echo >>``), and one that never closes (rare: editors, ``cp``, kubelet all close) costs a
+#: second of delay, where reading too early applied a half-written list for as long as the pause.
+WRITE_QUIET_MS = 1000
+#: Milliseconds after its first event that a burst with a file still being written is checked
+#: anyway, even though writes go on: a file growing forever is still read (every few seconds).
+MAX_WRITE_MS = 5000
 #: Poll period when inotify cannot be used (e.g. fs.inotify.max_user_instances exhausted).
 POLL_DELAY_MS = 300
 
@@ -44,7 +73,12 @@ POLL_DELAY_MS = 300
 _DIRECTORY_MASK = ENTRY_CHANGES | IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 #: What its nearest existing ancestor is watched for: the next path component toward it changing.
 _ANCESTOR_MASK = ENTRY_CHANGES | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
-_CHECK, _REWATCH = "check", "rewatch"
+#: Why the watches are set up again (logged, at info level, each time they are).
+_GONE = "config directory removed, renamed or replaced"
+_PATH = "path to the config directory changed"
+_LOST = "inotify events lost (queue overflow)"
+#: ``st_rdev`` of the null device (Linux's documented 1:3), read as an empty config.
+_NULL_DEVICE = os.makedev(1, 3)
 
 log = structlog.get_logger("masqd.sources.files")
 
@@ -54,12 +88,16 @@ def read_config_text(path: str | os.PathLike[str]) -> str | None:
 
     Undecodable bytes raise ``UnicodeDecodeError``; a UTF-8 byte-order mark is dropped. A file
     of more than :data:`~masqd.config.MAX_CONFIG_BYTES` raises :class:`ConfigError` (named by
-    ``str(path)``) without being read into memory.
+    ``str(path)``) without being read into memory, and so does anything but a regular file (see
+    :func:`_read_bounded`).
     """
     try:
         size, data = _read_bounded(path)
     except FileNotFoundError:
         return None
+    except NotRegularFileError as exc:
+        raise ConfigError(str(path), [Problem("<file>", None, f"not a regular file (a {exc.kind}): a config file "
+                                                              "must be a regular file, or a symlink to one")]) from None
     if size > MAX_CONFIG_BYTES:
         raise ConfigError(str(path), [too_large_problem("<file>", f"{size} bytes")])
     return data.decode("utf-8-sig")
@@ -69,16 +107,45 @@ def read_config_text(path: str | os.PathLike[str]) -> str | None:
 READ_PIECE_BYTES = 256 * 1024
 
 
+class NotRegularFileError(OSError):
+    """The config path names (after symlinks) something that is not a regular file: a FIFO, a
+    socket, a device, a directory. ``kind`` names it ("FIFO", "socket", ...)."""
+
+    def __init__(self, path: str | os.PathLike[str], kind: str):
+        super().__init__(errno.EINVAL, f"not a regular file (a {kind})", os.fspath(path))
+        self.kind = kind
+
+
+def _require_regular(path: str | os.PathLike[str], st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        mode = st.st_mode
+        kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else
+                "directory" if stat.S_ISDIR(mode) else "character device" if stat.S_ISCHR(mode) else
+                "block device" if stat.S_ISBLK(mode) else "special file")
+        raise NotRegularFileError(path, kind)
+
+
 def _read_bounded(path: str | os.PathLike[str]) -> tuple[int, bytes]:
     """``(size, bytes)``: the file's bytes when it holds at most MAX_CONFIG_BYTES; for a bigger one
-    its size (as ``stat`` says, or more than the limit when it grew or is not a regular file) and
-    at most the first MAX_CONFIG_BYTES + 1 bytes, or none when ``stat`` already told."""
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        if size > MAX_CONFIG_BYTES:
-            return size, b""
+    its size (as ``stat`` says, or more than the limit when it grew) and at most the first
+    MAX_CONFIG_BYTES + 1 bytes, or none when ``stat`` already told.
+
+    Never blocks on what the path names: anything but a regular file raises
+    :class:`NotRegularFileError` without being opened (opening a FIFO waits for a writer; opening
+    a device may act on it), and the file is opened non-blocking and checked again, for one
+    swapped in between. The null device is an empty file."""
+    st = os.stat(path)
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == _NULL_DEVICE:
+        return 0, b""
+    _require_regular(path, st)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    with os.fdopen(fd, "rb") as file:
+        st = os.fstat(fd)
+        _require_regular(path, st)
+        if st.st_size > MAX_CONFIG_BYTES:
+            return st.st_size, b""
         data = read_limited(file, MAX_CONFIG_BYTES + 1)
-    return max(size, len(data)), data
+    return max(st.st_size, len(data)), data
 
 
 def read_limited(file, limit: int) -> bytes:
@@ -94,12 +161,15 @@ def read_limited(file, limit: int) -> bytes:
 
 def content_digest(path: str | os.PathLike[str]) -> str:
     """A fingerprint of the file: its size and a 64-bit keyed hash of its bytes (Python's own
-    SipHash: no hashing library loaded), ``missing``, or the read error's name. A file over the
-    size limit (refused when read) is fingerprinted by its size (and the bytes read)."""
+    SipHash: no hashing library loaded), ``missing``, ``not-regular:KIND`` (a FIFO...: never
+    opened), or the read error's name. A file over the size limit (refused when read) is
+    fingerprinted by its size (and the bytes read)."""
     try:
         size, data = _read_bounded(path)
     except FileNotFoundError:
         return "missing"
+    except NotRegularFileError as exc:
+        return f"not-regular:{exc.kind}"
     except OSError as exc:
         return f"error:{type(exc).__name__}"
     digest = f"{size}:{hash(data) & 0xFFFFFFFFFFFFFFFF:016x}"
@@ -164,10 +234,12 @@ class ConfigFileSource:
                 self._check(notify)  # after the watches exist: a change from now on is seen here or reported
                 self.watching = "inotify"
                 while True:
-                    if await self._next_change(inotify, roles):
+                    if (why := await self._next_change(inotify, roles, directory)) is not None:
                         for wd in roles:
                             inotify.remove_watch(wd)
                         roles = self._add_watches(inotify, directory)
+                        log.info(f"{why}; watching the config directory afresh and reading the config again",
+                                 directory=str(directory), watches=list(self.watched))
                     self._check(notify)
         finally:
             self.watched = ()
@@ -207,22 +279,31 @@ class ConfigFileSource:
             log.debug("watching the config directory with inotify", directory=str(directory), watches=watched)
             return roles
 
-    async def _next_change(self, inotify: Inotify, roles: dict[int, str | None]) -> bool:
-        """Wait for events that matter, then take them until :data:`QUIET_MS` pass without one
-        (at most :data:`MAX_BURST_MS`). True when the watches must be set up again."""
-        found: set[str] = set()
-        while not found:
-            found = _classify(await inotify.read(), roles)
-        with anyio.move_on_after(MAX_BURST_MS / 1000):
-            while True:
-                with anyio.move_on_after(QUIET_MS / 1000) as quiet:
-                    more: set[str] = set()
-                    while not more:
-                        more = _classify(await inotify.read(), roles)
-                    found |= more
-                if quiet.cancelled_caught:
-                    break
-        return _REWATCH in found
+    async def _next_change(self, inotify: Inotify, roles: dict[int, str | None], directory: Path) -> str | None:
+        """Wait for events that matter, then take them until the burst is over: :data:`QUIET_MS`
+        without one (at most :data:`MAX_BURST_MS`), or, while a config file is being written and
+        the watches stand, :data:`WRITE_QUIET_MS` without one (at most :data:`MAX_WRITE_MS`).
+        Returns why the watches must be set up again, or ``None``."""
+        burst = _Burst(directory, self._holds_config)
+        while not burst.take(await inotify.read(), roles):
+            pass
+        started = anyio.current_time()
+        while True:
+            writing = bool(burst.writing) and burst.rewatch is None
+            quiet_ms, limit_ms = (WRITE_QUIET_MS, MAX_WRITE_MS) if writing else (QUIET_MS, MAX_BURST_MS)
+            wait = min(quiet_ms / 1000, started + limit_ms / 1000 - anyio.current_time())
+            if wait <= 0:
+                return burst.rewatch
+            with anyio.move_on_after(wait) as quiet:
+                while not burst.take(await inotify.read(), roles):
+                    pass
+            if quiet.cancelled_caught:
+                return burst.rewatch
+
+    def _holds_config(self, name: str) -> bool:
+        """Whether the directory entry ``name`` is (or may become) a config file read here: a
+        write to it not yet closed holds the check back."""
+        return name == self.path.name
 
     async def _poll(self, notify: Notify) -> None:
         signature = self.signature()
@@ -260,6 +341,9 @@ class ConfigDirectorySource(ConfigFileSource):
             return f"error:{type(exc).__name__}"
         return "\0".join(f"{path.name}:{content_digest(path)}" for path in files)
 
+    def _holds_config(self, name: str) -> bool:
+        return True  # any entry may be (or become, once renamed) one of the directory's config files
+
     def signature(self) -> object:
         try:
             files = self._files()
@@ -268,20 +352,52 @@ class ConfigDirectorySource(ConfigFileSource):
         return tuple((path.name, stat_key(path)) for path in files)
 
 
-def _classify(events: list[InotifyEvent], roles: dict[int, str | None]) -> set[str]:
-    """What ``events`` ask for: a check (an entry of the directory changed), setting the watches
-    up again (the directory or the path to it changed, a watch is gone, events were lost), or
-    nothing (another entry of the ancestor, a watch removed earlier)."""
-    found = set()
-    for event in events:
-        if event.mask & IN_Q_OVERFLOW:
-            found.add(_REWATCH)
-        elif event.wd not in roles:
-            continue
-        elif event.mask & SELF_GONE and not event.name:
-            found.add(_REWATCH)
-        elif roles[event.wd] is None:
-            found.add(_CHECK)
-        elif event.name == roles[event.wd]:
-            found.add(_REWATCH)
-    return found
+class _Burst:
+    """What a burst of events asks for: ``rewatch``, why the watches must be set up again (the
+    directory or the path to it changed, a watch is gone, events were lost) or ``None``; and
+    ``writing``, the config entries of the directory written and not yet closed."""
+
+    def __init__(self, directory: Path, holds_config: Callable[[str], bool]):
+        self.directory = directory
+        self.holds_config = holds_config
+        self.rewatch: str | None = None
+        self.writing: set[str] = set()
+
+    def take(self, events: list[InotifyEvent], roles: dict[int, str | None]) -> bool:
+        """Take ``events``; True when one matters: a change of an entry of the directory (a check),
+        or a reason to set the watches up again. Others (another entry of the ancestor, a watch
+        removed earlier) do not."""
+        mattered = False
+        for event in events:
+            if event.mask & IN_Q_OVERFLOW:
+                self.rewatch = self.rewatch or _LOST
+            elif event.wd not in roles:
+                continue
+            elif event.mask & SELF_GONE and not event.name:
+                self.rewatch = _GONE
+            elif roles[event.wd] is None:
+                self._entry_changed(event)
+            elif event.name == roles[event.wd]:
+                self.rewatch = self.rewatch or _PATH
+            else:
+                continue
+            mattered = True
+        return mattered
+
+    def _entry_changed(self, event: InotifyEvent) -> None:
+        name = event.name
+        if not self.holds_config(name):
+            return
+        if event.mask & (IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO):
+            self.writing.discard(name)  # closed, or another file (or none) in its place now
+        elif event.mask & IN_MODIFY or event.mask & IN_CREATE and self._created_to_be_written(name):
+            self.writing.add(name)
+
+    def _created_to_be_written(self, name: str) -> bool:
+        """A new regular file (its creator writes it, then closes it); not a symlink, a directory,
+        a FIFO, nor a hard link to an existing file (those are in place as they appear)."""
+        try:
+            st = os.lstat(self.directory / name)
+        except OSError:
+            return False  # gone already: its removal is in this burst too
+        return stat.S_ISREG(st.st_mode) and st.st_nlink == 1

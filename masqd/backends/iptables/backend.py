@@ -16,11 +16,11 @@ from masqd.backends.iptables.live import live_family, postrouting_rules
 from masqd.backends.iptables.services import parse_services
 from masqd.backends.iptables.render import (APPEND, RANDOM_FULLY_MIN_VERSION, NatState, parse_iptables_version,
                                             parse_nat_chains, parse_nat_state, plan_restore, render_removal,
-                                            render_ruleset)
+                                            render_restore, render_ruleset)
 from masqd.backends.iptables_mode import binaries_for, detect_mode, installed_modes
 from masqd.backends.services_live import with_node_addresses
 from masqd.backends.tools import run_tool
-from masqd.errors import ApplyError, BackendError, ReadBackError, ToolMissingError
+from masqd.errors import ApplyError, BackendError, ReadBackError, ToolMissingError, ToolTimeoutError
 from masqd.ruleset import FamilyRules, RuleSet
 
 log = structlog.get_logger("masqd.backend.iptables")
@@ -99,7 +99,7 @@ class IptablesBackend:
             try:
                 reason = await self._sync_family(ruleset, family)
             except BackendError as exc:
-                exc.written = tuple(written)
+                exc.written = tuple(written) + exc.written  # this family's too, when it was written
                 raise
             if reason is not None:
                 written.append(family.label)
@@ -120,7 +120,10 @@ class IptablesBackend:
 
     async def _bring_in_line(self, family: FamilyRules, chain: str, desired: tuple[str, ...],
                              known: tuple[str, ...] | None) -> str | None:
-        state = await self._read(family.family, chain)
+        try:
+            state = await self._read(family.family, chain)
+        except ToolTimeoutError as exc:
+            return await self._rewrite_unread(family, chain, desired, exc)
         text, reason = plan_restore(desired, state, chain, self.jump)
         if text is None:
             return None
@@ -133,14 +136,43 @@ class IptablesBackend:
             text, reason = plan_restore(desired, await self._read(family.family, chain), chain, self.jump)
             if text is None:
                 return None
+        await self._restore_checked(family, chain, desired, text)
+        return reason
+
+    async def _restore_checked(self, family: FamilyRules, chain: str, desired: tuple[str, ...], text: str) -> None:
+        """Write ``text`` and read back at once: the kernel must then hold ``desired`` and one jump."""
         await self.executor.restore(family.family, text)
         after = await self._read(family.family, chain)
         if plan_restore(desired, after, chain, self.jump)[0] is not None:
-            raise BackendError(
+            error = BackendError(
                 f"{family.label}: iptables accepted the rules but reads them back differently; "
                 f"wrote {list(desired)}, read back {list(after.rules)} with {after.jumps} jump(s)"
             )
-        return reason
+            error.written = (family.label,)
+            raise error
+
+    async def _rewrite_unread(self, family: FamilyRules, chain: str, desired: tuple[str, ...],
+                              timeout: ToolTimeoutError) -> str:
+        """The nat table could not be read in time: most likely masqd's own chain is huge (a large
+        config applied before, by this process or one before it: the nft variant's save slows
+        with the square of the rules). Replace the chain with the desired rules without reading
+        it first (``:CHAIN - [0:0]`` flushes only it; the POSTROUTING jump is left as it is), then
+        read back what is now a table of the desired size and finish as usual: the jump, and the
+        check of what was written. A smaller config thus always recovers the node."""
+        log.warning("the nat table could not be read back in time; replacing chain whole without reading it "
+                    "first, then reading it back", family=family.label, chain=chain, error=str(timeout))
+        await self.executor.restore(family.family, render_restore(desired, chain, jumps_present=1))
+        first = f"chain {chain} replaced unread (reading the nat table took over {round(timeout.timeout, 1):g} s)"
+        try:
+            state = await self._read(family.family, chain)
+            text, reason = plan_restore(desired, state, chain, self.jump)
+            if text is not None:
+                await self._restore_checked(family, chain, desired, text)
+                return f"{first}; then {reason}"
+        except BackendError as exc:
+            exc.written = (family.label,)  # the chain was written: the kernel no longer holds what it did
+            raise
+        return first
 
     async def _edited(self, family: FamilyRules, script: str) -> bool:
         """Apply an edit; False when iptables refused one of its lines (a rule to delete is gone,
@@ -157,6 +189,7 @@ class IptablesBackend:
         return True
 
     async def _read(self, family: int, chain: str) -> NatState:
+        self._saved.pop(family, None)  # a failed read leaves nothing believed about the table
         text = self._saved[family] = await self.executor.save(family)
         return parse_nat_state(text, chain)
 
@@ -205,7 +238,7 @@ class IptablesBackend:
         for variant, executor in targets:
             for family in families:
                 try:
-                    state = parse_nat_state(await executor.save(family), chain)
+                    state = await self._cleanup_state(executor, family, chain)
                 except (ReadBackError, ToolMissingError):
                     if family == 4:
                         raise
@@ -218,6 +251,19 @@ class IptablesBackend:
                     removed += [f"{label} chain {chain}{where}"] * state.chain_exists
                     removed += [f"{label} jump{where}"] * bool(state.jumps)
         return tuple(removed)
+
+
+    @staticmethod
+    async def _cleanup_state(executor: IptablesExecutor, family: int, chain: str) -> NatState:
+        """The nat table's state for cleanup. A table too big to read in time (masqd's own huge
+        chain) has the chain emptied unread first, as a sync replaces it, and is read again."""
+        try:
+            return parse_nat_state(await executor.save(family), chain)
+        except ToolTimeoutError as exc:
+            log.warning("the nat table could not be read back in time; emptying chain unread, then reading it back",
+                        family=f"ipv{family}", chain=chain, error=str(exc))
+            await executor.restore(family, render_restore((), chain, jumps_present=1))
+            return parse_nat_state(await executor.save(family), chain)
 
 
 async def _save_or_none(command: list[str]) -> str | None:

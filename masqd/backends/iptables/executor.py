@@ -16,8 +16,8 @@ import anyio
 import structlog
 
 from masqd.backends.iptables_mode import Binaries, binaries_for, legacy_tables
-from masqd.backends.tools import run_tool, script_line
-from masqd.errors import ApplyError, ReadBackError
+from masqd.backends.tools import run_tool, script_line, tool_deadline
+from masqd.errors import ApplyError, ReadBackError, ToolTimeoutError
 
 log = structlog.get_logger("masqd.backend.iptables")
 
@@ -25,6 +25,9 @@ log = structlog.get_logger("masqd.backend.iptables")
 LOCK_WAIT_SECONDS = 10
 #: How often a running iptables-restore is checked for waiting on the xtables lock (logged once).
 LOCK_CHECK_SECONDS = 0.25
+#: The longest deadline a save of the nat table gets after saves that ran out of time (doubled
+#: each time from the one scaled to what masqd knows of the table).
+MAX_READ_SECONDS = 1800.0
 
 
 class IptablesExecutor(Protocol):
@@ -44,29 +47,54 @@ _ERROR_LINE = re.compile(r"(?:Error occurred at line: (\d+)|line (\d+) failed)")
 
 class SubprocessExecutor:
     """Runs the real ``iptables-save`` / ``iptables-restore -w --noflush`` through anyio. A binary
-    that cannot be started raises :class:`~masqd.errors.ToolMissingError`."""
+    that cannot be started raises :class:`~masqd.errors.ToolMissingError`.
+
+    Each run's deadline grows with the rules of the nat table (:func:`~masqd.backends.tools.tool_deadline`:
+    the nft variant's save takes time growing with their square), as this executor knows them: the
+    lines of the last save, plus the lines written since. A save that still runs out of time
+    (after a restart, the table may hold far more than masqd knows of) doubles the next save's
+    deadline, up to :data:`MAX_READ_SECONDS`, until one succeeds.
+    """
 
     def __init__(self, binaries: dict[int, Binaries] | None = None):
         self.binaries = binaries or DEFAULT_BINARIES
         self._lock_wait_logged = False  # until a restore gets the lock: retries do not log it again
+        #: per family, about how many lines the nat table holds (an upper bound: see above)
+        self._rules: dict[int, int] = {}
+        #: per family, the least deadline of the next save (after one ran out of time)
+        self._read_floor: dict[int, float] = {}
+
+    def read_deadline(self, family: int) -> float:
+        """Seconds the next save of ``family`` may take before it is killed."""
+        return max(tool_deadline(self._rules.get(family, 0)), self._read_floor.get(family, 0.0))
 
     async def save(self, family: int) -> str:
         binaries = self.binaries[family]
         if binaries.legacy and "nat" not in legacy_tables(family):
             return ""  # no legacy nat table, so nothing of masqd's; reading it would create it
         command = [binaries.save, "-t", "nat"]
-        result = await run_tool(command, None)
+        deadline = self.read_deadline(family)
+        try:
+            result = await run_tool(command, None, timeout=deadline)
+        except ToolTimeoutError:
+            self._read_floor[family] = min(2 * deadline, MAX_READ_SECONDS)
+            raise
         if result.returncode != 0:
             raise ReadBackError(command, result.stderr.decode(errors="replace") or f"exit {result.returncode}")
+        self._read_floor.pop(family, None)
+        self._rules[family] = result.stdout.count(b"\n")
         return result.stdout.decode(errors="replace")
 
     async def restore(self, family: int, text: str) -> None:
         command = [self.binaries[family].restore, "-w", str(LOCK_WAIT_SECONDS), "--noflush"]
         error: Exception | None = None
+        # the nft variant reads the chains a restore edits (to delete rules by their text) first
+        rules = self._rules.get(family, 0) + text.count("\n")
+        self._rules[family] = rules  # whatever the outcome: a killed write may have committed
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._log_lock_wait, command)
             try:
-                result = await run_tool(command, text.encode())
+                result = await run_tool(command, text.encode(), timeout=tool_deadline(rules))
             except Exception as exc:  # raised as it is below, not wrapped in an exception group
                 error = exc
             tg.cancel_scope.cancel()

@@ -89,7 +89,7 @@ class NftSubprocessExecutor:
         batch, expected = element_batch(TABLE, {4: set_name(4), 6: set_name(6)}, changes, self.write_marker)
         with anyio.move_on_after(TOOL_TIMEOUT_SECONDS):
             return await _send_batch(batch, expected)
-        raise ToolTimeoutError(["nf_tables", "netlink", "batch:", *expected.values()], TOOL_TIMEOUT_SECONDS)
+        raise ToolTimeoutError(["nf_tables", "netlink", "batch:", *expected.values()], TOOL_TIMEOUT_SECONDS, wrote=True)
 
     def monitor(self) -> AbstractAsyncContextManager[ByteReceiveStream]:
         return tool_output([self.binary, "monitor"])
