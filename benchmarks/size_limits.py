@@ -12,7 +12,8 @@ each pass costs tens of seconds of a core. Per backend and size, in a fresh netw
   no-op     wall time of a second ``run --once`` with the same config (read-back only);
   read      the raw read-back tool alone on that table;
   deadline  the deadline masqd gives that read (``masqd.backends.tools.tool_deadline`` of the
-            table's lines); "room" is deadline / read: above 1, the read finishes in time.
+            table's lines; for nft, linear in the listing's commas); "room" is deadline / read:
+            above 1, the read finishes in time.
 
     sudo .venv/bin/python benchmarks/size_limits.py [--sizes 10000,50000,100000,200000]
 
@@ -61,8 +62,11 @@ def measure(label: str, size: int, directory: Path) -> dict[str, float]:
         first, _ = timed(ns, *run)
         noop, _ = timed(ns, *run)
         seconds, output = timed(ns, *read)
-    lines = output.count("\n") if label != "nftables" else size  # nft's JSON is one line: count elements
-    return {"run A": first, "no-op": noop, "read": seconds, "deadline": tool_deadline(lines)}
+    if label == "nftables":  # as the nft executor scales it: linear in the listing's commas
+        deadline = tool_deadline(output.count(","), square=False)
+    else:
+        deadline = tool_deadline(output.count("\n"))
+    return {"run A": first, "no-op": noop, "read": seconds, "deadline": deadline}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,7 +143,7 @@ class DirectoryInput:
         return found
 
     def watcher(self) -> ConfigDirectorySource:
-        return ConfigDirectorySource(self.path, self.files)
+        return ConfigDirectorySource(self.path, self.files, prefix=DIRECTORY_PREFIX)
 
     def __repr__(self) -> str:
         return f"DirectoryInput({self.name!r})"

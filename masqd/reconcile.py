@@ -248,7 +248,7 @@ class Reconciler:
         finally:
             self.status.generation += 1
         before = self.status.applied
-        self.status.repaired = bool(result.changed) and desired == before
+        self.status.repaired = bool(result.changed) and desired == before and not result.unread
         if config_error is None:
             self.status.applied_from = self.desired_from
         self.status.applied = desired

@@ -109,8 +109,8 @@ class PassLog:
         timed_out = getattr(exc, "wrote", False)  # a write killed at its deadline may have committed
         if written:
             message = (f"sync failed after writing {', '.join(written)}; "
-                       + ("a write of another part timed out, and what the kernel holds of it is unknown until the "
-                          "next read-back" if timed_out else "other parts keep their previous rules"))
+                       + ("then a write timed out, and what the kernel holds is unknown until the next read-back"
+                          if timed_out else "other parts keep their previous rules"))
         elif timed_out:
             message = "sync failed; a write timed out, and what the kernel holds is unknown until the next read-back"
         else:

@@ -324,6 +324,10 @@ def watched_inodes() -> set[int]:
     return inodes
 
 
+def ancestor_inodes(directory: Path) -> set[int]:
+    return {ancestor.stat().st_ino for ancestor in directory.parents if ancestor != ancestor.parent}
+
+
 def removed_and_made_again(directory: Path) -> None:
     shutil.rmtree(directory)  # rm -rf D && mkdir D
     directory.mkdir()
@@ -355,7 +359,8 @@ async def test_a_replaced_config_directory_is_watched_afresh_and_read_again(tmp_
             config.write_text("new")  # in place, in the directory now at the path
             await wait_until(lambda: seen.contents[-1:] == ["new"], "the file in the new directory", timeout=WAIT)
             assert source.watched == (str(directory),)
-            assert watched_inodes() == {directory.stat().st_ino}  # the new directory's, and only it
+            # the new directory's (and, for their own removal only, the directories above it): not the old one's
+            assert watched_inodes() == {directory.stat().st_ino} | ancestor_inodes(directory)
             config.write_text("newer")
             await wait_until(lambda: seen.contents[-1:] == ["newer"], "a later change in the new directory",
                              timeout=WAIT)
@@ -522,3 +527,42 @@ async def test_a_file_in_place_is_read_without_waiting_for_the_write_bounds(tmp_
         put(config)
         await seen.more_than(0, "the change")
     assert seen.contents == [None if put is deleted else "in place"]
+
+
+async def test_a_replaced_parent_of_the_config_directory_is_noticed(tmp_path: Path):
+    """``mv P P.old && mkdir -p P/etc/config``: the config directory went with its parent; the
+    watch follows the path, not the moved inode."""
+    directory = tmp_path / "p" / "etc" / "config"
+    directory.mkdir(parents=True)
+    config = directory / "ip-masq-agent"
+    config.write_text("old")
+    source = ConfigFileSource(config)
+    seen = Seen(file_content(config))
+    with structlog.testing.capture_logs() as logs:
+        async with watching(source, seen):
+            os.rename(tmp_path / "p", tmp_path / "p.old")
+            directory.mkdir(parents=True)
+            config.write_text("new")
+            await wait_until(lambda: seen.contents[-1:] == ["new"], "the file in the new directory", timeout=WAIT)
+    assert any(e["event"].startswith("config directory removed, renamed or replaced") for e in logs)
+
+
+async def test_a_symlinked_config_written_in_place_is_read_only_once_closed(tmp_path: Path):
+    """``--config D/config`` a symlink to ``D/v2.yaml``: a write to v2.yaml in two pieces is read
+    once its writer closes it, as for the config file itself."""
+    directory = tmp_path / "config"
+    directory.mkdir()
+    target = directory / "v2.yaml"
+    target.write_text("a" * 50)
+    config = directory / "ip-masq-agent"
+    config.symlink_to("v2.yaml")
+    source = ConfigFileSource(config)
+    seen = Seen(file_content(config))
+    async with watching(source, seen):
+        with open(target, "w") as writer:
+            writer.write("b" * 50)
+            writer.flush()
+            await anyio.sleep(0.25)
+            writer.write("c" * 50)
+        await wait_until(lambda: seen.contents[-1:] == ["b" * 50 + "c" * 50], "the whole file", timeout=WAIT)
+    assert seen.contents == ["b" * 50 + "c" * 50]  # never empty (the truncate), never half

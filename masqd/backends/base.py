@@ -48,6 +48,9 @@ class SyncResult:
     written: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
     held: Mapping[str, tuple[Network, ...]] | None = None
+    #: the parts rewritten without reading them first (the read ran out of time): a write that is
+    #: no repair of someone else's change
+    unread: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:

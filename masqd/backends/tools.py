@@ -57,17 +57,19 @@ KILL_GRACE_SECONDS = 5.0
 #: How a tool's deadline grows with the rules it reads or writes (:func:`tool_deadline`). The
 #: nft variant of ``iptables-save`` takes time growing with the square of the rules in the table
 #: (the kernel's rule dump restarts from the chain's start for every batch it returns): on the
-#: 2-core machine of benchmarks/RESULTS.md, 2.2 s at 50k rules, 9 s at 100k, 43 s at 200k
-#: ("Size limits"). The deadline allows about four times that, plus 0.1 ms per rule for the linear
-#: part (legacy iptables, ``nft -f``): 80 s at 100k rules, 210 s at 200k.
+#: 2-core machine of benchmarks/RESULTS.md ("Size limits"), 0.6 s at 50k rules, 6.5 s at 100k,
+#: 21 s at 200k, and 43 s in another run of 200k. The deadline allows about four times the
+#: slowest, plus 0.1 ms per rule for the linear part (legacy iptables, ``nft -f``): 80 s at 100k
+#: rules, 210 s at 200k.
 SECONDS_PER_RULE = 1e-4
 SECONDS_PER_RULE_SQUARED = 4e-9
 
 
-def tool_deadline(rules: int = 0) -> float:
+def tool_deadline(rules: int = 0, *, square: bool = True) -> float:
     """Seconds a tool run that reads or writes about ``rules`` rules may take before it is killed:
-    :data:`TOOL_TIMEOUT_SECONDS`, plus what the rules cost (see :data:`SECONDS_PER_RULE_SQUARED`)."""
-    return TOOL_TIMEOUT_SECONDS + rules * SECONDS_PER_RULE + rules * rules * SECONDS_PER_RULE_SQUARED
+    :data:`TOOL_TIMEOUT_SECONDS`, plus what the rules cost (see :data:`SECONDS_PER_RULE_SQUARED`;
+    ``square=False`` for a tool whose time grows linearly, as ``nft`` with set elements does)."""
+    return TOOL_TIMEOUT_SECONDS + rules * SECONDS_PER_RULE + square * rules * rules * SECONDS_PER_RULE_SQUARED
 
 
 

@@ -49,8 +49,8 @@ from masqd.config import MAX_CONFIG_BYTES, too_large_problem
 from masqd.errors import ConfigError, Problem
 from masqd.events import Notify
 from masqd.sources.inotify import (ENTRY_CHANGES, IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_DELETE_SELF,
-                                   IN_MODIFY, IN_MOVE_SELF, IN_MOVED_FROM, IN_MOVED_TO, IN_ONLYDIR, IN_Q_OVERFLOW,
-                                   SELF_GONE, Inotify, InotifyEvent)
+                                   IN_MASK_ADD, IN_MODIFY, IN_MOVE_SELF, IN_MOVED_FROM, IN_MOVED_TO, IN_ONLYDIR,
+                                   IN_Q_OVERFLOW, SELF_GONE, Inotify, InotifyEvent)
 
 #: Milliseconds without a new event after which a burst of events is over and the config is
 #: checked, when no config file is being written (watchfiles' ``step``, as masqd used it): the
@@ -59,9 +59,11 @@ QUIET_MS = 10
 #: Milliseconds a burst of events may last before the config is checked anyway.
 MAX_BURST_MS = 1600
 #: Milliseconds without a write after which a file its writer keeps open is read anyway. Writers
-#: pause far less between two pieces of one file (the issue's 100 ms, a command run between two
-#: ``echo >>``), and one that never closes (rare: editors, ``cp``, kubelet all close) costs a
-#: second of delay, where reading too early applied a half-written list for as long as the pause.
+#: pause far less between two pieces of one file (the issue's 100 ms), and one that never closes
+#: (rare: editors, ``cp``, kubelet all close) costs a second of delay, where reading too early
+#: applied a half-written list for as long as the pause. (A file built by several writers that
+#: each close it, ``echo >>`` after ``echo >>``, is read after each: write it elsewhere and rename
+#: it into place.)
 WRITE_QUIET_MS = 1000
 #: Milliseconds after its first event that a burst with a file still being written is checked
 #: anyway, even though writes go on: a file growing forever is still read (every few seconds).
@@ -73,6 +75,10 @@ POLL_DELAY_MS = 300
 _DIRECTORY_MASK = ENTRY_CHANGES | IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 #: What its nearest existing ancestor is watched for: the next path component toward it changing.
 _ANCESTOR_MASK = ENTRY_CHANGES | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+#: What every directory above it is watched for: its own removal or renaming, nothing else.
+_ANCESTOR_SELF_MASK = IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_MASK_ADD
+#: The role of such a watch: no entry has this name, and its events name none.
+_SELF_ONLY = "/"
 #: Why the watches are set up again (logged, at info level, each time they are).
 _GONE = "config directory removed, renamed or replaced"
 _PATH = "path to the config directory changed"
@@ -96,8 +102,9 @@ def read_config_text(path: str | os.PathLike[str]) -> str | None:
     except FileNotFoundError:
         return None
     except NotRegularFileError as exc:
+        piped = "; to read a config from a pipe, use --config -" if exc.kind == "FIFO" else ""
         raise ConfigError(str(path), [Problem("<file>", None, f"not a regular file (a {exc.kind}): a config file "
-                                                              "must be a regular file, or a symlink to one")]) from None
+                                                              f"must be a regular file, or a symlink to one{piped}")]) from None
     if size > MAX_CONFIG_BYTES:
         raise ConfigError(str(path), [too_large_problem("<file>", f"{size} bytes")])
     return data.decode("utf-8-sig")
@@ -275,9 +282,25 @@ class ConfigFileSource:
                         del roles[wd]
                     watched = []
                 watched.append(str(directory))
+            self._watch_ancestors(inotify, directory, roles)
             self.watched = tuple(watched)
             log.debug("watching the config directory with inotify", directory=str(directory), watches=watched)
             return roles
+
+    @staticmethod
+    def _watch_ancestors(inotify: Inotify, directory: Path, roles: dict[int, str | None]) -> None:
+        """Watch every directory above ``directory`` for its own removal or renaming only (events
+        about their entries are not asked for, so a busy ``/tmp`` wakes nobody): a parent moved
+        away or replaced takes the config directory with it, and the watches are set up again.
+        Added to a watch already there (``IN_MASK_ADD``), keeping its role."""
+        for ancestor in directory.parents:
+            if ancestor == ancestor.parent:
+                break  # the root cannot be removed or renamed
+            try:
+                wd = inotify.add_watch(ancestor, _ANCESTOR_SELF_MASK)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # not there: the watch of the nearest existing ancestor says when it appears
+            roles.setdefault(wd, _SELF_ONLY)
 
     async def _next_change(self, inotify: Inotify, roles: dict[int, str | None], directory: Path) -> str | None:
         """Wait for events that matter, then take them until the burst is over: :data:`QUIET_MS`
@@ -301,9 +324,12 @@ class ConfigFileSource:
                 return burst.rewatch
 
     def _holds_config(self, name: str) -> bool:
-        """Whether the directory entry ``name`` is (or may become) a config file read here: a
-        write to it not yet closed holds the check back."""
-        return name == self.path.name
+        """Whether the directory entry ``name`` is the config file read here (its name, or the file
+        it is a symlink to in the same directory): a write to it not yet closed holds the check back."""
+        if name == self.path.name:
+            return True
+        target = os.path.realpath(self.path)
+        return os.path.basename(target) == name and os.path.dirname(target) == os.path.realpath(self.directory)
 
     async def _poll(self, notify: Notify) -> None:
         signature = self.signature()
@@ -329,10 +355,12 @@ class ConfigDirectorySource(ConfigFileSource):
 
     name = "config-dir"
 
-    def __init__(self, directory: str | os.PathLike[str], files: Callable[[], list[Path]], **kwargs):
+    def __init__(self, directory: str | os.PathLike[str], files: Callable[[], list[Path]], *, prefix: str = "",
+                 **kwargs):
         super().__init__(directory, **kwargs)
         self.directory = self.path  # the directory itself is watched, not its parent
         self._files = files
+        self.prefix = prefix  # the names config files have (``files()`` reads no others)
 
     def digest(self) -> str:
         try:
@@ -342,7 +370,8 @@ class ConfigDirectorySource(ConfigFileSource):
         return "\0".join(f"{path.name}:{content_digest(path)}" for path in files)
 
     def _holds_config(self, name: str) -> bool:
-        return True  # any entry may be (or become, once renamed) one of the directory's config files
+        # a file written under another name and renamed into place is read on its rename
+        return name.startswith(self.prefix)
 
     def signature(self) -> object:
         try:

@@ -15,8 +15,8 @@ from masqd.backends.iptables.incremental import RenderedRules, plan_edit
 from masqd.backends.iptables.live import live_family, postrouting_rules
 from masqd.backends.iptables.services import parse_services
 from masqd.backends.iptables.render import (APPEND, RANDOM_FULLY_MIN_VERSION, NatState, parse_iptables_version,
-                                            parse_nat_chains, parse_nat_state, plan_restore, render_removal,
-                                            render_restore, render_ruleset)
+                                            parse_nat_chains, parse_nat_state, plan_restore, read_back_difference,
+                                            render_removal, render_restore, render_ruleset)
 from masqd.backends.iptables_mode import binaries_for, detect_mode, installed_modes
 from masqd.backends.services_live import with_node_addresses
 from masqd.backends.tools import run_tool
@@ -74,6 +74,7 @@ class IptablesBackend:
         self._saved: dict[int, str] = {}
         self._foreign: dict[int, tuple[str, str, tuple[ForeignRule, ...]]] = {}
         self._held: dict[int, tuple] = {}  # per family, the kept CIDRs the chain held before this sync wrote it
+        self._unread: list[str] = []  # the families this sync replaced without reading them first
 
     async def probe(self) -> None:
         """Pick the iptables variant (``auto``), then learn whether ``--random-fully`` is available."""
@@ -95,6 +96,7 @@ class IptablesBackend:
         written: list[str] = []
         reasons: list[str] = []
         self._held = {}
+        self._unread = []
         for family in ruleset.families:
             try:
                 reason = await self._sync_family(ruleset, family)
@@ -105,7 +107,7 @@ class IptablesBackend:
                 written.append(family.label)
                 reasons.append(reason)
         held = {f.label: self._held.get(f.family, f.nonmasq) for f in ruleset.families}  # unwritten: as desired
-        return SyncResult(tuple(written), tuple(reasons), held)
+        return SyncResult(tuple(written), tuple(reasons), held, unread=tuple(self._unread))
 
     def _desired(self, ruleset: RuleSet, family: FamilyRules) -> tuple[str, ...]:
         return self._rendered.rules(ruleset, family, bool(self.random_fully_supported))
@@ -140,16 +142,18 @@ class IptablesBackend:
         return reason
 
     async def _restore_checked(self, family: FamilyRules, chain: str, desired: tuple[str, ...], text: str) -> None:
-        """Write ``text`` and read back at once: the kernel must then hold ``desired`` and one jump."""
+        """Write ``text`` and read back at once: the kernel must then hold ``desired`` and one jump.
+        Any failure after the write says the family was written (the kernel no longer holds what
+        it did)."""
         await self.executor.restore(family.family, text)
-        after = await self._read(family.family, chain)
-        if plan_restore(desired, after, chain, self.jump)[0] is not None:
-            error = BackendError(
-                f"{family.label}: iptables accepted the rules but reads them back differently; "
-                f"wrote {list(desired)}, read back {list(after.rules)} with {after.jumps} jump(s)"
-            )
-            error.written = (family.label,)
-            raise error
+        try:
+            after = await self._read(family.family, chain)
+            if plan_restore(desired, after, chain, self.jump)[0] is not None:
+                raise BackendError(f"{family.label}: iptables accepted the rules but reads them back differently; "
+                                   f"{read_back_difference(desired, after.rules)}; {after.jumps} jump(s)")
+        except BackendError as exc:
+            exc.written = (family.label,)
+            raise
 
     async def _rewrite_unread(self, family: FamilyRules, chain: str, desired: tuple[str, ...],
                               timeout: ToolTimeoutError) -> str:
@@ -163,6 +167,7 @@ class IptablesBackend:
                     "first, then reading it back", family=family.label, chain=chain, error=str(timeout))
         await self.executor.restore(family.family, render_restore(desired, chain, jumps_present=1))
         first = f"chain {chain} replaced unread (reading the nat table took over {round(timeout.timeout, 1):g} s)"
+        self._unread.append(family.label)
         try:
             state = await self._read(family.family, chain)
             text, reason = plan_restore(desired, state, chain, self.jump)

@@ -26,8 +26,10 @@ LOCK_WAIT_SECONDS = 10
 #: How often a running iptables-restore is checked for waiting on the xtables lock (logged once).
 LOCK_CHECK_SECONDS = 0.25
 #: The longest deadline a save of the nat table gets after saves that ran out of time (doubled
-#: each time from the one scaled to what masqd knows of the table).
-MAX_READ_SECONDS = 1800.0
+#: each time from the one scaled to what masqd knows of the table): room for about 350k rules of
+#: the nft variant (``tools.SECONDS_PER_RULE_SQUARED``), while a save that hangs for good holds a
+#: pass (and a config change waiting behind it) no more than 10 minutes at a time.
+MAX_READ_SECONDS = 600.0
 
 
 class IptablesExecutor(Protocol):
@@ -52,8 +54,9 @@ class SubprocessExecutor:
     Each run's deadline grows with the rules of the nat table (:func:`~masqd.backends.tools.tool_deadline`:
     the nft variant's save takes time growing with their square), as this executor knows them: the
     lines of the last save, plus the lines written since. A save that still runs out of time
-    (after a restart, the table may hold far more than masqd knows of) doubles the next save's
-    deadline, up to :data:`MAX_READ_SECONDS`, until one succeeds.
+    (after a restart the table may hold far more than masqd knows of, and other writers' chains,
+    kube-proxy's, grow without masqd writing) doubles the next save's deadline, up to
+    :data:`MAX_READ_SECONDS`, until one succeeds.
     """
 
     def __init__(self, binaries: dict[int, Binaries] | None = None):
@@ -63,6 +66,7 @@ class SubprocessExecutor:
         self._rules: dict[int, int] = {}
         #: per family, the least deadline of the next save (after one ran out of time)
         self._read_floor: dict[int, float] = {}
+        self._writes = 0  # restores begun
 
     def read_deadline(self, family: int) -> float:
         """Seconds the next save of ``family`` may take before it is killed."""
@@ -74,15 +78,18 @@ class SubprocessExecutor:
             return ""  # no legacy nat table, so nothing of masqd's; reading it would create it
         command = [binaries.save, "-t", "nat"]
         deadline = self.read_deadline(family)
+        writes = self._writes
         try:
             result = await run_tool(command, None, timeout=deadline)
-        except ToolTimeoutError:
+        except ToolTimeoutError:  # the table may be far bigger than masqd knows: allow more next time
             self._read_floor[family] = min(2 * deadline, MAX_READ_SECONDS)
             raise
         if result.returncode != 0:
             raise ReadBackError(command, result.stderr.decode(errors="replace") or f"exit {result.returncode}")
         self._read_floor.pop(family, None)
-        self._rules[family] = result.stdout.count(b"\n")
+        lines = result.stdout.count(b"\n")
+        # a restore that began meanwhile (a drift check's save overlapping a pass) may have grown it
+        self._rules[family] = lines if writes == self._writes else max(lines, self._rules.get(family, 0))
         return result.stdout.decode(errors="replace")
 
     async def restore(self, family: int, text: str) -> None:
@@ -91,6 +98,7 @@ class SubprocessExecutor:
         # the nft variant reads the chains a restore edits (to delete rules by their text) first
         rules = self._rules.get(family, 0) + text.count("\n")
         self._rules[family] = rules  # whatever the outcome: a killed write may have committed
+        self._writes += 1
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._log_lock_wait, command)
             try:

@@ -208,6 +208,19 @@ def plan_restore(desired: tuple[str, ...], state: NatState, chain: str,
     return render_restore(desired, chain, jumps_present=state.jumps, placement=placement, move=move), "; ".join(reasons)
 
 
+def read_back_difference(wrote: tuple[str, ...], read: tuple[str, ...]) -> str:
+    """What differs between the rules written and those read back, in a few hundred characters
+    whatever the chain's length: the counts and the first rule that differs."""
+    index = next((i for i, (a, b) in enumerate(zip(wrote, read)) if a != b), min(len(wrote), len(read)))
+    first = (f"rule {index + 1} written as {_short(wrote[index]) if index < len(wrote) else '(none)'}, "
+             f"read back as {_short(read[index]) if index < len(read) else '(none)'}")
+    return f"wrote {len(wrote)} rules, read back {len(read)}; {first}"
+
+
+def _short(rule: str, limit: int = 300) -> str:
+    return repr(rule if len(rule) <= limit else rule[:limit] + "...")
+
+
 def parse_nat_chains(save_text: str) -> dict[str, tuple[str, ...]]:
     """Every chain of the nat table in iptables-save output -> its ``-A`` lines, in order (a chain
     without rules is there with none)."""

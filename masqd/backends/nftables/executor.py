@@ -22,7 +22,7 @@ from anyio.abc import ByteReceiveStream
 from masqd.backends.nftables.netlink import Change, element_batch
 from masqd.netlink import NETLINK_NETFILTER, acknowledgements, describe_errno
 from masqd.backends.nftables.render import NFT_FAMILY, TABLE, set_name
-from masqd.backends.tools import TOOL_TIMEOUT_SECONDS, run_tool, script_line, tool_output
+from masqd.backends.tools import TOOL_TIMEOUT_SECONDS, run_tool, script_line, tool_deadline, tool_output
 from masqd.errors import ApplyError, ElementsRefusedError, ReadBackError, ToolTimeoutError
 
 
@@ -58,11 +58,16 @@ class NftSubprocessExecutor:
     def __init__(self, binary: str = "nft"):
         self.binary = binary
         self.write_marker = f"{TABLE}_write_{os.urandom(6).hex()}"  # (secrets would cost 0.6 MiB of RSS)
+        #: About how many elements masqd's table holds, at most (commas in the last script written
+        #: or the last listing read): each run's deadline grows with it (``tool_deadline``, linear).
+        self._elements = 0
 
     async def list_table(self, family: int, name: str = TABLE) -> str | None:
         """``nft --json list table`` of masqd's table (or another table, read only: ``name``)."""
         command = [self.binary, "--json", "list", "table", NFT_FAMILY[family], name]
-        result = await run_tool(command, None)
+        result = await run_tool(command, None, timeout=tool_deadline(self._elements, square=False))
+        if name == TABLE and result.returncode == 0:
+            self._elements = result.stdout.count(b",")
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace")
             if "No such file or directory" in stderr:  # ENOENT (LC_ALL=C)
@@ -96,7 +101,8 @@ class NftSubprocessExecutor:
 
     async def _load(self, command: list[str], text: str, script: str | None = None) -> None:
         """Run ``command`` on ``text``; ``script``: the part of it errors are quoted from."""
-        result = await run_tool(command, text.encode())
+        self._elements = max(self._elements, text.count(","))
+        result = await run_tool(command, text.encode(), timeout=tool_deadline(self._elements, square=False))
         if result.returncode != 0:
             raise load_error(command, result.returncode, result.stderr.decode(errors="replace"), script or text)
 
