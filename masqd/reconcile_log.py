@@ -35,26 +35,33 @@ LOGGED_CIDRS = 50
 
 class Repeats:
     """Whether a failure is worth a log line: the first of its kind at once, a repeat of the same
-    kind at most once per :data:`REPEAT_ERROR_LOG_SECONDS`, counting the repeats left out in between."""
+    kind at most once per :data:`REPEAT_ERROR_LOG_SECONDS`, counting the repeats left out in between.
+    Each of the last :data:`KINDS_KEPT` kinds has its own limit, so failures alternating between
+    two kinds (a config broken one way, then another, and back) are not each logged every time."""
+
+    #: The kinds remembered at once (the oldest is forgotten first).
+    KINDS_KEPT = 16
 
     def __init__(self) -> None:
-        self.kind: Hashable | None = None
-        self.logged_at = 0.0
-        self.left_out = 0
+        self._kinds: dict[Hashable, list] = {}  # kind -> [when logged, repeats left out since]
 
     def check(self, kind: Hashable, now: float) -> int | None:
         """``None`` for a repeat to leave out (counted); else this one is logged, and the result is
-        how many repeats of its kind were left out since the last line (0 for a new kind)."""
-        if kind == self.kind and now - self.logged_at < REPEAT_ERROR_LOG_SECONDS:
-            self.left_out += 1
+        how many repeats of its kind were left out since its last line (0 for a new kind)."""
+        entry = self._kinds.get(kind)
+        if entry is not None and now - entry[0] < REPEAT_ERROR_LOG_SECONDS:
+            entry[1] += 1
             return None
-        repeats = self.left_out if kind == self.kind else 0
-        self.kind, self.logged_at, self.left_out = kind, now, 0
+        repeats = entry[1] if entry is not None else 0
+        self._kinds.pop(kind, None)
+        self._kinds[kind] = [now, 0]
+        while len(self._kinds) > self.KINDS_KEPT:
+            del self._kinds[next(iter(self._kinds))]
         return repeats
 
     def clear(self) -> None:
         """The failure is over: the next one is logged at once."""
-        self.kind, self.left_out = None, 0
+        self._kinds.clear()
 
 
 def _repeats(count: int) -> dict[str, int]:

@@ -329,6 +329,25 @@ async def test_rejections_of_one_kind_are_logged_once_a_minute_with_the_newest_t
     assert "not aligned" in logged[2]["problems"][0] and "repeats" not in logged[2]
 
 
+async def test_rejections_alternating_between_two_kinds_are_each_logged_once_a_minute(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(GOOD)
+    reconciler = Reconciler(CountingBackend(), AgentOptions(), config)
+    now = [1000.0]
+    reconciler.clock = lambda: now[0]
+    await reconciler.reconcile()
+    with structlog.testing.capture_logs() as logs:
+        for round_ in range(4):  # broken YAML, then a misaligned CIDR, and again, within a minute
+            for text in (broken_yaml(round_), f"nonMasqueradeCIDRs: [10.0.0.{round_ + 1}/8]\n"):
+                config.write_text(text)
+                with pytest.raises(ConfigError):
+                    await reconciler.reconcile(file_event(config))
+                now[0] += 1
+    logged = rejections(logs)
+    assert len(logged) == 2, [entry["problems"] for entry in logged]
+    assert logged[0]["problems"][0].startswith("<line 1, column ") and "not aligned" in logged[1]["problems"][0]
+
+
 async def test_a_drift_pass_during_a_rejection_heals_at_once(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.write_text(GOOD)
