@@ -20,6 +20,10 @@ import anyio
 #: runs is allowed to take (:meth:`masqd.status.AgentStatus.allow_until`). Read by
 #: :func:`masqd.backends.tools.run_tool`.
 deadline_listener: ContextVar[Callable[[float], None] | None] = ContextVar("deadline_listener", default=None)
+#: Set when the daemon is asked to stop (SIGTERM, SIGINT): a kernel tool that only reads is killed
+#: then (:func:`masqd.backends.tools.run_tool`), though the sync running it is shielded from
+#: cancellation so that writes finish. Given to the daemon's tasks by :func:`masqd.daemon.run_daemon`.
+stopping: ContextVar[anyio.Event | None] = ContextVar("stopping", default=None)
 
 
 class Backoff:

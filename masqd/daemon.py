@@ -16,7 +16,7 @@ import anyio
 import structlog
 
 from masqd.agent import Agent
-from masqd.aio import Backoff, supervise
+from masqd.aio import Backoff, stopping, supervise
 from masqd.errors import MasqdError
 from masqd.events import Emit, Event, make_emit, notifier
 from masqd.http import HttpServer, agent_routes, run_endpoint
@@ -55,6 +55,9 @@ async def _handle_signals(emit: Emit, scope: anyio.CancelScope) -> None:
                 emit(Event("sighup"))
             else:
                 log.info("shutting down", signal=signal.Signals(signum).name)
+                stop = stopping.get()
+                if stop is not None:
+                    stop.set()  # a long read-back in the shielded sync is killed, not waited for
                 scope.cancel()
                 return
 
@@ -77,6 +80,7 @@ async def run_daemon(agent: Agent, *, handle_signals: bool = True,
              conntrack_reconcile=agent.reconciler.flow_cleanup.mode)
     for name, note in agent.loader.missing_at_start():  # once: later changes are logged as they happen
         log.warning(f"config file: {note}", path=name)
+    stopping.set(anyio.Event())  # this task's context, copied into every task started below
     async with send, anyio.create_task_group() as tg:
         if agent.http_address is not None:
             server = HttpServer(agent_routes(agent.status, agent.metrics))

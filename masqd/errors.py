@@ -320,6 +320,15 @@ class ToolExitedError(ReadBackError):
         return (type(self).__name__, tuple(self.command), self.returncode)
 
 
+class ToolStoppedError(BackendError):
+    """A kernel tool that only reads was killed because the daemon is stopping (SIGTERM): nothing
+    was written."""
+
+    def __init__(self, command: list[str]):
+        self.command = list(command)
+        super().__init__(f"{' '.join(self.command)} was stopped: masqd is shutting down; nothing was written")
+
+
 class ToolTimeoutError(BackendError):
     """A kernel tool (``iptables-save``, ``iptables-restore``, ``nft``) did not finish within
     ``timeout`` seconds and was killed. ``wrote``: it was writing (it had input). The tools commit

@@ -10,6 +10,7 @@ time growing with the square of the rules) cannot be read in time, while a small
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -239,3 +240,32 @@ async def test_a_rewrite_because_the_read_ran_out_of_time_is_no_repair(tmp_path,
     assert result.written == result.unread == ("ipv4",)
     assert not reconciler.status.repaired
     assert not [e for e in logs if e["event"] == "rules restored after outside change"]
+
+
+@pytest.mark.netns
+def test_sigterm_stops_the_daemon_during_a_long_read_back(node_ns, tmp_path):
+    """A read-back of a huge table may be allowed minutes, inside the sync that is shielded so that
+    writes finish; SIGTERM must still stop the daemon at once: the read is killed (nothing was
+    written), not waited for. The stand-in iptables-nft-save hangs as a 200k-rule read would."""
+    from masqd_proc import DaemonProcess
+
+    tools_dir = tmp_path / "bin"
+    tools_dir.mkdir()
+    started = tmp_path / "save.pid"
+    _script(tools_dir / "iptables-nft-save", f'echo $$ > "{started}"\nexec sleep 60\n')
+    _script(tools_dir / "iptables-nft-restore", "cat > /dev/null\n")
+    _script(tools_dir / "iptables-nft", 'echo "iptables v1.8.9 (nf_tables)"\n')
+    config = tmp_path / "config"
+    config.write_text("resyncInterval: 1h\n")
+    daemon = DaemonProcess(node_ns, config, "--iptables-mode", "nft", "--drift-check-interval", "0",
+                           env={"PATH": f"{tools_dir}:{os.environ['PATH']}"})
+    try:
+        deadline = time.monotonic() + GUARD
+        while not (started.exists() and started.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert started.exists(), "the daemon never started its read-back"
+        assert daemon.stop() == 0  # within DaemonProcess.stop's 10 s: the 30 s read was not waited for
+        pid = int(started.read_text())
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    finally:
+        daemon.kill()

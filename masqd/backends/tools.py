@@ -36,8 +36,8 @@ from contextlib import asynccontextmanager
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from masqd.aio import deadline_listener
-from masqd.errors import KEPT_OUTPUT, ToolExitedError, ToolMissingError, ToolTimeoutError, left_out
+from masqd.aio import deadline_listener, stopping
+from masqd.errors import KEPT_OUTPUT, ToolExitedError, ToolMissingError, ToolStoppedError, ToolTimeoutError, left_out
 
 #: The tools' messages are parsed ("No such file or directory", "line N failed"): keep them English.
 _ENV = {**os.environ, "LC_ALL": "C"}
@@ -81,31 +81,48 @@ async def run_tool(command: list[str], stdin: bytes | None = None, *,
     ``timeout`` seconds (default :data:`TOOL_TIMEOUT_SECONDS`; :func:`tool_deadline` for a run
     whose work grows with the rules) is killed and raises :class:`~masqd.errors.ToolTimeoutError`.
     The deadline holds inside a shielded cancel scope (the reconciler's sync) too. When the
-    caller is cancelled instead, the tool is killed and reaped just the same.
+    caller is cancelled instead, the tool is killed and reaped just the same. A run that only
+    reads (no ``stdin``) is also killed when the daemon is asked to stop (:data:`masqd.aio.stopping`),
+    however far its deadline, and raises :class:`~masqd.errors.ToolStoppedError`: a read of a
+    huge table must not hold SIGTERM up for minutes. (A write is finished: it is short.)
     """
     timeout = TOOL_TIMEOUT_SECONDS if timeout is None else timeout
     listener = deadline_listener.get()
     if listener is not None:
         listener(timeout + KILL_GRACE_SECONDS)
+    stop = stopping.get() if stdin is None else None
     process = await _spawn(command, stdin)
     output: list[bytes] = [b"", b""]
     finished = exited = False
+    stopped: list[bool] = []
     try:
         with anyio.move_on_after(timeout):
-            async with anyio.create_task_group() as tg:
-                assert process.stdout is not None and process.stderr is not None
-                tg.start_soon(_drain, process.stdout, output, 0)
-                tg.start_soon(_drain, process.stderr, output, 1, STDERR_KEPT_BYTES)
-                await process.wait()
-            finished = True
+            async with anyio.create_task_group() as watching:
+                if stop is not None:
+                    watching.start_soon(_cancel_when_set, stop, watching.cancel_scope, stopped)
+                async with anyio.create_task_group() as tg:
+                    assert process.stdout is not None and process.stderr is not None
+                    tg.start_soon(_drain, process.stdout, output, 0)
+                    tg.start_soon(_drain, process.stderr, output, 1, STDERR_KEPT_BYTES)
+                    await process.wait()
+                watching.cancel_scope.cancel()  # done: stop watching for the stop
+            finished = not stopped
     finally:
-        if not finished:  # the deadline passed, or the caller was cancelled or failed
+        if not finished:  # the deadline passed, the daemon is stopping, or the caller was cancelled or failed
             exited = await _kill_and_reap(process)
+    if stopped:
+        raise ToolStoppedError(command)
     if not finished:
         raise ToolTimeoutError(command, timeout, exited=exited, wrote=stdin is not None)
     await process.aclose()  # it has exited: closes the pipes, returns at once
     assert process.returncode is not None
     return subprocess.CompletedProcess(command, process.returncode, output[0], output[1])
+
+
+async def _cancel_when_set(event: anyio.Event, scope: anyio.CancelScope, stopped: list[bool]) -> None:
+    await event.wait()
+    stopped.append(True)
+    scope.cancel()
 
 
 async def _spawn(command: list[str], stdin: bytes | None, stderr: int = subprocess.PIPE) -> Process:
