@@ -271,12 +271,20 @@ def rejections(logs: list[dict]) -> list[dict]:
     return [entry for entry in found if entry["log_level"] != "debug"]
 
 
+async def applied_on_a_clock(config: Path) -> tuple[Reconciler, list[float]]:
+    """A reconciler that applied a good config, and the clock its log limits read (to move on)."""
+    config.write_text(GOOD)
+    reconciler = Reconciler(CountingBackend(), AgentOptions(), config)
+    now = [1000.0]
+    reconciler.clock = lambda: now[0]
+    await reconciler.reconcile()
+    return reconciler, now
+
+
 async def test_a_growing_too_large_config_is_logged_once_and_not_read_back_on_every_change(tmp_path: Path) -> None:
     config = tmp_path / "config"
-    config.write_text(GOOD)
-    backend = CountingBackend()
-    reconciler = Reconciler(backend, AgentOptions(), config)
-    await reconciler.reconcile()
+    reconciler, _ = await applied_on_a_clock(config)
+    backend = reconciler.backend
     assert backend.syncs == 1
     with structlog.testing.capture_logs() as logs:
         for step in range(50):  # a file growing past the limit (sparse: its size is all that is read)
@@ -304,11 +312,7 @@ def broken_yaml(padding: int) -> str:
 
 async def test_rejections_of_one_kind_are_logged_once_a_minute_with_the_newest_text_and_a_count(tmp_path: Path) -> None:
     config = tmp_path / "config"
-    config.write_text(GOOD)
-    reconciler = Reconciler(CountingBackend(), AgentOptions(), config)
-    now = [1000.0]
-    reconciler.clock = lambda: now[0]
-    await reconciler.reconcile()
+    reconciler, now = await applied_on_a_clock(config)
     with structlog.testing.capture_logs() as logs:
         for padding in range(5):  # five different texts, one kind of problem, within a minute
             config.write_text(broken_yaml(padding))
@@ -331,11 +335,7 @@ async def test_rejections_of_one_kind_are_logged_once_a_minute_with_the_newest_t
 
 async def test_rejections_alternating_between_two_kinds_are_each_logged_once_a_minute(tmp_path: Path) -> None:
     config = tmp_path / "config"
-    config.write_text(GOOD)
-    reconciler = Reconciler(CountingBackend(), AgentOptions(), config)
-    now = [1000.0]
-    reconciler.clock = lambda: now[0]
-    await reconciler.reconcile()
+    reconciler, now = await applied_on_a_clock(config)
     with structlog.testing.capture_logs() as logs:
         for round_ in range(4):  # broken YAML, then a misaligned CIDR, and again, within a minute
             for text in (broken_yaml(round_), f"nonMasqueradeCIDRs: [10.0.0.{round_ + 1}/8]\n"):
@@ -350,10 +350,8 @@ async def test_rejections_alternating_between_two_kinds_are_each_logged_once_a_m
 
 async def test_a_drift_pass_during_a_rejection_heals_at_once(tmp_path: Path) -> None:
     config = tmp_path / "config"
-    config.write_text(GOOD)
-    backend = CountingBackend()
-    reconciler = Reconciler(backend, AgentOptions(), config)
-    await reconciler.reconcile()
+    reconciler, _ = await applied_on_a_clock(config)
+    backend = reconciler.backend
     applied = backend.applied
     config.write_text(broken_yaml(0))
     for _ in range(10):
