@@ -57,10 +57,10 @@ KILL_GRACE_SECONDS = 5.0
 #: How a tool's deadline grows with the rules it reads or writes (:func:`tool_deadline`). The
 #: nft variant of ``iptables-save`` takes time growing with the square of the rules in the table
 #: (the kernel's rule dump restarts from the chain's start for every batch it returns): on the
-#: 2-core machine of benchmarks/RESULTS.md ("Size limits"), 0.6 s at 50k rules, 6.5 s at 100k,
-#: 21 s at 200k, and 43 s in another run of 200k. The deadline allows about four times the
-#: slowest, plus 0.1 ms per rule for the linear part (legacy iptables, ``nft -f``): 80 s at 100k
-#: rules, 210 s at 200k.
+#: 2-core machine of benchmarks/RESULTS.md ("Size limits"), 0.6 s at 50k rules, 1.7 s at 100k,
+#: 15 s at 200k when quiet, three to four times that under load (43 s once at 200k). The deadline
+#: allows about four times the slowest, plus 0.1 ms per rule for the linear part (legacy
+#: iptables, ``nft -f``): 80 s at 100k rules, 210 s at 200k.
 SECONDS_PER_RULE = 1e-4
 SECONDS_PER_RULE_SQUARED = 4e-9
 

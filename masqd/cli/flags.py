@@ -93,7 +93,7 @@ def _backend_flag(group) -> None:
     group.add_argument("--backend", default="iptables", metavar="NAME",
                        help="how rules are programmed: iptables (default, as upstream), nftables, dry-run, "
                             "or a backend a plugin offers (see `masqd plugins`). Size: iptables' nft variant "
-                            "reads back slowly past about 50k CIDRs (6 s a pass at 100k, 30 s at 200k); "
+                            "reads back slowly past about 50k CIDRs (3 s a pass at 100k, 24 s at 200k); "
                             "nftables and legacy iptables handle 200k in seconds (docs/backends.md#size-limits)")
 
 
