@@ -321,12 +321,12 @@ class ToolExitedError(ReadBackError):
 
 
 class ToolStoppedError(BackendError):
-    """A kernel tool that only reads was killed because the daemon is stopping (SIGTERM): nothing
-    was written."""
+    """A kernel tool that only reads was killed because the daemon is stopping (SIGTERM). The read
+    wrote nothing (what the sync wrote before it, ``written`` says)."""
 
     def __init__(self, command: list[str]):
         self.command = list(command)
-        super().__init__(f"{' '.join(self.command)} was stopped: masqd is shutting down; nothing was written")
+        super().__init__(f"{' '.join(self.command)} was stopped: masqd is shutting down")
 
 
 class ToolTimeoutError(BackendError):

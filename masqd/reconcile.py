@@ -24,7 +24,7 @@ from masqd.audit import AuditEvent, CidrChanges, family_changes
 from masqd.backends.base import Backend, SyncResult
 from masqd.config import AgentOptions, MasqConfig, MergedConfig, default_config
 from masqd.errors import (BackendError, BackendUnsupported, ConfigError, MasqdError, PluginError, Problem,
-                          SnatAddressError)
+                          SnatAddressError, ToolStoppedError)
 from masqd.events import Event
 from masqd.flow_cleanup import FlowCleanup, FlowReport, flow_fields
 from masqd.flows import DEFAULT_CONNTRACK_MODE
@@ -280,8 +280,8 @@ class Reconciler:
 
     def _audit(self, trigger: str, before: RuleSet | None, after: RuleSet | None, result: SyncResult,
                error: BaseException | None, started: float) -> None:
-        if self.on_audit is None or isinstance(error, anyio.get_cancelled_exc_class()):
-            return
+        if self.on_audit is None or isinstance(error, (anyio.get_cancelled_exc_class(), ToolStoppedError)):
+            return  # a pass cut short by shutdown decided nothing
         if isinstance(error, ConfigError):
             outcome = "rejected"
         elif error is not None:

@@ -19,7 +19,7 @@ import structlog
 from masqd.audit import CidrChanges, distinct_cidrs
 from masqd.backends.base import SyncResult
 from masqd.cidrs import cidr_text
-from masqd.errors import ConfigError, MasqdError, PluginError, SnatAddressError
+from masqd.errors import ConfigError, MasqdError, PluginError, SnatAddressError, ToolStoppedError
 from masqd.flow_cleanup import FlowReport
 from masqd.plugins import Contribution
 from masqd.ruleset import RuleSet
@@ -36,7 +36,7 @@ LOGGED_CIDRS = 50
 class Repeats:
     """Whether a failure is worth a log line: the first of its kind at once, a repeat of the same
     kind at most once per :data:`REPEAT_ERROR_LOG_SECONDS`, counting the repeats left out in between.
-    Each of the last :data:`KINDS_KEPT` kinds has its own limit, so failures alternating between
+    Each of the :data:`KINDS_KEPT` kinds seen last has its own limit, so failures alternating between
     two kinds (a config broken one way, then another, and back) are not each logged every time."""
 
     #: The kinds remembered at once (the oldest is forgotten first).
@@ -51,6 +51,7 @@ class Repeats:
         entry = self._kinds.get(kind)
         if entry is not None and now - entry[0] < REPEAT_ERROR_LOG_SECONDS:
             entry[1] += 1
+            self._kinds[kind] = self._kinds.pop(kind)  # seen last: forgotten last
             return None
         repeats = entry[1] if entry is not None else 0
         self._kinds.pop(kind, None)
@@ -113,6 +114,10 @@ class PassLog:
     def sync_failed(self, exc: MasqdError, backend: str, trigger: str, now: float) -> None:
         """A sync failed: what the kernel holds now, and why (repeats of one kind once a minute)."""
         written = getattr(exc, "written", ())
+        if isinstance(exc, ToolStoppedError):  # SIGTERM during a read-back: no failure of the node's
+            log.info("sync cut short: masqd is shutting down", backend=backend, trigger=trigger,
+                     written=list(written), error=str(exc))
+            return
         timed_out = getattr(exc, "wrote", False)  # a write killed at its deadline may have committed
         if written:
             message = (f"sync failed after writing {', '.join(written)}; "

@@ -34,7 +34,7 @@ from masqd.backends.dryrun import DryRunBackend
 from masqd.errors import ConfigError
 from masqd.inputs import DirectoryInput
 from masqd.sources import files
-from masqd.sources.files import ConfigDirectorySource, ConfigFileSource, content_digest, read_config_text
+from masqd.sources.files import ConfigFileSource, content_digest, read_config_text
 from masqd.testing import netns, running, wait_until
 
 from masqd_proc import MASQD
@@ -459,14 +459,19 @@ async def test_a_file_growing_forever_is_read_within_the_bound(tmp_path: Path, m
                     await anyio.sleep(0.05)
 
 
-async def test_a_file_of_a_config_directory_written_in_pieces_is_read_whole(tmp_path: Path):
+@pytest.mark.parametrize("linked", [False, True], ids=["file", "symlink-target"])
+async def test_a_file_of_a_config_directory_written_in_pieces_is_read_whole(tmp_path: Path, linked: bool):
+    """A config file of the directory, or the file an ``ip-masq*`` symlink there points to."""
     directory = tmp_path / "conf.d"
     directory.mkdir()
+    written = directory / ("agent.yaml" if linked else "ip-masq-agent")
+    if linked:
+        (directory / "ip-masq-agent").symlink_to("agent.yaml")
     config_input = DirectoryInput(directory)
     seen = Seen(lambda: [text.text for text in config_input.read()])
     text = cidr_config(150)
-    async with watching(ConfigDirectorySource(directory, config_input.files), seen):
-        with (directory / "ip-masq-agent").open("w") as writer:
+    async with watching(config_input.watcher(), seen):
+        with written.open("w") as writer:
             writer.write(text[:len(text) // 2])
             writer.flush()
             await anyio.sleep(0.25)
@@ -553,3 +558,31 @@ async def test_a_symlinked_config_written_in_place_is_read_only_once_closed(tmp_
             writer.write("c" * 50)
         await wait_until(lambda: seen.contents[-1:] == ["b" * 50 + "c" * 50], "the whole file", timeout=WAIT)
     assert seen.contents == ["b" * 50 + "c" * 50]  # never empty (the truncate), never half
+
+
+async def test_a_directory_above_that_cannot_be_watched_leaves_the_watch_on_inotify(tmp_path: Path, monkeypatch):
+    """A parent readable by its owner only (mode 0711, masqd without CAP_DAC_READ_SEARCH) refuses an
+    inotify watch with EACCES: the config directory's own watch still stands, and edits are read
+    at their close (a fall back to polling would read a file written in pieces half-way)."""
+    import errno
+
+    from masqd.sources.inotify import Inotify
+
+    real_add_watch = Inotify.add_watch
+
+    def add_watch(self, path, mask):
+        if mask == files._ANCESTOR_SELF_MASK and Path(path) == tmp_path:
+            raise PermissionError(errno.EACCES, "inotify_add_watch: Permission denied", str(path))
+        return real_add_watch(self, path, mask)
+
+    monkeypatch.setattr(Inotify, "add_watch", add_watch)
+    directory = tmp_path / "config"
+    directory.mkdir()
+    config = directory / "ip-masq-agent"
+    config.write_text("old")
+    source = ConfigFileSource(config)
+    seen = Seen(file_content(config))
+    async with watching(source, seen):
+        config.write_text("new")
+        await wait_until(lambda: seen.contents[-1:] == ["new"], "the edit", timeout=WAIT)
+        assert source.watching == "inotify"

@@ -270,3 +270,50 @@ def test_sigterm_stops_the_daemon_during_a_long_read_back(node_ns, tmp_path):
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
     finally:
         daemon.kill()
+
+
+async def test_a_listing_of_masqds_nft_table_that_ran_out_of_time_gets_longer_next_time(tmp_path, monkeypatch):
+    """After a restart the table may hold far more than masqd knows of: a listing killed at its
+    deadline doubles the next one's (per family), as iptables' saves do."""
+    monkeypatch.setattr(tools, "TOOL_TIMEOUT_SECONDS", 0.3)
+    hang = tmp_path / "nft.hang"
+    hang.touch()
+    executor = NftSubprocessExecutor(binary=_script(
+        tmp_path / "nft", f'if [ -e "{hang}" ]; then exec sleep 60; fi\necho \'{{"nftables": []}}\'\n'))
+    allowed: list[float] = []
+    token = deadline_listener.set(allowed.append)
+    try:
+        for _ in range(2):
+            with anyio.fail_after(GUARD), pytest.raises(ToolTimeoutError):
+                await executor.list_table(4)
+        hang.unlink()
+        with anyio.fail_after(GUARD):
+            await executor.list_table(6)  # the other family knows nothing of it
+            await executor.list_table(4)
+            await executor.list_table(4)
+    finally:
+        deadline_listener.reset(token)
+    grace = tools.KILL_GRACE_SECONDS
+    assert [round(seconds - grace, 3) for seconds in allowed] == [0.3, 0.6, 0.3, 1.2, 0.3]
+
+
+def test_a_read_cut_short_by_shutdown_is_no_failure_in_the_log():
+    from masqd.errors import ToolStoppedError
+    from masqd.reconcile_log import PassLog
+
+    error = ToolStoppedError(["iptables-save", "-t", "nat"])
+    with structlog.testing.capture_logs() as logs:
+        PassLog().sync_failed(error, "iptables", "timer", 0.0)
+    assert [(e["log_level"], e["event"]) for e in logs] == [("info", "sync cut short: masqd is shutting down")]
+    assert "nothing was written" not in str(error)
+
+
+def test_a_kind_that_keeps_repeating_is_not_forgotten_among_many_others():
+    from masqd.reconcile_log import Repeats
+
+    repeats = Repeats()
+    assert repeats.check("steady", 0.0) == 0
+    for index in range(Repeats.KINDS_KEPT * 2):  # many other kinds, the steady one seen between them
+        assert repeats.check(f"other-{index}", 1.0) == 0
+        assert repeats.check("steady", 1.0) is None  # still remembered: left out
+    assert repeats.check("steady", 100.0) == Repeats.KINDS_KEPT * 2  # logged again, with its count

@@ -64,6 +64,13 @@ KILL_GRACE_SECONDS = 5.0
 SECONDS_PER_RULE = 1e-4
 SECONDS_PER_RULE_SQUARED = 4e-9
 
+#: The longest deadline a read-back (``iptables-save``, ``nft list table``) gets after reads that
+#: ran out of time (doubled each time from the one scaled to what masqd knows of the table): room
+#: for about 350k rules of iptables' nft variant (:data:`SECONDS_PER_RULE_SQUARED`), while a read
+#: that hangs for good holds a pass (and a config change waiting behind it) no more than 10
+#: minutes at a time.
+MAX_READ_SECONDS = 600.0
+
 
 def tool_deadline(rules: int = 0, *, square: bool = True) -> float:
     """Seconds a tool run that reads or writes about ``rules`` rules may take before it is killed:
@@ -110,7 +117,7 @@ async def run_tool(command: list[str], stdin: bytes | None = None, *,
     finally:
         if not finished:  # the deadline passed, the daemon is stopping, or the caller was cancelled or failed
             exited = await _kill_and_reap(process)
-    if stopped:
+    if stopped or (not finished and stop is not None and stop.is_set()):  # the stop, not the deadline, ended it
         raise ToolStoppedError(command)
     if not finished:
         raise ToolTimeoutError(command, timeout, exited=exited, wrote=stdin is not None)

@@ -289,17 +289,23 @@ class ConfigFileSource:
 
     @staticmethod
     def _watch_ancestors(inotify: Inotify, directory: Path, roles: dict[int, str | None]) -> None:
-        """Watch every directory above ``directory`` for its own removal or renaming only (events
-        about their entries are not asked for, so a busy ``/tmp`` wakes nobody): a parent moved
-        away or replaced takes the config directory with it, and the watches are set up again.
-        Added to a watch already there (``IN_MASK_ADD``), keeping its role."""
+        """Watch every directory above ``directory`` on its path as given for its own removal or
+        renaming only (events about their entries are not asked for, so a busy ``/tmp`` wakes
+        nobody): a parent moved away or replaced takes the config directory with it, and the
+        watches are set up again. Added to a watch already there (``IN_MASK_ADD``), keeping its
+        role. (A parent that is a symlink retargeted elsewhere is not seen: only the resync reads
+        through it then.)"""
         for ancestor in directory.parents:
             if ancestor == ancestor.parent:
                 break  # the root cannot be removed or renamed
             try:
                 wd = inotify.add_watch(ancestor, _ANCESTOR_SELF_MASK)
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # not there: the watch of the nearest existing ancestor says when it appears
+            except OSError as exc:  # not there (its nearest existing ancestor's watch says when it
+                # appears), not readable (mode 0711 without CAP_DAC_READ_SEARCH), no watch left:
+                # the config directory's own watch still stands
+                log.debug("not watching a directory above the config directory", directory=str(ancestor),
+                          error=str(exc))
+                continue
             roles.setdefault(wd, _SELF_ONLY)
 
     async def _next_change(self, inotify: Inotify, roles: dict[int, str | None], directory: Path) -> str | None:
@@ -370,8 +376,18 @@ class ConfigDirectorySource(ConfigFileSource):
         return "\0".join(f"{path.name}:{content_digest(path)}" for path in files)
 
     def _holds_config(self, name: str) -> bool:
-        # a file written under another name and renamed into place is read on its rename
-        return name.startswith(self.prefix)
+        """A config file (a file written under another name and renamed into place is read on its
+        rename), or the target in this directory of a config file that is a symlink."""
+        if name.startswith(self.prefix):
+            return True
+        try:
+            with os.scandir(self.path) as entries:
+                links = [entry.path for entry in entries if entry.name.startswith(self.prefix) and entry.is_symlink()]
+        except OSError:
+            return True  # cannot tell: hold the check back, as for a config file
+        here = os.path.realpath(self.path)
+        return any(os.path.basename(target) == name and os.path.dirname(target) == here
+                   for target in map(os.path.realpath, links))
 
     def signature(self) -> object:
         try:

@@ -16,7 +16,7 @@ import anyio
 import structlog
 
 from masqd.backends.iptables_mode import Binaries, binaries_for, legacy_tables
-from masqd.backends.tools import run_tool, script_line, tool_deadline
+from masqd.backends.tools import MAX_READ_SECONDS, run_tool, script_line, tool_deadline
 from masqd.errors import ApplyError, ReadBackError, ToolTimeoutError
 
 log = structlog.get_logger("masqd.backend.iptables")
@@ -25,11 +25,6 @@ log = structlog.get_logger("masqd.backend.iptables")
 LOCK_WAIT_SECONDS = 10
 #: How often a running iptables-restore is checked for waiting on the xtables lock (logged once).
 LOCK_CHECK_SECONDS = 0.25
-#: The longest deadline a save of the nat table gets after saves that ran out of time (doubled
-#: each time from the one scaled to what masqd knows of the table): room for about 350k rules of
-#: the nft variant (``tools.SECONDS_PER_RULE_SQUARED``), while a save that hangs for good holds a
-#: pass (and a config change waiting behind it) no more than 10 minutes at a time.
-MAX_READ_SECONDS = 600.0
 
 
 class IptablesExecutor(Protocol):

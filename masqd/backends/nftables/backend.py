@@ -158,12 +158,16 @@ class NftablesBackend:
             replace += [desired for desired, _, _ in changes]
         if replace or unmanaged:
             script = render_replace(replace) + render_delete(unmanaged)
+            applied = False
             try:
                 await self.executor.apply(script)
+                applied = True
                 await self._verify(replace)
-            except BaseException:
+            except BaseException as exc:
                 for family in (*(s.family for s in replace), *unmanaged):
                     self._known.pop(family, None)
+                if applied and isinstance(exc, BackendError):  # the kernel no longer holds what it did
+                    exc.written = tuple(f"ipv{f}" for f in reasons) + tuple(f"ipv{f}" for f in unmanaged)
                 raise
             self._known.update((state.family, _Known(epoch, state)) for state in replace)
             self._known.update((family, _Known(epoch, None)) for family in unmanaged)
