@@ -25,13 +25,19 @@ from masqd.backends.iptables import IptablesBackend, SubprocessExecutor
 from masqd.backends.iptables import executor as executor_module
 from masqd.backends.iptables_mode import Binaries
 from masqd.backends.nftables import NftSubprocessExecutor
-from masqd.config import AgentOptions
-from masqd.errors import ToolTimeoutError
+from masqd.backends.nftables.backend import NftablesBackend
+from masqd.config import AgentOptions, parse_config
+from masqd.errors import ReadBackError, ToolStoppedError, ToolTimeoutError
 from masqd.reconcile import Reconciler
+from masqd.reconcile_log import PassLog, Repeats
+from masqd.ruleset import compute_ruleset
 from masqd.sources.drift import CHECK_COST_SHARE, DriftCheckSource
 from masqd.status import AgentStatus
 from masqd.testing import netns
+from masqd.testing.fake_nft import FakeNft
 from masqd.testing.netns import CHAIN, jump_rule
+
+from masqd_proc import DaemonProcess
 
 GUARD = 60  # seconds before a test gives up (a failure, not a timing claim)
 KEEP = '-m comment --comment "ip-masq-agent: local traffic is not subject to MASQUERADE" -j RETURN'
@@ -248,7 +254,6 @@ def test_sigterm_stops_the_daemon_during_a_long_read_back(node_ns, tmp_path):
     """A read-back of a huge table may be allowed minutes, inside the sync that is shielded so that
     writes finish; SIGTERM must still stop the daemon at once: the read is killed (nothing was
     written), not waited for. The stand-in iptables-nft-save hangs as a 200k-rule read would."""
-    from masqd_proc import DaemonProcess
 
     tools_dir = tmp_path / "bin"
     tools_dir.mkdir()
@@ -298,9 +303,6 @@ async def test_a_listing_of_masqds_nft_table_that_ran_out_of_time_gets_longer_ne
 
 
 def test_a_read_cut_short_by_shutdown_is_no_failure_in_the_log():
-    from masqd.errors import ToolStoppedError
-    from masqd.reconcile_log import PassLog
-
     error = ToolStoppedError(["iptables-save", "-t", "nat"])
     with structlog.testing.capture_logs() as logs:
         PassLog().sync_failed(error, "iptables", "timer", 0.0)
@@ -309,11 +311,23 @@ def test_a_read_cut_short_by_shutdown_is_no_failure_in_the_log():
 
 
 def test_a_kind_that_keeps_repeating_is_not_forgotten_among_many_others():
-    from masqd.reconcile_log import Repeats
-
     repeats = Repeats()
     assert repeats.check("steady", 0.0) == 0
     for index in range(Repeats.KINDS_KEPT * 2):  # many other kinds, the steady one seen between them
         assert repeats.check(f"other-{index}", 1.0) == 0
         assert repeats.check("steady", 1.0) is None  # still remembered: left out
     assert repeats.check("steady", 100.0) == Repeats.KINDS_KEPT * 2  # logged again, with its count
+
+
+async def test_nftables_says_a_family_was_written_when_the_check_after_the_write_fails():
+    """The write went in; only the check that reads it back failed: the family is named as written
+    ('sync failed after writing ipv4'), never as 'the kernel keeps its previous rules'."""
+    class CheckFails(FakeNft):
+        async def list_structure(self) -> str:
+            raise ReadBackError(["nft", "--terse", "--json", "list", "ruleset"], "killed")
+
+    ruleset = compute_ruleset(parse_config("{}", AgentOptions()).config, AgentOptions())
+    kernel = CheckFails()
+    with pytest.raises(ReadBackError) as caught:
+        await NftablesBackend(kernel).sync(ruleset)
+    assert kernel.writes and caught.value.written == ("ipv4",)
