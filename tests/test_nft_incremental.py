@@ -21,7 +21,7 @@ from support import write_atomically
 from masqd.agent import build_agent
 from masqd.backends.nftables import NftablesBackend, desired_state, parse_listing
 from masqd.config import AgentOptions, parse_config
-from masqd.errors import ElementsRefusedError
+from masqd.errors import ElementsRefusedError, ToolTimeoutError
 from masqd.ruleset import compute_ruleset
 from masqd.testing import netns, running, wait_until
 from masqd.testing.fake_nft import FakeNft
@@ -295,4 +295,29 @@ async def test_without_netlink_the_monitor_still_listens_and_edits_are_written_w
         assert [kind for kind, _ in calls] == ["elements refused", "list", "apply", "list-structure"]
         want = ruleset(BASE + ["198.51.100.0/24"])
         assert parse_listing(on.nft.listing("ip"), 4) == desired_state(want.ipv4, want.masquerade)
+        tg.cancel_scope.cancel()
+
+
+async def test_an_element_change_that_timed_out_is_read_back_next_time_not_believed():
+    """The batch went in but its acknowledgement never came (masqd gave up at the deadline): what
+    the kernel holds is unknown, so the next pass reads back instead of editing from the state
+    before (issue 19: a timed-out tool never leaves masqd believing what it has not read)."""
+
+    class AckLost(FakeNft):
+        lost = False  # from the next change on
+
+        async def change_elements(self, changes) -> None:
+            await super().change_elements(changes)
+            if self.lost:
+                self.lost = False
+                raise ToolTimeoutError(["nf_tables", "netlink", "batch:"], 30.0, wrote=True)
+
+    async with anyio.create_task_group() as tg:
+        on = Listening(tg, AckLost())
+        await on.start()
+        await on.edit(BASE)
+        on.nft.lost = True
+        with pytest.raises(ToolTimeoutError):
+            await on.edit(BASE + ["198.51.100.0/24"])
+        assert await on.edit(BASE + ["198.51.100.0/24"]) == [("list", 4), ("list", 6)]  # in place: nothing written
         tg.cancel_scope.cancel()

@@ -152,6 +152,10 @@ class NftablesBackend:
                     else:
                         replace.append(desired)
                         reasons[desired.family] = why_rewritten(current, desired)
+            except BaseException:  # timed out, cancelled: the batch may or may not have been applied
+                for desired, _, _ in changes:
+                    self._known.pop(desired.family, None)  # read back next time, not believed
+                raise
             else:
                 self._known.update((d.family, _Known(epoch, d)) for d, _, _ in changes)
         else:  # a table is replaced anyway: every change goes into that one transaction
