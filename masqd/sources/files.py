@@ -102,7 +102,7 @@ def read_config_text(path: str | os.PathLike[str]) -> str | None:
     except FileNotFoundError:
         return None
     except NotRegularFileError as exc:
-        piped = "; to read a config from a pipe, use --config -" if exc.kind == "FIFO" else ""
+        piped = "; validate, render and explain read a config from a pipe with --config -" if exc.kind == "FIFO" else ""
         raise ConfigError(str(path), [Problem("<file>", None, f"not a regular file (a {exc.kind}): a config file "
                                                               f"must be a regular file, or a symlink to one{piped}")]) from None
     if size > MAX_CONFIG_BYTES:
