@@ -79,7 +79,6 @@ def tool_deadline(rules: int = 0, *, square: bool = True) -> float:
     return TOOL_TIMEOUT_SECONDS + rules * SECONDS_PER_RULE + square * rules * rules * SECONDS_PER_RULE_SQUARED
 
 
-
 async def run_tool(command: list[str], stdin: bytes | None = None, *,
                    timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run ``command`` to completion, capturing its output (``stdin``: its whole standard input).
