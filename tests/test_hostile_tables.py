@@ -22,7 +22,6 @@ import structlog
 from masqd.aio import deadline_listener
 from masqd.backends import tools
 from masqd.backends.iptables import IptablesBackend, SubprocessExecutor
-from masqd.backends.iptables import executor as executor_module
 from masqd.backends.iptables_mode import Binaries
 from masqd.backends.nftables import NftSubprocessExecutor
 from masqd.backends.nftables.backend import NftablesBackend
@@ -149,7 +148,7 @@ async def test_deadlines_grow_with_the_table_and_after_a_read_that_ran_out_of_ti
         await executor.restore(4, "*nat\n" + "# written\n" * 500 + "COMMIT\n")
     assert executor.read_deadline(4) == tools.tool_deadline(2502)
 
-    monkeypatch.setattr(executor_module, "MAX_READ_SECONDS", 1.0)
+    monkeypatch.setattr(tools, "MAX_READ_SECONDS", 1.0)
     hang.touch()
     for _ in range(2):
         with anyio.fail_after(GUARD), pytest.raises(ToolTimeoutError):

@@ -79,6 +79,37 @@ def tool_deadline(rules: int = 0, *, square: bool = True) -> float:
     return TOOL_TIMEOUT_SECONDS + rules * SECONDS_PER_RULE + square * rules * rules * SECONDS_PER_RULE_SQUARED
 
 
+class ReadDeadlines:
+    """Per family, the deadline of the next read-back of a table whose read time grows with its
+    size: :func:`tool_deadline` of the size last known (``sizes``, which the executor keeps:
+    the lines of an ``iptables-save``, the commas of an ``nft --json`` listing), and after a read
+    that ran out of time at least twice that read's deadline, up to :data:`MAX_READ_SECONDS`,
+    until a read succeeds. After a restart the table may hold far more than masqd knows of, and
+    other writers' chains (kube-proxy's) grow without masqd writing."""
+
+    def __init__(self, *, square: bool):
+        self.square = square
+        #: per family, about how big the table is (an upper bound)
+        self.sizes: dict[int, int] = {}
+        self._floor: dict[int, float] = {}  # per family, the least deadline after a read that ran out of time
+
+    def deadline(self, family: int) -> float:
+        """Seconds the next read of ``family`` may take before it is killed."""
+        return max(tool_deadline(self.sizes.get(family, 0), square=self.square), self._floor.get(family, 0.0))
+
+    async def read(self, family: int, command: list[str]) -> subprocess.CompletedProcess[bytes]:
+        """Run the read ``command`` under :meth:`deadline` (see :func:`run_tool`)."""
+        deadline = self.deadline(family)
+        try:
+            result = await run_tool(command, None, timeout=deadline)
+        except ToolTimeoutError:  # the table may be far bigger than masqd knows: allow more next time
+            self._floor[family] = min(2 * deadline, MAX_READ_SECONDS)
+            raise
+        if result.returncode == 0:
+            self._floor.pop(family, None)
+        return result
+
+
 async def run_tool(command: list[str], stdin: bytes | None = None, *,
                    timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run ``command`` to completion, capturing its output (``stdin``: its whole standard input).

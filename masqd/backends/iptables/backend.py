@@ -257,7 +257,6 @@ class IptablesBackend:
                     removed += [f"{label} jump{where}"] * bool(state.jumps)
         return tuple(removed)
 
-
     @staticmethod
     async def _cleanup_state(executor: IptablesExecutor, family: int, chain: str) -> NatState:
         """The nat table's state for cleanup. A table too big to read in time (masqd's own huge

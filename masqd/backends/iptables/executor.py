@@ -16,8 +16,8 @@ import anyio
 import structlog
 
 from masqd.backends.iptables_mode import Binaries, binaries_for, legacy_tables
-from masqd.backends.tools import MAX_READ_SECONDS, run_tool, script_line, tool_deadline
-from masqd.errors import ApplyError, ReadBackError, ToolTimeoutError
+from masqd.backends.tools import ReadDeadlines, run_tool, script_line, tool_deadline
+from masqd.errors import ApplyError, ReadBackError
 
 log = structlog.get_logger("masqd.backend.iptables")
 
@@ -51,48 +51,40 @@ class SubprocessExecutor:
     lines of the last save, plus the lines written since. A save that still runs out of time
     (after a restart the table may hold far more than masqd knows of, and other writers' chains,
     kube-proxy's, grow without masqd writing) doubles the next save's deadline, up to
-    :data:`MAX_READ_SECONDS`, until one succeeds.
+    :data:`~masqd.backends.tools.MAX_READ_SECONDS`, until one succeeds (:class:`~masqd.backends.tools.ReadDeadlines`).
     """
 
     def __init__(self, binaries: dict[int, Binaries] | None = None):
         self.binaries = binaries or DEFAULT_BINARIES
         self._lock_wait_logged = False  # until a restore gets the lock: retries do not log it again
         #: per family, about how many lines the nat table holds (an upper bound: see above)
-        self._rules: dict[int, int] = {}
-        #: per family, the least deadline of the next save (after one ran out of time)
-        self._read_floor: dict[int, float] = {}
+        self._reads = ReadDeadlines(square=True)
         self._writes = 0  # restores begun
 
     def read_deadline(self, family: int) -> float:
         """Seconds the next save of ``family`` may take before it is killed."""
-        return max(tool_deadline(self._rules.get(family, 0)), self._read_floor.get(family, 0.0))
+        return self._reads.deadline(family)
 
     async def save(self, family: int) -> str:
         binaries = self.binaries[family]
         if binaries.legacy and "nat" not in legacy_tables(family):
             return ""  # no legacy nat table, so nothing of masqd's; reading it would create it
         command = [binaries.save, "-t", "nat"]
-        deadline = self.read_deadline(family)
         writes = self._writes
-        try:
-            result = await run_tool(command, None, timeout=deadline)
-        except ToolTimeoutError:  # the table may be far bigger than masqd knows: allow more next time
-            self._read_floor[family] = min(2 * deadline, MAX_READ_SECONDS)
-            raise
+        result = await self._reads.read(family, command)
         if result.returncode != 0:
             raise ReadBackError(command, result.stderr.decode(errors="replace") or f"exit {result.returncode}")
-        self._read_floor.pop(family, None)
-        lines = result.stdout.count(b"\n")
+        lines, sizes = result.stdout.count(b"\n"), self._reads.sizes
         # a restore that began meanwhile (a drift check's save overlapping a pass) may have grown it
-        self._rules[family] = lines if writes == self._writes else max(lines, self._rules.get(family, 0))
+        sizes[family] = lines if writes == self._writes else max(lines, sizes.get(family, 0))
         return result.stdout.decode(errors="replace")
 
     async def restore(self, family: int, text: str) -> None:
         command = [self.binaries[family].restore, "-w", str(LOCK_WAIT_SECONDS), "--noflush"]
         error: Exception | None = None
         # the nft variant reads the chains a restore edits (to delete rules by their text) first
-        rules = self._rules.get(family, 0) + text.count("\n")
-        self._rules[family] = rules  # whatever the outcome: a killed write may have committed
+        rules = self._reads.sizes.get(family, 0) + text.count("\n")
+        self._reads.sizes[family] = rules  # whatever the outcome: a killed write may have committed
         self._writes += 1
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._log_lock_wait, command)

@@ -22,7 +22,7 @@ from anyio.abc import ByteReceiveStream
 from masqd.backends.nftables.netlink import Change, element_batch
 from masqd.netlink import NETLINK_NETFILTER, acknowledgements, describe_errno
 from masqd.backends.nftables.render import NFT_FAMILY, TABLE, set_name
-from masqd.backends.tools import (MAX_READ_SECONDS, TOOL_TIMEOUT_SECONDS, run_tool, script_line, tool_deadline,
+from masqd.backends.tools import (TOOL_TIMEOUT_SECONDS, ReadDeadlines, run_tool, script_line, tool_deadline,
                                  tool_output)
 from masqd.errors import ApplyError, ElementsRefusedError, ReadBackError, ToolTimeoutError
 
@@ -61,11 +61,9 @@ class NftSubprocessExecutor:
         self.write_marker = f"{TABLE}_write_{os.urandom(6).hex()}"  # (secrets would cost 0.6 MiB of RSS)
         #: Per family, about how many elements masqd's table holds, at most (commas in the last
         #: listing read, or in a script written since): each run's deadline grows with it
-        #: (``tool_deadline``, linear). A listing that runs out of time doubles the next one's
-        #: deadline (``_read_floor``, up to MAX_READ_SECONDS), as for iptables: after a restart
-        #: the table may hold far more than masqd knows of.
-        self._elements: dict[int, int] = {}
-        self._read_floor: dict[int, float] = {}
+        #: (``tool_deadline``, linear); a listing that runs out of time doubles the next one's, as
+        #: for iptables (:class:`~masqd.backends.tools.ReadDeadlines`).
+        self._reads = ReadDeadlines(square=False)
 
     async def list_table(self, family: int, name: str = TABLE) -> str | None:
         """``nft --json list table`` of masqd's table (or another table, read only: ``name``)."""
@@ -73,16 +71,9 @@ class NftSubprocessExecutor:
         if name != TABLE:
             result = await run_tool(command, None)
         else:
-            deadline = max(tool_deadline(self._elements.get(family, 0), square=False),
-                           self._read_floor.get(family, 0.0))
-            try:
-                result = await run_tool(command, None, timeout=deadline)
-            except ToolTimeoutError:
-                self._read_floor[family] = min(2 * deadline, MAX_READ_SECONDS)
-                raise
+            result = await self._reads.read(family, command)
             if result.returncode == 0:
-                self._read_floor.pop(family, None)
-                self._elements[family] = result.stdout.count(b",")
+                self._reads.sizes[family] = result.stdout.count(b",")
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace")
             if "No such file or directory" in stderr:  # ENOENT (LC_ALL=C)
@@ -116,9 +107,10 @@ class NftSubprocessExecutor:
 
     async def _load(self, command: list[str], text: str, script: str | None = None) -> None:
         """Run ``command`` on ``text``; ``script``: the part of it errors are quoted from."""
-        elements = text.count(",") + sum(self._elements.values())  # an upper bound for either family
+        sizes = self._reads.sizes
+        elements = text.count(",") + sum(sizes.values())  # an upper bound for either family
         for family in (4, 6):
-            self._elements[family] = max(self._elements.get(family, 0), text.count(","))
+            sizes[family] = max(sizes.get(family, 0), text.count(","))
         result = await run_tool(command, text.encode(), timeout=tool_deadline(elements, square=False))
         if result.returncode != 0:
             raise load_error(command, result.returncode, result.stderr.decode(errors="replace"), script or text)
