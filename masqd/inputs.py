@@ -105,8 +105,7 @@ class StdinInput:
             try:
                 self._text = data.decode("utf-8-sig")
             except UnicodeDecodeError as exc:
-                raise ConfigError(self.name, [Problem("<stdin>", None, f"not UTF-8 text ({exc.reason} at byte "
-                                                                       f"{exc.start})")]) from None
+                raise _not_utf8(self.name, "<stdin>", None, exc) from None
         return [ConfigText(self.name, self._text)]
 
     def watcher(self) -> None:
@@ -216,9 +215,13 @@ def _read_text(path: Path, name: str) -> str | None:
     try:
         return read_config_text(path)
     except UnicodeDecodeError as exc:
-        raise ConfigError(name, [Problem("<file>", name, f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+        raise _not_utf8(name, "<file>", name, exc) from None
     except OSError as exc:
         raise ConfigError(name, [Problem("<file>", name, f"cannot read: {exc.strerror or exc}")]) from None
+
+
+def _not_utf8(source: str, key: str, value: str | None, exc: UnicodeDecodeError) -> ConfigError:
+    return ConfigError(source, [Problem(key, value, f"not UTF-8 text ({exc.reason} at byte {exc.start})")])
 
 
 def read_inputs(inputs: tuple[ConfigInput, ...] | list[ConfigInput]) -> tuple[list[ConfigText], list[ConfigError]]:

@@ -103,8 +103,8 @@ def read_config_text(path: str | os.PathLike[str]) -> str | None:
         return None
     except NotRegularFileError as exc:
         piped = "; validate, render and explain read a config from a pipe with --config -" if exc.kind == "FIFO" else ""
-        raise ConfigError(str(path), [Problem("<file>", None, f"not a regular file (a {exc.kind}): a config file "
-                                                              f"must be a regular file, or a symlink to one{piped}")]) from None
+        raise ConfigError(str(path), [Problem("<file>", None, f"{exc.strerror}: a config file must be a regular "
+                                                              f"file, or a symlink to one{piped}")]) from None
     if size > MAX_CONFIG_BYTES:
         raise ConfigError(str(path), [too_large_problem("<file>", f"{size} bytes")])
     return data.decode("utf-8-sig")
