@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from masqd.backends.conntrack.listing import delete_command, parse_listing
 from masqd.backends.conntrack.messages import Deleted
 from masqd.backends.tools import run_tool
+from masqd.errors import kept_output
 from masqd.flows import Flow, protocol_name
 
 #: Deletes per call of :meth:`ConntrackTool.delete` (the caller checks its deadline between calls).
@@ -41,7 +42,7 @@ class ConntrackTool:
         result = await run_tool(command)
         if result.returncode != 0:
             raise OSError(f"{' '.join(command)} exited {result.returncode}: "
-                          f"{result.stderr.decode(errors='replace').strip()}")
+                          f"{kept_output(result.stderr.decode(errors='replace'))}")
         flows = parse_listing(result.stdout.decode(errors="replace"), family)
         return not flows or each(flows) is not False
 
@@ -58,5 +59,5 @@ class ConntrackTool:
             elif done.returncode == 1 and b"0 flow entries" in done.stderr:
                 result.gone += 1
             else:
-                result.refused.append((flow, done.stderr.decode(errors="replace").strip() or f"exit {done.returncode}"))
+                result.refused.append((flow, kept_output(done.stderr.decode(errors="replace")) or f"exit {done.returncode}"))
         return result
