@@ -32,6 +32,11 @@ NLA_F_NESTED = 0x8000
 NLMSGERR_ATTR_MSG = 1
 #: The netlink protocol number of nfnetlink (nf_tables, ctnetlink); not in the socket module.
 NETLINK_NETFILTER = 12
+#: Socket options of netlink sockets (``<linux/netlink.h>``; not in the socket module): their
+#: level, acknowledgements without a copy of the message acknowledged, errors with the kernel's words.
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
 
 HEADER = struct.Struct("=IHHII")  # nlmsghdr: length (header included), type, flags, sequence, port id
 ATTR = struct.Struct("=HH")  # nlattr / rtattr: length (header included), type; then the value

@@ -22,7 +22,7 @@ import structlog
 
 from masqd.backends.conntrack.messages import Deleted, delete_requests, dump_request, parse_dump
 from masqd.flows import Flow
-from masqd.netlink import NETLINK_NETFILTER, acknowledgements, describe_errno, receive
+from masqd.netlink import NETLINK_CAP_ACK, NETLINK_NETFILTER, SOL_NETLINK, acknowledgements, describe_errno, receive
 
 log = structlog.get_logger("masqd.conntrack")
 
@@ -31,8 +31,6 @@ RECEIVE_BYTES = 256 * 1024
 #: Deletes sent in one datagram before their acknowledgements are read (each ack queued costs
 #: the receive buffer about a kilobyte of the kernel's accounting).
 DELETES_PER_DATAGRAM = 64
-_SOL_NETLINK = 270
-_NETLINK_CAP_ACK = 10  # acknowledgements without a copy of the message
 
 
 class ConntrackTable:
@@ -118,7 +116,7 @@ def _socket() -> socket.socket:
                          NETLINK_NETFILTER)
     try:
         try:
-            sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
+            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # acknowledgements without the message
         except OSError:
             pass  # older kernels: acknowledgements carry the message; still read correctly
         sock.bind((0, 0))

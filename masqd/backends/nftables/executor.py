@@ -20,7 +20,8 @@ import anyio
 from anyio.abc import ByteReceiveStream
 
 from masqd.backends.nftables.netlink import Change, element_batch
-from masqd.netlink import NETLINK_NETFILTER, acknowledgements, describe_errno
+from masqd.netlink import (NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_NETFILTER, SOL_NETLINK, acknowledgements,
+                           describe_errno)
 from masqd.backends.nftables.render import NFT_FAMILY, TABLE, set_name
 from masqd.backends.tools import (TOOL_TIMEOUT_SECONDS, ReadDeadlines, run_tool, script_line, tool_deadline,
                                  tool_output)
@@ -133,9 +134,6 @@ def json_output(command: list[str], stdout: bytes) -> str:
     return text
 
 
-_SOL_NETLINK = 270
-_NETLINK_CAP_ACK = 10  # acknowledgements without a copy of the (large) message
-_NETLINK_EXT_ACK = 11  # errors with the kernel's own words
 _SO_SNDBUFFORCE = 32
 
 
@@ -148,8 +146,8 @@ async def _send_batch(batch: bytes, expected: dict[int, str]) -> None:
     except OSError as exc:  # no netlink here (a sandbox): the caller writes with nft -f instead
         raise ElementsRefusedError("; ".join(expected.values()), describe_errno(exc.errno or 0)) from None
     with sock:
-        sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
-        sock.setsockopt(_SOL_NETLINK, _NETLINK_EXT_ACK, 1)
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # acknowledgements without the (large) batch
+        sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
         try:  # root (CAP_NET_ADMIN, which writing nf_tables needs anyway) may go past wmem_max
             sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, len(batch) + 65536)
         except OSError:
