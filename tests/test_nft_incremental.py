@@ -321,3 +321,22 @@ async def test_an_element_change_that_timed_out_is_read_back_next_time_not_belie
             await on.edit(BASE + ["198.51.100.0/24"])
         assert await on.edit(BASE + ["198.51.100.0/24"]) == [("list", 4), ("list", 6)]  # in place: nothing written
         tg.cancel_scope.cancel()
+
+
+async def test_an_edit_works_out_what_the_kernel_held_only_when_asked(monkeypatch):
+    """What the kernel held (SyncResult.held) is for a first write's log line; working it out from
+    the set's intervals is O(CIDRs) (0.3 s at 100k), so an edit does not pay it before writing."""
+    import masqd.backends.nftables.backend as backend_module
+
+    calls = []
+    real = backend_module.range_networks
+    monkeypatch.setattr(backend_module, "range_networks", lambda *args: calls.append(args) or real(*args))
+    async with anyio.create_task_group() as tg:
+        on = Listening(tg, FakeNft())
+        await on.start()
+        await on.backend.sync(ruleset(BASE))
+        result = await on.backend.sync(ruleset(BASE + ["198.51.100.0/24"]))
+        assert result.written == ("ipv4",) and calls == []
+        assert [str(net) for net in result.held["ipv4"]] == ["10.0.0.0/8", "169.254.0.0/16", "192.0.2.0/24"]
+        assert len(calls) == 1
+        tg.cancel_scope.cancel()

@@ -5,11 +5,12 @@ everything masqd wrote."""
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import structlog
 
 from masqd.backends.conntrack import ConntrackTable
-from masqd.backends.base import ForeignRule, LiveRules, SyncResult
+from masqd.backends.base import ForeignRule, Held, LiveRules, SyncResult
 from masqd.backends.iptables.executor import IptablesExecutor, SubprocessExecutor
 from masqd.backends.iptables.incremental import RenderedRules, plan_edit
 from masqd.backends.iptables.live import live_family, postrouting_rules
@@ -73,7 +74,7 @@ class IptablesBackend:
         #: write found in it (:meth:`foreign_rules`; kept while the text stays the same).
         self._saved: dict[int, str] = {}
         self._foreign: dict[int, tuple[str, str, tuple[ForeignRule, ...]]] = {}
-        self._held: dict[int, tuple] = {}  # per family, the kept CIDRs the chain held before this sync wrote it
+        self._held: dict[int, object] = {}  # per family, the kept CIDRs the chain held before this sync wrote it
         self._unread: list[str] = []  # the families this sync replaced without reading them first
 
     async def probe(self) -> None:
@@ -106,7 +107,7 @@ class IptablesBackend:
             if reason is not None:
                 written.append(family.label)
                 reasons.append(reason)
-        held = {f.label: self._held.get(f.family, f.nonmasq) for f in ruleset.families}  # unwritten: as desired
+        held = Held({f.label: self._held.get(f.family, f.nonmasq) for f in ruleset.families})  # unwritten: as desired
         return SyncResult(tuple(written), tuple(reasons), held, unread=tuple(self._unread))
 
     def _desired(self, ruleset: RuleSet, family: FamilyRules) -> tuple[str, ...]:
@@ -129,7 +130,7 @@ class IptablesBackend:
         text, reason = plan_restore(desired, state, chain, self.jump)
         if text is None:
             return None
-        self._held[family.family] = live_family(state, family.family, desired, chain).nonmasq
+        self._held[family.family] = partial(_kept, state, family.family, desired, chain)  # read only if needed
         edit = plan_edit(state.rules, desired, chain) \
             if state.rules == known and state.jumps == 1 and state.misplaced(self.jump) is None else None
         if edit is not None:
@@ -268,6 +269,11 @@ class IptablesBackend:
                         family=f"ipv{family}", chain=chain, error=str(exc))
             await executor.restore(family, render_restore((), chain, jumps_present=1))
             return parse_nat_state(await executor.save(family), chain)
+
+
+def _kept(state: NatState, family: int, desired: tuple[str, ...], chain: str) -> tuple:
+    """The non-masquerade CIDRs of the chain in ``state`` (what a sync found before writing)."""
+    return live_family(state, family, desired, chain).nonmasq
 
 
 async def _save_or_none(command: list[str]) -> str | None:

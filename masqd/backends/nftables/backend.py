@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 
 import anyio
 import structlog
@@ -20,7 +21,7 @@ import structlog
 from masqd.aio import Backoff
 from masqd.backends.conntrack import ConntrackTable
 from masqd.cidrs import range_networks
-from masqd.backends.base import ForeignRule, LiveRules, SyncResult
+from masqd.backends.base import ForeignRule, Held, LiveRules, SyncResult
 from masqd.backends.nftables.executor import NftExecutor, NftMonitor, NftSubprocessExecutor
 from masqd.backends.nftables.live import why_rewritten, live_family, other_nat_chains, parse_listing
 from masqd.backends.nftables.monitor import ChangeFilter
@@ -114,13 +115,14 @@ class NftablesBackend:
         reasons: dict[int, str] = {}
         wanted = ruleset_states(ruleset, self.priority)
         edit = any((known := self._trusted(d.family)) is not None and known.state != d for d in wanted)
-        held: dict[str, tuple] = {f.label: f.nonmasq for f in ruleset.families}  # in sync: as desired
+        held: dict[str, object] = {f.label: f.nonmasq for f in ruleset.families}  # in sync: as desired
         for desired in wanted:
             current = await self._held(desired, edit)
             if current == desired:
                 self._known[desired.family] = _Known(epoch, desired)
                 continue
-            held[f"ipv{desired.family}"] = () if current is None else range_networks(current.intervals, desired.family)
+            held[f"ipv{desired.family}"] = () if current is None else partial(range_networks, current.intervals,
+                                                                               desired.family)
             change = _element_change(current, desired)
             if change is None:
                 replace.append(desired)
@@ -180,7 +182,7 @@ class NftablesBackend:
             written,
             tuple(reasons.values()) + tuple(f"table {NFT_FAMILY[f]} {TABLE} removed: that family is not enabled"
                                             for f in unmanaged),
-            held,
+            Held(held),
         )
 
     async def _verify(self, written: list[TableState]) -> None:
